@@ -1,0 +1,1 @@
+"""archbench: data, training, the ablation runner, kernel timing, results, analysis and reports."""

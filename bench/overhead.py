@@ -1,0 +1,141 @@
+"""What archbench's abstractions cost, measured side by side in one run.
+
+    python -m bench.overhead factory   # factory-built GPT vs a hand-written nanoGPT, one training step
+
+The two are interleaved step by step on the same batches, so machine noise hits both alike; the
+figure is the median of the paired per-step ratios. Target: factory/hand-written < 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import ModelConfig, build_model
+
+# nanoGPT's shakespeare-char model (6 layers, 6 heads, 384 wide, block 256), dropout off so both
+# models draw no random numbers
+NANOGPT_SHAKESPEARE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0)
+
+
+class NanoGPT(nn.Module):
+    """A plain GPT-2 written out by hand: learned positions, LayerNorm, GELU MLP, SDPA, tied head."""
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int, **_):
+        super().__init__()
+        self.n_head = n_head
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                dict(
+                    ln_1=nn.LayerNorm(n_embd),
+                    c_attn=nn.Linear(n_embd, 3 * n_embd),
+                    attn_proj=nn.Linear(n_embd, n_embd),
+                    ln_2=nn.LayerNorm(n_embd),
+                    c_fc=nn.Linear(n_embd, 4 * n_embd),
+                    mlp_proj=nn.Linear(4 * n_embd, n_embd),
+                )
+            )
+            for _ in range(n_layer)
+        )
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for layer in self.layers:
+            h = layer["ln_1"](x)
+            q, k, v = layer["c_attn"](h).split(h.shape[-1], dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + layer["attn_proj"](y)
+            x = x + layer["mlp_proj"](F.gelu(layer["c_fc"](layer["ln_2"](x))))
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy parameters in creation order (the two models create the same tensors in the same order)."""
+    pairs = list(zip(source.parameters(), target.parameters(), strict=True))
+    with torch.no_grad():
+        for s, t in pairs:
+            assert s.shape == t.shape, (s.shape, t.shape)
+            t.copy_(s)
+
+
+def factory_vs_hand_written(steps: int = 10, batch: int = 4, warmup: int = 2) -> dict[str, float]:
+    """Time one training step (forward, backward, AdamW) of each model, interleaved; return the figures."""
+    torch.manual_seed(0)
+    config = ModelConfig(**NANOGPT_SHAKESPEARE)
+    factory = build_model(config)
+    hand = NanoGPT(**NANOGPT_SHAKESPEARE)
+    copy_weights(factory, hand)
+    data = torch.randint(0, config.vocab_size, (steps + warmup, batch, config.block_size + 1))
+
+    def factory_step(model, x, y):
+        return model(x, y)[1]
+
+    def hand_step(model, x, y):
+        return model(x, y)
+
+    # correctness first: same weights, same batch, same loss
+    x, y = data[0, :, :-1], data[0, :, 1:]
+    a, b = factory_step(factory, x, y).item(), hand_step(hand, x, y).item()
+    if not math.isclose(a, b, rel_tol=1e-5):
+        raise AssertionError(f"factory and hand-written models disagree: loss {a} vs {b}")
+
+    runs = [(factory, factory_step), (hand, hand_step)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m, _ in runs]
+    times: list[list[float]] = [[], []]
+    for i in range(steps + warmup):
+        x, y = data[i, :, :-1], data[i, :, 1:]
+        order = (0, 1) if i % 2 == 0 else (1, 0)  # alternate who goes first
+        for j in order:
+            model, step = runs[j]
+            start = time.perf_counter()
+            loss = step(model, x, y)
+            loss.backward()
+            optimizers[j].step()
+            optimizers[j].zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[j].append(time.perf_counter() - start)
+    ratios = [f / h for f, h in zip(*times)]
+    return {
+        "factory_ms": 1e3 * statistics.median(times[0]),
+        "hand_written_ms": 1e3 * statistics.median(times[1]),
+        "ratio": statistics.median(ratios),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["factory"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args(argv)
+    r = factory_vs_hand_written(args.steps, args.batch)
+    print(
+        f"one training step, nanoGPT shakespeare-char size (6×384, block 256), batch {args.batch}, "
+        f"{r['threads']} threads, {r['steps']} interleaved steps:\n"
+        f"  factory-built GPT   {r['factory_ms']:8.1f} ms (median)\n"
+        f"  hand-written GPT    {r['hand_written_ms']:8.1f} ms (median)\n"
+        f"  ratio (median of paired ratios) {r['ratio']:.3f}  — target < 1.05: "
+        f"{'met' if r['ratio'] < 1.05 else 'NOT met'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""archbench's component factory: registered architecture components and the GPT built from them.
+
+    from models import ModelConfig, build_model, available, register
+
+Importing ``models`` registers every built-in component; third-party ones register the same way
+from a module named in a spec's ``plugins:`` (see ``load_plugins``).
+"""
+
+from models import attention, attention_backends, mlp, moe, norm, positional, quantization  # noqa: F401  (registers)
+from models.config import ModelConfig
+from models.gpt import GPT, build_model
+from models.quantization import model_bytes, quantize
+from models.registry import (
+    FAMILIES,
+    REQUIRED,
+    ComponentError,
+    available,
+    build,
+    build_spec,
+    list_components,
+    load_plugins,
+    ref,
+    register,
+)
+
+__all__ = [
+    "FAMILIES", "GPT", "REQUIRED", "ComponentError", "ModelConfig", "available", "build", "build_model",
+    "build_spec", "list_components", "load_plugins", "model_bytes", "quantize", "ref", "register",
+]

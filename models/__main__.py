@@ -1,0 +1,44 @@
+"""`python -m models [FAMILY] [PATTERN]`: every registered component, its options and whether it runs here."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from models import FAMILIES, available
+from models.registry import REQUIRED, ComponentError
+
+
+def table(family: str, pattern: str = "*") -> Table:
+    rows = available(family, pattern)
+    t = Table(title=escape(f"{family} — {FAMILIES[family]}"), title_justify="left")
+    for column in ("name", "description", "options (defaults)", "here"):
+        t.add_column(column, overflow="fold")
+    for row in rows:
+        options = ", ".join(f"{k}" if v is REQUIRED else f"{k}={v!r}" for k, v in row.options.items())
+        if row.available:
+            here = "[green]yes[/]" + (f" [yellow]({escape(row.note)})[/]" if row.note else "")
+        else:
+            here = f"[red]no[/]: {escape(row.reason)}"
+        t.add_row(escape(row.name), escape(row.description), escape(options or "-"), here)
+    return t
+
+
+def main(argv: list[str]) -> int:
+    console = Console()
+    family = argv[0] if argv else None
+    pattern = argv[1] if len(argv) > 1 else "*"
+    try:
+        for fam in [family] if family else FAMILIES:
+            console.print(table(fam, pattern))
+    except ComponentError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

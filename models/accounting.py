@@ -1,0 +1,42 @@
+"""Parameter and FLOP accounting by walking a module tree.
+
+FLOPs count matmuls only (2 per multiply-add): every ``nn.Linear`` (the LM head included), plus what a
+module declares beyond its linear layers (``extra_flops_per_token``: attention's q·kᵀ and probs·v).
+A module that uses only part of itself per token (MoE) declares ``flops_per_token`` and
+``inactive_params`` instead. Training costs 3× the forward pass (backward = 2× forward).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def count_params(module: nn.Module) -> int:
+    """Unique parameters (a tied embedding and LM head count once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def active_params(module: nn.Module) -> int:
+    """Parameters one token uses: all, minus experts a token is not routed to."""
+    return count_params(module) - sum(m.inactive_params() for m in module.modules() if hasattr(m, "inactive_params"))
+
+
+def matmul_flops_per_token(module: nn.Module, seq_len: int, causal: bool) -> float:
+    """Forward matmul FLOPs per token of a module processing sequences of seq_len tokens."""
+    if hasattr(module, "flops_per_token"):
+        return module.flops_per_token(seq_len, causal)
+    flops = 0.0
+    if isinstance(module, nn.Linear):
+        flops += 2 * module.in_features * module.out_features
+    if hasattr(module, "extra_flops_per_token"):
+        flops += module.extra_flops_per_token(seq_len, causal)
+    return flops + sum(matmul_flops_per_token(child, seq_len, causal) for child in module.children())
+
+
+def palm_flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token in the PaLM/nanoGPT form 6·N + 12·L·H·Q·T.
+
+    N excludes position embeddings and counts a tied embedding once; the attention term counts the
+    full (non-causal) score matrix.
+    """
+    return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len

@@ -1,0 +1,132 @@
+"""Causal self-attention: multi-head, grouped-query and multi-query, optionally windowed.
+
+One module covers the family: ``n_kv_head`` key/value heads shared by groups of query heads (MHA:
+n_kv_head = n_head; MQA: 1), an optional sliding window, optional QK-norm, and a kernel backend
+from the ``attention_backend`` family. Positional encodings are asked, not named: the module lets
+the positional object rotate q and k and hands its score-bias slopes to the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.attention_backends import Mask
+from models.registry import REQUIRED, build_spec, ref, register
+
+
+class KVCache:
+    """Keys and values of one layer for the tokens decoded so far.
+
+    With a sliding window only the last window − 1 tokens are kept (a rolling cache), so the next
+    token attends to exactly `window` keys without a mask.
+    """
+
+    def __init__(self, window: int | None = None):
+        self.keep = None if window is None else window - 1
+        self.k: Tensor | None = None  # (B, Hkv, T, D)
+        self.v: Tensor | None = None
+        self.pos: Tensor | None = None  # (T,)
+
+    def update(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append this step's keys/values; return all that the step's queries may attend to."""
+        if self.k is not None:
+            k, v, pos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, pos])
+        start = 0 if self.keep is None else max(0, k.shape[2] - self.keep)
+        self.k, self.v, self.pos = k[:, :, start:], v[:, :, start:], pos[start:]
+        return k, v, pos
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+class Attention(nn.Module):
+    """Causal self-attention with n_kv_head key/value heads and an optional sliding window."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        n_kv_head: int | None = None,
+        window: int | None = None,
+        backend: ref("attention_backend") = "sdpa",
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = n_kv_head or config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.window = window
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = build_spec("norm", config.norm, self.head_dim, config) if qk_norm else None
+        self.k_norm = build_spec("norm", config.norm, self.head_dim, config) if qk_norm else None
+        self.kernel = build_spec("attention_backend", backend)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    @staticmethod
+    def check(config, options: dict) -> str | None:
+        """Why these options cannot work with this config, or None."""
+        n_kv = options.get("n_kv_head") or config.n_head
+        if n_kv < 1 or config.n_head % n_kv:
+            return f"n_kv_head={n_kv} must divide n_head={config.n_head}"
+        if options.get("window") is not None and options["window"] < 1:
+            return f"window={options['window']} must be at least 1"
+        return None
+
+    @staticmethod
+    def requires(options: dict) -> set[str]:
+        """Capabilities these options need from the kernel backend."""
+        return {"window"} if options.get("window") else set()
+
+    def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = positional.rotate(q, pos), positional.rotate(k, pos)
+        k_pos = pos
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v, pos)  # (B, Hkv, Tk, D)
+        mask = Mask(pos, k_pos, self.window, positional.bias_slopes())
+        y = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.window)
+
+    def extra_flops_per_token(self, seq_len: int, causal: bool) -> float:
+        """Matmul FLOPs beyond the linear layers: q·kᵀ and probs·v over the visible keys."""
+        return 2 * 2 * self.n_head * self.head_dim * visible_keys(seq_len, self.window, causal)
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        return 2 * self.n_kv_head * self.head_dim * bytes_per_element
+
+
+def visible_keys(seq_len: int, window: int | None, causal: bool) -> float:
+    """Mean number of keys a query attends to over a sequence of seq_len tokens.
+
+    causal=False counts the full score matrix, as torch's FlopCounterMode and the PaLM formula do.
+    """
+    if not causal:
+        return float(seq_len)
+    # query i sees min(i + 1, w) keys: 1, 2, ..., w, w, ..., w
+    w = min(window or seq_len, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+register("attention", "mha", description="multi-head attention (Vaswani et al. 2017)",
+         fixed={"n_kv_head": None})(Attention)
+register("attention", "gqa", description="grouped-query attention: n_kv_head shared k/v heads (Ainslie et al. 2023)",
+         defaults={"n_kv_head": REQUIRED})(Attention)
+register("attention", "mqa", description="multi-query attention: one shared k/v head (Shazeer 2019)",
+         fixed={"n_kv_head": 1})(Attention)
+register("attention", "window", description="sliding-window attention over the last `window` tokens (Longformer; Mistral)",
+         defaults={"window": REQUIRED})(Attention)

@@ -1,0 +1,310 @@
+"""Attention kernels: interchangeable implementations of softmax(q·kᵀ/√d + bias)·v under a mask.
+
+Every backend takes q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hkv dividing Hq (grouped-query
+attention), a ``Mask`` and a dropout probability, and returns (B, Hq, Tq, D). ``math`` is the
+reference that every other backend is tested against. Each declares what it supports, so a model
+config that needs something a backend lacks is rejected when it is built.
+
+Capabilities: causal, window (sliding window), bias (ALiBi-style additive score bias), dropout,
+decode (queries that start after cached keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.registry import register
+
+ALL = frozenset({"causal", "window", "bias", "dropout", "decode"})
+
+
+@functools.lru_cache(maxsize=8)
+def _arange(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device)
+
+
+@dataclass(eq=False)
+class Mask:
+    """Which keys each query sees, and the score bias, from absolute token positions.
+
+    Invariant kept by the KV cache: the keys are the most recent Tk positions ending at the last
+    query, so a single new query with Tk ≤ window sees every key.
+    """
+
+    q_pos: Tensor  # (Tq,)
+    k_pos: Tensor  # (Tk,)
+    window: int | None = None  # a query sees itself and window − 1 earlier tokens
+    slopes: Tensor | None = None  # (Hq,): score − slope·(i − j)
+
+    @functools.cached_property
+    def kind(self) -> Literal["causal", "none", "general"]:
+        """'causal': plain causal over the same tokens; 'none': every key visible; else 'general'."""
+        if self.slopes is not None:
+            return "general"
+        tq, tk = self.q_pos.shape[0], self.k_pos.shape[0]
+        if self.q_pos is self.k_pos and (self.window is None or self.window >= tq):
+            return "causal"
+        if tq == 1 and (self.window is None or tk <= self.window):
+            return "none"
+        return "general"
+
+    @functools.cached_property
+    def distance(self) -> Tensor:
+        """(Tq, Tk) query position minus key position."""
+        return self.q_pos[:, None] - self.k_pos[None, :]
+
+    @functools.cached_property
+    def allowed(self) -> Tensor:
+        """(Tq, Tk) bool: key visible to query."""
+        visible = self.distance >= 0
+        if self.window is not None:
+            visible &= self.distance < self.window
+        return visible
+
+    def bias(self, dtype: torch.dtype) -> Tensor:
+        """(Hq or 1, Tq, Tk) additive mask: −inf where hidden, −slope·distance where visible."""
+        hidden = torch.zeros(self.allowed.shape, dtype=dtype, device=self.q_pos.device)
+        hidden.masked_fill_(~self.allowed, float("-inf"))
+        if self.slopes is None:
+            return hidden[None]
+        return hidden[None] - self.slopes.to(dtype)[:, None, None] * self.distance.to(dtype)[None]
+
+    @staticmethod
+    def causal(seq_len: int, device: torch.device | str = "cpu", **kwargs) -> Mask:
+        """The training-time mask over seq_len tokens at positions 0..seq_len−1."""
+        pos = _arange(seq_len, torch.device(device))
+        return Mask(pos, pos, **kwargs)
+
+
+def repeat_kv(k: Tensor, v: Tensor, n_head: int) -> tuple[Tensor, Tensor]:
+    """Expand Hkv key/value heads to n_head (each kv head serves n_head/Hkv query heads)."""
+    groups = n_head // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+@register("attention_backend", "math")
+class MathAttention:
+    """Explicit softmax(q·kᵀ/√d)·v in PyTorch ops: the reference implementation."""
+
+    name = "math"
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        return ALL
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        k, v = repeat_kv(k, v, q.shape[1])
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
+        if mask.kind == "causal":
+            scores = scores.masked_fill(~mask.allowed, float("-inf"))
+        elif mask.kind == "general":
+            scores = scores + mask.bias(scores.dtype)
+        probs = F.dropout(F.softmax(scores, dim=-1), dropout_p)
+        return probs @ v
+
+
+_SDPA_KERNELS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+@register("attention_backend", "sdpa")
+class SDPAttention:
+    """torch scaled_dot_product_attention; on CUDA its flash/efficient/cudnn/math kernels selectable."""
+
+    def __init__(self, *, kernel: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"):
+        self.kernel = kernel
+        self.name = f"sdpa.{kernel}"
+        self.ran: str | None = None  # the sub-backend that ran, found on first call
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        # SDPA's flash kernel takes no mask tensor: only plain causal (and unmasked decode)
+        return frozenset({"causal", "dropout"}) if options.get("kernel") == "flash" else ALL
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        kwargs = {"dropout_p": dropout_p, "enable_gqa": k.shape[1] != q.shape[1]}
+        if mask.kind == "causal":
+            kwargs["is_causal"] = True
+        elif mask.kind == "general":
+            # boolean masks when no bias: cheaper; cuDNN needs the bias in q's dtype
+            kwargs["attn_mask"] = mask.bias(q.dtype) if mask.slopes is not None else mask.allowed
+        if self.ran is None:
+            self.ran = self._which(q, k, v, kwargs)
+        if self.kernel == "auto":
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, _SDPA_KERNELS[self.kernel])):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def _which(self, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        try:  # private but stable since torch 2.0: the kernel SDPA's dispatcher picks
+            from torch.nn.attention import SDPBackend
+
+            choice = torch._fused_sdp_choice(
+                q, k, v, kwargs.get("attn_mask"), kwargs["dropout_p"], kwargs.get("is_causal", False),
+                enable_gqa=kwargs["enable_gqa"],
+            )
+            return SDPBackend(choice).name.lower()
+        except Exception:  # noqa: BLE001 - recording is best effort, never a failure
+            return "auto"
+
+
+def _flex_probe() -> str | None:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return f"this torch ({torch.__version__}) has no FlexAttention (needs 2.5+)"
+    return None
+
+
+@functools.cache
+def _flex_cpu_backward_missing() -> str | None:
+    """Why FlexAttention cannot backpropagate on CPU in this torch, or None when it can."""
+    if _flex_probe():
+        return _flex_probe()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex_attention(q, q, q).sum().backward()
+    except Exception as e:  # noqa: BLE001 - the failure is the answer
+        return f"forward only on CPU: torch {torch.__version__} has no FlexAttention backward there ({type(e).__name__})"
+    return None
+
+
+def _flex_note() -> str | None:
+    return None if torch.cuda.is_available() else _flex_cpu_backward_missing()
+
+
+@register("attention_backend", "flex", probe=_flex_probe, note=_flex_note)
+class FlexAttention:
+    """torch FlexAttention: mask and bias as Python functions, compiled into a fused kernel."""
+
+    name = "flex"
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        return ALL - {"dropout"}  # FlexAttention has no attention dropout
+
+    def __init__(self, *, compile: bool = True):
+        self.compile = compile
+        self._kernel = None  # made on first call: a config naming flex builds on any torch
+        self._block_masks: dict[tuple, object] = {}
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        from torch.nn.attention import flex_attention as fa
+
+        if dropout_p:
+            raise ValueError("flex attention has no dropout; set dropout: 0 or use sdpa/math")
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad and _flex_cpu_backward_missing():
+            raise RuntimeError(f"flex: {_flex_cpu_backward_missing()}; train with backend sdpa or math")
+        if self._kernel is None:
+            self._kernel = torch.compile(fa.flex_attention, dynamic=False) if self.compile else fa.flex_attention
+        q_pos, k_pos, window, slopes = mask.q_pos, mask.k_pos, mask.window, mask.slopes
+
+        def visible(b, h, qi, ki):
+            distance = q_pos[qi] - k_pos[ki]
+            return (distance >= 0) & (distance < window) if window else distance >= 0
+
+        def alibi(score, b, h, qi, ki):
+            return score - slopes[h] * (q_pos[qi] - k_pos[ki])
+
+        block_mask = None
+        if mask.kind != "none":
+            key = (q_pos.shape[0], k_pos.shape[0], window, q.device) if mask.q_pos is mask.k_pos else None
+            block_mask = self._block_masks.get(key) if key else None
+            if block_mask is None:
+                block_mask = fa.create_block_mask(
+                    visible, None, None, q_pos.shape[0], k_pos.shape[0], device=q.device
+                )
+                if key:
+                    self._block_masks[key] = block_mask
+        with warnings.catch_warnings():
+            # compile=False is a choice, not a mistake: silence the "unfused implementation" advice
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return self._kernel(
+                q, k, v, block_mask=block_mask, score_mod=alibi if slopes is not None else None,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
+
+
+def _cuda_package_probe(module: str, package: str) -> str | None:
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{package} not installed (pip install 'archbench[gpu]')"
+    except Exception as e:  # noqa: BLE001 - a broken install is a reason, not a crash
+        return f"{package} fails to import: {e}"
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    return None
+
+
+@register("attention_backend", "flash_attn", probe=lambda: _cuda_package_probe("flash_attn", "flash-attn"))
+class FlashAttn:
+    """Dao's flash-attn 2 kernels (CUDA, fp16/bf16): causal, sliding window, ALiBi, GQA native."""
+
+    name = "flash_attn"
+    capabilities = MathAttention.capabilities
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        from flash_attn import flash_attn_func  # imported here: a config naming it builds anywhere
+
+        # flash-attn aligns the causal mask bottom-right when Tq < Tk: the Mask invariant
+        window = (mask.window - 1, 0) if mask.window else (-1, -1)
+        slopes = mask.slopes.float() if mask.slopes is not None else None
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, T, H, D) layout
+            dropout_p=dropout_p, causal=mask.kind != "none", window_size=window, alibi_slopes=slopes,
+        )
+        return out.transpose(1, 2)
+
+
+@register(
+    "attention_backend", "xformers",
+    probe=lambda: _cuda_package_probe("xformers.ops", "xformers"),
+)
+class XFormersAttention:
+    """xformers memory_efficient_attention (CUDA; it has no CPU kernel)."""
+
+    name = "xformers"
+    capabilities = MathAttention.capabilities
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        import xformers.ops as xops  # imported here: a config naming it builds anywhere
+
+        fmha = xops.fmha.attn_bias
+        k, v = repeat_kv(k, v, q.shape[1])
+        if mask.kind == "none":
+            bias = None
+        elif mask.slopes is None and mask.window:
+            bias = fmha.LowerTriangularFromBottomRightLocalAttentionMask(mask.window)
+        elif mask.slopes is None:
+            bias = fmha.LowerTriangularFromBottomRightMask()
+        else:  # materialised bias; xformers wants the last dim padded to a multiple of 8
+            full = mask.bias(q.dtype).expand(q.shape[0], -1, -1, -1)
+            pad = -full.shape[-1] % 8
+            bias = F.pad(full, (0, pad))[..., : full.shape[-1]]
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p
+        )
+        return out.transpose(1, 2)

@@ -1,0 +1,166 @@
+"""The GPT, assembled from registered components.
+
+Reads like nanoGPT's model.py: token embedding, positional encoding, n_layer pre-norm blocks, final
+norm, LM head. Which attention, positional encoding, norm, MLP or MoE is used comes from the
+``ModelConfig``; this file names none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.registry import build_spec
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = build_spec("norm", config.norm, config.n_embd, config)
+        self.attn = build_spec("attention", config.attention, config)
+        self.norm_2 = build_spec("norm", config.norm, config.n_embd, config)
+        if config.moe is not None:
+            self.mlp = build_spec("moe", config.moe, config)
+        else:
+            self.mlp = build_spec("mlp", config.mlp, config)
+
+    def forward(self, x: Tensor, positional, pos: Tensor, cache=None) -> Tensor:
+        x = x + self.attn(self.norm_1(x), positional, pos, cache)
+        x = x + self.mlp(self.norm_2(x))
+        return x
+
+
+class Cache:
+    """KV caches of every layer plus the number of tokens they hold."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positional = build_spec("positional", config.positional, config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = build_spec("norm", config.norm, config.n_embd, config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+
+        # nanoGPT's init: N(0, 0.02), and residual projections scaled by 1/sqrt(2·n_layer) (GPT-2)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.aux_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]  # MoE layers
+        self.loss_parts: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        targets (B, T) with -1 where no loss is wanted. With a cache, idx continues the cached
+        tokens. With MoE the loss includes the weighted aux losses; ``loss_parts`` holds each part.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        limit = self.positional.max_positions
+        if limit is not None and start + T > limit:
+            raise ValueError(
+                f"positions up to {start + T} but this positional encoding covers {limit} "
+                "(learned positions stop at block_size; use rope, alibi, sinusoidal or none to go longer)"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+
+        x = self.wte(idx)  # (B, T, C)
+        pos_emb = self.positional.embed(pos)  # (T, C) or None
+        if pos_emb is not None:
+            x = x + pos_emb
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.positional, pos, cache.layers[i] if cache is not None else None)
+        x = self.norm_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if cache is not None:
+            cache.length += T
+
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        self.loss_parts = {"lm": loss.detach()}
+        if self.aux_modules:
+            aux = sum(m.aux_loss for m in self.aux_modules)
+            self.loss_parts["aux"] = aux.detach()
+            loss = loss + aux
+        return logits, loss
+
+    def new_cache(self) -> Cache | None:
+        """An empty KV cache, or None when some layer's attention cannot decode incrementally."""
+        if not all(hasattr(b.attn, "new_cache") for b in self.blocks):
+            return None
+        return Cache([b.attn.new_cache() for b in self.blocks])
+
+    @torch.no_grad()
+    def generate(
+        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 picks the most likely."""
+        limit = self.positional.max_positions
+        cache = self.new_cache() if use_cache else None
+        for _ in range(max_new_tokens):
+            if cache is not None and limit is not None and idx.shape[1] > limit:
+                cache = None  # past the position table: crop and recompute, as nanoGPT does
+            if cache is None:
+                logits, _ = self(idx if limit is None else idx[:, -limit:])
+            else:
+                logits, _ = self(idx[:, cache.length :], cache=cache)
+            logits = logits[:, -1, :]  # (B, vocab)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    def moe_stats(self) -> list[dict[str, Tensor]]:
+        """Routing statistics of each MoE layer from the last forward pass."""
+        return [m.stats for m in self.aux_modules]
+
+
+def build_model(config: ModelConfig | dict[str, Any]) -> GPT:
+    """Build a GPT from a config (or a dict of one); training-time quantization (QAT) is applied here."""
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_dict(config)
+    model = GPT(config)
+    if config.quantization is not None:
+        quantizer = build_spec("quantization", config.quantization)
+        if quantizer.stage == "train":
+            quantizer.apply(model)
+    return model

@@ -1,0 +1,133 @@
+"""Positional encodings.
+
+Two kinds: added to the token embeddings (learned, sinusoidal) or applied inside attention (RoPE
+rotates q and k; ALiBi adds a per-head linear bias to the scores). Attention modules ask the
+positional object what it does through the three methods of ``Positional``; none of them knows an
+encoding by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from models.registry import register
+
+
+class Positional(nn.Module):
+    """Base class: by default an encoding does nothing (NoPE)."""
+
+    # capabilities this encoding needs from the attention backend ("bias" for score biases)
+    requires: frozenset[str] = frozenset()
+    # the number of positions it can encode; None when it works at any length
+    max_positions: int | None = None
+
+    def embed(self, pos: Tensor) -> Tensor | None:
+        """(T,) positions -> (T, C) vectors added to the token embeddings, or None."""
+        return None
+
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Rotate queries or keys x (B, H, T, D) at positions pos (T,); identity by default."""
+        return x
+
+    def bias_slopes(self) -> Tensor | None:
+        """Per-head slopes m (H,) of a score bias -m·(i - j), or None."""
+        return None
+
+
+@register("positional", "none")
+class NoPositional(Positional):
+    """No positional information (NoPE); causal masking alone breaks permutation symmetry."""
+
+    def __init__(self, config):
+        super().__init__()
+
+
+@register("positional", "learned")
+class LearnedPositional(Positional):
+    """Learned absolute position embeddings (GPT-2); limited to block_size positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.max_positions = config.block_size
+
+    def embed(self, pos: Tensor) -> Tensor:
+        return self.wpe(pos)
+
+
+@register("positional", "sinusoidal")
+class SinusoidalPositional(Positional):
+    """Fixed sine/cosine embeddings of absolute position (Vaswani et al. 2017)."""
+
+    def __init__(self, config, *, base: float = 10000.0):
+        super().__init__()
+        dim = config.n_embd
+        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = dim
+
+    def embed(self, pos: Tensor) -> Tensor:
+        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, C/2)
+        pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, C): sin, cos interleaved
+        return pe[:, : self.dim]
+
+
+@register("positional", "rope")
+class RotaryPositional(Positional):
+    """Rotary embeddings (Su et al. 2021): q and k rotated so q·k depends on the relative offset."""
+
+    def __init__(self, config, *, base: float = 10000.0):
+        super().__init__()
+        head_dim = config.n_embd // config.n_head
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cached: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        # every layer rotates with the same pos tensor in one forward pass: compute once
+        if self._cached is None or self._cached[0] is not pos:
+            angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+            angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+            self._cached = (pos, angles.cos(), angles.sin())
+        return self._cached[1], self._cached[2]
+
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        cos, sin = self._cos_sin(pos)
+        x1, x2 = x.chunk(2, dim=-1)  # rotate pairs (i, i + D/2), as GPT-NeoX and LLaMA do
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).type_as(x)
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi's head slopes (Press et al. 2022): geometric sequence starting at 2^(-8/n).
+
+    For a head count that is not a power of two, the paper takes the slopes of the closest smaller
+    power of two and fills up with every other slope of the next power of two.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = power_of_two(closest)
+    if closest < n_head:
+        slopes += power_of_two(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+@register("positional", "alibi")
+class AlibiPositional(Positional):
+    """Attention with linear biases (Press et al. 2022): score − m_h·(i − j); extrapolates to longer inputs."""
+
+    requires = frozenset({"bias"})
+
+    def __init__(self, config):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def bias_slopes(self) -> Tensor:
+        return self.slopes

@@ -1,0 +1,54 @@
+"""Positional encodings: RoPE's relative property, ALiBi's slopes, sinusoidal values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.positional import RotaryPositional, SinusoidalPositional, alibi_slopes
+from tests.conftest import tiny
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 3000), n=st.integers(0, 3000), shift=st.integers(-500, 5000))
+def test_rotated_dot_product_depends_only_on_the_offset(m, n, shift):
+    rope = RotaryPositional(tiny(n_embd=64, n_head=2))  # head dim 32
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 1, 1, 1, 32, generator=g, dtype=torch.float64).unbind(0)
+    shift = max(shift, -min(m, n))  # positions stay non-negative
+
+    def score(i: int, j: int) -> float:
+        qi = rope.rotate(q, torch.tensor([i]))
+        kj = rope.rotate(k, torch.tensor([j]))
+        return float((qi * kj).sum())
+
+    assert math.isclose(score(m, n), score(m + shift, n + shift), rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_rope_rotation_preserves_norm_and_is_identity_at_zero():
+    rope = RotaryPositional(tiny())
+    x = torch.randn(2, 4, 10, 8)
+    pos = torch.arange(10)
+    assert torch.allclose(rope.rotate(x, pos).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(rope.rotate(x[:, :, :1], pos[:1]), x[:, :, :1])
+
+
+def test_alibi_slopes_are_the_papers_geometric_sequence():
+    # 8 heads: 1/2, 1/4, ..., 1/256 (Press et al. 2022, section 3)
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0**-i for i in range(1, 9)]))
+    # 12 heads: the 8-head slopes, then every other slope of the 16-head sequence
+    expected = [2.0**-i for i in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5]
+    assert torch.allclose(alibi_slopes(12), torch.tensor(expected))
+    # 6 heads: the 4-head slopes 2^-2, 2^-4, 2^-6, 2^-8 then 2^-1, 2^-3 from the 8-head sequence
+    assert torch.allclose(alibi_slopes(6), torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]))
+
+
+def test_sinusoidal_matches_the_transformer_formula():
+    pe = SinusoidalPositional(tiny(n_embd=16)).embed(torch.arange(50))
+    pos, i = 37, 3
+    angle = pos / 10000 ** (2 * i / 16)
+    assert math.isclose(pe[pos, 2 * i], math.sin(angle), abs_tol=1e-5)
+    assert math.isclose(pe[pos, 2 * i + 1], math.cos(angle), abs_tol=1e-5)
