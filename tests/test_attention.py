@@ -19,6 +19,7 @@ ATTENTIONS = {
     "mqa": {"name": "mqa"},
     "window": {"name": "window", "window": 5},
     "gqa+window": {"name": "gqa", "n_kv_head": 2, "window": 5},
+    "mha+qk_norm": {"name": "mha", "qk_norm": True},
 }
 POSITIONALS = ["learned", "sinusoidal", "rope", "alibi", "none"]
 RUNNABLE = {row.name: row for row in available("attention_backend") if row.available}
@@ -195,3 +196,16 @@ def test_flex_refuses_to_train_on_cpu_with_the_reason():
     model = build_model(tiny(attention={"name": "mha", "backend": {"name": "flex", "compile": False}}))
     with pytest.raises(RuntimeError, match="forward only on CPU.*train with backend sdpa or math"):
         model(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))[1].backward()
+
+
+def test_qk_norm_normalises_each_head_with_the_models_norm():
+    from models.norm import RMSNorm
+
+    model = build_model(tiny(norm="rmsnorm", attention={"name": "mha", "qk_norm": True, "backend": "math"}))
+    attn = model.blocks[0].attn
+    assert isinstance(attn.q_norm, RMSNorm) and attn.q_norm.weight.shape == (8,)  # head dim
+    seen = {}
+    attn.kernel = lambda q, k, v, mask, p: seen.update(q=q, k=k) or build("attention_backend", "math")(q, k, v, mask)
+    model(torch.randint(0, 50, (1, 6)))
+    for t in (seen["q"], seen["k"]):  # positional 'learned' leaves q, k unrotated: unit RMS per head
+        assert torch.allclose(t.pow(2).mean(-1), torch.ones(()), atol=1e-2), t.pow(2).mean(-1)
