@@ -1,9 +1,11 @@
 """What archbench's abstractions cost, measured side by side in one run.
 
     python -m bench.overhead factory   # factory-built GPT vs a hand-written nanoGPT, one training step
+    python -m bench.overhead loop      # bench.train's loop vs a bare forward/backward/step loop, + MFU
 
-The two are interleaved step by step on the same batches, so machine noise hits both alike; the
-figure is the median of the paired per-step ratios. Target: factory/hand-written < 1.05.
+Both compare side by side in one run, interleaved so machine noise hits both alike, and print the
+ratio of medians. Targets: factory/hand-written < 1.05; loop/bare < 1.05 (eval and checkpoint
+steps excluded).
 """
 
 from __future__ import annotations
@@ -118,13 +120,63 @@ def factory_vs_hand_written(steps: int = 10, batch: int = 4, warmup: int = 2) ->
     }
 
 
+def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
+    """Per-step wall time of bench.train's loop and of a bare loop on the same model and batches,
+    interleaved step by step; eval and checkpoint steps excluded."""
+    from bench.data import load_dataset
+    from bench.train import Trainer, _autocast, _optimizer, resolve_run
+
+    model = {k: v for k, v in NANOGPT_SHAKESPEARE.items() if k != "vocab_size"}
+    run = resolve_run(model, {"source": "stdlib", "tokenizer": "char"},
+                      dict(steps=steps, batch_size=batch, eval_every=10**6, checkpoint_every=None, warmup_steps=0))
+    ours = Trainer(run, None)
+    bare = Trainer(run, None)  # the same model, device and dtype, built the same way
+    m, opt = bare.model, _optimizer(bare.model, run.train, bare.device)
+    batches = [load_dataset(run.data).train_batch(s, run.seed, batch, run.seq_len) for s in range(steps)]
+    loop = ours.steps()
+    times: dict[str, list[float]] = {"loop": [], "bare": []}
+    mfu = []
+    for i, (x, y) in enumerate(batches[:-1]):  # the loop's last step evaluates: not timed
+        start = time.perf_counter()
+        mfu.append(next(loop)["mfu"])
+        middle = time.perf_counter()
+        with _autocast(bare.device, bare.dtype):
+            _, loss = m(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        end = time.perf_counter()
+        if i > 0:  # the first step warms up
+            times["loop"].append(middle - start)
+            times["bare"].append(end - middle)
+    ratios = [a / b for a, b in zip(times["loop"], times["bare"])]
+    loop_ms, bare_ms = (1e3 * statistics.median(times[k]) for k in ("loop", "bare"))
+    return {"loop_ms": loop_ms, "bare_ms": bare_ms, "ratio": statistics.median(ratios),
+            "mfu": statistics.median(mfu), "tokens_per_s": batch * run.seq_len / (loop_ms / 1e3),
+            "dtype": str(ours.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["factory"])
+    parser.add_argument("what", choices=["factory", "loop"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.what == "loop":
+        r = loop_vs_bare(batch=args.batch)
+        print(
+            f"training loop vs bare loop, nanoGPT shakespeare-char size (6×384, block 256), batch {args.batch}, "
+            f"{r['dtype']}, {r['threads']} threads:\n"
+            f"  bench.train loop  {r['loop_ms']:8.1f} ms per step (median, eval/checkpoint steps excluded)\n"
+            f"  bare loop         {r['bare_ms']:8.1f} ms per step (median)\n"
+            f"  ratio (median of paired ratios) {r['ratio']:.3f}  — target < 1.05: {'met' if r['ratio'] < 1.05 else 'NOT met'}\n"
+            f"  MFU {100 * r['mfu']:.1f}% of this machine's measured {r['dtype']} matmul peak "
+            f"({r['tokens_per_s']:.0f} tokens/s)"
+        )
+        return 0
     r = factory_vs_hand_written(args.steps, args.batch)
     print(
         f"one training step, nanoGPT shakespeare-char size (6×384, block 256), batch {args.batch}, "

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,3 +21,24 @@ def tiny(**overrides) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ../shared/data beside the checkout; CI, which tests a clone elsewhere, points at it with ARCHBENCH_SHARED_DATA
+SHARED_DATA = Path(os.environ.get("ARCHBENCH_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests use their own cache, seeded with tiny Shakespeare from ../shared: never the network."""
+    root = tmp_path_factory.mktemp("archbench-cache")
+    os.environ["ARCHBENCH_CACHE"] = str(root)
+    if SHARED_SHAKESPEARE.exists():
+        target = root / "data" / "tinyshakespeare"
+        target.mkdir(parents=True)
+        shutil.copy(SHARED_SHAKESPEARE, target / "input.txt")
+    yield root
+
+
+def needs_shakespeare():
+    return pytest.mark.skipif(not SHARED_SHAKESPEARE.exists(), reason=f"{SHARED_SHAKESPEARE} is absent (../shared)")

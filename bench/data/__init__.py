@@ -1,0 +1,189 @@
+"""Data for training and evaluation: one validated ``DataConfig`` per source, ``.load()`` → Dataset.
+
+    source: task        synthetic tasks (MQAR, MAD's six, induction)   → accuracy on answers
+    source: markov      a Markov language with a known entropy rate    → loss above the floor
+    source: stdlib      the Python standard library's source (offline) → bits per byte
+    source: file        a local text file or folder
+    source: shakespeare tiny Shakespeare (downloaded once, sha256-pinned)
+    source: hf          a Hugging Face dataset, streamed
+    source: bin         pre-tokenized uint16/uint32 train.bin/val.bin (nanoGPT's format)
+
+Tokenized text is cached on disk (memmap) keyed by the corpus hash, tokenizer and vocabulary size.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from bench.data import corpora
+from bench.data.corpora import Corpus, DataUnavailable
+from bench.data.datasets import Dataset, StreamDataset
+from bench.data.markov import MarkovChain
+from bench.data.source import Source
+from bench.data.tasks import TaskConfig
+from bench.data.tokenizers import make_tokenizer
+from bench.paths import cache_dir
+
+
+class MarkovConfig(Source):
+    source: Literal["markov"] = "markov"
+    vocab_size: int = Field(64, ge=2)
+    concentration: float = Field(0.1, gt=0, description="Dirichlet α of each transition row")
+    n_train_tokens: int = Field(1_000_000, ge=1)
+    n_val_tokens: int = Field(100_000, ge=1)
+    doc_len: int = Field(1024, ge=2, description="each chain's length; windows stay inside one chain")
+    seed: int = 1234
+
+    def load(self) -> StreamDataset:
+        return _markov(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _markov(config: MarkovConfig) -> StreamDataset:
+    chain = MarkovChain.random(config.vocab_size, config.concentration, config.seed)
+    rng = np.random.default_rng([config.seed, 1])
+    docs = lambda n: chain.sample(max(1, -(-n // config.doc_len)), config.doc_len, rng).reshape(-1)  # noqa: E731
+    return StreamDataset(
+        vocab_size=config.vocab_size, kind="markov", seq_len=None,
+        fingerprint={"source": "markov", "entropy_rate": chain.entropy_rate()},
+        loss_floor=chain.entropy_rate(), train_tokens=docs(config.n_train_tokens),
+        val_tokens=docs(config.n_val_tokens), doc_len=config.doc_len,
+    )
+
+
+class _Text(Source):
+    tokenizer: str = Field("char", description="char | byte | bpe | a tiktoken encoding (gpt2, cl100k_base)")
+    vocab_size: int | None = Field(None, description="BPE vocabulary size (default 1024)")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+    def corpus(self) -> Corpus:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        corpus = self.corpus()
+        return {**super().identity(), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes}
+
+    def load(self) -> StreamDataset:
+        return tokenized(self.corpus(), self.tokenizer, self.vocab_size, self.val_fraction)
+
+
+class StdlibConfig(_Text):
+    source: Literal["stdlib"] = "stdlib"
+    max_bytes: int | None = Field(2_000_000, description="read the sorted files up to this many bytes")
+
+    def corpus(self) -> Corpus:
+        return _stdlib(self.max_bytes)
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib(max_bytes: int | None) -> Corpus:
+    return corpora.stdlib_corpus(max_bytes)
+
+
+class FileConfig(_Text):
+    source: Literal["file"] = "file"
+    path: str
+    pattern: str = "**/*.txt"
+
+    def corpus(self) -> Corpus:
+        return corpora.file_corpus(self.path, self.pattern)
+
+
+class ShakespeareConfig(_Text):
+    source: Literal["shakespeare"] = "shakespeare"
+
+    def corpus(self) -> Corpus:
+        return corpora.shakespeare_corpus()
+
+
+class HFConfig(_Text):
+    source: Literal["hf"] = "hf"
+    name: str
+    config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    max_bytes: int = 10_000_000
+
+    def corpus(self) -> Corpus:
+        return corpora.hf_corpus(self.name, self.config, self.split, self.field, self.max_bytes)
+
+
+class BinConfig(Source):
+    source: Literal["bin"] = "bin"
+    path: str = Field(description="folder holding train.bin and val.bin")
+    vocab_size: int
+    dtype: Literal["uint16", "uint32"] = "uint16"
+    tokenizer: str | None = Field(None, description="the tokenizer that made the files, for bits per byte")
+
+    def identity(self) -> dict[str, Any]:
+        folder = Path(self.path).expanduser()
+        digest = hashlib.sha256()
+        for name in ("train.bin", "val.bin"):  # size + head + tail: cheap and changes with the content
+            with open(folder / name, "rb") as f:
+                digest.update(str(os.fstat(f.fileno()).st_size).encode() + f.read(1 << 20))
+        return {**super().identity(), "content": digest.hexdigest()}
+
+    def load(self) -> StreamDataset:
+        folder = Path(self.path).expanduser()
+        for name in ("train.bin", "val.bin"):
+            if not (folder / name).exists():
+                raise DataUnavailable(f"{folder / name} not found (nanoGPT's format: train.bin and val.bin)")
+        train, val = (np.memmap(folder / n, dtype=self.dtype, mode="r") for n in ("train.bin", "val.bin"))
+        token_bytes = make_tokenizer(self.tokenizer, None, None).token_bytes() if self.tokenizer else None
+        return StreamDataset(vocab_size=self.vocab_size, kind="tokens", seq_len=None,
+                             fingerprint={"source": "bin", "path": str(folder)}, token_bytes=token_bytes,
+                             train_tokens=train, val_tokens=val)
+
+
+Task = Annotated[TaskConfig, Field(discriminator="task")]
+DataConfig = Annotated[
+    Task | MarkovConfig | StdlibConfig | FileConfig | ShakespeareConfig | HFConfig | BinConfig,
+    Field(discriminator="source"),
+]
+
+
+@functools.lru_cache(maxsize=8)
+def load_dataset(config: Source) -> Dataset:
+    """The dataset a config describes (cached per process: variants of a study share it)."""
+    return config.load()
+
+
+def tokenized(corpus: Corpus, tokenizer: str, vocab_size: int | None, val_fraction: float) -> StreamDataset:
+    """Tokenize a corpus once, split at (1 − val_fraction) of its characters, cache both parts as memmaps."""
+    key = hashlib.sha256(f"{corpus.sha256}|{tokenizer}|{vocab_size}|{val_fraction}".encode()).hexdigest()[:24]
+    folder = cache_dir("tokens") / key
+    if not (folder / "meta.json").exists():
+        tok = make_tokenizer(tokenizer, corpus, vocab_size)
+        split = int(len(corpus.text) * (1 - val_fraction))  # nanoGPT splits the characters 90/10
+        ids = [tok.encode(corpus.text[:split]), tok.encode(corpus.text[split:])]
+        dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+        staging = folder.with_name(f".{key}.{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        for name, part in zip(("train.bin", "val.bin"), ids):
+            part.astype(dtype).tofile(staging / name)
+        np.save(staging / "token_bytes.npy", tok.token_bytes())
+        meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "tokenizer": tok.name,
+                "corpus": corpus.name, "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process finished first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
+    meta = json.loads((folder / "meta.json").read_text())
+    train, val = (np.memmap(folder / n, dtype=meta["dtype"], mode="r") for n in ("train.bin", "val.bin"))
+    return StreamDataset(vocab_size=meta["vocab_size"], kind="text", seq_len=None,
+                         fingerprint={"source": meta["corpus"], "corpus_sha256": meta["corpus_sha256"],
+                                      "tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]},
+                         token_bytes=np.load(folder / "token_bytes.npy"), train_tokens=train, val_tokens=val)
+
+
+__all__ = ["DataConfig", "DataUnavailable", "Dataset", "Source", "load_dataset", "tokenized"]

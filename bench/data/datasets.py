@@ -1,0 +1,102 @@
+"""The two shapes data takes for training: fixed examples (tasks) and token streams (text, Markov).
+
+Batches are a pure function of (seed, step): a resumed run draws exactly the batches it would have
+drawn, and every variant of a study with the same seed sees the same data. Validation batches are
+fixed by the dataset alone, so every run is evaluated on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), targets (B, T) with -1 = no loss
+
+
+@dataclass
+class Dataset:
+    vocab_size: int
+    kind: Literal["task", "text", "markov", "tokens"]
+    seq_len: int | None  # fixed by the data (tasks), or None: any window length
+    fingerprint: dict = field(default_factory=dict)  # source hash, tokenizer, sizes: stored with results
+    loss_floor: float | None = None  # the best achievable loss in nats (Markov entropy rate)
+    token_bytes: np.ndarray | None = None  # UTF-8 bytes of each token id, for bits per byte
+
+    def train_batch(self, step: int, seed: int, batch_size: int, seq_len: int) -> Batch:
+        raise NotImplementedError
+
+    def val_batches(self, n_sequences: int | None, seq_len: int, chunk: int) -> list[Batch]:
+        """The fixed validation set: n_sequences windows (None: all there are, or a default), in
+        batches of `chunk` sequences. Chunking never changes which tokens are evaluated."""
+        raise NotImplementedError
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if self.seq_len is not None and seq_len != self.seq_len:
+            raise ValueError(f"this {self.kind} data has sequences of {self.seq_len} tokens, not {seq_len}")
+
+
+def _rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step])
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> Batch:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)), torch.from_numpy(
+        np.ascontiguousarray(y, dtype=np.int64)
+    )
+
+
+@dataclass
+class ExampleDataset(Dataset):
+    """Fixed train and test examples (N, T); training samples rows with replacement."""
+
+    train: tuple[np.ndarray, np.ndarray] = None
+    test: tuple[np.ndarray, np.ndarray] = None
+
+    def train_batch(self, step, seed, batch_size, seq_len):
+        self.check_seq_len(seq_len)
+        rows = _rng(seed, step).integers(0, len(self.train[0]), batch_size)
+        return _tensors(self.train[0][rows], self.train[1][rows])
+
+    def val_batches(self, n_sequences, seq_len, chunk):
+        self.check_seq_len(seq_len)
+        n = len(self.test[0]) if n_sequences is None else min(len(self.test[0]), n_sequences)
+        return [_tensors(self.test[0][i : min(i + chunk, n)], self.test[1][i : min(i + chunk, n)])
+                for i in range(0, n, chunk)]
+
+
+@dataclass
+class StreamDataset(Dataset):
+    """A token stream split into train and val; windows of any length are cut from it.
+
+    doc_len: the stream is made of independent documents of this length (Markov chains); windows
+    never cross a document boundary.
+    """
+
+    train_tokens: np.ndarray = None
+    val_tokens: np.ndarray = None
+    doc_len: int | None = None
+
+    def _offsets(self, tokens: np.ndarray, seq_len: int, count: int, rng: np.random.Generator | None) -> np.ndarray:
+        span = self.doc_len or len(tokens)
+        if span <= seq_len:
+            raise ValueError(f"windows of {seq_len + 1} tokens do not fit in {span} tokens of {self.kind} data")
+        if rng is None:  # validation: evenly spaced, the same for every run
+            flat = np.linspace(0, len(tokens) // span * (span - seq_len - 1) - 1, count).astype(np.int64)
+        else:
+            flat = rng.integers(0, len(tokens) // span * (span - seq_len - 1), count)
+        doc, within = np.divmod(flat, span - seq_len - 1)
+        return doc * span + within
+
+    def _windows(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> Batch:
+        windows = np.stack([np.asarray(tokens[o : o + seq_len + 1]) for o in offsets])
+        return _tensors(windows[:, :-1], windows[:, 1:])
+
+    def train_batch(self, step, seed, batch_size, seq_len):
+        return self._windows(self.train_tokens, self._offsets(self.train_tokens, seq_len, batch_size, _rng(seed, step)), seq_len)
+
+    def val_batches(self, n_sequences, seq_len, chunk):
+        offsets = self._offsets(self.val_tokens, seq_len, n_sequences or 256, None)
+        return [self._windows(self.val_tokens, offsets[i : i + chunk], seq_len) for i in range(0, len(offsets), chunk)]

@@ -1,0 +1,21 @@
+"""The base of every data config: validated settings that know how to load themselves."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from bench.data.datasets import Dataset
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: ClassVar[int] = 1  # bump when the generated tokens change for the same settings
+
+    def load(self) -> Dataset:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this data in a run's hash: the settings, the code version, the content hash."""
+        return {**self.model_dump(), "data_version": self.version}

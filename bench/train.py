@@ -1,0 +1,391 @@
+"""The training loop: ``train(run, out_dir)`` trains one resolved run and returns its final metrics.
+
+What makes its numbers comparable: batches are a pure function of (seed, step), so every variant
+sees the same data and a resumed run the same batches; the global batch is fixed however it is split
+into micro-batches; validation uses fixed batches; on CPU a run is bitwise deterministic given its
+seed, including across a kill and resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bench import hardware
+from bench.checkpoint import load_checkpoint, save_checkpoint
+from bench.data import DataConfig, Dataset, load_dataset
+from bench.schedules import learning_rate
+from models import ModelConfig, build_model
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and budget. Defaults follow nanoGPT where it has one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(12, ge=1, description="sequences per optimizer step (the global batch)")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass; accumulate the rest")
+    seq_len: int | None = Field(None, ge=1, description="default: the data's length, else block_size")
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float | None = Field(None, ge=0, description="default lr/10")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    # the budget: exactly one of these (steps by default)
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    flops: float | None = Field(None, gt=0)
+    seconds: float | None = Field(None, gt=0)
+    eval_every: int = Field(250, ge=1)
+    eval_batches: int | None = Field(20, ge=1, description="val set of eval_batches × batch_size sequences; None: all (tasks)")
+    eval_lengths: list[int] = Field(default_factory=list, description="extra val sequence lengths (extrapolation)")
+    checkpoint_every: int | None = Field(500, ge=1)
+    diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        given = [k for k in ("steps", "tokens", "flops", "seconds") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
+        return self
+
+
+class RunConfig(BaseModel):
+    """One fully resolved training run: what the runner hashes, stores and hands to ``train``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or getattr(self.data, "seq_len", None) or self.model.block_size
+
+
+def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 0) -> RunConfig:
+    """A RunConfig whose model takes its vocabulary size (and block size, for tasks) from the data
+    unless the model sets them."""
+    from pydantic import TypeAdapter
+
+    data_config = TypeAdapter(DataConfig).validate_python(data)
+    model = dict(model)
+    if "vocab_size" not in model:
+        model["vocab_size"] = load_dataset(data_config).vocab_size
+    if "block_size" not in model:
+        length = (train or {}).get("seq_len") or getattr(data_config, "seq_len", None)
+        if length:
+            model["block_size"] = length
+    return RunConfig(model=model, data=data_config, train=train or {}, seed=seed)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # nanoGPT's grouping: weight decay on matrices (≥ 2-D), none on biases and norm gains
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, dtype, token_bytes=None) -> dict[str, float]:
+    """Loss (nats per labelled token), accuracy on labelled tokens, and bits per byte over batches."""
+    was_training = model.training
+    model.eval()
+    nats = correct = labelled = n_bytes = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with _autocast(device, dtype):
+            logits, _ = model(x)
+        logits = logits.float()
+        nats += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum").item()
+        mask = y >= 0
+        correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+        labelled += mask.sum().item()
+        if token_bytes is not None:
+            n_bytes += float(token_bytes[y[mask].cpu().numpy()].sum())
+    model.train(was_training)
+    out = {"loss": nats / labelled, "accuracy": correct / labelled}
+    if token_bytes is not None:
+        out["bpb"] = nats / math.log(2) / n_bytes  # bits per byte: total nats over total bytes
+    return out
+
+
+class Trainer:
+    """One run's state; ``run()`` trains to the budget and returns the final metrics."""
+
+    def __init__(self, run: RunConfig, out_dir: Path | None, on_step: Callable[[dict], None] | None = None):
+        self.run_config, self.cfg = run, run.train
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.on_step = on_step
+        self.device = hardware.resolve_device(self.cfg.device)
+        self.dtype = hardware.training_dtype(self.device, self.cfg.dtype)
+        if self.device.type == "cpu" and self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.data: Dataset = load_dataset(run.data)
+        if self.data.vocab_size > run.model.vocab_size:
+            raise ValueError(f"the data has {self.data.vocab_size} tokens but model.vocab_size is {run.model.vocab_size}")
+        self.seq_len = run.seq_len
+        self.micro = self.cfg.micro_batch_size or self.cfg.batch_size
+        self.tokens_per_step = self.cfg.batch_size * self.seq_len
+        self.flops_per_token = run.model.flops_per_token(causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
+        self.total_steps = self._steps_in_budget()
+        self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
+        self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
+
+        torch.manual_seed(run.seed)
+        self.model = build_model(run.model).to(self.device)
+        self.optimizer = _optimizer(self.model, self.cfg, self.device)
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        n_val = self.cfg.eval_batches * self.cfg.batch_size if self.cfg.eval_batches else None
+        self.val = self.data.val_batches(n_val, self.seq_len, self.micro)
+        self.extra_val = {n: self.data.val_batches(n_val, n, self.micro) for n in self.cfg.eval_lengths}
+        self.peak_flops = hardware.peak_matmul_flops(self.device, self.dtype)
+        self._metrics_file = None
+
+    def _steps_in_budget(self) -> int:
+        c = self.cfg
+        if c.tokens:
+            return math.ceil(c.tokens / self.tokens_per_step)
+        if c.flops:
+            return math.ceil(c.flops / (self.flops_per_token * self.tokens_per_step))
+        if c.seconds:
+            return 10**12  # time decides; the schedule follows elapsed time instead
+        return c.steps or 1000
+
+    # -- files --------------------------------------------------------------------------------
+
+    @property
+    def _checkpoint_path(self) -> Path | None:
+        return self.out_dir / "checkpoint.pt" if self.out_dir else None
+
+    def _write_metrics(self, record: dict) -> None:
+        if self._metrics_file:
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
+
+    def _resume(self) -> int:
+        """Restore the last checkpoint; drop metrics recorded after it. Returns the step to continue from."""
+        state = load_checkpoint(self._checkpoint_path) if self.out_dir else None
+        if state is None:
+            if self.out_dir:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        return state["step"]
+
+    def _checkpoint(self, step: int) -> None:
+        state = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        save_checkpoint(self._checkpoint_path, state)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _lr(self, step: int, elapsed: float) -> float:
+        c = self.cfg
+        progress, total = step, self.total_steps
+        if c.seconds and step >= c.warmup_steps:
+            # a time budget: after warmup the schedule follows the clock, on a notional 10⁶-step axis
+            progress, total = c.warmup_steps + elapsed / c.seconds * 1e6, c.warmup_steps + 1e6
+        return learning_rate(progress, total, lr=c.lr, min_lr=self.min_lr, warmup_steps=c.warmup_steps,
+                             schedule=c.schedule, decay_fraction=c.decay_fraction, decay_shape=c.decay_shape)
+
+    def _train_step(self, step: int, lr: float) -> tuple[float, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.data.train_batch(step, self.run_config.seed, self.cfg.batch_size, self.seq_len)
+        labelled = (y >= 0).sum().item()
+        total = torch.zeros((), device=self.device)
+        for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
+            # weight each micro-batch by its labelled tokens: the loss of the whole batch, however split
+            weight = (ym >= 0).sum().item() / labelled
+            xm, ym = xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
+            with _autocast(self.device, self.dtype):
+                _, loss = self.forward(xm, ym)
+            (loss * weight).backward()
+            total += loss.detach() * weight
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item(), norm.item()
+
+    def _eval_record(self) -> dict:
+        token_bytes = self.data.token_bytes
+        result = evaluate(self.model, self.val, self.device, self.dtype, token_bytes)
+        record = {"val_loss": result["loss"]}
+        if self.data.kind == "task":
+            record["val_accuracy"] = result["accuracy"]
+        if "bpb" in result:
+            record["val_bpb"] = result["bpb"]
+        if self.data.loss_floor is not None:
+            record["val_loss_above_floor"] = result["loss"] - self.data.loss_floor
+        for length, batches in self.extra_val.items():
+            try:
+                record[f"val_loss@{length}"] = evaluate(self.model, batches, self.device, self.dtype)["loss"]
+            except ValueError as e:  # e.g. learned positions past block_size: recorded, not raised
+                record[f"val_loss@{length}"] = None
+                record[f"val_loss@{length}_error"] = str(e)
+        return record
+
+    def _moe_record(self) -> dict:
+        stats = self.model.moe_stats()
+        if not stats:
+            return {}
+        parts = self.model.loss_parts
+        return {
+            "moe_aux_loss": float(parts["aux"]),
+            "moe_balance_loss": statistics.fmean(float(s["balance_loss"]) for s in stats),
+            "moe_z_loss": statistics.fmean(float(s["z_loss"]) for s in stats),
+            "moe_dropped_fraction": statistics.fmean(
+                float(s["dropped"]) / float(s["tokens_per_expert"].sum()) for s in stats),
+            "moe_expert_fractions": [(s["tokens_per_expert"] / s["tokens_per_expert"].sum()).tolist() for s in stats],
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Train to the budget from the last checkpoint (or the start); return the final metrics."""
+        start = self._resume()
+        with open(self.out_dir / "metrics.jsonl", "a") if self.out_dir else contextlib.nullcontext() as f:
+            self._metrics_file = f
+            steps = self.steps(start)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value
+
+    def steps(self, start: int = 0) -> Generator[dict, None, dict[str, Any]]:
+        """The loop, one optimizer step per iteration: yields each step's record, returns the final metrics."""
+        self.model.train()
+        status, diverged_at, step = "finished", None, start
+        step_times: list[float] = []
+        train_losses: list[float] = []
+        record: dict = {}
+        wall_start = time.perf_counter()
+        while step < self.total_steps:
+            elapsed = time.perf_counter() - wall_start
+            if self.cfg.seconds and elapsed >= self.cfg.seconds:
+                break
+            lr = self._lr(step, elapsed)
+            t0 = time.perf_counter()
+            loss, grad_norm = self._train_step(step, lr)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            step_times.append(dt)
+            train_losses.append(loss)
+            tokens_per_s = self.tokens_per_step / dt
+            record = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+                      "peak_memory_bytes": _peak_memory(self.device), **self._moe_record()}
+            if not math.isfinite(loss) or loss > self.diverge_above:
+                status, diverged_at = "diverged", step
+                self._write_metrics(record)
+                break
+            last = step == self.total_steps
+            if step % self.cfg.eval_every == 0 or last:
+                record.update(self._eval_record())
+            self._write_metrics(record)
+            if self.on_step:
+                self.on_step(record)
+            if self.out_dir and self.cfg.checkpoint_every and (step % self.cfg.checkpoint_every == 0 or last):
+                self._checkpoint(step)
+            yield record
+        if status == "finished" and "val_loss" not in record:  # a time budget ended between evals
+            record.update(self._eval_record())
+            self._write_metrics({**record, "step": step})
+            if self.out_dir and self.cfg.checkpoint_every:
+                self._checkpoint(step)
+        return self._final(status, step, diverged_at, record, step_times, train_losses)
+
+    def _final(self, status, step, diverged_at, record, step_times, train_losses) -> dict[str, Any]:
+        steady = step_times[min(len(step_times) - 1, 2):] if step_times else []  # skip warm-up steps
+        tokens_per_s = self.tokens_per_step / statistics.median(steady) if steady else None
+        kernel = getattr(self.model.blocks[0].attn, "kernel", None)
+        return {
+            "status": status,
+            "steps": step,
+            "diverged_at": diverged_at,
+            "tokens": step * self.tokens_per_step,
+            "train_loss": statistics.fmean(train_losses[-10:]) if train_losses else None,
+            **{k: v for k, v in record.items() if k.startswith(("val_", "moe_"))},
+            "loss_floor": self.data.loss_floor,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s else None,
+            "peak_flops": self.peak_flops,
+            "peak_memory_bytes": _peak_memory(self.device),
+            "params": self.run_config.model.param_counts(),
+            "flops_per_token": self.flops_per_token,
+            "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "attention_kernel": getattr(kernel, "ran", None) or getattr(kernel, "name", None),
+            "data": self.data.fingerprint,
+        }
+
+
+def train(run: RunConfig, out_dir: str | Path | None = None, *, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train one run to its budget (resuming from out_dir's checkpoint if there is one); return final metrics.
+
+    out_dir receives metrics.jsonl (one record per step, val metrics on eval steps) and checkpoint.pt.
+    Divergence (non-finite loss or loss above the bound) ends the run with status "diverged".
+    """
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return Trainer(run, out_dir, on_step).run()
