@@ -176,3 +176,26 @@ def datasheet_peak(fp: dict | None = None) -> float | None:
     if not fp.get("gpu"):
         return None
     return next((v for k, v in DATASHEET_BF16.items() if k in fp["gpu"]["name"]), None)
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the archbench checkout running this ('+dirty' with uncommitted changes), if any."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment() -> dict:
+    """What every stored result carries: machine id, hardware fingerprint, library versions, git commit."""
+    fp = fingerprint()
+    return {"machine_id": machine_id(fp), "hardware": fp, "libraries": fp["libraries"], "git_commit": git_commit()}

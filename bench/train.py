@@ -103,6 +103,19 @@ def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 
     return RunConfig(model=model, data=data_config, train=train or {}, seed=seed)
 
 
+def budget_steps(run: RunConfig) -> int | None:
+    """Optimizer steps in the run's budget (None for a time budget)."""
+    c = run.train
+    tokens_per_step = c.batch_size * run.seq_len
+    if c.tokens:
+        return math.ceil(c.tokens / tokens_per_step)
+    if c.flops:
+        return math.ceil(c.flops / (run.model.flops_per_token(seq_len=run.seq_len) * tokens_per_step))
+    if c.seconds:
+        return None
+    return c.steps or 1000
+
+
 # -- the loop ---------------------------------------------------------------------------------------
 
 
@@ -174,7 +187,7 @@ class Trainer:
         self.micro = self.cfg.micro_batch_size or self.cfg.batch_size
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
         self.flops_per_token = run.model.flops_per_token(causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
-        self.total_steps = self._steps_in_budget()
+        self.total_steps = budget_steps(run) or 10**12  # None: a time budget, the clock decides
         self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
 
@@ -187,16 +200,6 @@ class Trainer:
         self.extra_val = {n: self.data.val_batches(n_val, n, self.micro) for n in self.cfg.eval_lengths}
         self.peak_flops = hardware.peak_matmul_flops(self.device, self.dtype)
         self._metrics_file = None
-
-    def _steps_in_budget(self) -> int:
-        c = self.cfg
-        if c.tokens:
-            return math.ceil(c.tokens / self.tokens_per_step)
-        if c.flops:
-            return math.ceil(c.flops / (self.flops_per_token * self.tokens_per_step))
-        if c.seconds:
-            return 10**12  # time decides; the schedule follows elapsed time instead
-        return c.steps or 1000
 
     # -- files --------------------------------------------------------------------------------
 
@@ -344,13 +347,14 @@ class Trainer:
             self._write_metrics(record)
             if self.on_step:
                 self.on_step(record)
-            if self.out_dir and self.cfg.checkpoint_every and (step % self.cfg.checkpoint_every == 0 or last):
+            every = self.cfg.checkpoint_every
+            if self.out_dir and (last or (every and step % every == 0)):  # always the final one
                 self._checkpoint(step)
             yield record
         if status == "finished" and "val_loss" not in record:  # a time budget ended between evals
             record.update(self._eval_record())
             self._write_metrics({**record, "step": step})
-            if self.out_dir and self.cfg.checkpoint_every:
+            if self.out_dir:
                 self._checkpoint(step)
         return self._final(status, step, diverged_at, record, step_times, train_losses)
 

@@ -122,12 +122,13 @@ def test_bits_per_byte_divides_total_nats_by_total_bytes():
 
 
 def test_budgets_in_tokens_and_flops_become_steps():
-    from bench.train import Trainer
+    from bench.train import budget_steps
 
     run = resolve_run(TINY, MARKOV, fp32(tokens=1000, batch_size=4, seq_len=32))
-    assert Trainer(run, None).total_steps == math.ceil(1000 / 128)
+    assert budget_steps(run) == math.ceil(1000 / 128)
     flops = run.model.flops_per_token(seq_len=32) * 128 * 5
-    assert Trainer(resolve_run(TINY, MARKOV, fp32(flops=flops, batch_size=4, seq_len=32)), None).total_steps == 5
+    assert budget_steps(resolve_run(TINY, MARKOV, fp32(flops=flops, batch_size=4, seq_len=32))) == 5
+    assert budget_steps(resolve_run(TINY, MARKOV, fp32(seconds=3.0, batch_size=4, seq_len=32))) is None
     with pytest.raises(ValueError, match="give one budget, not steps and tokens"):
         TrainConfig(steps=3, tokens=4)
 

@@ -1,0 +1,174 @@
+"""Expand a Spec into its runs: variants × sweep points × seeds, each content-addressed.
+
+A run's id is the hash of its resolved configuration (model with every option filled in, the data's
+identity including its content hash and code version, train settings, seed), so rerunning a spec
+finds finished runs and changing any value makes a new run. Every run is validated here, before
+anything trains: errors name the variant, the file and line, and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from bench.data import DataConfig, DataUnavailable
+from bench.spec import SourceMap, Spec, SpecError, problems, set_dotted
+from bench.train import RunConfig, resolve_run
+from models import ComponentError, load_plugins
+from models.registry import get
+
+
+DATA = TypeAdapter(DataConfig)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    variant: str
+    sweep: dict[str, Any]  # dotted key -> value at this sweep point
+    seed: int
+    config: RunConfig
+    kind: Literal["train", "quantize"] = "train"
+    parent_id: str | None = None  # quantize: the float run whose checkpoint it evaluates
+
+    @property
+    def label(self) -> str:
+        point = ", ".join(f"{k}={v}" for k, v in self.sweep.items())
+        return f"{self.variant}" + (f" [{point}]" if point else "") + f" seed {self.seed}"
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    @property
+    def train_runs(self) -> list[PlannedRun]:
+        return [r for r in self.runs if r.kind == "train"]
+
+    @property
+    def quantize_runs(self) -> list[PlannedRun]:
+        return [r for r in self.runs if r.kind == "quantize"]
+
+
+def run_id(config: RunConfig, kind: str = "train") -> str:
+    identity = {
+        "kind": kind,
+        "model": config.model.to_dict(),
+        "data": config.data.identity(),
+        "train": config.train.model_dump(),
+        "seed": config.seed,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _post_training(model: dict) -> bool:
+    spec = model.get("quantization")
+    return spec is not None and get("quantization", spec["name"]).factory.stage == "post"
+
+
+def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds: list[int] | None = None,
+           device: str | None = None) -> Plan:
+    """Every run of the study, validated; quantized variants get (and depend on) a float run."""
+    try:
+        load_plugins(spec.plugins)
+    except ComponentError as e:
+        raise SpecError(f"{sources.locate(('plugins',))}: plugins: {e}") from None
+    unknown = [v for v in only or [] if v not in spec.variants]
+    if unknown:
+        raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
+    resolved = []  # (variant, sweep point, seed, RunConfig)
+    sweep_keys = list(spec.sweep)
+    for variant in only or list(spec.variants):
+        variant_base = spec.variant_base(variant)
+        for values in itertools.product(*(spec.sweep[k] for k in sweep_keys)):
+            point = dict(zip(sweep_keys, values))
+            config = variant_base
+            for key, value in point.items():
+                config = set_dotted(config, key, value)
+            if device:
+                config = set_dotted(config, "train.device", device)
+            for seed in seeds or spec.seed_list:
+                run = _resolve(config, seed, variant, sources)
+                _check_runs_here(run, variant, sources)
+                resolved.append((variant, point, seed, run))
+
+    plan = Plan(spec)
+    planned: dict[str, PlannedRun] = {}
+    for variant, point, seed, run in resolved:  # runs that train
+        if not _post_training(run.model.to_dict()):
+            planned.setdefault(run_id(run), PlannedRun(run_id(run), variant, point, seed, run))
+    for variant, point, seed, run in resolved:  # post-training quantization: evaluate a float run
+        if _post_training(run.model.to_dict()):
+            float_run = run.model_copy(update={"model": run.model.model_copy(update={"quantization": None})})
+            parent = planned.setdefault(  # usually the baseline's own run, trained once
+                run_id(float_run), PlannedRun(run_id(float_run), f"{variant} (float)", point, seed, float_run))
+            quantized = PlannedRun(run_id(run, "quantize"), variant, point, seed, run, "quantize", parent.run_id)
+            planned.setdefault(quantized.run_id, quantized)
+    plan.runs = sorted(planned.values(), key=lambda r: r.kind == "quantize")  # float runs first
+    return plan
+
+
+def _resolve(config: dict, seed: int, variant: str, sources: SourceMap) -> RunConfig:
+    unknown = set(config) - {"model", "data", "train"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise SpecError(f"{sources.locate(('variants', variant, key))}: variants.{variant}.{key}: unknown key "
+                        "(a variant overrides model, data or train)")
+    try:
+        data = DATA.validate_python(config.get("data"))
+    except ValidationError as e:
+        raise SpecError(_locate_errors(e, config, variant, sources, prefix=("data",))) from None
+    try:
+        return resolve_run(config.get("model", {}), data, config.get("train", {}), seed)
+    except ValidationError as e:
+        raise SpecError(_locate_errors(e, config, variant, sources)) from None
+    except (ComponentError, ValueError) as e:  # e.g. an unknown tokenizer, found while loading data
+        raise SpecError(f"{sources.locate(('variants', variant, 'data'), ('base', 'data'))}: "
+                        f"variant '{variant}': data: {e}") from None
+    except DataUnavailable as e:
+        raise SpecError(f"{sources.locate(('variants', variant, 'data'), ('base', 'data'))}: "
+                        f"variant '{variant}': data: {e}") from None
+
+
+def _locate_errors(error: ValidationError, config: dict, variant: str, sources: SourceMap, prefix: tuple = ()) -> str:
+    lines = []
+    data = config.get("data") or {}
+    tags = {str(data.get("source")), str(data.get("task"))}
+    for loc, message in problems(error):
+        loc = (*prefix, *loc)
+        if loc and loc[0] == "data":  # drop discriminated-union tags ('data.task.mqar.seq_len')
+            loc = (loc[0], *[p for p in loc[1:3] if p not in tags], *loc[3:])
+        where = sources.locate(("variants", variant, *loc), ("base", *loc), ("sweep", *loc),
+                               ("variants", variant, *loc[:-1]), ("base", *loc[:-1]), ("variants", variant), ())
+        lines.append(f"{where}: variant '{variant}': {'.'.join(loc)}: {message}")
+    return "\n".join(lines)
+
+
+def _check_runs_here(run: RunConfig, variant: str, sources: SourceMap) -> None:
+    """Refuse, before anything trains, a variant whose components cannot run on this machine."""
+    from bench.hardware import resolve_device
+
+    try:
+        device = resolve_device(run.train.device)
+    except RuntimeError as e:
+        raise SpecError(f"{sources.locate(('variants', variant, 'train', 'device'), ('base', 'train', 'device'))}: "
+                        f"variant '{variant}': {e}") from None
+    attention = run.model.attention
+    components = [(family, spec) for family in ("attention", "positional", "norm", "mlp", "moe", "quantization")
+                  if isinstance(spec := getattr(run.model, family), dict)]
+    if isinstance(attention.get("backend"), dict):
+        components.append(("attention_backend", attention["backend"]))
+    for family, spec in components:
+        component = get(family, spec["name"])
+        reason = component.unavailable_reason()
+        if reason is None and family == "attention_backend" and device.type == "cpu":
+            reason = component.limitation()  # e.g. FlexAttention: forward only on CPU
+        if reason:
+            where = sources.locate(("variants", variant, "model"), ("base", "model"))
+            raise SpecError(f"{where}: variant '{variant}': {family} '{spec['name']}' cannot train here: {reason}")

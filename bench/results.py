@@ -1,0 +1,80 @@
+"""Read a results folder's store as pandas DataFrames: ``bench.results.load(dir)``.
+
+    results = load("results/attention")
+    results.runs      # one row per run: run_id, variant, seed, status, val_loss, params, ...
+    results.metrics   # one row per run and step: run_id, step, train_loss, val_loss, lr, mfu, ...
+    results.kernels   # one row per kernel measurement, with the machine it ran on
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class Results:
+    runs: pd.DataFrame
+    metrics: pd.DataFrame
+    kernels: pd.DataFrame
+    studies: pd.DataFrame
+
+
+def _json(text):
+    return json.loads(text) if text else None
+
+
+def load(folder: str | Path) -> Results:
+    """The store in `folder` (results.db) as DataFrames; final metrics are flattened into runs' columns."""
+    path = Path(folder) / "results.db"
+    if not path.exists():
+        raise FileNotFoundError(f"no results store at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        runs = pd.read_sql_query("SELECT * FROM runs", db)
+        metrics = pd.read_sql_query("SELECT * FROM metrics ORDER BY run_id, step", db)
+        kernels = pd.read_sql_query("SELECT * FROM kernels ORDER BY id", db)
+        studies = pd.read_sql_query("SELECT * FROM studies", db)
+    finally:
+        db.close()
+    return Results(_runs_frame(runs), _metrics_frame(metrics), _kernels_frame(kernels), studies)
+
+
+def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    final = pd.DataFrame([_json(m) or {} for m in runs["metrics"]], index=runs.index)
+    params = pd.DataFrame([p if isinstance(p, dict) else {} for p in final.get("params", [None] * len(runs))],
+                          index=runs.index)
+    out = runs.drop(columns=["metrics"]).copy()
+    out["sweep"] = out["sweep"].map(_json)
+    out["config"] = out["config"].map(_json)
+    for column in final.columns.difference(["params", "status"]):
+        out[column] = final[column]
+    out["params"] = params.get("total")
+    out["non_embedding_params"] = params.get("non_embedding")
+    out["active_params"] = params.get("active")
+    for column in ("val_loss", "val_accuracy", "val_bpb", "tokens_per_s", "flops_per_token", "peak_memory_bytes", "mfu"):
+        if column not in out:
+            out[column] = float("nan")
+    return out
+
+
+def _metrics_frame(metrics: pd.DataFrame) -> pd.DataFrame:
+    if metrics.empty:
+        return pd.DataFrame(columns=["run_id", "step"])
+    rows = pd.DataFrame([_json(d) for d in metrics["data"]])
+    rows.insert(0, "run_id", metrics["run_id"].values)
+    return rows
+
+
+def _kernels_frame(kernels: pd.DataFrame) -> pd.DataFrame:
+    if kernels.empty:
+        return pd.DataFrame(columns=["study", "machine_id"])
+    rows = pd.DataFrame([_json(d) for d in kernels["data"]])
+    rows.insert(0, "machine_id", kernels["machine_id"].values)
+    rows.insert(0, "study", kernels["study"].values)
+    rows["hardware"] = kernels["hardware"].map(_json).values
+    return rows

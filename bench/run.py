@@ -1,0 +1,173 @@
+"""Run an ablation study: ``python -m bench.run ablations/attention.yaml``.
+
+Trains every variant × sweep point × seed of the spec (skipping finished runs, resuming interrupted
+ones), stores everything in results/<name>/results.db, and prints the summary against the baseline.
+A spec with an error exits with status 2 and a message naming the file, line and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from bench import hardware
+from bench.analysis import variant_summary
+from bench.executor import EXECUTORS
+from bench.plan import Plan, expand
+from bench.progress import Progress
+from bench.results import load
+from bench.spec import SpecError, load_spec
+from bench.store import DONE, Store
+from bench.train import budget_steps
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="a YAML spec, e.g. ablations/attention.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded run table; train nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any spec key, e.g. --set base.train.steps=200 (repeatable)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="these seeds instead of the spec's")
+    p.add_argument("--out", help="results folder (default results/<name>)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="train on this device")
+    p.add_argument("--workers", type=int, default=1, help="local processes sharing the store")
+    p.add_argument("--executor", choices=sorted(EXECUTORS), default="local")
+    return p.parse_args(argv)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _count(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def estimated_seconds(plan: Plan, store: Store | None) -> list[float | None]:
+    """Each run's training time on this machine: its FLOPs at this machine's measured peak and the
+    median MFU of runs already finished here (30% before any has)."""
+    mfus = []
+    if store is not None:
+        import json
+
+        machine = hardware.machine_id()
+        for row in store.rows("runs", "WHERE status='finished' AND machine_id=?", (machine,)):
+            mfu = json.loads(row["metrics"] or "{}").get("mfu")
+            if mfu:
+                mfus.append(mfu)
+    mfu = statistics.median(mfus) if mfus else 0.3
+    estimates = []
+    for r in plan.runs:
+        if r.kind == "quantize":
+            estimates.append(None)
+            continue
+        steps = budget_steps(r.config)
+        if steps is None:
+            estimates.append(r.config.train.seconds)
+            continue
+        device = hardware.resolve_device(r.config.train.device)
+        peak = hardware.peak_matmul_flops(device, hardware.training_dtype(device, r.config.train.dtype))
+        flops = steps * r.config.train.batch_size * r.config.seq_len * r.config.model.flops_per_token(seq_len=r.config.seq_len)
+        estimates.append(flops / (peak * mfu))
+    return estimates
+
+
+def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
+    table = Table(title=f"{plan.spec.name}: {len(plan.runs)} runs", title_justify="left")
+    for column in ("variant", "sweep", "seed", "kind", "params", "active", "FLOPs/token", "steps", "est. time"):
+        table.add_column(column)
+    total = 0.0
+    for r, seconds in zip(plan.runs, estimated_seconds(plan, store)):
+        counts = r.config.model.param_counts()
+        steps = budget_steps(r.config) if r.kind == "train" else None
+        total += seconds or 0
+        table.add_row(escape(r.variant), escape(", ".join(f"{k}={v}" for k, v in r.sweep.items()) or "-"),
+                      str(r.seed), r.kind, _count(counts["total"]), _count(counts["active"]),
+                      _count(r.config.model.flops_per_token(seq_len=r.config.seq_len)),
+                      str(steps) if steps else ("-" if r.kind == "quantize" else "time"),
+                      (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s") if seconds else "-")
+    console.print(table)
+    console.print(f"estimated total on this machine: {total / 60:.1f} min (nothing was trained)")
+
+
+def print_summary(folder: Path, baseline: str, console: Console) -> None:
+    runs = load(folder).runs
+    summary = variant_summary(runs, baseline)
+    if summary.empty:
+        console.print("no finished runs to summarise")
+        return
+    task = summary["val_accuracy_mean"].notna().any()
+    table = Table(title=f"final val loss over seeds (best of sweep), against the baseline '{escape(baseline)}'",
+                  title_justify="left")
+    for column in ("variant", "n", "val loss (mean ± sd)", "Δ vs baseline", *(["accuracy"] if task else []),
+                   "params", "tokens/s", "failed/diverged"):
+        table.add_column(column)
+    for _, row in summary.iterrows():
+        cells = [escape(row["variant"]) + (" (baseline)" if row["variant"] == baseline else ""), str(row["n"]),
+                 f"{_fmt(row['val_loss_mean'])} ± {_fmt(row['val_loss_sd'])}",
+                 "-" if row["variant"] == baseline else f"{row.get('val_loss_delta', float('nan')):+.4f}"]
+        if task:
+            cells.append(f"{_fmt(row['val_accuracy_mean'], 3)} ± {_fmt(row['val_accuracy_sd'], 3)}")
+        cells += [_count(row["params"]), _count(row["tokens_per_s"]), f"{row['failed']}/{row['diverged']}"]
+        table.add_row(*cells)
+    console.print(table)
+    for _, row in runs[runs["status"] == "failed"].iterrows():
+        console.print(f"failed: {escape(row['variant'])} seed {row['seed']}: {escape(str(row['reason']))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: wide, not wrapped
+    try:
+        spec, sources = load_spec(args.spec, args.set)
+        plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folder = Path(args.out) if args.out else Path("results") / spec.name
+    if args.dry_run:
+        existing = Store(folder) if (folder / "results.db").exists() else None
+        print_plan(plan, console, existing)
+        return 0
+
+    store = Store(folder)
+    command = "python -m bench.run " + shlex.join(argv)
+    store.record_study(spec.name, spec.model_dump(mode="json"), command)
+    store.add_runs(spec.name, plan.runs)
+    todo = [r for r in plan.runs if store.status(r.run_id) not in DONE]
+    console.print(f"{spec.name}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} already done → {folder}")
+    steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + len([r for r in todo if r.kind != "train"])
+    executor = EXECUTORS[args.executor](workers=args.workers)
+    try:
+        with Progress(len(todo), steps, console) as progress:
+            executor.execute(Plan(spec, todo), folder, progress)
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume from the last checkpoints")
+        return 130
+    finally:
+        store.close()
+    print_summary(folder, spec.baseline, console)
+    failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in {p.run_id for p in plan.runs}]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Ablation specs: YAML in, a validated ``Spec`` out, or a ``SpecError`` that names file:line and key.
+
+    name: attention
+    description: MHA vs MQA vs GQA on the Markov language
+    extends: base.yaml              # inherit another spec; keys here override it
+    plugins: [my_pkg.my_attention]  # modules that register components
+    base: {model: {...}, data: {...}, train: {...}}
+    variants:                       # named overrides of base (nested or dotted keys)
+      mha: {}
+      gqa: {model.attention: {name: gqa, n_kv_head: 2}}
+    baseline: mha                   # default: the first variant
+    sweep: {train.lr: [3e-4, 1e-3]} # crossed with every variant; reports keep the best per variant
+    seeds: 2                        # a count (0..n-1) or a list
+    budget: {steps: 300}            # shorthand for base.train's budget
+
+Merging (extends, variants, sweep, --set) is a deep merge, except that a mapping of another kind —
+a component with a different ``name``, data with a different ``source`` or ``task`` — replaces the
+old one instead of inheriting its options.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(Exception):
+    """A spec that cannot run; the message names where and what was expected."""
+
+
+# -- dicts --------------------------------------------------------------------------------------------
+
+
+def expand_dotted(mapping: Any) -> Any:
+    """{"model.attention": x} → {"model": {"attention": x}}, recursively."""
+    if not isinstance(mapping, dict):
+        return mapping
+    out: dict = {}
+    for key, value in mapping.items():
+        parts = str(key).split(".")
+        target = out
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        leaf = expand_dotted(value)
+        if isinstance(target.get(parts[-1]), dict) and isinstance(leaf, dict):
+            target[parts[-1]] = deep_merge(target[parts[-1]], leaf)
+        else:
+            target[parts[-1]] = leaf
+    return out
+
+
+# keys that say what a mapping *is*, outermost first: a data source, a task, a component's name
+DISCRIMINATORS = ("source", "task", "name")
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """override on top of base; a mapping of another kind (new source, task or name) replaces the old,
+    keeping only the outer discriminators it did not change (a new task stays a task source)."""
+    if isinstance(base, str) and isinstance(override, dict) and "name" not in override:
+        base = {"name": base}  # `attention: mha` then `attention: {window: 8}`: options for mha
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return copy.deepcopy(override)
+    for i, key in enumerate(DISCRIMINATORS):
+        if key in override and key in base and override[key] != base[key]:
+            kept = {k: base[k] for k in DISCRIMINATORS[:i] if k in base and k not in override}
+            return {**kept, **copy.deepcopy(override)}
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if key in merged else copy.deepcopy(value)
+    return merged
+
+
+def set_dotted(mapping: dict, dotted: str, value: Any) -> dict:
+    return deep_merge(mapping, expand_dotted({dotted: value}))
+
+
+# -- where a key was written --------------------------------------------------------------------------
+
+
+@dataclass
+class SourceMap:
+    """Finds the file and line where a dotted key was written (child spec first, then what it extends)."""
+
+    documents: list[tuple[str, yaml.Node]] = field(default_factory=list)
+    set_keys: dict[str, str] = field(default_factory=dict)  # dotted key -> "--set k=v"
+
+    def locate(self, *paths: tuple[str, ...]) -> str:
+        """file:line of the first path that was written (or the --set that gave it)."""
+        for path in paths:
+            dotted = ".".join(map(str, path))
+            for key, text in self.set_keys.items():
+                if dotted == key or dotted.startswith(key + "."):
+                    return text
+            for filename, root in self.documents:
+                node = _find(root, [str(p) for p in path]) if path else root
+                if node is not None:
+                    return f"{filename}:{node.start_mark.line + 1}"
+        return self.documents[0][0] if self.documents else "<spec>"
+
+
+def _find(node: yaml.Node, path: list[str]) -> yaml.Node | None:
+    """The key node at the end of path, if the whole path was written (dotted keys count as levels)."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key_node, value_node in node.value:
+        parts = str(key_node.value).split(".")
+        if path[: len(parts)] == parts:
+            rest = path[len(parts) :]
+            found = _find(value_node, rest) if rest else key_node
+            if found is not None:
+                return found
+    return None
+
+
+# -- the spec -----------------------------------------------------------------------------------------
+
+
+class Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any]
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class Spec(BaseModel):
+    """A validated ablation study; ``file`` and ``sources`` are where it came from."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the output folder name")
+    description: str = ""
+    base: Base
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    baseline: str | None = None
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: int | list[int] = 2
+    budget: dict[str, Any] | None = None
+    kernels: dict[str, Any] | None = None
+    plugins: list[str] = Field(default_factory=list)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _empty_overrides(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _nonempty_lists(cls, value: dict) -> dict:
+        for key, values in value.items():
+            if not values:
+                raise ValueError(f"sweep '{key}' has no values")
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_is_a_variant(self) -> Spec:
+        if self.baseline is None:
+            self.baseline = next(iter(self.variants))
+        elif self.baseline not in self.variants:
+            raise ValueError(f"baseline '{self.baseline}' is not a variant; variants: {', '.join(self.variants)}")
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def variant_base(self, variant: str) -> dict[str, Any]:
+        """base with the budget shorthand and the variant's overrides applied: {model, data, train}."""
+        base = self.base.model_dump()
+        if self.budget:
+            base["train"] = {**base["train"], **self.budget}
+        return deep_merge(base, expand_dotted(self.variants[variant]))
+
+
+def _compose(text: str, filename: str) -> tuple[Any, yaml.Node]:
+    try:
+        data = yaml.safe_load(text)
+        return data, yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        raise SpecError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+
+
+def _read(path: Path, sources: SourceMap, seen: tuple[Path, ...] = ()) -> dict:
+    """The raw spec dict with `extends` resolved (child wins); records each file for locating keys."""
+    if path in seen:
+        raise SpecError(f"{path}: extends itself through {' → '.join(map(str, seen))}")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec ({e.strerror})") from None
+    data, node = _compose(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: a spec is a mapping of keys (name, base, variants, ...), got {type(data).__name__}")
+    sources.documents.append((str(path), node))
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise SpecError(f"{sources.locate(('extends',))}: extends: expected a path to another spec")
+    inherited = _read((path.parent / parent).resolve(), sources, (*seen, path))
+    # key by key: the spec's own `name` must not trigger the component-replacement rule
+    merged = {**inherited, **{k: deep_merge(inherited[k], v) if k in inherited else v for k, v in data.items()}}
+    if "variants" in data:  # a child's variants replace the parent's list, keeping the child's order
+        merged["variants"] = {k: deep_merge(inherited.get("variants", {}).get(k, {}), v or {})
+                              for k, v in data["variants"].items()}
+    return merged
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'base.train.steps=200' → ('base.train.steps', 200); values are YAML (numbers, lists, mappings)."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment}: expected KEY=VALUE, e.g. --set base.train.steps=200")
+    key, raw = assignment.split("=", 1)
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+        raise SpecError(f"--set {assignment}: '{key}' is not a dotted key")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {assignment}: value is not valid YAML ({e})") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, SourceMap]:
+    """Read, merge (extends, --set) and validate a spec; SpecError names file:line and the dotted key."""
+    path = Path(path)
+    sources = SourceMap()
+    raw = _read(path.resolve(), sources)
+    sources.documents[0] = (str(path), sources.documents[0][1])  # the path as the user wrote it
+    for assignment in overrides:
+        key, value = parse_set(assignment)
+        raw = set_dotted(raw, key, value)
+        sources.set_keys[key] = f"--set {assignment}"
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, sources)) from None
+    return spec, sources
+
+
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\])$", re.I)
+
+
+def problems(error: ValidationError) -> list[tuple[tuple[str, ...], str]]:
+    """(dotted location, message) per problem; a union's per-member errors fold into one."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    alternatives: dict[tuple[str, ...], list[str]] = {}
+    given: dict[tuple[str, ...], object] = {}
+    for problem in error.errors():
+        loc = tuple(str(p) for p in problem["loc"] if not str(p).startswith("function-"))
+        if loc and _UNION_MEMBER.match(loc[-1]) and problem["type"] != "extra_forbidden":
+            alternatives.setdefault(loc[:-1], []).append(loc[-1])
+            given[loc[:-1]] = problem.get("input")
+            continue
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] == "missing":
+            message = "required key is missing"
+        out.append((loc, message))
+    for loc, kinds in alternatives.items():
+        out.append((loc, f"expected {' or '.join(kinds)}, got {given[loc]!r}"))
+    return out
+
+
+def format_validation_error(error: ValidationError, sources: SourceMap) -> str:
+    """One line per problem: 'file:line: dotted.key: what was expected'."""
+    return "\n".join(f"{sources.locate(loc, loc[:-1], ())}: {'.'.join(loc) or '(top level)'}: {message}"
+                     for loc, message in problems(error))

@@ -1,0 +1,174 @@
+"""The results store: one SQLite database per results folder (WAL mode, writes in transactions).
+
+Tables: ``studies`` (the spec and the command that ran it), ``runs`` (resolved config and hash,
+status, final metrics, hardware fingerprint, git commit, library versions), ``metrics`` (one row per
+run and step) and ``kernels`` (kernel timings). Several runner processes, on one machine or on
+several sharing the folder, claim runs through the store, so each run is trained once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, command TEXT, updated_at REAL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    study TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    sweep TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    parent_id TEXT,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    reason TEXT,
+    metrics TEXT,
+    owner TEXT,
+    heartbeat REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started_at REAL,
+    finished_at REAL,
+    machine_id TEXT,
+    hardware TEXT,
+    libraries TEXT,
+    git_commit TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS kernels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, machine_id TEXT, hardware TEXT, data TEXT NOT NULL,
+    recorded_at REAL
+);
+"""
+
+DONE = ("finished", "diverged")  # a rerun does not train these again
+STALE_SECONDS = 300.0  # a claim whose owner has not been heard from in this long is abandoned
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str | None, heartbeat: float | None) -> bool:
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+            return True
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:
+            return True
+    return heartbeat is not None and time.time() - heartbeat < STALE_SECONDS
+
+
+class Store:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "results.db"
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: take the write lock up front, so concurrent writers queue instead of failing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- studies and runs ---------------------------------------------------------------------
+
+    def record_study(self, name: str, spec: dict, command: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO studies VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "spec=excluded.spec, command=excluded.command, updated_at=excluded.updated_at",
+                       (name, json.dumps(spec, default=str), command, time.time()))
+
+    def add_runs(self, study: str, runs: Iterable) -> None:
+        """Register planned runs; runs already in the store keep their status and results."""
+        with self.transaction() as db:
+            for r in runs:
+                db.execute(
+                    "INSERT INTO runs (run_id, study, variant, sweep, seed, kind, parent_id, config) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET variant=excluded.variant",
+                    (r.run_id, study, r.variant, json.dumps(r.sweep, default=str), r.seed, r.kind, r.parent_id,
+                     r.config.model_dump_json()),
+                )
+
+    def status(self, run_id: str) -> str | None:
+        row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row["status"] if row else None
+
+    def claim(self, run_id: str, owner: str) -> str:
+        """Take a run to execute. Returns 'claimed', 'done' (finished before) or 'held' (another live runner)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT status, owner, heartbeat FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row["status"] in DONE:
+                return "done"
+            if row["status"] == "running" and row["owner"] != owner and _owner_alive(row["owner"], row["heartbeat"]):
+                return "held"
+            db.execute("UPDATE runs SET status='running', owner=?, heartbeat=?, started_at=?, attempts=attempts+1, "
+                       "reason=NULL WHERE run_id=?", (owner, time.time(), time.time(), run_id))
+            return "claimed"
+
+    def heartbeat(self, run_id: str, owner: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?", (time.time(), run_id, owner))
+
+    def finish(self, run_id: str, status: str, metrics: dict[str, Any], reason: str | None,
+               steps: list[dict], environment: dict[str, Any]) -> None:
+        """Record a run's outcome and its per-step metrics in one transaction."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
+            db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",  # a step may be re-recorded
+                           [(run_id, s["step"], json.dumps(s)) for s in steps])
+            db.execute(
+                "UPDATE runs SET status=?, reason=?, metrics=?, finished_at=?, owner=NULL, machine_id=?, hardware=?, "
+                "libraries=?, git_commit=? WHERE run_id=?",
+                (status, reason, json.dumps(metrics, default=str), time.time(), environment.get("machine_id"),
+                 json.dumps(environment.get("hardware")), json.dumps(environment.get("libraries")),
+                 environment.get("git_commit"), run_id),
+            )
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Give a claimed run back unfinished (interrupted): the next runner resumes it."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET status='interrupted', owner=NULL WHERE run_id=? AND owner=?", (run_id, owner))
+
+    def rows(self, table: str, where: str = "", params: tuple = ()) -> list[sqlite3.Row]:
+        return self.db.execute(f"SELECT * FROM {table} {where}", params).fetchall()
+
+    # -- kernels ------------------------------------------------------------------------------
+
+    def add_kernels(self, study: str | None, rows: Iterable[dict], environment: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO kernels (study, machine_id, hardware, data, recorded_at) VALUES (?, ?, ?, ?, ?)",
+                [(study, environment.get("machine_id"), json.dumps(environment.get("hardware")),
+                  json.dumps(row, default=str), time.time()) for row in rows],
+            )

@@ -1,0 +1,282 @@
+"""The ablation runner: spec errors, expansion, the store, resuming, concurrency, shipped specs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.plan import expand
+from bench.results import load
+from bench.run import main
+from bench.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "ablations").glob("*.yaml"))
+
+TINY = """\
+name: tiny
+description: a tiny study for tests
+base:
+  model: {n_layer: 1, n_head: 2, n_embd: 32}
+  data: {source: markov, vocab_size: 16, n_train_tokens: 20000, n_val_tokens: 4096, doc_len: 256}
+  train: {batch_size: 4, seq_len: 32, eval_every: 5, checkpoint_every: 5, warmup_steps: 2, device: cpu, dtype: float32}
+budget: {steps: STEPS}
+variants:
+  mha: {}
+  mqa: {model.attention: mqa}
+seeds: 2
+"""
+
+
+def write_spec(folder: Path, text: str = TINY, steps: int = 10, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).replace("STEPS", str(steps)))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.run", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def spec_error(tmp_path: Path, text: str, *sets: str) -> str:
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        spec, sources = load_spec(path, list(sets))
+        expand(spec, sources)
+    return str(info.value)
+
+
+# -- bad specs --------------------------------------------------------------------------------------
+
+
+def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
+    path = write_spec(tmp_path, TINY.replace("variants:", "variants: [oops"))
+    result = run_cli(str(path), "--dry-run")
+    assert result.returncode == 2
+    assert f"{path}:" in result.stderr and "malformed YAML" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (("n_layer: 1", "n_layer: one"), "spec.yaml:4: variant 'mha': model.n_layer: Input should be a valid integer"),
+        (("description: a tiny", "descripton: a tiny"), "spec.yaml:2: descripton: unknown key"),
+        (("mqa: {model.attention: mqa}", "mqa: {model.attention: mqq}"),
+         "spec.yaml:10: variant 'mqa': model.attention: unknown attention 'mqq' (did you mean 'mqa'?)"),
+        (("mqa: {model.attention: mqa}", "mqa: {model.positional: alibi, model.attention: {name: mha, backend: {name: sdpa, kernel: flash}}}"),
+         "variant 'mqa': model: attention backend 'sdpa kernel=flash' cannot do bias, needed by positional 'alibi'"),
+        (("seeds: 2", "seeds: two"), "spec.yaml:11: seeds: expected int or list[int], got 'two'"),
+        (("batch_size: 4", "batch_sise: 4"), "spec.yaml:6: variant 'mha': train.batch_sise: unknown key"),
+        (("source: markov", "source: markow"), "spec.yaml:5: variant 'mha': data: Input tag 'markow' found"),
+    ],
+)
+def test_each_bad_spec_names_file_line_and_key(tmp_path, change, expected):
+    message = spec_error(tmp_path, TINY.replace(*change))
+    assert expected in message, message
+
+
+def test_bad_set_and_unknown_variant(tmp_path):
+    assert "--set base.train.steps: expected KEY=VALUE" in spec_error(tmp_path, TINY, "base.train.steps")
+    message = spec_error(tmp_path, TINY, "base.model.n_head=three")
+    assert "--set base.model.n_head=three: variant 'mha': model.n_head: Input should be a valid integer" in message
+    path = write_spec(tmp_path)
+    result = run_cli(str(path), "--only", "gqa", "--dry-run")
+    assert result.returncode == 2 and "--only gqa: no such variant; variants: mha, mqa" in result.stderr
+    result = run_cli(str(path), "--set", "budget.steps=[", "--dry-run")
+    assert result.returncode == 2 and "value is not valid YAML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_spec_file_and_yaml_is_read_safely(tmp_path):
+    result = run_cli(str(tmp_path / "nope.yaml"), "--dry-run")
+    assert result.returncode == 2 and "cannot read spec" in result.stderr
+    unsafe = write_spec(tmp_path, TINY.replace("description: a tiny study for tests", "description: !!python/object/apply:os.system [echo hi]"))
+    result = run_cli(str(unsafe), "--dry-run")
+    assert result.returncode == 2 and "malformed YAML" in result.stderr
+
+
+# -- expansion -------------------------------------------------------------------------------------
+
+
+def test_expansion_counts_variants_times_sweep_times_seeds(tmp_path):
+    path = write_spec(tmp_path, TINY + "sweep: {train.lr: [0.001, 0.003, 0.01]}\n")
+    spec, sources = load_spec(path)
+    plan = expand(spec, sources)
+    assert len(plan.runs) == 2 * 3 * 2
+    assert {r.sweep["train.lr"] for r in plan.runs} == {0.001, 0.003, 0.01}
+    assert {r.config.train.lr for r in plan.runs} == {0.001, 0.003, 0.01}
+    assert len({r.run_id for r in plan.runs}) == 12
+    only = expand(spec, sources, only=["mqa"], seeds=[5])
+    assert [(r.variant, r.seed) for r in only.runs] == [("mqa", 5)] * 3
+
+
+def test_extends_merges_and_a_new_component_name_replaces_options(tmp_path):
+    write_spec(tmp_path, TINY.replace("mha: {}", "mha: {model.attention: {name: window, window: 8}}"), name="parent.yaml")
+    child = write_spec(tmp_path, """\
+        extends: parent.yaml
+        name: child
+        base:
+          train: {batch_size: 8}
+        variants:
+          mha: {}
+          gqa: {model.attention: {name: gqa, n_kv_head: 1}}
+        seeds: [3]
+        """)
+    spec, sources = load_spec(child)
+    plan = expand(spec, sources)
+    assert spec.name == "child" and list(spec.variants) == ["mha", "gqa"] and spec.baseline == "mha"
+    assert all(r.config.train.batch_size == 8 and r.config.train.seq_len == 32 for r in plan.runs)
+    mha, gqa = plan.runs
+    assert mha.config.model.attention["name"] == "window" and mha.config.model.attention["window"] == 8
+    assert gqa.config.model.attention["window"] is None  # gqa replaced window: its options did not carry over
+
+
+def test_a_value_change_makes_a_new_run(tmp_path):
+    spec, sources = load_spec(write_spec(tmp_path))
+    same = {r.run_id for r in expand(spec, sources).runs}
+    assert same == {r.run_id for r in expand(*load_spec(write_spec(tmp_path))).runs}
+    other = {r.run_id for r in expand(*load_spec(write_spec(tmp_path), ["base.train.lr=0.002"])).runs}
+    assert same.isdisjoint(other)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def test_dry_run_trains_nothing(tmp_path):
+    result = run_cli(str(write_spec(tmp_path)), "--dry-run", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "tiny: 4 runs" in result.stdout and "nothing was trained" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_end_to_end_tiny_study_writes_the_store_and_prints_the_summary(tmp_path, capsys):
+    spec = write_spec(tmp_path, TINY.replace("  mqa: {model.attention: mqa}\n",
+                                             "  mqa: {model.attention: mqa}\n  int8: {model.quantization: int8_weight_only}\n"))
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "final val loss over seeds" in out and "mha (baseline)" in out and "int8" in out
+    results = load(tmp_path / "out")
+    runs = results.runs
+    assert len(runs) == 6 and set(runs["status"]) == {"finished"}
+    for column in ("run_id", "variant", "seed", "status", "val_loss", "params", "flops_per_token", "tokens_per_s"):
+        assert runs[column].notna().all() or column == "tokens_per_s"
+    trained = runs[runs["kind"] == "train"]
+    assert trained["tokens_per_s"].notna().all() and len(trained) == 4  # int8 reused mha's trained runs
+    quantized = runs[runs["kind"] == "quantize"]
+    assert (quantized["model_bytes"] < quantized["model_bytes_float"]).all()
+    assert set(quantized["parent_id"]) == set(trained[trained["variant"] == "mha"]["run_id"])
+    assert len(results.metrics[results.metrics["run_id"] == trained["run_id"].iloc[0]]) == 10
+    assert trained["git_commit"].notna().all() and trained["machine_id"].notna().all()
+    assert (tmp_path / "out" / "runs" / trained["run_id"].iloc[0] / "checkpoint.pt").exists()
+
+
+def test_rerun_skips_finished_runs_and_a_failed_run_is_recorded(tmp_path):
+    plugin = tmp_path / "broken_attention.py"
+    plugin.write_text(textwrap.dedent("""\
+        from models import register
+        from models.attention import Attention
+
+        @register("attention", "broken")
+        class Broken(Attention):
+            '''Fails at the first forward pass.'''
+            def forward(self, *args, **kwargs):
+                raise RuntimeError("this attention is broken")
+        """))
+    spec = write_spec(tmp_path, TINY.replace("  mqa: {model.attention: mqa}", "  broken: {model.attention: broken}")
+                      + "plugins: [broken_attention]\n")
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    first = run_cli(str(spec), "--out", str(out), env=env)
+    assert first.returncode == 1 and "this attention is broken" in first.stdout
+    runs = load(out).runs.set_index("variant")
+    assert set(runs.loc["mha", "status"]) == {"finished"}
+    assert set(runs.loc["broken", "status"]) == {"failed"}
+    assert all("RuntimeError: this attention is broken" in r for r in runs.loc["broken", "reason"])
+    finished_at = load(out).runs.set_index("run_id")["finished_at"]
+    second = run_cli(str(spec), "--out", str(out), env=env)
+    assert "4 runs, 2 already done" in second.stdout
+    again = load(out).runs.set_index("run_id")
+    for run_id, row in again.iterrows():
+        if row["variant"] == "mha":
+            assert row["finished_at"] == finished_at[run_id] and row["attempts"] == 1  # not retrained
+        else:
+            assert row["attempts"] == 2  # failed runs are retried
+
+
+def _runs(folder: Path) -> list[tuple]:
+    db = sqlite3.connect(folder / "results.db")
+    try:
+        return db.execute("SELECT run_id, status, attempts FROM runs").fetchall()
+    finally:
+        db.close()
+
+
+def test_sigkill_mid_sweep_then_rerun_finishes_every_run_exactly_once(tmp_path):
+    spec = write_spec(tmp_path, steps=40)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", str(spec), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once one run finished and another is past a checkpoint
+        time.sleep(0.2)
+        if not (out / "results.db").exists():
+            continue
+        rows = _runs(out)
+        running = [r for r in rows if r[1] == "running"]
+        if any(r[1] == "finished" for r in rows) and running:
+            metrics = out / "runs" / running[0][0] / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) > 12:
+                break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {r[0]: r for r in _runs(out)}
+    killed = [run_id for run_id, r in before.items() if r[1] == "running"]
+    assert len(killed) == 1 and any(r[1] == "finished" for r in before.values())
+    result = run_cli(str(spec), "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = {r[0]: r for r in _runs(out)}
+    assert len(after) == 4 and {r[1] for r in after.values()} == {"finished"}
+    for run_id, (_, status, attempts) in after.items():
+        assert attempts == (2 if run_id in killed else 1)  # finished runs were not retrained
+    killed_metrics = load(out).metrics.query("run_id == @killed[0]")
+    assert list(killed_metrics["step"]) == list(range(1, 41))  # resumed: each step recorded once
+
+
+def test_two_runners_on_one_folder_share_the_work_without_corrupting_it(tmp_path):
+    spec = write_spec(tmp_path, steps=15)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.run", str(spec), "--out", str(out), *extra], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in ([], ["--workers", "2"])]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stdout + stderr
+    db = sqlite3.connect(out / "results.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    rows = _runs(out)
+    assert len(rows) == 4 and {r[1] for r in rows} == {"finished"}
+    assert all(r[2] == 1 for r in rows)  # every run trained by exactly one of them, once
+    metrics = load(out).metrics
+    assert len(metrics) == 4 * 15 and not metrics.duplicated(["run_id", "step"]).any()
+
+
+@pytest.mark.parametrize("spec", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_spec_passes_dry_run(spec, tmp_path):
+    result = run_cli(str(spec), "--dry-run", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "nothing was trained" in result.stdout
+
+
+def test_the_default_ablation_is_shipped():
+    assert (ROOT / "ablations" / "attention.yaml") in SHIPPED
+    assert "python -m bench.run ablations/attention.yaml" in (ROOT / "README.md").read_text()
