@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -104,6 +105,9 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
                       str(steps) if steps else ("-" if r.kind == "quantize" else "time"),
                       (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s") if seconds else "-")
     console.print(table)
+    if plan.spec.kernels is not None:
+        sections = [name for name, value in plan.spec.kernels if isinstance(value, BaseModel)]
+        console.print(f"then times kernels: {', '.join(sections)}")
     console.print(f"estimated total on this machine: {total / 60:.1f} min (nothing was trained)")
 
 
@@ -130,6 +134,26 @@ def print_summary(folder: Path, baseline: str, console: Console) -> None:
     console.print(table)
     for _, row in runs[runs["status"] == "failed"].iterrows():
         console.print(f"failed: {escape(row['variant'])} seed {row['seed']}: {escape(str(row['reason']))}")
+
+
+def time_kernels(spec, store: Store, console: Console) -> None:
+    """The spec's kernels section, timed after training (alone on the machine) and stored once per machine."""
+    import hashlib
+    import json
+
+    from bench.kernels import run_kernels
+
+    key = hashlib.sha256(spec.kernels.model_dump_json().encode()).hexdigest()[:16]
+    machine = hardware.machine_id()
+    for row in store.rows("kernels", "WHERE study=? AND machine_id=?", (spec.name, machine)):
+        if json.loads(row["data"]).get("spec_hash") == key:
+            console.print("kernel timings for this machine are already stored")
+            return
+    console.print("timing kernels ...")
+    rows = run_kernels(spec.kernels)
+    store.add_kernels(spec.name, [{**row, "spec_hash": key} for row in rows], hardware.environment())
+    timed = [r for r in rows if r["status"] == "ok"]
+    console.print(f"stored {len(rows)} kernel rows ({len(timed)} timed, {len(rows) - len(timed)} with a reason)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Progress(len(todo), steps, console) as progress:
             executor.execute(Plan(spec, todo), folder, progress)
+        if spec.kernels is not None:
+            time_kernels(spec, store, console)
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume from the last checkpoints")
         return 130

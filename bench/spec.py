@@ -12,6 +12,7 @@
     sweep: {train.lr: [3e-4, 1e-3]} # crossed with every variant; reports keep the best per variant
     seeds: 2                        # a count (0..n-1) or a list
     budget: {steps: 300}            # shorthand for base.train's budget
+    kernels: {attention: {...}}     # components to time as kernels here (bench.kernels.config)
 
 Merging (extends, variants, sweep, --set) is a deep merge, except that a mapping of another kind —
 a component with a different ``name``, data with a different ``source`` or ``task`` — replaces the
@@ -28,6 +29,8 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.kernels.config import KernelSpec
 
 
 class SpecError(Exception):
@@ -141,7 +144,7 @@ class Spec(BaseModel):
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: int | list[int] = 2
     budget: dict[str, Any] | None = None
-    kernels: dict[str, Any] | None = None
+    kernels: KernelSpec | None = None
     plugins: list[str] = Field(default_factory=list)
 
     @field_validator("variants", mode="before")

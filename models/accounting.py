@@ -33,6 +33,16 @@ def matmul_flops_per_token(module: nn.Module, seq_len: int, causal: bool) -> flo
     return flops + sum(matmul_flops_per_token(child, seq_len, causal) for child in module.children())
 
 
+def attention_flops(batch: int, n_head: int, q_len: int, mean_visible_keys: float, d_qk: int, d_v: int) -> float:
+    """Forward FLOPs of q·kᵀ and probs·v, as FlashAttention's benchmarks count them:
+    2·B·H_q·N_q·N̄_k·(d_qk + d_v) — 4·B·H·N²·d for full attention, about half that when causal."""
+    return 2 * batch * n_head * q_len * mean_visible_keys * (d_qk + d_v)
+
+
+# FlashAttention's convention: the backward pass costs 2.5 forward passes (it recomputes q·kᵀ).
+ATTENTION_BACKWARD = 2.5
+
+
 def palm_flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
     """Training FLOPs per token in the PaLM/nanoGPT form 6·N + 12·L·H·Q·T.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from models.accounting import attention_flops
 from models.attention_backends import Mask
 from models.registry import REQUIRED, build_spec, ref, register
 
@@ -104,7 +105,7 @@ class Attention(nn.Module):
 
     def extra_flops_per_token(self, seq_len: int, causal: bool) -> float:
         """Matmul FLOPs beyond the linear layers: q·kᵀ and probs·v over the visible keys."""
-        return 2 * 2 * self.n_head * self.head_dim * visible_keys(seq_len, self.window, causal)
+        return attention_flops(1, self.n_head, 1, visible_keys(seq_len, self.window, causal), self.head_dim, self.head_dim)
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         return 2 * self.n_kv_head * self.head_dim * bytes_per_element

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,18 @@ def tiny(**overrides) -> ModelConfig:
     """A 2-layer, 4-head, 32-wide model over a 50-token vocabulary."""
     base = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=50)
     return ModelConfig(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def registered(family: str, name: str, factory, **kwargs):
+    """Register a component for one test, then remove it so other tests see only the built-ins."""
+    from models.registry import _REGISTRY, register
+
+    register(family, name, **kwargs)(factory)
+    try:
+        yield factory
+    finally:
+        _REGISTRY[family].pop(name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models import FAMILIES, ComponentError, available, build, build_model, list_components, load_plugins, register
-from tests.conftest import tiny
+from tests.conftest import registered, tiny
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -59,24 +59,27 @@ def test_available_reports_description_options_and_availability():
         assert row.available == (row.reason is None)
 
 
+class Identity(nn.Module):
+    """Does nothing."""
+
+    def __init__(self, dim, config=None):
+        super().__init__()
+
+
 def test_registering_twice_under_one_name_is_an_error():
-    @register("norm", "test_identity")
-    class Identity(nn.Module):
-        """Does nothing."""
+    with registered("norm", "test_identity", Identity):
+        with pytest.raises(ComponentError, match="already registered"):
+            register("norm", "test_identity")(nn.Identity)
+    assert "test_identity" not in list_components("norm")
 
-        def __init__(self, dim, config=None):
-            super().__init__()
 
-    with pytest.raises(ComponentError, match="already registered"):
-        register("norm", "test_identity")(nn.Identity)
+def needs_tpu(config):
+    """An MLP that cannot run anywhere here."""
 
 
 def test_a_probe_reason_reaches_available():
-    @register("mlp", "test_needs_tpu", probe=lambda: "needs a TPU")
-    def needs_tpu(config):
-        """An MLP that cannot run anywhere here."""
-
-    row = available("mlp", "test_needs_tpu")[0]
+    with registered("mlp", "test_needs_tpu", needs_tpu, probe=lambda: "needs a TPU"):
+        row = available("mlp", "test_needs_tpu")[0]
     assert (row.available, row.reason, row.description) == (False, "needs a TPU", "An MLP that cannot run anywhere here")
 
 
@@ -92,6 +95,9 @@ def test_the_readme_plugin_example_registers_and_trains(tmp_path, monkeypatch):
     (tmp_path / "my_attention.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     load_plugins(["my_attention"])
+    from models.registry import _REGISTRY
+
+    monkeypatch.setitem(_REGISTRY["attention"], "linear", _REGISTRY["attention"]["linear"])  # removed after the test
     model = build_model(tiny(attention="linear"))
     idx = torch.randint(0, 50, (2, 16))
     logits, loss = model(idx, idx)

@@ -280,3 +280,18 @@ def test_every_shipped_spec_passes_dry_run(spec, tmp_path):
 def test_the_default_ablation_is_shipped():
     assert (ROOT / "ablations" / "attention.yaml") in SHIPPED
     assert "python -m bench.run ablations/attention.yaml" in (ROOT / "README.md").read_text()
+
+
+def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, capsys):
+    kernels = ("kernels:\n  attention: {backends: [math, sdpa, flash_attn], seq_lens: [32], batch: 1, n_head: 2, head_dim: 8}\n"
+               "  min_time: 0.01\n")
+    spec = write_spec(tmp_path, TINY + kernels, steps=2)
+    out = tmp_path / "out"
+    assert main([str(spec), "--out", str(out), "--only", "mha", "--seeds", "0"]) == 0
+    stored = load(out).kernels
+    assert len(stored) == 3 and set(stored["study"]) == {"tiny"}
+    assert set(stored["status"]) >= {"ok"} and stored["machine_id"].nunique() == 1
+    assert main([str(spec), "--out", str(out), "--only", "mha", "--seeds", "0"]) == 0
+    assert "already stored" in capsys.readouterr().out and len(load(out).kernels) == 3
+    message = spec_error(tmp_path, TINY + "kernels:\n  attention: {seq_len: [32]}\n")
+    assert "kernels.attention.seq_len: unknown key" in message

@@ -1,0 +1,57 @@
+"""Kernel timing: components timed as kernels on this machine, rows stored with its fingerprint.
+
+    from bench.kernels import KernelSpec, run_kernels
+    rows = run_kernels(KernelSpec(attention={"seq_lens": [256, 512]}))
+
+Also ``python -m bench.kernels`` (a terminal table) and a spec's ``kernels:`` section (stored by the
+runner in the results database).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from bench import hardware
+from bench.kernels import cases
+from bench.kernels.config import KernelSpec
+from bench.timing import cuda_settings
+
+SECTIONS: dict[str, Callable] = {
+    "attention": cases.attention_rows,
+    "decode": cases.decode_rows,
+    "mlp": cases.mlp_rows,
+    "norm": cases.norm_rows,
+    "moe": cases.moe_rows,
+    "quantization": cases.quantization_rows,
+}
+
+
+def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Time every section the spec names; each row carries this machine's label."""
+    device = hardware.resolve_device(spec.device)
+    dtype = cases.machine_dtype(spec.dtype, device)
+    previous_threads = torch.get_num_threads()
+    if spec.threads and device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    try:
+        ctx = cases.Context(device, dtype, spec.min_time, spec.noisy_threshold)
+        machine = hardware.machine_label()
+        rows = []
+        with cuda_settings(allow_tf32=False):
+            for section, measure in SECTIONS.items():
+                config = getattr(spec, section)
+                if config is None:
+                    continue
+                for row in measure(config, ctx):
+                    row["machine"] = machine
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+        return rows
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+__all__ = ["KernelSpec", "run_kernels"]

@@ -1,0 +1,149 @@
+"""Kernel timing: FLOP formulas, the harness, the correctness gate, unavailable backends, decode."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.kernels import KernelSpec, run_kernels
+from bench.kernels.__main__ import main as kernels_main
+from bench.timing import time_interleaved, time_one
+from models import build
+from models.accounting import attention_flops, matmul_flops_per_token
+from models.attention_backends import Mask, MathAttention
+from tests.conftest import registered, tiny
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("hq,hkv,tq,tk", [(4, 4, 64, 64), (8, 2, 64, 64), (8, 1, 7, 40)])
+def test_attention_flops_match_torchs_counter_on_the_math_kernel(hq, hkv, tq, tk):
+    q, k, v = torch.randn(2, hq, tq, 16), torch.randn(2, hkv, tk, 16), torch.randn(2, hkv, tk, 16)
+    pos = torch.arange(tk)
+    mask = Mask(pos[-tq:] if tq != tk else pos, pos)
+    # the math kernel computes every score, so the counter sees all Tk keys per query
+    assert counted(lambda: build("attention_backend", "math")(q, k, v, mask)) == attention_flops(2, hq, tq, tk, 16, 16)
+    assert attention_flops(2, hq, tq, tk, 16, 16) == 4 * 2 * hq * tq * tk * 16  # FlashAttention's 4·B·H·N²·d
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu2", "swiglu", "geglu"])
+def test_mlp_flops_match_torchs_counter_forward_and_backward(name):
+    mlp = build("mlp", name, tiny(n_embd=64))
+    x = torch.randn(128, 64, requires_grad=True)
+    forward = matmul_flops_per_token(mlp, 1, False) * 128
+    assert counted(lambda: mlp(x)) == forward
+    assert counted(lambda: mlp(x).sum().backward()) == 3 * forward  # backward: two matmuls per matmul
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(4, 1), (4, 2), (8, 2)])
+def test_moe_flops_match_torchs_counter(n_experts, top_k):
+    moe = build("moe", "topk", tiny(n_embd=64), n_experts=n_experts, top_k=top_k, capacity_factor=None)
+    x = torch.randn(1, 256, 64)
+    assert counted(lambda: moe(x)) == moe.flops_per_token(1, False) * 256
+
+
+def test_the_harness_times_a_known_duration_within_5_percent():
+    timing = time_one(lambda: time.sleep(0.02), min_time=0.3)
+    assert timing.median == pytest.approx(0.02, rel=0.05)
+    assert len(timing.samples) >= 5 and timing.iqr >= 0
+
+
+def test_two_measurements_of_one_cpu_kernel_agree_within_10_percent():
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    first = time_one(lambda: a @ b, min_time=0.3)
+    second = time_one(lambda: a @ b, min_time=0.3)
+    assert first.median == pytest.approx(second.median, rel=0.10)
+
+
+def test_interleaving_gives_every_candidate_the_same_repetitions():
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, min_time=0.001,
+                               warmup=1, min_reps=7)
+    assert len(timings["a"].samples) == len(timings["b"].samples) >= 7
+    assert calls[2:6] in (["a", "b", "b", "a"], ["b", "a", "a", "b"])  # rotating order after the warm-up
+
+
+class WrongAttention(MathAttention):
+    """Returns v unchanged: deliberately wrong."""
+
+    def __call__(self, q, k, v, mask, dropout_p=0.0):
+        return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+
+def test_the_correctness_gate_rejects_a_wrong_kernel_and_does_not_time_it():
+    with registered("attention_backend", "test_wrong", WrongAttention):
+        rows = run_kernels(KernelSpec(attention={"backends": ["math", "test_wrong"], "seq_lens": [32], "batch": 1,
+                                                 "n_head": 2, "head_dim": 8}, min_time=0.01))
+    by_backend = {r["backend"]: r for r in rows}
+    assert by_backend["math"]["status"] == "ok" and "median_s" in by_backend["math"]
+    wrong = by_backend["test_wrong"]
+    assert wrong["status"] == "mismatch" and "against math" in wrong["reason"]
+    assert "median_s" not in wrong and wrong["max_error"] > 0.1
+
+
+def test_unavailable_and_unsupported_backends_are_rows_with_a_reason():
+    rows = run_kernels(KernelSpec(attention={"backends": ["flash_attn", "xformers", "sdpa", "nope"], "seq_lens": [32],
+                                             "variants": ["window"], "batch": 1, "n_head": 2, "head_dim": 8},
+                                  min_time=0.01))
+    by_backend = {r["backend"]: r for r in rows}
+    if not torch.cuda.is_available():
+        for name in ("flash_attn", "xformers"):
+            assert by_backend[name]["status"] == "unavailable"
+            assert by_backend[name]["reason"] in ("needs CUDA", f"{name.replace('_', '-')} not installed (pip install 'archbench[gpu]')")
+    assert by_backend["nope"]["status"] == "unavailable" and "unknown attention_backend 'nope'" in by_backend["nope"]["reason"]
+    assert by_backend["sdpa"]["status"] == "ok"
+
+
+def test_rows_carry_flops_bandwidth_and_peaks():
+    rows = run_kernels(KernelSpec(
+        attention={"backends": ["sdpa"], "seq_lens": [64], "batch": 1, "n_head": 2, "head_dim": 16,
+                   "directions": ["forward", "backward", "forward_backward"]},
+        norm={"names": ["rmsnorm"], "tokens": 256, "dim": 256},
+        mlp={"names": ["swiglu"], "tokens": 64, "n_embd": 64, "directions": ["forward"]},
+        moe={"n_experts": [4], "top_k": [2], "tokens": 64, "n_embd": 32, "expert_hidden": 64},
+        quantization={"names": ["int8_weight_only"], "tokens": 8, "in_features": 128, "out_features": 128},
+        min_time=0.01))
+    attention = {r["direction"]: r for r in rows if r["component"] == "attention"}
+    forward = attention_flops(1, 2, 64, 65 / 2, 16, 16)  # causal: (N + 1)/2 visible keys on average
+    assert attention["forward"]["flops"] == pytest.approx(forward)
+    assert attention["backward"]["flops"] == pytest.approx(2.5 * forward)
+    assert attention["forward_backward"]["flops"] == pytest.approx(3.5 * forward)
+    norm = next(r for r in rows if r["component"] == "norm")
+    assert norm["bytes"] == 2 * 256 * 256 * 4 and norm["bytes_per_s"] > 0 and norm["pct_peak_bandwidth"] > 0
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_s"] > 0 and r["threads"] == torch.get_num_threads() and r["machine"]
+    assert {r["component"] for r in rows} == {"attention", "norm", "mlp", "moe", "quantization"}
+
+
+def test_decode_with_the_kv_cache_equals_full_recompute_for_every_variant_timed():
+    rows = run_kernels(KernelSpec(decode={"prompt": 24, "new_tokens": 4, "n_layer": 2, "n_head": 4, "n_embd": 32,
+                                          "n_kv_head": 2, "window": 8}, min_time=0.01))
+    by_variant = {}
+    for r in rows:
+        assert r["status"] == "ok", r  # the gate compared cached decode with a full forward
+        assert r["max_error"] < 1e-4
+        by_variant.setdefault(r["name"], {})[r["phase"]] = r
+    assert set(by_variant) == {"mha", "gqa", "mqa", "window"}
+    per_token = {v: phases["decode"]["kv_cache_bytes_per_token"] for v, phases in by_variant.items()}
+    assert per_token == {"mha": 2 * 2 * 32 * 4, "gqa": 2 * 2 * 16 * 4, "mqa": 2 * 2 * 8 * 4, "window": 2 * 2 * 32 * 4}
+    assert by_variant["window"]["prefill"]["kv_cache_bytes"] < by_variant["mha"]["prefill"]["kv_cache_bytes"]
+
+
+def test_python_m_bench_kernels_prints_a_table_and_stores_rows(tmp_path, capsys):
+    assert kernels_main(["--backends", "math", "sdpa", "flash_attn", "--seq-lens", "32", "--batch", "1",
+                         "--heads", "2", "--head-dim", "8", "--min-time", "0.01", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "kernels on" in out and "sdpa" in out and "flash_attn" in out
+    from bench.results import load
+
+    kernels = load(tmp_path).kernels
+    assert len(kernels) == 3 and set(kernels["backend"]) == {"math", "sdpa", "flash_attn"}
+    assert kernels["hardware"].iloc[0]["cpu"] and kernels["machine_id"].notna().all()
