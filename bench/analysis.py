@@ -1,12 +1,82 @@
-"""Statistics over a study's runs: best-of-sweep selection and per-variant summaries against the baseline."""
+"""Statistics over a study's runs: best-of-sweep selection, per-variant means with 95% confidence
+intervals, Welch's t-test against the baseline with a verdict in words, and Pareto fronts.
+
+As Narang et al. (2021) recommend for comparing modifications: several seeds, mean ± sd, fixed
+hyperparameters (or each variant's best of the same sweep, chosen on val loss and reported as such).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 QUALITY = ("val_loss", "val_accuracy", "val_bpb")
+HIGHER_IS_BETTER = {"val_accuracy"}
+
+
+@dataclass(frozen=True)
+class MeanCI:
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+
+def mean_ci(values, confidence: float = 0.95) -> MeanCI:
+    """Mean, sample sd and the t-based confidence interval of the mean."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return MeanCI(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n == 1:
+        return MeanCI(1, mean, math.nan, math.nan, math.nan)
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n))
+    return MeanCI(n, mean, sd, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    delta: float  # variant mean − baseline mean
+    t: float
+    p: float
+    df: float
+    verdict: str  # "better", "worse" or "no significant difference"
+
+
+def welch(variant, baseline, higher_is_better: bool = False, alpha: float = 0.05) -> Comparison:
+    """Welch's unequal-variance t-test of variant against baseline, with the verdict in words."""
+    a = np.asarray([v for v in variant if v is not None and not math.isnan(v)], dtype=float)
+    b = np.asarray([v for v in baseline if v is not None and not math.isnan(v)], dtype=float)
+    delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return Comparison(delta, math.nan, math.nan, math.nan, "too few seeds to test")
+    result = stats.ttest_ind(a, b, equal_var=False)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.nan
+    p = float(result.pvalue)
+    if math.isnan(p) or p >= alpha:
+        verdict = "no significant difference"
+    else:
+        verdict = "better" if (delta > 0) == higher_is_better else "worse"
+    return Comparison(delta, float(result.statistic), p, float(df), verdict)
+
+
+def pareto_front(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Points no other point beats on both cost and loss (lower is better for both)."""
+    costs, losses = np.asarray(costs, dtype=float), np.asarray(losses, dtype=float)
+    front = np.ones(len(costs), dtype=bool)
+    for i in range(len(costs)):
+        dominated = (costs <= costs[i]) & (losses <= losses[i]) & ((costs < costs[i]) | (losses < losses[i]))
+        front[i] = not dominated.any()
+    return front
 
 
 def _point(sweep) -> str:
@@ -25,17 +95,20 @@ def best_of_sweep(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def variant_summary(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """One row per variant: mean and sd over seeds of each quality metric, difference from the baseline,
-    params, tokens/s, and how many runs failed or diverged."""
+    """One row per variant (baseline first, then by mean val loss): per quality metric the mean, sd and
+    95% CI over seeds, the difference from the baseline with Welch's p-value and verdict; params,
+    FLOPs, tokens/s, memory; how many runs failed or diverged."""
     chosen = best_of_sweep(runs)
-    rows = []
+    rows, samples = [], {}
     for variant, group in chosen.groupby("variant", sort=False):
         row = {"variant": variant, "n": len(group), "sweep": group["sweep"].iloc[0]}
         for metric in QUALITY:
-            values = group[metric].dropna() if metric in group else pd.Series(dtype=float)
-            row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
-            row[f"{metric}_sd"] = values.std(ddof=1) if len(values) > 1 else float("nan")
-        for column in ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_memory_bytes"):
+            values = group[metric].dropna().tolist() if metric in group else []
+            samples[(variant, metric)] = values
+            ci = mean_ci(values)
+            row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.sd, f"{metric}_ci_low": ci.low,
+                        f"{metric}_ci_high": ci.high})
+        for column in ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_memory_bytes", "mfu"):
             row[column] = group[column].median() if column in group else float("nan")
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -45,8 +118,13 @@ def variant_summary(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     for status in ("failed", "diverged"):
         table[status] = table["variant"].map(counts[status] if status in counts else {}).fillna(0).astype(int)
     if baseline in set(table["variant"]):
-        base = table.set_index("variant").loc[baseline]
         for metric in QUALITY:
-            table[f"{metric}_delta"] = table[f"{metric}_mean"] - base[f"{metric}_mean"]
-    order = [baseline] + [v for v in table["variant"] if v != baseline]
-    return table.set_index("variant").reindex([v for v in order if v in set(table["variant"])]).reset_index()
+            tests = [welch(samples[(v, metric)], samples[(baseline, metric)], metric in HIGHER_IS_BETTER)
+                     if samples[(baseline, metric)] and samples[(v, metric)] else None for v in table["variant"]]
+            table[f"{metric}_delta"] = [t.delta if t else math.nan for t in tests]
+            table[f"{metric}_p"] = [t.p if t else math.nan for t in tests]
+            table[f"{metric}_verdict"] = [("baseline" if v == baseline else t.verdict) if t else ""
+                                          for v, t in zip(table["variant"], tests)]
+    others = table[table["variant"] != baseline].sort_values("val_loss_mean")["variant"].tolist()
+    order = [v for v in [baseline, *others] if v in set(table["variant"])]
+    return table.set_index("variant").reindex(order).reset_index()

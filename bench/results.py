@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.hardware import machine_label
+
 
 @dataclass
 class Results:
@@ -49,8 +51,9 @@ def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     params = pd.DataFrame([p if isinstance(p, dict) else {} for p in final.get("params", [None] * len(runs))],
                           index=runs.index)
     out = runs.drop(columns=["metrics"]).copy()
-    out["sweep"] = out["sweep"].map(_json)
-    out["config"] = out["config"].map(_json)
+    for column in ("sweep", "config", "hardware", "libraries"):
+        out[column] = out[column].map(_json)
+    out["machine"] = out["hardware"].map(lambda fp: machine_label(fp) if fp else None)
     for column in final.columns.difference(["params", "status"]):
         out[column] = final[column]
     out["params"] = params.get("total")
@@ -77,4 +80,6 @@ def _kernels_frame(kernels: pd.DataFrame) -> pd.DataFrame:
     rows.insert(0, "machine_id", kernels["machine_id"].values)
     rows.insert(0, "study", kernels["study"].values)
     rows["hardware"] = kernels["hardware"].map(_json).values
+    if "machine" not in rows:
+        rows["machine"] = rows["hardware"].map(lambda fp: machine_label(fp) if fp else None)
     return rows

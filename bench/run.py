@@ -8,7 +8,6 @@ A spec with an error exits with status 2 and a message naming the file, line and
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
@@ -22,8 +21,10 @@ from rich.table import Table
 from bench import hardware
 from bench.analysis import variant_summary
 from bench.executor import EXECUTORS
+from bench.formatting import count, number
 from bench.plan import Plan, expand
 from bench.progress import Progress
+from bench.report import write_report
 from bench.results import load
 from bench.spec import SpecError, load_spec
 from bench.store import DONE, Store
@@ -44,21 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="local processes sharing the store")
     p.add_argument("--executor", choices=sorted(EXECUTORS), default="local")
     return p.parse_args(argv)
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _count(n) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def estimated_seconds(plan: Plan, store: Store | None) -> list[float | None]:
@@ -100,8 +86,8 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
         steps = budget_steps(r.config) if r.kind == "train" else None
         total += seconds or 0
         table.add_row(escape(r.variant), escape(", ".join(f"{k}={v}" for k, v in r.sweep.items()) or "-"),
-                      str(r.seed), r.kind, _count(counts["total"]), _count(counts["active"]),
-                      _count(r.config.model.flops_per_token(seq_len=r.config.seq_len)),
+                      str(r.seed), r.kind, count(counts["total"]), count(counts["active"]),
+                      count(r.config.model.flops_per_token(seq_len=r.config.seq_len)),
                       str(steps) if steps else ("-" if r.kind == "quantize" else "time"),
                       (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s") if seconds else "-")
     console.print(table)
@@ -120,16 +106,19 @@ def print_summary(folder: Path, baseline: str, console: Console) -> None:
     task = summary["val_accuracy_mean"].notna().any()
     table = Table(title=f"final val loss over seeds (best of sweep), against the baseline '{escape(baseline)}'",
                   title_justify="left")
-    for column in ("variant", "n", "val loss (mean ± sd)", "Δ vs baseline", *(["accuracy"] if task else []),
-                   "params", "tokens/s", "failed/diverged"):
+    for column in ("variant", "n", "val loss (mean ± sd)", "95% CI", "Δ vs baseline", "verdict (Welch, 95%)",
+                   *(["accuracy"] if task else []), "params", "tokens/s", "failed/diverged"):
         table.add_column(column)
     for _, row in summary.iterrows():
-        cells = [escape(row["variant"]) + (" (baseline)" if row["variant"] == baseline else ""), str(row["n"]),
-                 f"{_fmt(row['val_loss_mean'])} ± {_fmt(row['val_loss_sd'])}",
-                 "-" if row["variant"] == baseline else f"{row.get('val_loss_delta', float('nan')):+.4f}"]
+        is_baseline = row["variant"] == baseline
+        cells = [escape(row["variant"]) + (" (baseline)" if is_baseline else ""), str(row["n"]),
+                 f"{number(row['val_loss_mean'])} ± {number(row['val_loss_sd'])}",
+                 f"{number(row['val_loss_ci_low'])} – {number(row['val_loss_ci_high'])}",
+                 "–" if is_baseline else f"{row.get('val_loss_delta', float('nan')):+.4f}",
+                 "–" if is_baseline else str(row.get("val_loss_verdict", ""))]
         if task:
-            cells.append(f"{_fmt(row['val_accuracy_mean'], 3)} ± {_fmt(row['val_accuracy_sd'], 3)}")
-        cells += [_count(row["params"]), _count(row["tokens_per_s"]), f"{row['failed']}/{row['diverged']}"]
+            cells.append(f"{number(row['val_accuracy_mean'], 3)} ± {number(row['val_accuracy_sd'], 3)}")
+        cells += [count(row["params"]), count(row["tokens_per_s"]), f"{row['failed']}/{row['diverged']}"]
         table.add_row(*cells)
     console.print(table)
     for _, row in runs[runs["status"] == "failed"].iterrows():
@@ -191,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     print_summary(folder, spec.baseline, console)
+    console.print(f"report: {write_report([folder])}")
     failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in {p.run_id for p in plan.runs}]
     return 1 if failed else 0
 

@@ -1,0 +1,229 @@
+"""The HTML report: a pure function of one or more results stores.
+
+    python -m bench.report results/attention [results/attention-gpu ...] [-o report.html]
+
+One self-contained file (figures inlined as PNG, no scripts, no network requests). Several folders —
+the same spec on a laptop and on a GPU — merge into one report with the machines side by side.
+Everything that came from a spec is HTML-escaped by the template engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from bench import scaling
+from bench.analysis import QUALITY, variant_summary
+from bench.formatting import count, missing, number
+from bench.report import figures
+from bench.results import Results, load
+
+TEMPLATE = Path(__file__).with_name("template.html")
+
+
+def _merge(folders: list[Path]) -> tuple[Results, list[dict]]:
+    loaded = [(folder, load(folder)) for folder in folders]
+    frames = {}
+    for part in ("runs", "metrics", "kernels"):
+        frames[part] = pd.concat([getattr(r, part).assign(folder=str(f)) for f, r in loaded], ignore_index=True)
+    studies = []
+    for folder, r in loaded:
+        for _, row in r.studies.iterrows():
+            studies.append({"folder": str(folder), "name": row["name"], "spec": json.loads(row["spec"]),
+                            "command": row["command"]})
+    if not studies:
+        raise ValueError(f"no study recorded in {', '.join(map(str, folders))}")
+    return Results(frames["runs"], frames["metrics"], frames["kernels"], pd.DataFrame(studies)), studies
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _config_differences(runs: pd.DataFrame, baseline: str) -> list[dict]:
+    """Each variant's resolved configuration keys that differ from the baseline's (seed aside)."""
+    first = runs[runs["kind"] == "train"].drop_duplicates("variant").set_index("variant")
+    first = pd.concat([first, runs[runs["kind"] == "quantize"].drop_duplicates("variant").set_index("variant")])
+    if baseline not in first.index:
+        return []
+    base = _flatten(first.loc[baseline, "config"])
+    out = []
+    for variant, row in first.iterrows():
+        if variant == baseline:
+            continue
+        mine = _flatten(row["config"])
+        diffs = [{"key": k, "baseline": base.get(k), "variant": mine.get(k)}
+                 for k in sorted(set(base) | set(mine)) if k != "seed" and base.get(k) != mine.get(k)]
+        out.append({"variant": variant, "differences": diffs})
+    return out
+
+
+KERNEL_COLUMNS = ("machine", "component", "name", "backend", "kernel", "direction", "seq_len", "status", "reason",
+                  "median_s", "iqr_s", "noisy", "pct_peak_flops", "pct_peak_bandwidth")
+
+
+def _cell(value):
+    """A table cell: numbers formatted, missing values (None, NaN) empty."""
+    if missing(value):
+        return None
+    return number(value) if isinstance(value, float) else value
+
+
+def _scaling(runs: pd.DataFrame, baseline: str) -> dict | None:
+    """Approach 3 per variant when the study spans ≥ 3 model sizes and ≥ 3 token budgets."""
+    done = runs[(runs["status"] == "finished") & (runs["kind"] == "train")].dropna(subset=["val_loss", "params", "tokens"])
+    eligible = [v for v, g in done.groupby("variant") if g["params"].nunique() >= 3 and g["tokens"].nunique() >= 3]
+    if not eligible:
+        return None
+    points = done[done["variant"].isin(eligible)][["variant", "params", "tokens", "val_loss"]]
+    fits = {v: scaling.fit_parametric(g["params"], g["tokens"], g["val_loss"], n_bootstrap=100, seed=0)
+            for v, g in points.groupby("variant")}
+    rows = []
+    for v, fit in fits.items():
+        rows.append({"variant": v, **{k: number(fit.params[k]) for k in scaling.PARAMS},
+                     **{f"{k}_ci": f"{number(fit.ci[k][0])} – {number(fit.ci[k][1])}" for k in scaling.PARAMS},
+                     "a": number(fit.exponent_a, 3), "b": number(fit.exponent_b, 3), "r2": number(fit.r2_log, 4),
+                     "objective": number(fit.objective), "warnings": fit.warnings})
+    multipliers = []
+    if baseline in fits:
+        largest = float((6 * points["params"] * points["tokens"]).max())
+        for v, fit in fits.items():
+            if v == baseline:
+                continue
+            for label, compute in (("largest trained budget", largest), ("extrapolated to 100× that", 100 * largest)):
+                m = scaling.multiplier_at(fits[baseline], fit, compute)
+                multipliers.append({"variant": v, "where": label, "compute": f"{compute:.3g}", "loss": number(m.loss),
+                                    "multiplier": number(m.multiplier, 3),
+                                    "ci": f"{number(m.ci[0], 3)} – {number(m.ci[1], 3)}" if m.ci else "–",
+                                    "extrapolated": m.extrapolated or label.startswith("extrapolated")})
+    approach2, compute_law = [], []
+    for v, g in points.groupby("variant"):
+        try:
+            iso = scaling.fit_isoflop(g["params"], g["tokens"], g["val_loss"])
+            approach2.append({"variant": v, "a": number(iso.exponent_a, 3), "b": number(iso.exponent_b, 3),
+                              "note": f"{len(iso.budgets)} compute budgets"})
+        except ValueError as e:
+            approach2.append({"variant": v, "a": None, "b": None, "note": str(e)})
+        compute = (6 * g["params"] * g["tokens"]).to_numpy(float)
+        order = np.argsort(compute)
+        envelope = np.minimum.accumulate(g["val_loss"].to_numpy(float)[order])  # the best loss at ≤ C
+        keep = np.r_[True, envelope[1:] < envelope[:-1]]
+        if keep.sum() >= 3:
+            law = scaling.fit_compute_law(compute[order][keep], envelope[keep])
+            compute_law.append({"variant": v, "E": number(law.E), "K": number(law.K), "gamma": number(law.gamma, 3),
+                                "r2": number(law.r2_log, 4), "points": int(keep.sum())})
+    return {"fits": rows, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
+            "figure": figures.scaling_figure(points.rename(columns={"val_loss": "val_loss"}), fits, None)}
+
+
+def _summary_rows(summary: pd.DataFrame, baseline: str, machine: str) -> list[dict]:
+    rows = []
+    for _, r in summary.iterrows():
+        row = {"machine": machine, "variant": r["variant"], "baseline": r["variant"] == baseline, "n": int(r["n"]),
+               "sweep": ", ".join(f"{k}={v}" for k, v in (r["sweep"] or {}).items()),
+               "params": count(r["params"]), "tokens_per_s": count(r["tokens_per_s"]),
+               "failed": int(r["failed"]), "diverged": int(r["diverged"])}
+        for metric in QUALITY:
+            if not np.isnan(r[f"{metric}_mean"]):
+                row[metric] = {"mean": number(r[f"{metric}_mean"]), "sd": number(r[f"{metric}_sd"]),
+                               "ci": f"{number(r[f'{metric}_ci_low'])} – {number(r[f'{metric}_ci_high'])}",
+                               "delta": "–" if r["variant"] == baseline else f"{r.get(f'{metric}_delta'):+.4f}",
+                               "p": "–" if r["variant"] == baseline else number(r.get(f"{metric}_p"), 3),
+                               "verdict": r.get(f"{metric}_verdict", "")}
+        rows.append(row)
+    return rows
+
+
+def _verdicts(summary: pd.DataFrame, baseline: str, machine: str) -> list[str]:
+    lines = []
+    for _, r in summary.iterrows():
+        if r["variant"] == baseline or "val_loss_verdict" not in r:
+            continue
+        verdict = r["val_loss_verdict"]
+        if verdict in ("better", "worse"):
+            text = f"{r['variant']} is {verdict} than {baseline}"
+        elif verdict == "no significant difference":
+            text = f"{r['variant']}: no significant difference from {baseline}"
+        else:
+            text = f"{r['variant']}: {verdict}"
+        lines.append(f"{text} on validation loss (Δ = {r['val_loss_delta']:+.4f}, Welch p = {number(r['val_loss_p'], 3)}, "
+                     f"n = {int(r['n'])}, 95% level) on {machine}.")
+    return lines
+
+
+def build_report(folders: list[str | Path]) -> str:
+    """The report for one or more results folders, as an HTML string."""
+    folders = [Path(f) for f in folders]
+    results, studies = _merge(folders)
+    spec = studies[0]["spec"]
+    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
+    runs, metrics, kernels = results.runs, results.metrics, results.kernels
+    runs["machine"] = runs["machine"].fillna("(not run)")
+    summaries, verdicts, summary_frames = [], [], []
+    for machine, group in runs.groupby("machine", sort=False):
+        summary = variant_summary(group, baseline)
+        if summary.empty:
+            continue
+        summary_frames.append(summary.assign(machine=machine))
+        summaries += _summary_rows(summary, baseline, machine)
+        verdicts += _verdicts(summary, baseline, machine)
+    combined = pd.concat(summary_frames, ignore_index=True) if summary_frames else pd.DataFrame()
+    floor = runs["loss_floor"].dropna().median() if "loss_floor" in runs and runs["loss_floor"].notna().any() else None
+    quantized = runs[(runs["kind"] == "quantize") & (runs["status"] == "finished")]
+    kernel_rows = kernels.to_dict("records") if not kernels.empty else []
+    machines = runs.dropna(subset=["hardware"]).drop_duplicates("machine")
+    figs = {
+        "curves": figures.loss_curves(metrics, runs, floor),
+        "final": figures.final_metrics(combined, list(QUALITY)) if not combined.empty else None,
+        "cost": figures.quality_vs_cost(combined) if not combined.empty else None,
+        "moe": figures.moe_figure(metrics, runs) if not metrics.empty else None,
+        "quantization": figures.quantization_figure(quantized) if not quantized.empty else None,
+    }
+    context = {
+        "name": spec.get("name", ""),
+        "description": spec.get("description", ""),
+        "baseline": baseline,
+        "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "summaries": summaries,
+        "verdicts": verdicts,
+        "quality": [m for m in QUALITY if any(m in s for s in summaries)],
+        "figures": figs,
+        "floor": floor,
+        "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
+        "kernel_rows": [{k: _cell(r.get(k)) for k in KERNEL_COLUMNS} for r in kernel_rows],
+        "scaling": _scaling(runs, baseline),
+        "quantized": [{k: number(r[k]) if isinstance(r[k], float) else r[k] for k in
+                       ("variant", "seed", "val_loss_float", "val_loss", "val_loss_change", "model_bytes_float",
+                        "model_bytes", "latency_ms_float", "latency_ms", "quantization_format")}
+                      for _, r in quantized.iterrows()],
+        "failed": [{"variant": r["variant"], "seed": r["seed"], "status": r["status"], "reason": r["reason"]}
+                   for _, r in runs[runs["status"].isin(["failed", "diverged"])].iterrows()],
+        "diffs": _config_differences(runs, baseline),
+        "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
+                      "threads": r["hardware"].get("torch_threads"), "gpu": r["hardware"].get("gpu"),
+                      "python": r["hardware"].get("python"), "libraries": r["libraries"], "git_commit": r["git_commit"],
+                      "platform": r["hardware"].get("platform")} for _, r in machines.iterrows()],
+        "commands": [{"folder": s["folder"], "command": s["command"]} for s in studies],
+        "spec": spec,
+        "n_runs": len(runs),
+    }
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.from_string(TEMPLATE.read_text()).render(**context)
+
+
+def write_report(folders: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the report (default: report.html in the first folder) and return its path."""
+    out = Path(out) if out else Path(folders[0]) / "report.html"
+    out.write_text(build_report(folders))
+    return out

@@ -1,0 +1,392 @@
+"""Scaling-law fits: Chinchilla's Approach 3 and Approach 2, a compute power law, compute multipliers.
+
+Approach 3 (Hoffmann et al. 2022; Besiroglu et al. 2024): L(N, D) = E + A/N^α + B/D^β, fitted in
+log space by minimising Σ Huber_δ(LSE(a − α·log N, b − β·log D, e) − log L) with δ = 1e-3 and
+A = e^a, B = e^b, E = e^e; L-BFGS from every point of a grid (α, β ∈ {0, 0.5, …, 2}; e ∈ {−1, −0.5,
+…, 1}; a, b ∈ {0, 5, …, 25}), the best kept. The Huber terms are summed — an average stops L-BFGS
+early, which made the original intervals too narrow. Convergence is checked, not assumed: the
+gradient at the optimum, and whether the best start sat on the edge of the grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize, stats
+
+GRID = {
+    "a": np.arange(0, 30, 5.0),
+    "b": np.arange(0, 30, 5.0),
+    "e": np.arange(-1, 1.5, 0.5),
+    "alpha": np.arange(0, 2.5, 0.5),
+    "beta": np.arange(0, 2.5, 0.5),
+}
+PARAMS = ("E", "A", "B", "alpha", "beta")
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Huber loss and its derivative."""
+    small = np.abs(r) <= delta
+    loss = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
+    grad = np.where(small, r, delta * np.sign(r))
+    return loss, grad
+
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
+    """Summed Huber loss of log L against LSE(a − α log N, b − β log D, e), with its gradient."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])  # (3, n)
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)
+    total = weights.sum(axis=0)
+    lse = top + np.log(total)
+    softmax = weights / total  # d lse / d terms
+    loss, dloss = _huber(lse - log_l, delta)
+    grad = np.array([
+        (dloss * softmax[0]).sum(),
+        (dloss * softmax[1]).sum(),
+        (dloss * softmax[2]).sum(),
+        -(dloss * softmax[0] * log_n).sum(),
+        -(dloss * softmax[1] * log_d).sum(),
+    ])
+    return loss.sum(), grad
+
+
+@dataclass
+class ParametricFit:
+    """L(N, D) = E + A/N^α + B/D^β, with diagnostics and (optionally) bootstrap intervals."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float
+    gradient_norm: float
+    converged: bool
+    start_on_grid_edge: bool
+    r2_log: float  # R² of log L
+    residuals: np.ndarray = field(repr=False)
+    n_range: tuple[float, float] = (0.0, 0.0)
+    d_range: tuple[float, float] = (0.0, 0.0)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    bootstrap: list[dict[str, float]] = field(default_factory=list, repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in PARAMS}
+
+    def loss(self, n, d):
+        return self.E + self.A / np.power(n, self.alpha) + self.B / np.power(d, self.beta)
+
+    # -- the compute-optimal frontier under C = 6ND --------------------------------------------
+
+    @property
+    def exponent_a(self) -> float:
+        """N_opt ∝ C^a with a = β/(α+β)."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def exponent_b(self) -> float:
+        """D_opt ∝ C^b with b = α/(α+β)."""
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def G(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+
+    def optimal(self, compute):
+        """(N_opt, D_opt) = (G·(C/6)^a, G⁻¹·(C/6)^b)."""
+        c = np.asarray(compute, dtype=float) / 6
+        return self.G * c**self.exponent_a, c**self.exponent_b / self.G
+
+    def frontier_loss(self, compute):
+        n, d = self.optimal(compute)
+        return self.loss(n, d)
+
+    def compute_for_loss(self, loss: float) -> float:
+        """The compute C at which the frontier reaches `loss` (inf at or below E)."""
+        if loss <= self.E:
+            return math.inf
+        f = lambda log_c: float(self.frontier_loss(math.exp(log_c))) - loss  # noqa: E731
+        lo, hi = 0.0, 200.0
+        if f(lo) < 0:
+            return math.exp(lo)
+        return math.exp(optimize.brentq(f, lo, hi, xtol=1e-12))
+
+    def is_extrapolation(self, n=None, d=None) -> bool:
+        outside = lambda x, r: x is not None and not (r[0] * 0.999 <= x <= r[1] * 1.001)  # noqa: E731
+        return outside(n, self.n_range) or outside(d, self.d_range)
+
+
+def _objective_batch(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
+    """_objective for K parameter vectors at once: theta (K, 5) → losses (K,), gradients (K, 5)."""
+    a, b, e, alpha, beta = (theta[:, i : i + 1] for i in range(5))
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(theta), len(log_n)))])
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)
+    total = weights.sum(axis=0)
+    softmax = weights / total
+    loss, dloss = _huber(top + np.log(total) - log_l, delta)
+    grad = np.stack([
+        (dloss * softmax[0]).sum(1), (dloss * softmax[1]).sum(1), (dloss * softmax[2]).sum(1),
+        -(dloss * softmax[0] * log_n).sum(1), -(dloss * softmax[1] * log_d).sum(1),
+    ], axis=1)
+    return loss.sum(1), grad
+
+
+def batched_lbfgs(fun, x0: np.ndarray, max_iter: int = 300, memory: int = 10, gtol: float = 1e-8,
+                  ftol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """Independent L-BFGS runs from every row of x0, advanced together (each with its own history
+    and backtracking Armijo line search): the grid search of Approach 3 at numpy speed."""
+    x = x0.astype(float).copy()
+    f, g = fun(x)
+    k, dim = x.shape
+    S, Y, rho = np.zeros((memory, k, dim)), np.zeros((memory, k, dim)), np.zeros((memory, k))
+    active = np.ones(k, dtype=bool)
+    for it in range(max_iter):
+        # two-loop recursion over the stored pairs (rho = 0 marks an empty or skipped pair)
+        q = g.copy()
+        alphas = np.zeros((memory, k))
+        order = [(it - 1 - j) % memory for j in range(min(it, memory))]
+        for i in order:
+            alphas[i] = rho[i] * (S[i] * q).sum(1)
+            q -= alphas[i][:, None] * Y[i]
+        if order:
+            last = order[0]
+            yy = (Y[last] ** 2).sum(1)
+            gamma = np.where((rho[last] > 0) & (yy > 0), (S[last] * Y[last]).sum(1) / np.where(yy > 0, yy, 1), 1.0)
+        else:
+            gamma = np.full(k, 1e-3)  # a cautious first step
+        r = gamma[:, None] * q
+        for i in reversed(order):
+            r += S[i] * (alphas[i] - rho[i] * (Y[i] * r).sum(1))[:, None]
+        direction = -r
+        slope = (g * direction).sum(1)
+        uphill = slope >= 0
+        direction[uphill], slope[uphill] = -g[uphill], -(g[uphill] ** 2).sum(1)
+        # backtracking line search, per run, evaluating only the runs still searching
+        step = np.ones(k)
+        accepted = ~active
+        x_new, f_new, g_new = x.copy(), f.copy(), g.copy()
+        for _ in range(40):
+            searching = np.flatnonzero(~accepted)
+            if not len(searching):
+                break
+            trial = x[searching] + step[searching, None] * direction[searching]
+            f_trial, g_trial = fun(trial)
+            ok = np.isfinite(f_trial) & (f_trial <= f[searching] + 1e-4 * step[searching] * slope[searching])
+            hit = searching[ok]
+            x_new[hit], f_new[hit], g_new[hit] = trial[ok], f_trial[ok], g_trial[ok]
+            accepted[hit] = True
+            step[searching[~ok]] *= 0.5
+        moved = accepted & active
+        s, y = x_new - x, g_new - g
+        sy = (s * y).sum(1)
+        slot = it % memory
+        keep = moved & (sy > 1e-18)
+        S[slot], Y[slot] = np.where(keep[:, None], s, 0), np.where(keep[:, None], y, 0)
+        rho[slot] = np.where(keep, 1 / np.where(keep, sy, 1), 0)
+        done = active & (~moved | (np.abs(g_new).max(1) < gtol) |
+                         (np.abs(f - f_new) <= ftol * np.maximum(1.0, np.maximum(np.abs(f), np.abs(f_new)))))
+        x, f, g = np.where(moved[:, None], x_new, x), np.where(moved, f_new, f), np.where(moved[:, None], g_new, g)
+        active &= ~done
+        if not active.any():
+            break
+    return x, f
+
+
+def _fit_once(log_n, log_d, log_l, delta, starts: np.ndarray):
+    """L-BFGS from every start (batched), then the best polished with scipy's L-BFGS-B."""
+    fun = lambda theta: _objective_batch(theta, log_n, log_d, log_l, delta)  # noqa: E731
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            x, f = batched_lbfgs(fun, starts)
+    f = np.where(np.isfinite(f), f, np.inf)
+    best = int(np.argmin(f))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = optimize.minimize(_objective, x[best], args=(log_n, log_d, log_l, delta), jac=True,
+                                   method="L-BFGS-B", options={"maxiter": 2000, "gtol": 1e-14, "ftol": 1e-16})
+    # the start that found the optimum: prefer an interior one when several tie
+    tied = np.flatnonzero(f <= f[best] + 1e-9 * max(1.0, abs(f[best])))
+    interior = [i for i in tied if not _on_edge(starts[i])]
+    basins = x[np.argsort(f)[:16]]  # where the best runs ended: starts for bootstrap refits
+    return result, starts[interior[0] if interior else best], basins
+
+
+def _grid_starts() -> np.ndarray:
+    return np.array(list(itertools.product(GRID["a"], GRID["b"], GRID["e"], GRID["alpha"], GRID["beta"])))
+
+
+def _on_edge(start: np.ndarray) -> bool:
+    names = ("a", "b", "e", "alpha", "beta")
+    return any(value in (GRID[n][0], GRID[n][-1]) and n in ("alpha", "beta", "e") for n, value in zip(names, start))
+
+
+def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootstrap: int = 0,
+                   seed: int = 0, confidence: float = 0.95) -> ParametricFit:
+    """Chinchilla Approach 3. n_bootstrap > 0 adds percentile CIs from refits on resampled points."""
+    n, d, l_ = (np.asarray(x, dtype=float) for x in (n_params, n_tokens, loss))
+    log_n, log_d, log_l = np.log(n), np.log(d), np.log(l_)
+    result, start, basins = _fit_once(log_n, log_d, log_l, huber_delta, _grid_starts())
+    a, b, e, alpha, beta = result.x
+    _, grad = _objective(result.x, log_n, log_d, log_l, huber_delta)
+    predicted = np.logaddexp.reduce(np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)]), axis=0)
+    residuals = log_l - predicted
+    total = ((log_l - log_l.mean()) ** 2).sum()
+    fit = ParametricFit(
+        E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, objective=float(result.fun),
+        gradient_norm=float(np.linalg.norm(grad)), converged=bool(np.linalg.norm(grad) < 1e-6 or result.success),
+        start_on_grid_edge=_on_edge(start), r2_log=float(1 - (residuals**2).sum() / total) if total > 0 else float("nan"),
+        residuals=residuals, n_range=(n.min(), n.max()), d_range=(d.min(), d.max()),
+    )
+    if not fit.converged:
+        fit.warnings.append(f"L-BFGS did not converge (gradient norm {fit.gradient_norm:.2g})")
+    if fit.start_on_grid_edge:
+        fit.warnings.append("the best start lies on the edge of the initialisation grid: widen the grid")
+    if len(np.unique(n)) < 3:
+        fit.warnings.append("fewer than 3 model sizes: α and A are not constrained")
+    if len(np.unique(d)) < 3:
+        fit.warnings.append("fewer than 3 token budgets: β and B are not constrained")
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        # each refit starts from the full fit and the 16 best basins the grid search found
+        near = np.vstack([result.x, basins])
+        for _ in range(n_bootstrap):
+            idx = rng.integers(0, len(n), len(n))
+            r, _, _ = _fit_once(log_n[idx], log_d[idx], log_l[idx], huber_delta, near)
+            fit.bootstrap.append(dict(zip(PARAMS, (math.exp(r.x[2]), math.exp(r.x[0]), math.exp(r.x[1]), r.x[3], r.x[4]))))
+        tail = 100 * (1 - confidence) / 2
+        for p in PARAMS:
+            values = [s[p] for s in fit.bootstrap]
+            fit.ci[p] = (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+            low, high = fit.ci[p]
+            if p in ("alpha", "beta") and high - low > 1.0:
+                fit.warnings.append(f"{p} is poorly constrained by these points (95% CI {low:.2f}–{high:.2f})")
+    return fit
+
+
+def bootstrap_fits(fit: ParametricFit) -> list[ParametricFit]:
+    """The bootstrap refits as fit objects (for intervals on derived quantities)."""
+    return [ParametricFit(**s, objective=float("nan"), gradient_norm=float("nan"), converged=True,
+                          start_on_grid_edge=False, r2_log=float("nan"), residuals=np.array([]))
+            for s in fit.bootstrap]
+
+
+# -- Approach 2: IsoFLOP parabolas -----------------------------------------------------------------
+
+
+@dataclass
+class IsoFlopFit:
+    budgets: np.ndarray  # compute of each IsoFLOP curve
+    n_opt: np.ndarray  # the parabola's minimum per budget
+    d_opt: np.ndarray
+    exponent_a: float  # N_opt ∝ C^a
+    exponent_b: float  # D_opt ∝ C^b
+    parabolas: list[np.ndarray] = field(repr=False, default_factory=list)  # loss = p(log N) per budget
+
+
+def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
+    """Chinchilla Approach 2: for each compute budget, a parabola of loss against log N; then a
+    straight line through (log C, log N_opt). Points are grouped by their compute (default 6ND,
+    rounded to 3 significant digits)."""
+    n, d, l_ = (np.asarray(x, dtype=float) for x in (n_params, n_tokens, loss))
+    c = np.asarray(compute, dtype=float) if compute is not None else 6 * n * d
+    keys = np.array([float(f"{x:.3g}") for x in c])
+    budgets, n_opt, parabolas = [], [], []
+    for budget in np.unique(keys):
+        mask = keys == budget
+        if mask.sum() < 3:
+            continue
+        coeffs = np.polyfit(np.log(n[mask]), l_[mask], 2)
+        if coeffs[0] <= 0:
+            continue  # no minimum inside: the grid is not centred on the optimum
+        budgets.append(budget)
+        n_opt.append(math.exp(-coeffs[1] / (2 * coeffs[0])))
+        parabolas.append(coeffs)
+    if len(budgets) < 2:
+        raise ValueError("Approach 2 needs at least two compute budgets with three or more sizes each")
+    budgets, n_opt = np.array(budgets), np.array(n_opt)
+    d_opt = budgets / (6 * n_opt)
+    slope_n = stats.linregress(np.log(budgets), np.log(n_opt)).slope
+    slope_d = stats.linregress(np.log(budgets), np.log(d_opt)).slope
+    return IsoFlopFit(budgets, n_opt, d_opt, float(slope_n), float(slope_d), parabolas)
+
+
+# -- a power law in compute on the frontier ------------------------------------------------------------
+
+
+@dataclass
+class ComputeLaw:
+    """L(C) = E + K·C^−γ."""
+
+    E: float
+    K: float
+    gamma: float
+    r2_log: float
+
+    def loss(self, compute):
+        return self.E + self.K * np.power(compute, -self.gamma)
+
+
+def fit_compute_law(compute, loss) -> ComputeLaw:
+    """Fit L(C) = E + K·C^−γ (in log space, E bounded below the smallest loss)."""
+    c, l_ = np.asarray(compute, dtype=float), np.asarray(loss, dtype=float)
+    scale = np.median(c)
+
+    def model(log_c, e, log_k, gamma):
+        return np.log(e + np.exp(log_k) * np.exp(-gamma * (log_c - math.log(scale))))
+
+    params, _ = optimize.curve_fit(model, np.log(c), np.log(l_), p0=[0.5 * l_.min(), math.log(l_.max() - 0.5 * l_.min()), 0.3],
+                                   bounds=([0, -50, 0], [l_.min(), 50, 5]), maxfev=20000)
+    e, log_k, gamma = params
+    residuals = np.log(l_) - model(np.log(c), *params)
+    total = ((np.log(l_) - np.log(l_).mean()) ** 2).sum()
+    return ComputeLaw(float(e), float(math.exp(log_k) * scale**gamma), float(gamma),
+                      float(1 - (residuals**2).sum() / total) if total > 0 else float("nan"))
+
+
+# -- compute multipliers ----------------------------------------------------------------------
+
+
+def compute_multiplier(baseline: ParametricFit, variant: ParametricFit, loss: float) -> float:
+    """C_baseline(L) / C_variant(L): how much more compute the baseline needs for the variant's loss."""
+    return baseline.compute_for_loss(loss) / variant.compute_for_loss(loss)
+
+
+@dataclass
+class MultiplierEstimate:
+    compute: float  # the compute at which it is stated
+    loss: float  # the baseline's frontier loss there
+    multiplier: float
+    ci: tuple[float, float] | None
+    extrapolated: bool
+
+
+def multiplier_at(baseline: ParametricFit, variant: ParametricFit, compute: float,
+                  confidence: float = 0.95) -> MultiplierEstimate:
+    """The multiplier at the loss the baseline reaches with `compute`, with a bootstrap CI when both
+    fits carry bootstrap refits (paired by index)."""
+    loss = float(baseline.frontier_loss(compute))
+    value = compute_multiplier(baseline, variant, loss)
+    ci = None
+    if baseline.bootstrap and variant.bootstrap:
+        samples = []
+        for b, v in zip(bootstrap_fits(baseline), bootstrap_fits(variant)):
+            target = float(b.frontier_loss(compute))
+            with np.errstate(all="ignore"):
+                try:
+                    samples.append(compute_multiplier(b, v, target))
+                except (ValueError, OverflowError, ZeroDivisionError):
+                    continue
+        finite = [s for s in samples if np.isfinite(s)]
+        if finite:
+            tail = 100 * (1 - confidence) / 2
+            ci = (float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail)))
+    n, d = baseline.optimal(compute)
+    return MultiplierEstimate(compute, loss, value, ci, baseline.is_extrapolation(float(n), float(d)))

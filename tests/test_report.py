@@ -1,0 +1,150 @@
+"""The HTML report: written by the runner, self-contained, escaped, merges machines, renders in Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.report import build_report, write_report
+from bench.run import main as run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+STUDY = """\
+name: reported
+description: "A study with <b>markup</b> & ampersands"
+base:
+  model: {n_layer: 1, n_head: 2, n_embd: 32}
+  data: {source: markov, vocab_size: 16, n_train_tokens: 20000, n_val_tokens: 4096, doc_len: 256}
+  train: {batch_size: 4, seq_len: 32, eval_every: 5, warmup_steps: 2, device: cpu, dtype: float32}
+budget: {steps: 15}
+variants:
+  mha: {}
+  "<script>alert(1)</script>": {model.attention: mqa}
+  moe: {model.moe: {name: topk, n_experts: 4, top_k: 2}}
+  int8: {model.quantization: int8_weight_only}
+seeds: 2
+kernels:
+  attention: {backends: [math, sdpa, flash_attn], seq_lens: [32, 64], batch: 1, n_head: 2, head_dim: 8}
+  decode: {prompt: 16, new_tokens: 4, n_layer: 1, n_head: 2, n_embd: 16, n_kv_head: 1, window: 8}
+  min_time: 0.01
+"""
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("report")
+    spec = folder / "spec.yaml"
+    spec.write_text(STUDY)
+    assert run_main([str(spec), "--out", str(folder / "out")]) == 0
+    return folder / "out"
+
+
+def test_the_runner_writes_the_report_with_every_section(study):
+    html = (study / "report.html").read_text()
+    for heading in ("Summary against the baseline", "Loss curves", "Final metrics", "Quality against speed and memory",
+                    "Kernels", "Scaling laws", "Mixture of experts", "Quantization", "Configuration differences",
+                    "Environment and hardware", "Reproduce"):
+        assert f"<h2>{heading}" in html
+    assert "python -m bench.run " in html and "entropy rate" in html
+    assert "no significant difference" in html or "better" in html or "worse" in html
+    assert html.count("data:image/png;base64,") >= 6  # curves, final, cost, attention ×2, decode, MoE, quantization
+    assert "<script" not in html.replace("&lt;script&gt;", "")  # no scripts at all
+    assert "http://" not in html and "https://" not in html  # nothing to fetch
+
+
+def test_everything_from_the_spec_is_escaped(study):
+    html = (study / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>alert(1)</script>" not in html
+    assert "A study with &lt;b&gt;markup&lt;/b&gt; &amp; ampersands" in html
+
+
+def test_the_report_is_a_pure_function_of_the_store(study, tmp_path):
+    first = build_report([study])
+    second = build_report([study])
+    strip = lambda s: "\n".join(line for line in s.splitlines() if "generated" not in line)  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+def test_python_m_bench_report_writes_a_file_and_reports_bad_folders(study, tmp_path):
+    out = tmp_path / "r.html"
+    result = subprocess.run([sys.executable, "-m", "bench.report", str(study), "-o", str(out)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0 and out.exists()
+    missing = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "nope")], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "no results store" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_two_machines_merge_side_by_side(study, tmp_path):
+    other = tmp_path / "gpu"
+    shutil.copytree(study, other)
+    db = sqlite3.connect(other / "results.db")
+    for run_id, hardware in db.execute("SELECT run_id, hardware FROM runs").fetchall():
+        fp = json.loads(hardware)
+        fp["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 85 * 2**30, "count": 1, "capability": "9.0",
+                     "cuda": "12.4", "cudnn": 90100}
+        db.execute("UPDATE runs SET hardware=?, machine_id='h100' WHERE run_id=?", (json.dumps(fp), run_id))
+    db.commit()
+    db.close()
+    html = build_report([study, other])
+    assert "NVIDIA H100 80GB HBM3" in html and "AMD" in html or "threads)" in html
+    assert html.count("<td>NVIDIA H100 80GB HBM3</td>") >= 4  # summary rows for the second machine
+
+
+def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tmp_path):
+    """A store holding a 3×3 grid per variant (losses drawn from known laws) gets fits and multipliers."""
+    from bench.store import Store
+
+    store = Store(tmp_path)
+    store.record_study("grid", {"name": "grid", "baseline": "gelu", "variants": {"gelu": {}, "swiglu": {}}}, "python -m bench.run grid.yaml")
+    truth = {"gelu": (1.69, 406.4, 410.7), "swiglu": (1.69, 406.4 * 1.3**-0.34, 410.7 * 1.1**-0.28)}
+    i = 0
+    for variant, (e, a, b) in truth.items():
+        for n in (1e7, 1e8, 1e9):
+            for d in (1e9, 1e10, 1e11):
+                loss = e + a / n**0.34 + b / d**0.28
+                metrics = {"status": "finished", "val_loss": loss, "tokens": d, "params": {"total": n, "active": n, "non_embedding": n}}
+                store.db.execute("INSERT INTO runs (run_id, study, variant, sweep, seed, kind, config, status, metrics, hardware, libraries) "
+                                 "VALUES (?, 'grid', ?, '{}', 0, 'train', '{}', 'finished', ?, ?, '{}')",
+                                 (f"r{i}", variant, json.dumps(metrics), json.dumps({"cpu": "test cpu", "torch_threads": 2})))
+                i += 1
+    store.close()
+    html = write_report([tmp_path]).read_text()
+    assert "Chinchilla Approach 3" in html and "largest trained budget" in html
+    assert "<td>1.430</td>" in html  # m_N·m_D = 1.3 × 1.1, recovered at every scale
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_the_report_renders_in_headless_chromium_with_no_errors_and_no_requests(study, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    report = study / "report.html"
+    console, requests, dialogs = [], [], []
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.on("console", lambda m: console.append((m.type, m.text)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(report.as_uri())
+        page.wait_for_load_state("load")
+        sizes = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert [c for c in console if c[0] in ("error", "warning")] == []
+    assert [r for r in requests if not r.startswith("data:")] == [report.as_uri()]  # only the file itself
+    assert dialogs == []  # the variant named <script>alert(1)</script> stayed text
+    assert len(sizes) >= 6 and all(complete and w > 0 and h > 0 for complete, w, h in sizes)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    shutil.copy(tmp_path / "report.png", study / "report.png")  # kept beside the report
