@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench import parallel
 from bench.hardware import environment
 from bench.plan import Plan, PlannedRun
 from bench.posttrain import evaluate_quantized
@@ -45,30 +48,41 @@ class _Heartbeat(threading.Thread):
         store.close()
 
 
-def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, events: Events | None = None) -> str:
-    """Claim and execute one run; returns finished, diverged, failed, done (earlier) or held (by another)."""
+def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, events: Events | None = None,
+                plugins: list[str] = ()) -> str:
+    """Claim and execute one run; returns finished, diverged, failed, done (earlier) or held (by another).
+
+    Under torchrun (this process is one rank of several) rank 0 claims and records, and every rank
+    trains. A run asking for several processes from a single process is launched with torchrun.
+    """
     owner = owner or owner_id()
     events = events or (lambda e: None)
-    store = Store(folder)
+    world = parallel.world()
+    store = Store(folder) if world.main else None
     try:
-        claim = store.claim(planned.run_id, owner)
+        claim = parallel.broadcast_object(store.claim(planned.run_id, owner) if store else None, world)
         if claim != "claimed":
             return claim
+        if planned.kind == "quantize" and not world.main:
+            return "done"  # rank 0 evaluates quantized variants alone
         run_dir = folder / "runs" / planned.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(planned.config.model_dump(mode="json"), sort_keys=False))
-        total = budget_steps(planned.config) if planned.kind == "train" else 1
-        events({"event": "start", "run_id": planned.run_id, "label": planned.label, "total": total})
-        heartbeat = _Heartbeat(folder, planned.run_id, owner)
-        heartbeat.start()
+        if world.main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(planned.config.model_dump(mode="json"), sort_keys=False))
+            events({"event": "start", "run_id": planned.run_id, "label": planned.label,
+                    "total": budget_steps(planned.config) if planned.kind == "train" else 1})
+        heartbeat = _Heartbeat(folder, planned.run_id, owner) if world.main else None
+        if heartbeat:
+            heartbeat.start()
         result, reason = {}, None
         try:
-            result = _execute(planned, folder, run_dir, store, events)
+            result = _execute(planned, folder, run_dir, store, events, plugins)
             status = result["status"]
             if status == "diverged":
                 reason = f"diverged at step {result['diverged_at']}"
         except KeyboardInterrupt:
-            store.release(planned.run_id, owner)
+            if store:
+                store.release(planned.run_id, owner)
             raise
         except Exception as e:  # noqa: BLE001 - any failure is recorded with its reason; the study goes on
             status = "failed"
@@ -77,7 +91,10 @@ def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, eve
             with open(run_dir / "log.txt", "a") as log:
                 log.write(traceback.format_exc())
         finally:
-            heartbeat.stopped.set()
+            if heartbeat:
+                heartbeat.stopped.set()
+        if not world.main:
+            return status
         with open(run_dir / "log.txt", "a") as log:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {planned.label}: {status}" + (f" ({reason})" if reason else "") + "\n")
         steps_path = run_dir / "metrics.jsonl"
@@ -87,10 +104,12 @@ def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, eve
                 "val_loss": result.get("val_loss")})
         return status
     finally:
-        store.close()
+        if store:
+            store.close()
 
 
-def _execute(planned: PlannedRun, folder: Path, run_dir: Path, store: Store, events: Events) -> dict:
+def _execute(planned: PlannedRun, folder: Path, run_dir: Path, store: Store | None, events: Events,
+             plugins: list[str]) -> dict:
     if planned.kind == "quantize":
         parent_status = store.status(planned.parent_id)
         if parent_status != "finished":
@@ -101,7 +120,36 @@ def _execute(planned: PlannedRun, folder: Path, run_dir: Path, store: Store, eve
         events({"event": "step", "run_id": planned.run_id, "step": record["step"],
                 "loss": record["train_loss"], "tokens_per_s": record["tokens_per_s"]})
 
+    distributed = planned.config.train.distributed
+    if distributed and distributed.nproc > 1 and parallel.world().size == 1:
+        return launch_torchrun(planned, run_dir, distributed.nproc, on_step, plugins)
     return train(planned.config, run_dir, on_step=on_step)
+
+
+def launch_torchrun(planned: PlannedRun, run_dir: Path, nproc: int, on_step: Callable[[dict], None],
+                    plugins: list[str]) -> dict:
+    """Run one training run on `nproc` processes with torchrun; follow its metrics for progress."""
+    (run_dir / "run.json").write_text(planned.config.model_dump_json())
+    (run_dir / "final.json").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "bench.worker", str(run_dir)]
+    env = {**os.environ, "ARCHBENCH_PLUGINS": ",".join(plugins)}
+    metrics, seen = run_dir / "metrics.jsonl", 0
+    with open(run_dir / "torchrun.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while process.poll() is None:
+            time.sleep(1.0)
+            if metrics.exists():
+                lines = metrics.read_text().splitlines()
+                for line in lines[seen:]:
+                    on_step(json.loads(line))
+                seen = len(lines)
+    if process.returncode != 0 or not (run_dir / "final.json").exists():
+        tail = (run_dir / "torchrun.log").read_text().splitlines()
+        errors = [line for line in tail if "Error" in line or "error:" in line] or tail[-3:]
+        raise RuntimeError(f"torchrun exited with {process.returncode}: {errors[-1].strip() if errors else ''} "
+                           f"(see {run_dir / 'torchrun.log'})")
+    return json.loads((run_dir / "final.json").read_text())
 
 
 # -- the local executor ---------------------------------------------------------------------------
@@ -114,14 +162,20 @@ def _init_worker(threads: int, plugins: list[str]) -> None:
     load_plugins(plugins)
 
 
-def _worker(planned: PlannedRun, folder: Path, queue) -> str:
-    return execute_run(planned, folder, events=queue.put)
+def _worker(planned: PlannedRun, folder: Path, queue, plugins: list[str]) -> str:
+    return execute_run(planned, folder, events=queue.put, plugins=plugins)
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The chosen executor cannot run here (a missing package, an unreachable cluster); says why."""
 
 
 class LocalExecutor:
     """Runs on this machine: in this process, or in `workers` processes sharing the store."""
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, address: str | None = None):
+        if address:
+            raise ExecutorUnavailable("--ray-address goes with --executor ray")
         self.workers = workers
 
     def execute(self, plan: Plan, folder: Path, events: Events) -> None:
@@ -136,7 +190,7 @@ class LocalExecutor:
 
     def _run_all(self, runs: list[PlannedRun], folder: Path, events: Events, plugins: list[str]) -> dict[str, str]:
         if self.workers <= 1:
-            return {r.run_id: execute_run(r, folder, events=events) for r in runs}
+            return {r.run_id: execute_run(r, folder, events=events, plugins=plugins) for r in runs}
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         with context.Manager() as manager:
@@ -145,7 +199,7 @@ class LocalExecutor:
             forward.start()
             with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
                                      initargs=(threads, plugins)) as pool:
-                futures = {r.run_id: pool.submit(_worker, r, folder, queue) for r in runs}
+                futures = {r.run_id: pool.submit(_worker, r, folder, queue, plugins) for r in runs}
                 outcomes = {run_id: f.result() for run_id, f in futures.items()}
             queue.put(None)
             forward.join()
@@ -157,4 +211,86 @@ def _forward(queue, events: Events) -> None:
         events(event)
 
 
-EXECUTORS = {"local": LocalExecutor}
+# -- Ray: many runs on many machines ------------------------------------------------------------------
+
+
+def _ray_execute(planned: PlannedRun, folder: str, queue, plugins: list[str]) -> str:
+    """A Ray task: one run, written into the shared store. Retried by Ray if its worker dies; the
+    retry reclaims the run (its previous owner is dead) and resumes from the last checkpoint."""
+    import ray
+
+    from models import load_plugins
+
+    load_plugins(plugins)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+    return execute_run(planned, Path(folder), events=queue.put, plugins=plugins)
+
+
+class RayExecutor:
+    """Each run is a Ray task with its resource needs (CPUs, GPUs); results go into the same store as
+    the local executor's. Without --ray-address a local Ray instance is started on this machine; with
+    one (auto, or HOST:PORT after `ray start`) the runs spread over the cluster, whose machines must
+    share the results folder."""
+
+    MAX_RETRIES = 3
+
+    def __init__(self, workers: int = 1, address: str | None = None):
+        self.address = address
+
+    def execute(self, plan: Plan, folder: Path, events: Events) -> None:
+        try:
+            import ray
+            from ray.util.queue import Queue
+        except ImportError:
+            raise ExecutorUnavailable("--executor ray needs ray: pip install 'archbench[distributed]'") from None
+        started = not ray.is_initialized()
+        if started:
+            try:
+                ray.init(address=self.address, include_dashboard=False, logging_level="ERROR",
+                         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ExecutorUnavailable(f"could not reach a Ray cluster at {self.address}: {e}") from None
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(max_retries=self.MAX_RETRIES, retry_exceptions=False)(_ray_execute)
+        queue = Queue()
+        forward = threading.Thread(target=_forward, args=(queue, events), daemon=True)
+        forward.start()
+        try:
+            for phase in (plan.train_runs, plan.quantize_runs):
+                remaining = phase
+                while remaining:
+                    refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(r, str(folder), queue, plan.spec.plugins)
+                            for r in remaining}
+                    outcomes = {run_id: self._outcome(ray, run_id, ref, folder) for run_id, ref in refs.items()}
+                    remaining = [r for r in remaining if outcomes[r.run_id] == "held"]
+                    if remaining:
+                        time.sleep(2.0)
+        finally:
+            queue.put(None)
+            forward.join(timeout=10)
+            if started:
+                ray.shutdown()
+
+    @staticmethod
+    def resources(run: PlannedRun, cluster_gpus: float) -> dict:
+        train = run.config.train
+        processes = train.distributed.nproc if train.distributed else 1
+        wants_gpu = train.device == "cuda" or (train.device == "auto" and cluster_gpus > 0)
+        return {"num_cpus": processes * (train.threads or 1), "num_gpus": processes if wants_gpu else 0}
+
+    def _outcome(self, ray, run_id: str, ref, folder: Path) -> str:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:  # the task failed more often than it may be retried
+            store = Store(folder)
+            try:
+                reason = f"Ray task failed after {self.MAX_RETRIES} retries: {str(e).splitlines()[0][:300]}"
+                store.finish(run_id, "failed", {}, reason, [], environment())
+            finally:
+                store.close()
+            return "failed"
+
+
+EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}

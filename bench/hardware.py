@@ -137,7 +137,8 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
             best = max(best, 2 * n**3 / _timed(lambda: a @ b, 3, device))
         return best
 
-    return _cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}", measure)
+    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""  # a CPU peak depends on the threads
+    return _cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}{threads}", measure)
 
 
 def peak_copy_bandwidth(device: torch.device) -> float:
@@ -148,7 +149,8 @@ def peak_copy_bandwidth(device: torch.device) -> float:
         dst = torch.empty_like(src)
         return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), 5, device)
 
-    return _cached(f"copy:{device.type}", measure)
+    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
+    return _cached(f"copy:{device.type}{threads}", measure)
 
 
 def bf16_is_fast(device: torch.device) -> bool:

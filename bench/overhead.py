@@ -2,6 +2,7 @@
 
     python -m bench.overhead factory   # factory-built GPT vs a hand-written nanoGPT, one training step
     python -m bench.overhead loop      # bench.train's loop vs a bare forward/backward/step loop, + MFU
+    python -m bench.overhead distributed   # tokens/s from 1 to 2 processes: DDP, FSDP, ZeRO-1/2/3
 
 Both compare side by side in one run, interleaved so machine noise hits both alike, and print the
 ratio of medians. Targets: factory/hand-written < 1.05; loop/bare < 1.05 (eval and checkpoint
@@ -124,14 +125,16 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
     """Per-step wall time of bench.train's loop and of a bare loop on the same model and batches,
     interleaved step by step; eval and checkpoint steps excluded."""
     from bench.data import load_dataset
-    from bench.train import Trainer, _autocast, _optimizer, resolve_run
+    from bench.parallel import adamw, param_groups
+    from bench.train import Trainer, _autocast, resolve_run
 
     model = {k: v for k, v in NANOGPT_SHAKESPEARE.items() if k != "vocab_size"}
     run = resolve_run(model, {"source": "stdlib", "tokenizer": "char"},
                       dict(steps=steps, batch_size=batch, eval_every=10**6, checkpoint_every=None, warmup_steps=0))
     ours = Trainer(run, None)
     bare = Trainer(run, None)  # the same model, device and dtype, built the same way
-    m, opt = bare.model, _optimizer(bare.model, run.train, bare.device)
+    m = bare.model
+    opt = adamw(param_groups(m, run.train.weight_decay), run.train.lr, (run.train.beta1, run.train.beta2))
     batches = [load_dataset(run.data).train_batch(s, run.seed, batch, run.seq_len) for s in range(steps)]
     loop = ours.steps()
     times: dict[str, list[float]] = {"loop": [], "bare": []}
@@ -158,13 +161,54 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
             "dtype": str(ours.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
 
 
+def distributed_scaling(steps: int = 12, batch: int = 16) -> list[dict]:
+    """Tokens/s of one run on 1 and on 2 processes (torchrun, one thread each) per strategy; efficiency
+    is tokens/s(2) / (2 × tokens/s(1)). The two sizes alternate per strategy, in one invocation."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from bench.train import resolve_run
+
+    strategies = [("ddp", {"strategy": "ddp"}), ("fsdp", {"strategy": "fsdp"}),
+                  *[(f"deepspeed ZeRO-{k}", {"strategy": "deepspeed", "zero_stage": k}) for k in (1, 2, 3)]]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, strategy in strategies:
+            tokens_per_s = {}
+            for nproc in (1, 2):
+                run = resolve_run(dict(n_layer=4, n_head=4, n_embd=128, positional="rope"),
+                                  {"source": "stdlib", "tokenizer": "bpe", "vocab_size": 1024},
+                                  dict(steps=steps, batch_size=batch, seq_len=128, eval_every=10**6, checkpoint_every=None,
+                                       device="cpu", dtype="float32", threads=1, distributed={**strategy, "nproc": nproc}))
+                folder = Path(tmp) / f"{label}-{nproc}".replace(" ", "")
+                folder.mkdir()
+                (folder / "run.json").write_text(run.model_dump_json())
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                                "-m", "bench.worker", str(folder)], check=True, capture_output=True)
+                records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+                tokens_per_s[nproc] = statistics.median(r["tokens_per_s"] for r in records[2:])  # after warm-up
+            rows.append({"strategy": label, "one": tokens_per_s[1], "two": tokens_per_s[2],
+                         "efficiency": tokens_per_s[2] / (2 * tokens_per_s[1])})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["factory", "loop"])
+    parser.add_argument("what", choices=["factory", "loop", "distributed"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.what == "distributed":
+        rows = distributed_scaling(steps=args.steps, batch=args.batch if args.batch != 4 else 16)
+        print("tokens/s from 1 to 2 processes (torchrun, gloo, 1 thread each), 4×128 GPT, global batch 16×128:")
+        for r in rows:
+            print(f"  {r['strategy']:18s} 1 process {r['one']:8.0f}  2 processes {r['two']:8.0f}  "
+                  f"scaling efficiency {100 * r['efficiency']:5.1f}%")
+        return 0
     if args.what == "loop":
         r = loop_vs_bare(batch=args.batch)
         print(

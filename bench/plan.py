@@ -9,6 +9,7 @@ anything trains: errors name the variant, the file and line, and the key.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ def run_id(config: RunConfig, kind: str = "train") -> str:
         "kind": kind,
         "model": config.model.to_dict(),
         "data": config.data.identity(),
-        "train": config.train.model_dump(),
+        # how many processes train it is not part of the experiment: the global batch is fixed
+        "train": config.train.model_dump(exclude={"distributed"}),
         "seed": config.seed,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -159,6 +161,11 @@ def _check_runs_here(run: RunConfig, variant: str, sources: SourceMap) -> None:
     except RuntimeError as e:
         raise SpecError(f"{sources.locate(('variants', variant, 'train', 'device'), ('base', 'train', 'device'))}: "
                         f"variant '{variant}': {e}") from None
+    distributed = run.train.distributed
+    if distributed and distributed.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        where = sources.locate(("variants", variant, "train", "distributed"), ("base", "train", "distributed"), ())
+        raise SpecError(f"{where}: variant '{variant}': strategy deepspeed needs deepspeed: "
+                        "pip install 'archbench[distributed]'")
     attention = run.model.attention
     components = [(family, spec) for family in ("attention", "positional", "norm", "mlp", "moe", "quantization")
                   if isinstance(spec := getattr(run.model, family), dict)]

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench import hardware
+from bench import hardware, parallel
 from bench.analysis import variant_summary
-from bench.executor import EXECUTORS
+from bench.executor import EXECUTORS, ExecutorUnavailable
 from bench.formatting import count, number
 from bench.plan import Plan, expand
 from bench.progress import Progress
@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="results folder (default results/<name>)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="train on this device")
     p.add_argument("--workers", type=int, default=1, help="local processes sharing the store")
-    p.add_argument("--executor", choices=sorted(EXECUTORS), default="local")
+    p.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
+                   help="local processes, or ray (a local Ray instance, or a cluster with --ray-address)")
+    p.add_argument("--ray-address", help="with --executor ray: auto (a running cluster) or HOST:PORT")
     return p.parse_args(argv)
 
 
@@ -148,8 +150,11 @@ def time_kernels(spec, store: Store, console: Console) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: wide, not wrapped
+    world = parallel.world()  # under torchrun: rank 0 plans, claims, prints and stores; every rank trains
+    console = Console(width=None if sys.stdout.isatty() else 160, quiet=not world.main)  # logs and pipes: wide
     try:
+        if world.size > 1 and (args.workers > 1 or args.executor != "local"):
+            raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
         spec, sources = load_spec(args.spec, args.set)
         plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device)
     except SpecError as e:
@@ -160,25 +165,36 @@ def main(argv: list[str] | None = None) -> int:
         existing = Store(folder) if (folder / "results.db").exists() else None
         print_plan(plan, console, existing)
         return 0
+    if world.size > 1:
+        parallel.init_process_group(hardware.resolve_device(args.device or "auto"))
 
-    store = Store(folder)
-    command = "python -m bench.run " + shlex.join(argv)
-    store.record_study(spec.name, spec.model_dump(mode="json"), command)
-    store.add_runs(spec.name, plan.runs)
-    todo = [r for r in plan.runs if store.status(r.run_id) not in DONE]
+    store = Store(folder) if world.main else None
+    if store:
+        store.record_study(spec.name, spec.model_dump(mode="json"), "python -m bench.run " + shlex.join(argv))
+        store.add_runs(spec.name, plan.runs)
+    done = parallel.broadcast_object({r.run_id for r in plan.runs if store and store.status(r.run_id) in DONE}, world)
+    todo = [r for r in plan.runs if r.run_id not in done]
     console.print(f"{spec.name}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} already done → {folder}")
     steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + len([r for r in todo if r.kind != "train"])
-    executor = EXECUTORS[args.executor](workers=args.workers)
     try:
+        executor = EXECUTORS[args.executor](workers=args.workers, address=args.ray_address)
         with Progress(len(todo), steps, console) as progress:
-            executor.execute(Plan(spec, todo), folder, progress)
-        if spec.kernels is not None:
+            executor.execute(Plan(spec, todo), folder, progress if world.main else (lambda event: None))
+        if world.main and spec.kernels is not None:
             time_kernels(spec, store, console)
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume from the last checkpoints")
         return 130
+    except ExecutorUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
-        store.close()
+        if store:
+            store.close()
+    if world.size > 1:
+        parallel.finish()
+        if not world.main:
+            return 0
     print_summary(folder, spec.baseline, console)
     console.print(f"report: {write_report([folder])}")
     failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in {p.run_id for p in plan.runs}]

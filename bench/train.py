@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bench import hardware
-from bench.checkpoint import load_checkpoint, save_checkpoint
+from bench import hardware, parallel
 from bench.data import DataConfig, Dataset, load_dataset
+from bench.parallel import DistributedConfig
 from bench.schedules import learning_rate
 from models import ModelConfig, build_model
 
@@ -61,6 +61,8 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
     compile: bool = False
+    distributed: DistributedConfig | None = Field(
+        None, description="one run on several processes: {strategy: ddp | fsdp | deepspeed, zero_stage, nproc}")
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -69,6 +71,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"give one budget, not {' and '.join(given)}")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
+        if self.distributed and self.batch_size % self.distributed.nproc:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by distributed.nproc={self.distributed.nproc}")
         return self
 
 
@@ -119,20 +123,6 @@ def budget_steps(run: RunConfig) -> int | None:
 # -- the loop ---------------------------------------------------------------------------------------
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # nanoGPT's grouping: weight decay on matrices (≥ 2-D), none on biases and norm gains
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
-
-
 def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -176,7 +166,9 @@ class Trainer:
         self.run_config, self.cfg = run, run.train
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_step = on_step
-        self.device = hardware.resolve_device(self.cfg.device)
+        device = hardware.resolve_device(self.cfg.device)
+        self.world = parallel.init_process_group(device)
+        self.device = parallel.device_for(device, self.world)
         self.dtype = hardware.training_dtype(self.device, self.cfg.dtype)
         if self.device.type == "cpu" and self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
@@ -184,21 +176,28 @@ class Trainer:
         if self.data.vocab_size > run.model.vocab_size:
             raise ValueError(f"the data has {self.data.vocab_size} tokens but model.vocab_size is {run.model.vocab_size}")
         self.seq_len = run.seq_len
-        self.micro = self.cfg.micro_batch_size or self.cfg.batch_size
+        # the global batch, split over ranks, then into micro-batches on each rank
+        if self.cfg.batch_size % self.world.size:
+            raise ValueError(f"batch_size={self.cfg.batch_size} does not split over {self.world.size} processes")
+        self.per_rank = self.cfg.batch_size // self.world.size
+        self.micro = min(self.cfg.micro_batch_size or self.per_rank, self.per_rank)
+        if self.per_rank % self.micro:
+            raise ValueError(f"{self.per_rank} sequences per process do not split into micro-batches of {self.micro}")
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
         self.flops_per_token = run.model.flops_per_token(causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
         self.total_steps = budget_steps(run) or 10**12  # None: a time budget, the clock decides
         self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
 
-        torch.manual_seed(run.seed)
+        torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.model = build_model(run.model).to(self.device)
-        self.optimizer = _optimizer(self.model, self.cfg, self.device)
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        self.strategy = parallel.make_strategy(self.cfg.distributed, self.world, self.device)
+        self.strategy.setup(self.model, self.cfg, self.micro, self.per_rank // self.micro)
+        self.forward = torch.compile(self.strategy.module) if self.cfg.compile else self.strategy.module
         n_val = self.cfg.eval_batches * self.cfg.batch_size if self.cfg.eval_batches else None
         self.val = self.data.val_batches(n_val, self.seq_len, self.micro)
         self.extra_val = {n: self.data.val_batches(n_val, n, self.micro) for n in self.cfg.eval_lengths}
-        self.peak_flops = hardware.peak_matmul_flops(self.device, self.dtype)
+        self.peak_flops = hardware.peak_matmul_flops(self.device, self.dtype) * self.world.size  # every process's share
         self._metrics_file = None
 
     # -- files --------------------------------------------------------------------------------
@@ -208,34 +207,32 @@ class Trainer:
         return self.out_dir / "checkpoint.pt" if self.out_dir else None
 
     def _write_metrics(self, record: dict) -> None:
-        if self._metrics_file:
+        if self._metrics_file and self.world.main:
             self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()
 
     def _resume(self) -> int:
         """Restore the last checkpoint; drop metrics recorded after it. Returns the step to continue from."""
-        state = load_checkpoint(self._checkpoint_path) if self.out_dir else None
+        state = self.strategy.load(self._checkpoint_path) if self.out_dir else None
+        metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
         if state is None:
-            if self.out_dir:
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if metrics and self.world.main:
+                metrics.unlink(missing_ok=True)
             return 0
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        metrics = self.out_dir / "metrics.jsonl"
-        if metrics.exists():
+        if self.world.main and metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
             metrics.write_text("".join(line + "\n" for line in kept))
         return state["step"]
 
     def _checkpoint(self, step: int) -> None:
-        state = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+        extra = {"step": step, "torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        save_checkpoint(self._checkpoint_path, state)
+            extra["cuda_rng"] = torch.cuda.get_rng_state()
+        self.strategy.save(self._checkpoint_path, extra)  # collective: every rank takes part
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -249,23 +246,22 @@ class Trainer:
                              schedule=c.schedule, decay_fraction=c.decay_fraction, decay_shape=c.decay_shape)
 
     def _train_step(self, step: int, lr: float) -> tuple[float, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.strategy.set_lr(lr)
         x, y = self.data.train_batch(step, self.run_config.seed, self.cfg.batch_size, self.seq_len)
-        labelled = (y >= 0).sum().item()
+        labelled = (y >= 0).sum().item()  # of the global batch
+        mine = slice(self.world.rank * self.per_rank, (self.world.rank + 1) * self.per_rank)
+        chunks = list(zip(x[mine].split(self.micro), y[mine].split(self.micro)))
         total = torch.zeros((), device=self.device)
-        for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
-            # weight each micro-batch by its labelled tokens: the loss of the whole batch, however split
+        for i, (xm, ym) in enumerate(chunks):
+            # weight each micro-batch by its share of the batch's labelled tokens: one loss, however split
             weight = (ym >= 0).sum().item() / labelled
             xm, ym = xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
             with _autocast(self.device, self.dtype):
                 _, loss = self.forward(xm, ym)
-            (loss * weight).backward()
+            self.strategy.backward(loss * (weight * self.strategy.loss_factor), last=i == len(chunks) - 1)
             total += loss.detach() * weight
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), norm.item()
+        norm = self.strategy.step()
+        return parallel.all_reduce_sum(total.item(), self.world, self.device), norm
 
     def _eval_record(self) -> dict:
         token_bytes = self.data.token_bytes
@@ -302,7 +298,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the budget from the last checkpoint (or the start); return the final metrics."""
         start = self._resume()
-        with open(self.out_dir / "metrics.jsonl", "a") if self.out_dir else contextlib.nullcontext() as f:
+        writes = self.out_dir and self.world.main  # metrics are written by rank 0 only
+        with open(self.out_dir / "metrics.jsonl", "a") if writes else contextlib.nullcontext() as f:
             self._metrics_file = f
             steps = self.steps(start)
             while True:
@@ -345,7 +342,7 @@ class Trainer:
             if step % self.cfg.eval_every == 0 or last:
                 record.update(self._eval_record())
             self._write_metrics(record)
-            if self.on_step:
+            if self.on_step and self.world.main:
                 self.on_step(record)
             every = self.cfg.checkpoint_every
             if self.out_dir and (last or (every and step % every == 0)):  # always the final one
@@ -379,6 +376,8 @@ class Trainer:
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
+            "world_size": self.world.size,
+            "strategy": self.strategy.name,
             "attention_kernel": getattr(kernel, "ran", None) or getattr(kernel, "name", None),
             "data": self.data.fingerprint,
         }

@@ -1,0 +1,328 @@
+"""How one training run uses its processes: a single process, DDP, FSDP (fully_shard) or DeepSpeed ZeRO.
+
+The trainer talks to a ``Strategy`` and never to an engine directly (torchtitan keeps parallelism
+out of model and loop code the same way). Processes come from torchrun: gloo on CPU, NCCL on GPU.
+
+The global batch is fixed by the spec: every rank draws the same global batch and trains on its
+slice, accumulating micro-batches to make up the rest. Each micro-batch's loss is weighted by its
+share of the global batch's labelled tokens, times the factor the engine divides by (the world size
+for DDP and FSDP, which average gradients; also the accumulation steps for DeepSpeed), so a
+1-process and an N-process run compute the same gradients up to summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+class DistributedConfig(BaseModel):
+    """train.distributed: {strategy: ddp | fsdp | deepspeed, zero_stage: 1 | 2 | 3, nproc: N}."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2, 3] | None = Field(None, description="deepspeed only; default 1")
+    nproc: int = Field(2, ge=1, description="processes (GPUs) per node, launched with torchrun")
+
+    @model_validator(mode="after")
+    def _stage_only_for_deepspeed(self) -> DistributedConfig:
+        if self.strategy != "deepspeed" and self.zero_stage is not None:
+            raise ValueError("zero_stage applies to strategy: deepspeed")
+        return self
+
+    @property
+    def stage(self) -> int:
+        return self.zero_stage or 1
+
+    @property
+    def label(self) -> str:
+        return f"deepspeed ZeRO-{self.stage}" if self.strategy == "deepspeed" else self.strategy
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place in the torchrun world (rank 0 of 1 outside torchrun)."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_process_group(device: torch.device) -> World:
+    """Join torchrun's process group once (gloo on CPU, NCCL on CUDA)."""
+    w = world()
+    if w.size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(w.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return w
+
+
+def finish() -> None:
+    """Leave the process group together (a rank tearing down early aborts its peers' transport)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def device_for(device: torch.device, w: World) -> torch.device:
+    return torch.device("cuda", w.local_rank) if device.type == "cuda" else device
+
+
+def broadcast_object(value: Any, w: World) -> Any:
+    """Rank 0's value on every rank."""
+    if w.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(value: float, w: World, device: torch.device) -> float:
+    if w.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT's grouping: weight decay on matrices (≥ 2-D), none on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+class Strategy:
+    """One process, or one rank of several: forward, backward, step, and checkpoints."""
+
+    name = "single"
+    loss_factor = 1.0  # what the engine divides the summed gradient by, undone on the loss
+
+    def __init__(self, world: World, device: torch.device):
+        self.world, self.device = world, device
+
+    def setup(self, model: nn.Module, train, micro: int, accumulation: int) -> None:
+        """Wrap the model and make the optimizer; `micro` sequences per forward, `accumulation` forwards per step."""
+        self.model = model
+        self.module = model  # what the loop calls forward on
+        self.optimizer = adamw(param_groups(model, train.weight_decay), train.lr, (train.beta1, train.beta2))
+        self.grad_clip = train.grad_clip
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """One micro-batch's backward; gradients are synchronised across ranks on the last only."""
+        loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        """Clip, update, zero; returns the gradient norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # -- checkpoints: one full copy written by rank 0, loadable at any world size ------------------
+
+    def save(self, path: Path, extra: dict) -> None:
+        if self.world.main:
+            from bench.checkpoint import save_checkpoint
+
+            save_checkpoint(path, {**extra, "strategy": self.name, "world_size": self.world.size,
+                                   "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+
+    def load(self, path: Path) -> dict | None:
+        from bench.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        if state is None:
+            return None
+        written = state.get("strategy", "single")
+        if {written, self.name} - {"single", "ddp"}:  # single and DDP share one format
+            raise RuntimeError(f"this checkpoint was written by {written}; resume it with {written}, not {self.name}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, model, train, micro, accumulation):
+        super().setup(model, train, micro, accumulation)
+        self.loss_factor = float(self.world.size)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.module = DistributedDataParallel(model, device_ids=ids)
+
+    def backward(self, loss, last):
+        with contextlib.nullcontext() if last else self.module.no_sync():
+            loss.backward()
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each block sharded, then the whole model."""
+
+    name = "fsdp"
+
+    def setup(self, model, train, micro, accumulation):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        super().setup(model, train, micro, accumulation)
+        self.loss_factor = float(self.world.size)
+
+    def backward(self, loss, last):
+        self.model.set_requires_gradient_sync(last)
+        loss.backward()
+
+    def save(self, path, extra):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.world.main:
+            from bench.checkpoint import save_checkpoint
+
+            save_checkpoint(path, {**extra, "strategy": self.name, "world_size": self.world.size,
+                                   "model": model, "optimizer": optimizer})
+
+    def load(self, path):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from bench.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)  # every rank reads the full copy (the run folder is shared) and shards it
+        if state is None:
+            return None
+        if state.get("strategy") != self.name:
+            raise RuntimeError(f"this checkpoint was written by {state.get('strategy')}; resume it with that strategy")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        return state
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed's engine with ZeRO stage 1, 2 or 3, its optimizer (torch AdamW), accumulation and clipping."""
+
+    def __init__(self, world, device, zero_stage: int):
+        super().__init__(world, device)
+        self.zero_stage = zero_stage
+        self.name = f"deepspeed-zero{zero_stage}"
+
+    def config(self, train, micro: int, accumulation: int) -> dict:
+        """The DeepSpeed config, built from the spec's train settings."""
+        return {
+            "train_batch_size": train.batch_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": train.grad_clip or 0.0,
+            "zero_optimization": {"stage": self.zero_stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [train.beta1, train.beta2],
+                                                      "weight_decay": train.weight_decay, "torch_adam": True}},
+            "bf16": {"enabled": False},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(self, model, train, micro, accumulation):
+        import deepspeed
+
+        self.model = model
+        self.accumulation = accumulation
+        self.loss_factor = float(self.world.size * accumulation)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, train.weight_decay),
+            config=self.config(train, micro, accumulation))
+        self.module = self.engine
+
+    def backward(self, loss, last):
+        self.engine.backward(loss)
+        if not last:
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates at the boundary only
+
+    def step(self):
+        self.engine.step()  # the accumulation boundary: clip, update, zero
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, path, extra):
+        folder = path.with_suffix(".deepspeed")
+        self.engine.save_checkpoint(str(folder), tag="state", client_state=extra)
+        if self.world.main:
+            (folder / "archbench.json").write_text(json.dumps({"world_size": self.world.size, "strategy": self.name,
+                                                               "step": extra["step"]}))
+
+    def load(self, path):
+        folder = path.with_suffix(".deepspeed")
+        meta_path = folder / "archbench.json"
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta["strategy"] != self.name:
+            raise RuntimeError(f"this checkpoint was written by {meta['strategy']}; resume it with that strategy")
+        if meta["world_size"] != self.world.size:
+            raise RuntimeError(
+                f"this DeepSpeed ZeRO-{self.zero_stage} checkpoint was written by {meta['world_size']} processes and "
+                f"ZeRO shards optimizer state per rank: resume with nproc={meta['world_size']} (or convert it with "
+                "DeepSpeed's universal checkpointing)")
+        _, client = self.engine.load_checkpoint(str(folder), tag="state")
+        return client
+
+
+def make_strategy(config: DistributedConfig | None, w: World, device: torch.device) -> Strategy:
+    """The spec's strategy (DDP under torchrun when the spec names none); one process needs no DDP."""
+    if config is None:
+        return DDPStrategy(w, device) if w.size > 1 else Strategy(w, device)
+    if w.size == 1 and config.strategy == "ddp":
+        return Strategy(w, device)
+    if config.strategy == "ddp":
+        return DDPStrategy(w, device)
+    if config.strategy == "fsdp":
+        if w.size == 1:
+            init_single_process_group(device)
+        return FSDPStrategy(w, device)
+    if w.size == 1:
+        init_single_process_group(device)
+    return DeepSpeedStrategy(w, device, config.stage)
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """FSDP and DeepSpeed need a process group even for one process: a world of one."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)

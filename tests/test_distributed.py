@@ -1,0 +1,174 @@
+"""Scale-out: one run on 2 processes (DDP, FSDP, DeepSpeed ZeRO-1/2/3) and many runs on Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.results import load
+from bench.train import resolve_run
+from tests.test_runner import ROOT, TINY, write_spec
+
+MARKOV = {"source": "markov", "vocab_size": 16, "n_train_tokens": 20_000, "n_val_tokens": 4096, "doc_len": 256}
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+HAS_RAY = importlib.util.find_spec("ray") is not None
+STRATEGIES = [
+    ("ddp", {"strategy": "ddp", "nproc": 2}),
+    ("fsdp", {"strategy": "fsdp", "nproc": 2}),
+    *[pytest.param(f"zero{k}", {"strategy": "deepspeed", "zero_stage": k, "nproc": 2},
+                   marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")) for k in (1, 2, 3)],
+]
+
+
+def write_run(folder: Path, distributed: dict | None, steps: int = 20, checkpoint_every: int | None = None) -> Path:
+    run = resolve_run(dict(n_layer=2, n_head=2, n_embd=32), MARKOV,
+                      dict(steps=steps, batch_size=8, micro_batch_size=2, seq_len=32, eval_every=10, device="cpu",
+                           dtype="float32", checkpoint_every=checkpoint_every, distributed=distributed))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(run.model_dump_json())
+    return folder
+
+
+def torchrun(folder: Path, nproc: int, wait: bool = True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "bench.worker", str(folder)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def losses(folder: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    folder = write_run(tmp_path_factory.mktemp("single") / "run", None)
+    subprocess.run([sys.executable, "-m", "bench.worker", str(folder)], cwd=ROOT, check=True, capture_output=True)
+    return folder
+
+
+@pytest.mark.parametrize("name,distributed", STRATEGIES)
+def test_two_processes_follow_the_one_process_trajectory(one_process, tmp_path, name, distributed):
+    folder = write_run(tmp_path / name, distributed)
+    code, output = torchrun(folder, 2)
+    assert code == 0, output[-3000:]
+    single, multi = losses(one_process), losses(folder)
+    assert len(multi) == 20
+    for a, b in zip(single, multi):
+        assert b == pytest.approx(a, rel=1e-4)
+    final = json.loads((folder / "final.json").read_text())
+    assert final["world_size"] == 2 and final["strategy"].startswith(name if name in ("ddp", "fsdp") else "deepspeed")
+    assert final["val_loss"] == pytest.approx(json.loads((one_process / "final.json").read_text())["val_loss"], rel=1e-4)
+
+
+def _kill_after_checkpoint(process, folder: Path, step: int) -> None:
+    deadline = time.time() + 300
+    metrics = folder / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > step:
+            break
+        time.sleep(0.1)
+    process.kill()  # torchrun, then its ranks
+    subprocess.run(["pkill", "-9", "-f", f"bench.worker {folder}"], check=False)
+    process.wait()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, tmp_path, strategy):
+    folder = write_run(tmp_path / strategy, {"strategy": strategy, "nproc": 2}, checkpoint_every=5)
+    _kill_after_checkpoint(torchrun(folder, 2, wait=False), folder, 12)
+    assert (folder / "checkpoint.pt").exists() and not (folder / "final.json").exists()
+    resumed = write_run(folder, {"strategy": strategy, "nproc": 1}, checkpoint_every=5)  # same run, one process
+    if strategy == "ddp":
+        result = subprocess.run([sys.executable, "-m", "bench.worker", str(resumed)], cwd=ROOT, capture_output=True, text=True)
+    else:
+        code, output = torchrun(resumed, 1)
+        result = subprocess.CompletedProcess([], code, output, "")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert losses(folder) == pytest.approx(losses(one_process), rel=1e-4)
+    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == list(range(1, 21))
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_a_deepspeed_checkpoint_says_why_it_cannot_resume_on_another_world_size(tmp_path):
+    folder = write_run(tmp_path / "zero2", {"strategy": "deepspeed", "zero_stage": 2, "nproc": 2}, checkpoint_every=5)
+    _kill_after_checkpoint(torchrun(folder, 2, wait=False), folder, 12)
+    write_run(folder, {"strategy": "deepspeed", "zero_stage": 2, "nproc": 1}, checkpoint_every=5)
+    code, output = torchrun(folder, 1)
+    assert code != 0
+    assert "was written by 2 processes" in output and "resume with nproc=2" in output
+
+
+def test_a_two_process_study_writes_one_store_row_per_run(tmp_path):
+    spec = write_spec(tmp_path, TINY.replace("device: cpu", "device: cpu, threads: 1"), steps=6)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "bench.run", str(spec), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    db = sqlite3.connect(out / "results.db")
+    rows = db.execute("SELECT variant, status, attempts FROM runs").fetchall()
+    steps = db.execute("SELECT run_id, COUNT(*) FROM metrics GROUP BY run_id").fetchall()
+    db.close()
+    assert len(rows) == 4 and {r[1] for r in rows} == {"finished"} and {r[2] for r in rows} == {1}
+    assert {count for _, count in steps} == {6}  # each step recorded once, by rank 0
+    runs = load(out).runs
+    assert set(runs["world_size"]) == {2} and set(runs["strategy"]) == {"ddp"}
+    assert result.stdout.count("final val loss over seeds") == 1  # only rank 0 prints
+
+
+RAY_SPEC = TINY.replace("device: cpu", "device: cpu, threads: 1")
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed")
+def test_the_ray_executor_gives_the_local_executors_runs_and_metrics(tmp_path):
+    spec = write_spec(tmp_path, RAY_SPEC, steps=8)
+    for executor in ("local", "ray"):
+        result = subprocess.run([sys.executable, "-m", "bench.run", str(spec), "--out", str(tmp_path / executor),
+                                 "--executor", executor], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    local = load(tmp_path / "local").runs.set_index("run_id")
+    ray = load(tmp_path / "ray").runs.set_index("run_id")
+    assert set(local.index) == set(ray.index) and set(ray["status"]) == {"finished"}
+    assert (ray["val_loss"] - local.loc[ray.index, "val_loss"]).abs().max() == 0.0
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed")
+def test_a_killed_ray_worker_is_retried_resumes_and_finishes_once(tmp_path):
+    spec = write_spec(tmp_path, RAY_SPEC.replace("seeds: 2", "seeds: [0]").replace("  mqa: {model.attention: mqa}\n", ""),
+                      steps=400)
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-m", "bench.run", str(spec), "--out", str(out), "--executor", "ray"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None:
+        time.sleep(0.2)
+        if not (out / "results.db").exists():
+            continue
+        db = sqlite3.connect(out / "results.db")
+        row = db.execute("SELECT run_id, owner FROM runs WHERE status='running'").fetchone()
+        db.close()
+        if row and row[1]:
+            metrics = out / "runs" / row[0] / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) > 60:  # past the checkpoint at step 5·k
+                killed = int(row[1].rpartition(":")[2])
+                os.kill(killed, signal.SIGKILL)  # the Ray worker process running the task
+    output, _ = runner.communicate(timeout=600)
+    assert killed is not None and runner.returncode == 0, output[-3000:]
+    runs = load(out).runs
+    assert len(runs) == 1 and runs["status"].iloc[0] == "finished" and runs["attempts"].iloc[0] == 2
+    steps = load(out).metrics["step"].tolist()
+    assert steps == list(range(1, 401))  # resumed from its checkpoint: every step once
