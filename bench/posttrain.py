@@ -41,6 +41,9 @@ def forward_latency(model: torch.nn.Module, x: torch.Tensor, repeats: int = 7) -
 def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     """Quantize the float run's trained model as `run.model.quantization` says; compare with float."""
     state = load_checkpoint(Path(float_run_dir) / "checkpoint.pt")
+    if state is None and (Path(float_run_dir) / "checkpoint.deepspeed").exists():
+        raise FileNotFoundError("the float run was trained with DeepSpeed, whose checkpoints are sharded per rank: "
+                                "train the float run with ddp or fsdp to quantize it after training")
     if state is None:
         raise FileNotFoundError(f"no checkpoint in {float_run_dir}: the float run did not finish")
     device = resolve_device(run.train.device)

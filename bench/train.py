@@ -391,4 +391,8 @@ def train(run: RunConfig, out_dir: str | Path | None = None, *, on_step: Callabl
     """
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return Trainer(run, out_dir, on_step).run()
+    threads = torch.get_num_threads()
+    try:
+        return Trainer(run, out_dir, on_step).run()
+    finally:
+        torch.set_num_threads(threads)  # a run's `threads` setting does not outlive it
