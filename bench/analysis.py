@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,11 @@ def welch(variant, baseline, higher_is_better: bool = False, alpha: float = 0.05
     delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     if len(a) < 2 or len(b) < 2:
         return Comparison(delta, math.nan, math.nan, math.nan, "too few seeds to test")
-    result = stats.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():
+        # seeds that agree exactly (accuracy 1.0 on every seed) have zero variance; scipy's warning
+        # about cancellation in near-identical data does not apply to them
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        result = stats.ttest_ind(a, b, equal_var=False)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.nan
     p = float(result.pvalue)
@@ -94,10 +99,12 @@ def best_of_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     return done.merge(best, on=["variant", "point"])
 
 
-def variant_summary(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per variant (baseline first, then by mean val loss): per quality metric the mean, sd and
-    95% CI over seeds, the difference from the baseline with Welch's p-value and verdict; params,
-    FLOPs, tokens/s, memory; how many runs failed or diverged."""
+    95% CI over seeds, the difference from its reference — the baseline, or the variant `compare`
+    names for it — with Welch's p-value and verdict; params, FLOPs, tokens/s, memory; how many runs
+    failed or diverged."""
+    compare = compare or {}
     chosen = best_of_sweep(runs)
     rows, samples = [], {}
     for variant, group in chosen.groupby("variant", sort=False):
@@ -117,14 +124,18 @@ def variant_summary(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     counts = runs.groupby("variant")["status"].value_counts().unstack(fill_value=0)
     for status in ("failed", "diverged"):
         table[status] = table["variant"].map(counts[status] if status in counts else {}).fillna(0).astype(int)
-    if baseline in set(table["variant"]):
-        for metric in QUALITY:
-            tests = [welch(samples[(v, metric)], samples[(baseline, metric)], metric in HIGHER_IS_BETTER)
-                     if samples[(baseline, metric)] and samples[(v, metric)] else None for v in table["variant"]]
-            table[f"{metric}_delta"] = [t.delta if t else math.nan for t in tests]
-            table[f"{metric}_p"] = [t.p if t else math.nan for t in tests]
-            table[f"{metric}_verdict"] = [("baseline" if v == baseline else t.verdict) if t else ""
-                                          for v, t in zip(table["variant"], tests)]
+    present = set(table["variant"])
+    table["reference"] = [compare.get(v, baseline) if v != baseline else "" for v in table["variant"]]
+    for metric in QUALITY:
+        tests = []
+        for v, ref in zip(table["variant"], table["reference"]):
+            ref = ref or baseline
+            ok = ref in present and samples[(ref, metric)] and samples[(v, metric)]
+            tests.append(welch(samples[(v, metric)], samples[(ref, metric)], metric in HIGHER_IS_BETTER) if ok else None)
+        table[f"{metric}_delta"] = [t.delta if t else math.nan for t in tests]
+        table[f"{metric}_p"] = [t.p if t else math.nan for t in tests]
+        table[f"{metric}_verdict"] = [("baseline" if v == baseline else t.verdict) if t else ""
+                                      for v, t in zip(table["variant"], tests)]
     others = table[table["variant"] != baseline].sort_values("val_loss_mean")["variant"].tolist()
     order = [v for v in [baseline, *others] if v in set(table["variant"])]
     return table.set_index("variant").reindex(order).reset_index()

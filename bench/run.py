@@ -26,7 +26,7 @@ from bench.plan import Plan, expand
 from bench.progress import Progress
 from bench.report import write_report
 from bench.results import load
-from bench.spec import SpecError, load_spec
+from bench.spec import Spec, SpecError, load_spec
 from bench.store import DONE, Store
 from bench.train import budget_steps
 
@@ -99,16 +99,17 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
     console.print(f"estimated total on this machine: {total / 60:.1f} min (nothing was trained)")
 
 
-def print_summary(folder: Path, baseline: str, console: Console) -> None:
+def print_summary(folder: Path, spec: Spec, console: Console) -> None:
     runs = load(folder).runs
-    summary = variant_summary(runs, baseline)
+    baseline = spec.baseline
+    summary = variant_summary(runs, baseline, spec.compare)
     if summary.empty:
         console.print("no finished runs to summarise")
         return
     task = summary["val_accuracy_mean"].notna().any()
     table = Table(title=f"final val loss over seeds (best of sweep), against the baseline '{escape(baseline)}'",
                   title_justify="left")
-    for column in ("variant", "n", "val loss (mean ± sd)", "95% CI", "Δ vs baseline", "verdict (Welch, 95%)",
+    for column in ("variant", "n", "val loss (mean ± sd)", "95% CI", "Δ vs reference", "verdict (Welch, 95%)",
                    *(["accuracy"] if task else []), "params", "tokens/s", "failed/diverged"):
         table.add_column(column)
     for _, row in summary.iterrows():
@@ -116,7 +117,8 @@ def print_summary(folder: Path, baseline: str, console: Console) -> None:
         cells = [escape(row["variant"]) + (" (baseline)" if is_baseline else ""), str(row["n"]),
                  f"{number(row['val_loss_mean'])} ± {number(row['val_loss_sd'])}",
                  f"{number(row['val_loss_ci_low'])} – {number(row['val_loss_ci_high'])}",
-                 "–" if is_baseline else f"{row.get('val_loss_delta', float('nan')):+.4f}",
+                 "–" if is_baseline else f"{row.get('val_loss_delta', float('nan')):+.4f}"
+                 + (f" vs {escape(row['reference'])}" if row["reference"] != baseline else ""),
                  "–" if is_baseline else str(row.get("val_loss_verdict", ""))]
         if task:
             cells.append(f"{number(row['val_accuracy_mean'], 3)} ± {number(row['val_accuracy_sd'], 3)}")
@@ -195,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         parallel.finish()
         if not world.main:
             return 0
-    print_summary(folder, spec.baseline, console)
-    console.print(f"report: {write_report([folder])}")
+    print_summary(folder, spec, console)
+    try:
+        console.print(f"report: {write_report([folder])}")
+    except Exception as e:  # noqa: BLE001 - the runs are stored; the report can be rewritten later
+        print(f"error: the report could not be written ({type(e).__name__}: {e}); the results are in "
+              f"{folder}/results.db — retry with: python -m bench.report {folder}", file=sys.stderr)
+        return 1
     failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in {p.run_id for p in plan.runs}]
     return 1 if failed else 0
 

@@ -9,6 +9,7 @@
       mha: {}
       gqa: {model.attention: {name: gqa, n_kv_head: 2}}
     baseline: mha                   # default: the first variant
+    compare: {gqa_window: gqa}      # optional: a variant's own reference (default: the baseline)
     sweep: {train.lr: [3e-4, 1e-3]} # crossed with every variant; reports keep the best per variant
     seeds: 2                        # a count (0..n-1) or a list
     budget: {steps: 300}            # shorthand for base.train's budget
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from bench.kernels.config import KernelSpec
 
@@ -141,6 +142,7 @@ class Spec(BaseModel):
     base: Base
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     baseline: str | None = None
+    compare: dict[str, str] = Field(default_factory=dict, description="variant -> the variant it is compared with")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: int | list[int] = 2
     budget: dict[str, Any] | None = None
@@ -162,12 +164,22 @@ class Spec(BaseModel):
                 raise ValueError(f"sweep '{key}' has no values")
         return value
 
+    @field_validator("baseline", "compare")
+    @classmethod
+    def _names_are_variants(cls, value: str | dict[str, str] | None, info: ValidationInfo):
+        variants = info.data.get("variants")
+        if variants is None:  # the variants themselves are invalid and reported as such
+            return value
+        names = [] if value is None else [value] if isinstance(value, str) else [*value, *value.values()]
+        for name in names:
+            if name not in variants:
+                raise ValueError(f"'{name}' is not a variant; variants: {', '.join(variants)}")
+        return value
+
     @model_validator(mode="after")
-    def _baseline_is_a_variant(self) -> Spec:
+    def _default_baseline(self) -> Spec:
         if self.baseline is None:
             self.baseline = next(iter(self.variants))
-        elif self.baseline not in self.variants:
-            raise ValueError(f"baseline '{self.baseline}' is not a variant; variants: {', '.join(self.variants)}")
         return self
 
     @property

@@ -16,6 +16,17 @@ from torch import Tensor, nn
 from models.registry import register
 
 
+def position_angles(pos: Tensor, dim: int, base: float) -> Tensor:
+    """(T,) positions -> (T, dim/2) angles pos·base^(-2i/dim), in float64.
+
+    In float32 the angle at position 5000 is off by ~3e-4 rad, enough to break RoPE's dependence on
+    the offset alone when evaluating beyond the trained context; float64 keeps it to ~1e-12.
+    """
+    wide = torch.float32 if pos.device.type == "mps" else torch.float64  # MPS has no float64
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=wide, device=pos.device) / dim)
+    return pos.to(wide)[:, None] * inv_freq[None, :]
+
+
 class Positional(nn.Module):
     """Base class: by default an encoding does nothing (NoPE)."""
 
@@ -60,19 +71,21 @@ class LearnedPositional(Positional):
 
 @register("positional", "sinusoidal")
 class SinusoidalPositional(Positional):
-    """Fixed sine/cosine embeddings of absolute position (Vaswani et al. 2017)."""
+    """Fixed sine/cosine embeddings of absolute position (Vaswani et al. 2017), scaled to the token embeddings.
 
-    def __init__(self, config, *, base: float = 10000.0):
+    Vaswani et al. multiply token embeddings by √d so that they outweigh unit sinusoids; a GPT
+    initialises token embeddings with std 0.02 instead, so the sinusoids are scaled to that size
+    (`scale`) — unscaled, they drown the tokens and a small model barely learns.
+    """
+
+    def __init__(self, config, *, base: float = 10000.0, scale: float = 0.02):
         super().__init__()
-        dim = config.n_embd
-        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.dim = dim
+        self.dim, self.base, self.scale = config.n_embd, base, scale
 
     def embed(self, pos: Tensor) -> Tensor:
-        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, C/2)
-        pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, C): sin, cos interleaved
-        return pe[:, : self.dim]
+        angles = position_angles(pos, self.dim, self.base)  # (T, C/2)
+        pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()  # (T, C): sin, cos interleaved
+        return self.scale * pe[:, : self.dim]
 
 
 @register("positional", "rope")
@@ -81,17 +94,15 @@ class RotaryPositional(Positional):
 
     def __init__(self, config, *, base: float = 10000.0):
         super().__init__()
-        head_dim = config.n_embd // config.n_head
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = config.n_embd // config.n_head, base
         self._cached: tuple[Tensor, Tensor, Tensor] | None = None
 
     def _cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         # every layer rotates with the same pos tensor in one forward pass: compute once
         if self._cached is None or self._cached[0] is not pos:
-            angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+            angles = position_angles(pos, self.head_dim, self.base)  # (T, D/2)
             angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-            self._cached = (pos, angles.cos(), angles.sin())
+            self._cached = (pos, angles.cos().float(), angles.sin().float())
         return self._cached[1], self._cached[2]
 
     def rotate(self, x: Tensor, pos: Tensor) -> Tensor:

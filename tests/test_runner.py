@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.run
 from bench.plan import expand
 from bench.results import load
 from bench.run import main
@@ -78,6 +80,8 @@ def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
         (("seeds: 2", "seeds: two"), "spec.yaml:11: seeds: expected int or list[int], got 'two'"),
         (("batch_size: 4", "batch_sise: 4"), "spec.yaml:6: variant 'mha': train.batch_sise: unknown key"),
         (("source: markov", "source: markow"), "spec.yaml:5: variant 'mha': data: Input tag 'markow' found"),
+        (("seeds: 2", "seeds: 2\nbaseline: gqa"), "spec.yaml:12: baseline: 'gqa' is not a variant; variants: mha, mqa"),
+        (("seeds: 2", "seeds: 2\ncompare: {mqa: gqa}"), "spec.yaml:12: compare: 'gqa' is not a variant; variants: mha, mqa"),
     ],
 )
 def test_each_bad_spec_names_file_line_and_key(tmp_path, change, expected):
@@ -156,6 +160,19 @@ def test_dry_run_trains_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "tiny: 4 runs" in result.stdout and "nothing was trained" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_report_keeps_the_runs_and_says_how_to_retry(tmp_path, monkeypatch, capsys):
+    def broken(folders):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench.run, "write_report", broken)
+    out = tmp_path / "out"
+    assert main([str(write_spec(tmp_path, steps=2)), "--out", str(out), "--only", "mha", "--seeds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "the report could not be written (OSError: disk full)" in err
+    assert f"python -m bench.report {out}" in err and "Traceback" not in err
+    assert list(load(out).runs["status"]) == ["finished"]  # the trained run is kept: rerunning skips it
 
 
 def test_end_to_end_tiny_study_writes_the_store_and_prints_the_summary(tmp_path, capsys):
@@ -280,6 +297,13 @@ def test_every_shipped_spec_passes_dry_run(spec, tmp_path):
 def test_the_default_ablation_is_shipped():
     assert (ROOT / "ablations" / "attention.yaml") in SHIPPED
     assert "python -m bench.run ablations/attention.yaml" in (ROOT / "README.md").read_text()
+
+
+def test_the_readmes_example_spec_is_valid(tmp_path):
+    text = re.search(r"```yaml\n(name: attention\n.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    spec, sources = load_spec(write_spec(tmp_path, text), [])
+    plan = expand(spec, sources)
+    assert spec.compare == {"gqa_window": "gqa"} and len(plan.runs) == 3 * 2 * 2  # variants × lr sweep × seeds
 
 
 def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, capsys):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import bench.train
 from bench.schedules import learning_rate
 from bench.train import RunConfig, TrainConfig, evaluate, resolve_run, train
 
@@ -133,13 +134,19 @@ def test_budgets_in_tokens_and_flops_become_steps():
         TrainConfig(steps=3, tokens=4)
 
 
-def test_a_time_budget_stops_on_time():
-    run = resolve_run(TINY, MARKOV, fp32(seconds=1.5, batch_size=4, seq_len=32, eval_every=10**6))
-    import time
+def test_a_time_budget_stops_at_the_first_step_past_it(monkeypatch):
+    class Clock:  # each reading advances 1/8 s (exact in binary); a step reads it 3 times: budget, start, end
+        now = -0.125
 
-    start = time.perf_counter()
+        def perf_counter(self) -> float:
+            self.now += 0.125
+            return self.now
+
+    monkeypatch.setattr(bench.train, "time", Clock())
+    run = resolve_run(TINY, MARKOV, fp32(seconds=1.0, batch_size=4, seq_len=32, eval_every=10**6))
     result = train(run)
-    assert time.perf_counter() - start < 1.5 + 5 and result["steps"] > 1 and "val_loss" in result
+    # the budget check before step k reads 1/8 + 3k/8 s: steps 0, 1 and 2 start, step 3 does not
+    assert result["status"] == "finished" and result["steps"] == 3 and "val_loss" in result
 
 
 def test_schedules():

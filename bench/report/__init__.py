@@ -124,13 +124,14 @@ def _scaling(runs: pd.DataFrame, baseline: str) -> dict | None:
             compute_law.append({"variant": v, "E": number(law.E), "K": number(law.K), "gamma": number(law.gamma, 3),
                                 "r2": number(law.r2_log, 4), "points": int(keep.sum())})
     return {"fits": rows, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
-            "figure": figures.scaling_figure(points.rename(columns={"val_loss": "val_loss"}), fits, None)}
+            "figure": figures.scaling_figure(points, fits)}
 
 
 def _summary_rows(summary: pd.DataFrame, baseline: str, machine: str) -> list[dict]:
     rows = []
     for _, r in summary.iterrows():
         row = {"machine": machine, "variant": r["variant"], "baseline": r["variant"] == baseline, "n": int(r["n"]),
+               "reference": r["reference"],
                "sweep": ", ".join(f"{k}={v}" for k, v in (r["sweep"] or {}).items()),
                "params": count(r["params"]), "tokens_per_s": count(r["tokens_per_s"]),
                "failed": int(r["failed"]), "diverged": int(r["diverged"])}
@@ -150,11 +151,11 @@ def _verdicts(summary: pd.DataFrame, baseline: str, machine: str) -> list[str]:
     for _, r in summary.iterrows():
         if r["variant"] == baseline or "val_loss_verdict" not in r:
             continue
-        verdict = r["val_loss_verdict"]
+        verdict, reference = r["val_loss_verdict"], r["reference"] or baseline
         if verdict in ("better", "worse"):
-            text = f"{r['variant']} is {verdict} than {baseline}"
+            text = f"{r['variant']} is {verdict} than {reference}"
         elif verdict == "no significant difference":
-            text = f"{r['variant']}: no significant difference from {baseline}"
+            text = f"{r['variant']}: no significant difference from {reference}"
         else:
             text = f"{r['variant']}: {verdict}"
         lines.append(f"{text} on validation loss (Δ = {r['val_loss_delta']:+.4f}, Welch p = {number(r['val_loss_p'], 3)}, "
@@ -171,8 +172,9 @@ def build_report(folders: list[str | Path]) -> str:
     runs, metrics, kernels = results.runs, results.metrics, results.kernels
     runs["machine"] = runs["machine"].fillna("(not run)")
     summaries, verdicts, summary_frames = [], [], []
+    compare = spec.get("compare") or {}
     for machine, group in runs.groupby("machine", sort=False):
-        summary = variant_summary(group, baseline)
+        summary = variant_summary(group, baseline, compare)
         if summary.empty:
             continue
         summary_frames.append(summary.assign(machine=machine))

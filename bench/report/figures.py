@@ -136,7 +136,7 @@ def kernel_figures(kernels: pd.DataFrame) -> list[tuple[str, str]]:
     return figures
 
 
-def scaling_figure(points: pd.DataFrame, fits: dict, multipliers: pd.DataFrame | None) -> str | None:
+def scaling_figure(points: pd.DataFrame, fits: dict) -> str | None:
     """Observed losses and fitted L(N, D) per variant, and each variant's compute-optimal frontier."""
     if not fits:
         return None
