@@ -1,8 +1,10 @@
 """Executors: run a plan's runs and write each outcome into the store.
 
-``execute_run`` is the unit of work, whatever executes it: claim the run in the store, train it (or
-evaluate a quantized variant of its float run), record the result. A run that fails records its
-reason and the study goes on; a run claimed by another live runner is left to it and waited for.
+A run is claimed in the store, executed (``run_claimed``: trained, or a quantized variant of its float
+run evaluated), and its outcome recorded (``record_outcome``). Locally and under torchrun one process
+does all three (``execute_run``); on Ray the driver claims and records and the tasks only execute,
+so the store has one writer per machine. A run that fails records its reason and the study goes on;
+a run claimed by another live runner is left to it and waited for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,18 +37,29 @@ HEARTBEAT_SECONDS = 30.0
 
 
 class _Heartbeat(threading.Thread):
-    """Tells the store every 30 s that this runner still holds the run (its own connection)."""
+    """Tells the store every 30 s that this runner still holds its runs (its own connection)."""
 
-    def __init__(self, folder: Path, run_id: str, owner: str):
+    def __init__(self, folder: Path, run_ids: set[str], owner: str):
         super().__init__(daemon=True)
-        self.folder, self.run_id, self.owner = folder, run_id, owner
+        self.folder, self.run_ids, self.owner = folder, run_ids, owner
         self.stopped = threading.Event()
 
     def run(self) -> None:
         store = Store(self.folder)
         while not self.stopped.wait(HEARTBEAT_SECONDS):
-            store.heartbeat(self.run_id, self.owner)
+            for run_id in list(self.run_ids):
+                store.heartbeat(run_id, self.owner)
         store.close()
+
+
+@dataclass
+class Outcome:
+    """What executing a run gave: its status, final metrics, reason (failed, diverged) and per-step records."""
+
+    status: str
+    result: dict = field(default_factory=dict)
+    reason: str | None = None
+    steps: list[dict] = field(default_factory=list)
 
 
 def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, events: Events | None = None,
@@ -65,55 +79,73 @@ def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, eve
             return claim
         if planned.kind == "quantize" and not world.main:
             return "done"  # rank 0 evaluates quantized variants alone
-        run_dir = folder / "runs" / planned.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if world.main:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(planned.config.model_dump(mode="json"), sort_keys=False))
-            events({"event": "start", "run_id": planned.run_id, "label": planned.label,
-                    "total": budget_steps(planned.config) if planned.kind == "train" else 1})
-        heartbeat = _Heartbeat(folder, planned.run_id, owner) if world.main else None
+        heartbeat = _Heartbeat(folder, {planned.run_id}, owner) if store else None
         if heartbeat:
             heartbeat.start()
-        result, reason = {}, None
         try:
-            result = _execute(planned, folder, run_dir, store, events, plugins)
-            status = result["status"]
-            if status == "diverged":
-                reason = f"diverged at step {result['diverged_at']}"
+            outcome = run_claimed(planned, folder, events, plugins, _parent_status(store, planned))
         except KeyboardInterrupt:
             if store:
                 store.release(planned.run_id, owner)
             raise
-        except Exception as e:  # noqa: BLE001 - any failure is recorded with its reason; the study goes on
-            status = "failed"
-            oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-            reason = ("out of memory: " if oom else f"{type(e).__name__}: ") + str(e).splitlines()[0][:500]
-            with open(run_dir / "log.txt", "a") as log:
-                log.write(traceback.format_exc())
         finally:
             if heartbeat:
                 heartbeat.stopped.set()
-        if not world.main:
-            return status
-        with open(run_dir / "log.txt", "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {planned.label}: {status}" + (f" ({reason})" if reason else "") + "\n")
-        steps_path = run_dir / "metrics.jsonl"
-        steps = [json.loads(line) for line in steps_path.read_text().splitlines()] if steps_path.exists() else []
-        store.finish(planned.run_id, status, result, reason, steps, environment())
-        events({"event": "end", "run_id": planned.run_id, "status": status, "reason": reason,
-                "val_loss": result.get("val_loss")})
-        return status
+        return record_outcome(store, planned, outcome, events) if store else outcome.status
     finally:
         if store:
             store.close()
 
 
-def _execute(planned: PlannedRun, folder: Path, run_dir: Path, store: Store | None, events: Events,
-             plugins: list[str]) -> dict:
-    if planned.kind == "quantize":
-        parent_status = store.status(planned.parent_id)
-        if parent_status != "finished":
+def _parent_status(store: Store | None, planned: PlannedRun) -> str | None:
+    return store.status(planned.parent_id) if store and planned.kind == "quantize" else None
+
+
+def run_claimed(planned: PlannedRun, folder: Path, events: Events, plugins: list[str],
+                parent_status: str | None = None) -> Outcome:
+    """Execute a run someone has claimed, writing only its own folder (runs/<id>/): never the store.
+    Any failure becomes a failed outcome with its reason; the study goes on."""
+    main = parallel.world().main
+    run_dir = folder / "runs" / planned.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(planned.config.model_dump(mode="json"), sort_keys=False))
+        with open(run_dir / "log.txt", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {planned.label}: started by {owner_id()}\n")
+        events({"event": "start", "run_id": planned.run_id, "label": planned.label,
+                "total": budget_steps(planned.config) if planned.kind == "train" else 1})
+    outcome = Outcome("failed")
+    try:
+        if planned.kind == "quantize" and parent_status != "finished":
             raise RuntimeError(f"its float run {planned.parent_id} is {parent_status}, not finished")
+        outcome.result = _execute(planned, folder, run_dir, events, plugins)
+        outcome.status = outcome.result["status"]
+        if outcome.status == "diverged":
+            outcome.reason = f"diverged at step {outcome.result['diverged_at']}"
+    except Exception as e:  # noqa: BLE001 - any failure is recorded with its reason; the study goes on
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        outcome.reason = ("out of memory: " if oom else f"{type(e).__name__}: ") + str(e).splitlines()[0][:500]
+        with open(run_dir / "log.txt", "a") as log:
+            log.write(traceback.format_exc())
+    if main:
+        with open(run_dir / "log.txt", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {planned.label}: {outcome.status}"
+                      + (f" ({outcome.reason})" if outcome.reason else "") + "\n")
+        steps_path = run_dir / "metrics.jsonl"
+        outcome.steps = [json.loads(line) for line in steps_path.read_text().splitlines()] if steps_path.exists() else []
+    return outcome
+
+
+def record_outcome(store: Store, planned: PlannedRun, outcome: Outcome, events: Events) -> str:
+    """Write a run's outcome into the store (its one writer for this run) and announce the end."""
+    store.finish(planned.run_id, outcome.status, outcome.result, outcome.reason, outcome.steps, environment())
+    events({"event": "end", "run_id": planned.run_id, "status": outcome.status, "reason": outcome.reason,
+            "val_loss": outcome.result.get("val_loss")})
+    return outcome.status
+
+
+def _execute(planned: PlannedRun, folder: Path, run_dir: Path, events: Events, plugins: list[str]) -> dict:
+    if planned.kind == "quantize":
         return evaluate_quantized(planned.config, folder / "runs" / planned.parent_id)
 
     def on_step(record: dict) -> None:
@@ -214,9 +246,10 @@ def _forward(queue, events: Events) -> None:
 # -- Ray: many runs on many machines ------------------------------------------------------------------
 
 
-def _ray_execute(planned: PlannedRun, folder: str, queue, plugins: list[str]) -> str:
-    """A Ray task: one run, written into the shared store. Retried by Ray if its worker dies; the
-    retry reclaims the run (its previous owner is dead) and resumes from the last checkpoint."""
+def _ray_execute(planned: PlannedRun, folder: str, queue, plugins: list[str], parent_status: str | None) -> Outcome:
+    """A Ray task: one run, claimed by the driver. It writes only the run's folder (shared storage) and
+    returns the outcome; the driver is the store's one writer. Retried by Ray if its worker dies, when
+    it resumes from the run's last checkpoint."""
     import ray
 
     from models import load_plugins
@@ -225,14 +258,16 @@ def _ray_execute(planned: PlannedRun, folder: str, queue, plugins: list[str]) ->
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
-    return execute_run(planned, Path(folder), events=queue.put, plugins=plugins)
+    return run_claimed(planned, Path(folder), queue.put, plugins, parent_status)
 
 
 class RayExecutor:
     """Each run is a Ray task with its resource needs (CPUs, GPUs); results go into the same store as
     the local executor's. Without --ray-address a local Ray instance is started on this machine; with
-    one (auto, or HOST:PORT after `ray start`) the runs spread over the cluster, whose machines must
-    share the results folder."""
+    one (auto, or HOST:PORT after `ray start`) the runs spread over the cluster. Only this driver
+    touches the SQLite store (claims, heartbeats, results), so it may sit on the driver's local disk;
+    the tasks write each run's folder (metrics, checkpoints), which the nodes must share at the same
+    absolute path so that a retried task resumes wherever it lands."""
 
     MAX_RETRIES = 3
 
@@ -257,17 +292,30 @@ class RayExecutor:
         queue = Queue()
         forward = threading.Thread(target=_forward, args=(queue, events), daemon=True)
         forward.start()
+        store, owner, held_by_us = Store(folder), owner_id(), set()
+        heartbeat = _Heartbeat(folder, held_by_us, owner)
+        heartbeat.start()
         try:
             for phase in (plan.train_runs, plan.quantize_runs):
                 remaining = phase
                 while remaining:
-                    refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(r, str(folder), queue, plan.spec.plugins)
-                            for r in remaining}
-                    outcomes = {run_id: self._outcome(ray, run_id, ref, folder) for run_id, ref in refs.items()}
-                    remaining = [r for r in remaining if outcomes[r.run_id] == "held"]
-                    if remaining:
+                    claims = {r.run_id: store.claim(r.run_id, owner) for r in remaining}
+                    claimed = [r for r in remaining if claims[r.run_id] == "claimed"]
+                    held_by_us.update(r.run_id for r in claimed)
+                    refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(
+                                r, str(folder.resolve()), queue, plan.spec.plugins, _parent_status(store, r))
+                            for r in claimed}
+                    for r in claimed:
+                        record_outcome(store, r, self._outcome(ray, refs[r.run_id]), events)
+                        held_by_us.discard(r.run_id)
+                    remaining = [r for r in remaining if claims[r.run_id] == "held"]
+                    if remaining:  # another runner has them: wait for it (or for its claim to lapse)
                         time.sleep(2.0)
         finally:
+            for run_id in held_by_us:  # interrupted: hand back what was not recorded
+                store.release(run_id, owner)
+            heartbeat.stopped.set()
+            store.close()
             queue.put(None)
             forward.join(timeout=10)
             if started:
@@ -280,17 +328,12 @@ class RayExecutor:
         wants_gpu = train.device == "cuda" or (train.device == "auto" and cluster_gpus > 0)
         return {"num_cpus": processes * (train.threads or 1), "num_gpus": processes if wants_gpu else 0}
 
-    def _outcome(self, ray, run_id: str, ref, folder: Path) -> str:
+    def _outcome(self, ray, ref) -> Outcome:
         try:
             return ray.get(ref)
         except ray.exceptions.RayError as e:  # the task failed more often than it may be retried
-            store = Store(folder)
-            try:
-                reason = f"Ray task failed after {self.MAX_RETRIES} retries: {str(e).splitlines()[0][:300]}"
-                store.finish(run_id, "failed", {}, reason, [], environment())
-            finally:
-                store.close()
-            return "failed"
+            return Outcome("failed", reason=f"Ray task failed after {self.MAX_RETRIES} retries: "
+                                            f"{str(e).splitlines()[0][:300]}")
 
 
 EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}

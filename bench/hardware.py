@@ -75,8 +75,26 @@ def fingerprint() -> dict:
             "capability": f"{props.major}.{props.minor}",
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
+            **_nvidia_smi(),
         }
     return fp
+
+
+def _nvidia_smi() -> dict:
+    """The driver version and SM clocks (current, max) of GPU 0, where nvidia-smi can tell; else {}."""
+    import subprocess
+
+    fields = ("driver_version", "clocks.sm", "clocks.max.sm")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                              "--id=0"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    if out.returncode != 0 or len(values) != len(fields):
+        return {}
+    driver, sm, sm_max = values
+    return {"driver": driver, "sm_clock_mhz": sm, "sm_clock_max_mhz": sm_max}
 
 
 def machine_id(fp: dict | None = None) -> str:
@@ -120,7 +138,10 @@ def _cached(key: str, measure) -> float:
     path = cache_dir("hardware") / f"{machine_id()}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if key not in data:
-        data[key] = measure()
+        # measured on a forked RNG: the first run on a machine must draw the same numbers as the rest
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            data[key] = measure()
         fresh = json.loads(path.read_text()) if path.exists() else {}  # another process may have written
         atomic_write_bytes(path, json.dumps({**fresh, key: data[key]}, indent=1).encode())
     return data[key]

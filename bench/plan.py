@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,6 +82,7 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
         load_plugins(spec.plugins)
     except ComponentError as e:
         raise SpecError(f"{sources.locate(('plugins',))}: plugins: {e}") from None
+    _check_kernel_names(spec, sources)
     unknown = [v for v in only or [] if v not in spec.variants]
     if unknown:
         raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
@@ -100,6 +102,7 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
                 _check_runs_here(run, variant, sources)
                 resolved.append((variant, point, seed, run))
 
+    _check_same_val_set(resolved, sources)
     plan = Plan(spec)
     planned: dict[str, PlannedRun] = {}
     for variant, point, seed, run in resolved:  # runs that train
@@ -114,6 +117,37 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
             planned.setdefault(quantized.run_id, quantized)
     plan.runs = sorted(planned.values(), key=lambda r: r.kind == "quantize")  # float runs first
     return plan
+
+
+def _check_same_val_set(resolved: list, sources: SourceMap) -> None:
+    """Verdicts compare val losses: every run of a study must be scored on the same val sequences."""
+    sizes = {}
+    for variant, point, _, run in resolved:
+        sizes.setdefault(run.train.val_sequences, f"variant '{variant}'" + (f" at {point}" if point else ""))
+    if len(sizes) > 1:
+        (a, first), (b, second) = list(sizes.items())[:2]
+        where = sources.locate(("base", "train", "eval_batches"), ("base", "train"), ("base",))
+        raise SpecError(f"{where}: train.eval_sequences: {first} is evaluated on {a} val sequences and {second} on "
+                        f"{b} (eval_batches × batch_size): set base.train.eval_sequences so that every run is "
+                        "scored on the same tokens")
+
+
+# the registry family of each list of names in a spec's kernels: section
+KERNEL_NAMES = {("attention", "backends"): "attention_backend", ("mlp", "names"): "mlp", ("norm", "names"): "norm",
+                ("quantization", "names"): "quantization"}
+
+
+def _check_kernel_names(spec: Spec, sources: SourceMap) -> None:
+    """Unknown component names in kernels: stop the study before anything trains."""
+    if spec.kernels is None:
+        return
+    for (section, field), family in KERNEL_NAMES.items():
+        for name in getattr(getattr(spec.kernels, section), field, None) or []:
+            try:
+                get(family, name)
+            except ComponentError as e:
+                where = sources.locate(("kernels", section, field), ("kernels", section), ("kernels",))
+                raise SpecError(f"{where}: kernels.{section}.{field}: {e}") from None
 
 
 def _resolve(config: dict, seed: int, variant: str, sources: SourceMap) -> RunConfig:
@@ -144,8 +178,14 @@ def _locate_errors(error: ValidationError, config: dict, variant: str, sources: 
     tags = {str(data.get("source")), str(data.get("task"))}
     for loc, message in problems(error):
         loc = (*prefix, *loc)
+        if not loc and (key := re.match(r"([a-z_]+(?:\.[a-z_]+)+)=", message)):  # a check across fields names its key
+            loc = tuple(key.group(1).split("."))
         if loc and loc[0] == "data":  # drop discriminated-union tags ('data.task.mqar.seq_len')
             loc = (loc[0], *[p for p in loc[1:3] if p not in tags], *loc[3:])
+        budget = ("budget", *loc[1:]) if loc[:1] == ("train",) and len(loc) > 1 else None
+        if budget and sources.written(budget):  # the budget shorthand is merged into train
+            lines.append(f"{sources.written(budget)}: variant '{variant}': {'.'.join(budget)}: {message}")
+            continue
         where = sources.locate(("variants", variant, *loc), ("base", *loc), ("sweep", *loc),
                                ("variants", variant, *loc[:-1]), ("base", *loc[:-1]), ("variants", variant), ())
         lines.append(f"{where}: variant '{variant}': {'.'.join(loc)}: {message}")
@@ -176,6 +216,8 @@ def _check_runs_here(run: RunConfig, variant: str, sources: SourceMap) -> None:
         reason = component.unavailable_reason()
         if reason is None and family == "attention_backend" and device.type == "cpu":
             reason = component.limitation()  # e.g. FlexAttention: forward only on CPU
+        if reason is None and hasattr(component.factory, "device_limitation"):
+            reason = component.factory.device_limitation(spec, device)  # e.g. an sdpa kernel that needs CUDA
         if reason:
             where = sources.locate(("variants", variant, "model"), ("base", "model"))
             raise SpecError(f"{where}: variant '{variant}': {family} '{spec['name']}' cannot train here: {reason}")

@@ -52,8 +52,7 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     float_model.to(device).eval()
     data = load_dataset(run.data)
     micro = run.train.micro_batch_size or run.train.batch_size
-    n_val = run.train.eval_batches * run.train.batch_size if run.train.eval_batches else None
-    val = data.val_batches(n_val, run.seq_len, micro)
+    val = data.val_batches(run.train.val_sequences, run.seq_len, micro)
     before = evaluate(float_model, val, device, torch.float32, data.token_bytes)
     quantized = copy.deepcopy(float_model)
     quantizer = quantize(quantized, run.model.quantization)

@@ -73,9 +73,21 @@ def estimated_seconds(plan: Plan, store: Store | None) -> list[float | None]:
             continue
         device = hardware.resolve_device(r.config.train.device)
         peak = hardware.peak_matmul_flops(device, hardware.training_dtype(device, r.config.train.dtype))
-        flops = steps * r.config.train.batch_size * r.config.seq_len * r.config.model.flops_per_token(seq_len=r.config.seq_len)
+        train = r.config.train
+        per_token = r.config.model.flops_per_token(seq_len=r.config.seq_len)
+        flops = steps * train.batch_size * r.config.seq_len * per_token
+        evals = steps // train.eval_every + 1  # forward only: a third of a training step's FLOPs per token
+        flops += evals * (train.val_sequences or 256) * r.config.seq_len * per_token / 3 * (1 + len(train.eval_lengths))
         estimates.append(flops / (peak * mfu))
     return estimates
+
+
+def _processes(run) -> str:
+    distributed = run.config.train.distributed
+    if not distributed or run.kind != "train":
+        return ""
+    stage = f" ZeRO-{distributed.zero_stage or 1}" if distributed.strategy == "deepspeed" else ""
+    return f" ×{distributed.nproc} {distributed.strategy}{stage}"
 
 
 def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
@@ -88,7 +100,7 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
         steps = budget_steps(r.config) if r.kind == "train" else None
         total += seconds or 0
         table.add_row(escape(r.variant), escape(", ".join(f"{k}={v}" for k, v in r.sweep.items()) or "-"),
-                      str(r.seed), r.kind, count(counts["total"]), count(counts["active"]),
+                      str(r.seed), r.kind + _processes(r), count(counts["total"]), count(counts["active"]),
                       count(r.config.model.flops_per_token(seq_len=r.config.seq_len)),
                       str(steps) if steps else ("-" if r.kind == "quantize" else "time"),
                       (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s") if seconds else "-")
@@ -172,18 +184,24 @@ def main(argv: list[str] | None = None) -> int:
 
     store = Store(folder) if world.main else None
     if store:
-        store.record_study(spec.name, spec.model_dump(mode="json"), "python -m bench.run " + shlex.join(argv))
+        launcher = f"torchrun --nproc_per_node {world.size} -m bench.run " if world.size > 1 else "python -m bench.run "
+        store.record_study(spec.name, spec.model_dump(mode="json"), launcher + shlex.join(argv))
         store.add_runs(spec.name, plan.runs)
     done = parallel.broadcast_object({r.run_id for r in plan.runs if store and store.status(r.run_id) in DONE}, world)
     todo = [r for r in plan.runs if r.run_id not in done]
     console.print(f"{spec.name}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} already done → {folder}")
     steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + len([r for r in todo if r.kind != "train"])
+    kernel_error = None
     try:
         executor = EXECUTORS[args.executor](workers=args.workers, address=args.ray_address)
         with Progress(len(todo), steps, console) as progress:
             executor.execute(Plan(spec, todo), folder, progress if world.main else (lambda event: None))
         if world.main and spec.kernels is not None:
-            time_kernels(spec, store, console)
+            try:
+                time_kernels(spec, store, console)
+            except Exception as e:  # noqa: BLE001 - the trained runs are stored; summary and report still follow
+                kernel_error = f"{type(e).__name__}: {e}"
+                print(f"error: kernel timing failed ({kernel_error}); the trained runs are stored", file=sys.stderr)
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume from the last checkpoints")
         return 130
@@ -205,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{folder}/results.db — retry with: python -m bench.report {folder}", file=sys.stderr)
         return 1
     failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in {p.run_id for p in plan.runs}]
-    return 1 if failed else 0
+    return 1 if failed or kernel_error else 0
 
 
 if __name__ == "__main__":

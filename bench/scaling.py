@@ -117,6 +117,8 @@ class ParametricFit:
         lo, hi = 0.0, 200.0
         if f(lo) < 0:
             return math.exp(lo)
+        if f(hi) > 0:  # not reached below e^200 FLOPs: as good as never
+            return math.inf
         return math.exp(optimize.brentq(f, lo, hi, xtol=1e-12))
 
     def is_extrapolation(self, n=None, d=None) -> bool:
@@ -223,9 +225,23 @@ def _grid_starts() -> np.ndarray:
     return np.array(list(itertools.product(GRID["a"], GRID["b"], GRID["e"], GRID["alpha"], GRID["beta"])))
 
 
+GRID_NAMES = ("a", "b", "e", "alpha", "beta")
+CONVERGED_GRADIENT = 1e-5  # gradient norm of the summed Huber objective at an accepted optimum
+
+
 def _on_edge(start: np.ndarray) -> bool:
-    names = ("a", "b", "e", "alpha", "beta")
-    return any(value in (GRID[n][0], GRID[n][-1]) and n in ("alpha", "beta", "e") for n, value in zip(names, start))
+    return any(value in (GRID[n][0], GRID[n][-1]) for n, value in zip(GRID_NAMES, start))
+
+
+def _outside_grid(theta: np.ndarray) -> list[str]:
+    """The parameters whose fitted value lies beyond the initialisation grid (by more than one grid step)."""
+    out = []
+    for name, value in zip(GRID_NAMES, theta):
+        grid = GRID[name]
+        step = grid[1] - grid[0]
+        if value < grid[0] - step or value > grid[-1] + step:
+            out.append(name)
+    return out
 
 
 def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootstrap: int = 0,
@@ -241,7 +257,8 @@ def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootst
     total = ((log_l - log_l.mean()) ** 2).sum()
     fit = ParametricFit(
         E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, objective=float(result.fun),
-        gradient_norm=float(np.linalg.norm(grad)), converged=bool(np.linalg.norm(grad) < 1e-6 or result.success),
+        # the optimiser's success flag alone is not trusted: the gradient must have vanished
+        gradient_norm=float(np.linalg.norm(grad)), converged=bool(np.linalg.norm(grad) < CONVERGED_GRADIENT),
         start_on_grid_edge=_on_edge(start), r2_log=float(1 - (residuals**2).sum() / total) if total > 0 else float("nan"),
         residuals=residuals, n_range=(n.min(), n.max()), d_range=(d.min(), d.max()),
     )
@@ -249,6 +266,12 @@ def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootst
         fit.warnings.append(f"L-BFGS did not converge (gradient norm {fit.gradient_norm:.2g})")
     if fit.start_on_grid_edge:
         fit.warnings.append("the best start lies on the edge of the initialisation grid: widen the grid")
+    outside = _outside_grid(result.x)
+    if "e" in outside and e < GRID["e"][0]:
+        fit.warnings.append(f"E was driven to {fit.E:.2g}: these points do not identify an irreducible loss, "
+                            "so A, B, α and β describe a local power law only")
+    elif outside:
+        fit.warnings.append(f"{', '.join(outside)} ended far outside the initialisation grid: check the fit")
     if len(np.unique(n)) < 3:
         fit.warnings.append("fewer than 3 model sizes: α and A are not constrained")
     if len(np.unique(d)) < 3:
@@ -266,8 +289,10 @@ def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootst
             values = [s[p] for s in fit.bootstrap]
             fit.ci[p] = (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
             low, high = fit.ci[p]
-            if p in ("alpha", "beta") and high - low > 1.0:
-                fit.warnings.append(f"{p} is poorly constrained by these points (95% CI {low:.2f}–{high:.2f})")
+            # exponents: a CI wider than 1; scales (E, A, B): wider than a factor of 100
+            loose = high - low > 1.0 if p in ("alpha", "beta") else high > 100 * max(low, 1e-300)
+            if loose:
+                fit.warnings.append(f"{p} is poorly constrained by these points (95% CI {low:.3g}–{high:.3g})")
     return fit
 
 
@@ -288,7 +313,9 @@ class IsoFlopFit:
     d_opt: np.ndarray
     exponent_a: float  # N_opt ∝ C^a
     exponent_b: float  # D_opt ∝ C^b
+    r2_log: float = float("nan")  # of the straight line log N_opt against log C
     parabolas: list[np.ndarray] = field(repr=False, default_factory=list)  # loss = p(log N) per budget
+    parabola_r2: list[float] = field(default_factory=list)  # each parabola's R² against its points
 
 
 def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
@@ -298,7 +325,7 @@ def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
     n, d, l_ = (np.asarray(x, dtype=float) for x in (n_params, n_tokens, loss))
     c = np.asarray(compute, dtype=float) if compute is not None else 6 * n * d
     keys = np.array([float(f"{x:.3g}") for x in c])
-    budgets, n_opt, parabolas = [], [], []
+    budgets, n_opt, parabolas, parabola_r2 = [], [], [], []
     for budget in np.unique(keys):
         mask = keys == budget
         if mask.sum() < 3:
@@ -309,13 +336,17 @@ def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
         budgets.append(budget)
         n_opt.append(math.exp(-coeffs[1] / (2 * coeffs[0])))
         parabolas.append(coeffs)
+        spread = ((l_[mask] - l_[mask].mean()) ** 2).sum()
+        misfit = ((l_[mask] - np.polyval(coeffs, np.log(n[mask]))) ** 2).sum()
+        parabola_r2.append(float(1 - misfit / spread) if spread > 0 else float("nan"))
     if len(budgets) < 2:
         raise ValueError("Approach 2 needs at least two compute budgets with three or more sizes each")
     budgets, n_opt = np.array(budgets), np.array(n_opt)
     d_opt = budgets / (6 * n_opt)
-    slope_n = stats.linregress(np.log(budgets), np.log(n_opt)).slope
+    line = stats.linregress(np.log(budgets), np.log(n_opt))
     slope_d = stats.linregress(np.log(budgets), np.log(d_opt)).slope
-    return IsoFlopFit(budgets, n_opt, d_opt, float(slope_n), float(slope_d), parabolas)
+    r2 = float(line.rvalue**2) if len(budgets) > 2 else float("nan")  # two points always fit a line
+    return IsoFlopFit(budgets, n_opt, d_opt, float(line.slope), float(slope_d), r2, parabolas, parabola_r2)
 
 
 # -- a power law in compute on the frontier ------------------------------------------------------------
@@ -329,9 +360,14 @@ class ComputeLaw:
     K: float
     gamma: float
     r2_log: float
+    compute_range: tuple[float, float] = (0.0, math.inf)  # of the points it was fitted to
+    residuals: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)  # log space
 
     def loss(self, compute):
         return self.E + self.K * np.power(compute, -self.gamma)
+
+    def is_extrapolation(self, compute: float) -> bool:
+        return not (self.compute_range[0] * 0.999 <= compute <= self.compute_range[1] * 1.001)
 
 
 def fit_compute_law(compute, loss) -> ComputeLaw:
@@ -348,7 +384,8 @@ def fit_compute_law(compute, loss) -> ComputeLaw:
     residuals = np.log(l_) - model(np.log(c), *params)
     total = ((np.log(l_) - np.log(l_).mean()) ** 2).sum()
     return ComputeLaw(float(e), float(math.exp(log_k) * scale**gamma), float(gamma),
-                      float(1 - (residuals**2).sum() / total) if total > 0 else float("nan"))
+                      float(1 - (residuals**2).sum() / total) if total > 0 else float("nan"),
+                      (float(c.min()), float(c.max())), residuals)
 
 
 # -- compute multipliers ----------------------------------------------------------------------

@@ -10,6 +10,7 @@
       gqa: {model.attention: {name: gqa, n_kv_head: 2}}
     baseline: mha                   # default: the first variant
     compare: {gqa_window: gqa}      # optional: a variant's own reference (default: the baseline)
+    extrapolate_to: 1.0e21          # optional: compute multipliers also stated there (scaling studies)
     sweep: {train.lr: [3e-4, 1e-3]} # crossed with every variant; reports keep the best per variant
     seeds: 2                        # a count (0..n-1) or a list
     budget: {steps: 300}            # shorthand for base.train's budget
@@ -97,15 +98,26 @@ class SourceMap:
     def locate(self, *paths: tuple[str, ...]) -> str:
         """file:line of the first path that was written (or the --set that gave it)."""
         for path in paths:
-            dotted = ".".join(map(str, path))
-            for key, text in self.set_keys.items():
-                if dotted == key or dotted.startswith(key + "."):
-                    return text
-            for filename, root in self.documents:
-                node = _find(root, [str(p) for p in path]) if path else root
-                if node is not None:
-                    return f"{filename}:{node.start_mark.line + 1}"
+            where = self.written(path)
+            if where:
+                return where
         return self.documents[0][0] if self.documents else "<spec>"
+
+    def written(self, path: tuple[str, ...]) -> str | None:
+        """Where `path` was written: the --set that set it (or a key above it), its file:line, or else
+        a --set of a key below it (`--set base.modle.n_layer=2` for an unknown `base.modle`); None."""
+        dotted = ".".join(map(str, path))
+        for key, text in self.set_keys.items():
+            if dotted == key or dotted.startswith(key + "."):
+                return text
+        for filename, root in self.documents:
+            node = _find(root, [str(p) for p in path]) if path else root
+            if node is not None:
+                return f"{filename}:{node.start_mark.line + 1}"
+        for key, text in self.set_keys.items():
+            if path and key.startswith(dotted + "."):
+                return text
+        return None
 
 
 def _find(node: yaml.Node, path: list[str]) -> yaml.Node | None:
@@ -143,6 +155,8 @@ class Spec(BaseModel):
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     baseline: str | None = None
     compare: dict[str, str] = Field(default_factory=dict, description="variant -> the variant it is compared with")
+    extrapolate_to: float | None = Field(None, gt=0, description="compute (FLOPs) at which the report also states "
+                                         "compute multipliers; default 100× the largest trained budget")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: int | list[int] = 2
     budget: dict[str, Any] | None = None

@@ -61,18 +61,32 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (Unix time), where /proc says; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _owner_alive(owner: str | None, heartbeat: float | None) -> bool:
+    """Whether the process that claimed a run still runs: on this host by its PID (a PID reused by a
+    process that started after the owner's last heartbeat is not the owner); elsewhere by heartbeat."""
     if not owner:
         return False
     host, _, pid = owner.rpartition(":")
     if host == socket.gethostname():
         try:
             os.kill(int(pid), 0)
-            return True
         except (ProcessLookupError, ValueError):
             return False
         except PermissionError:
-            return True
+            pass
+        started = _process_started(int(pid))
+        return started is None or heartbeat is None or started <= heartbeat + 1.0  # ticks are coarse
     return heartbeat is not None and time.time() - heartbeat < STALE_SECONDS
 
 

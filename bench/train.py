@@ -28,6 +28,8 @@ from bench.parallel import DistributedConfig
 from bench.schedules import learning_rate
 from models import ModelConfig, build_model
 
+FINAL_TRAIN_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
+
 
 class TrainConfig(BaseModel):
     """Optimisation and budget. Defaults follow nanoGPT where it has one."""
@@ -54,6 +56,8 @@ class TrainConfig(BaseModel):
     seconds: float | None = Field(None, gt=0)
     eval_every: int = Field(250, ge=1)
     eval_batches: int | None = Field(20, ge=1, description="val set of eval_batches × batch_size sequences; None: all (tasks)")
+    eval_sequences: int | None = Field(None, ge=1, description="val set of this many sequences whatever the batch "
+                                       "size (replaces eval_batches; for studies that vary batch_size)")
     eval_lengths: list[int] = Field(default_factory=list, description="extra val sequence lengths (extrapolation)")
     checkpoint_every: int | None = Field(500, ge=1)
     diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size)")
@@ -75,6 +79,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"batch_size={self.batch_size} must be divisible by distributed.nproc={self.distributed.nproc}")
         return self
 
+    @property
+    def val_sequences(self) -> int | None:
+        """How many val sequences every evaluation scores (None: the whole val set, for tasks)."""
+        if self.eval_sequences:
+            return self.eval_sequences
+        return self.eval_batches * self.batch_size if self.eval_batches else None
+
 
 class RunConfig(BaseModel):
     """One fully resolved training run: what the runner hashes, stores and hands to ``train``."""
@@ -89,6 +100,17 @@ class RunConfig(BaseModel):
     @property
     def seq_len(self) -> int:
         return self.train.seq_len or getattr(self.data, "seq_len", None) or self.model.block_size
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> RunConfig:
+        task_len = getattr(self.data, "seq_len", None)
+        if task_len and self.train.seq_len and self.train.seq_len != task_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} differs from the task's seq_len={task_len} "
+                             "(a task fixes its example length: leave train.seq_len out)")
+        if self.model.positional["name"] == "learned" and self.seq_len > self.model.block_size:
+            raise ValueError(f"train.seq_len={self.seq_len} is longer than model.block_size={self.model.block_size}, "
+                             "the most positions 'learned' can embed")
+        return self
 
 
 def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 0) -> RunConfig:
@@ -194,11 +216,11 @@ class Trainer:
         self.strategy = parallel.make_strategy(self.cfg.distributed, self.world, self.device)
         self.strategy.setup(self.model, self.cfg, self.micro, self.per_rank // self.micro)
         self.forward = torch.compile(self.strategy.module) if self.cfg.compile else self.strategy.module
-        n_val = self.cfg.eval_batches * self.cfg.batch_size if self.cfg.eval_batches else None
-        self.val = self.data.val_batches(n_val, self.seq_len, self.micro)
-        self.extra_val = {n: self.data.val_batches(n_val, n, self.micro) for n in self.cfg.eval_lengths}
+        self.val = self.data.val_batches(self.cfg.val_sequences, self.seq_len, self.micro)
+        self.extra_val = {n: self.data.val_batches(self.cfg.val_sequences, n, self.micro) for n in self.cfg.eval_lengths}
         self.peak_flops = hardware.peak_matmul_flops(self.device, self.dtype) * self.world.size  # every process's share
         self._metrics_file = None
+        self._resumed: dict = {}  # the checkpoint's state when this run resumed
 
     # -- files --------------------------------------------------------------------------------
 
@@ -215,6 +237,7 @@ class Trainer:
         """Restore the last checkpoint; drop metrics recorded after it. Returns the step to continue from."""
         state = self.strategy.load(self._checkpoint_path) if self.out_dir else None
         metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        self._resumed = state or {}
         if state is None:
             if metrics and self.world.main:
                 metrics.unlink(missing_ok=True)
@@ -228,8 +251,10 @@ class Trainer:
             metrics.write_text("".join(line + "\n" for line in kept))
         return state["step"]
 
-    def _checkpoint(self, step: int) -> None:
-        extra = {"step": step, "torch_rng": torch.get_rng_state()}
+    def _checkpoint(self, step: int, record: dict, train_losses: list[float], elapsed: float) -> None:
+        # the loop's state beyond the model's: a resumed run reports what an uninterrupted one would
+        extra = {"step": step, "torch_rng": torch.get_rng_state(), "record": record,
+                 "train_losses": train_losses[-FINAL_TRAIN_LOSS_STEPS:], "elapsed": elapsed}
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state()
         self.strategy.save(self._checkpoint_path, extra)  # collective: every rank takes part
@@ -313,9 +338,9 @@ class Trainer:
         self.model.train()
         status, diverged_at, step = "finished", None, start
         step_times: list[float] = []
-        train_losses: list[float] = []
-        record: dict = {}
-        wall_start = time.perf_counter()
+        train_losses: list[float] = list(self._resumed.get("train_losses", []))
+        record: dict = dict(self._resumed.get("record", {}))
+        wall_start = time.perf_counter() - self._resumed.get("elapsed", 0.0)  # a time budget counts earlier attempts
         while step < self.total_steps:
             elapsed = time.perf_counter() - wall_start
             if self.cfg.seconds and elapsed >= self.cfg.seconds:
@@ -346,13 +371,13 @@ class Trainer:
                 self.on_step(record)
             every = self.cfg.checkpoint_every
             if self.out_dir and (last or (every and step % every == 0)):  # always the final one
-                self._checkpoint(step)
+                self._checkpoint(step, record, train_losses, time.perf_counter() - wall_start)
             yield record
         if status == "finished" and "val_loss" not in record:  # a time budget ended between evals
             record.update(self._eval_record())
             self._write_metrics({**record, "step": step})
             if self.out_dir:
-                self._checkpoint(step)
+                self._checkpoint(step, record, train_losses, time.perf_counter() - wall_start)
         return self._final(status, step, diverged_at, record, step_times, train_losses)
 
     def _final(self, status, step, diverged_at, record, step_times, train_losses) -> dict[str, Any]:
@@ -364,12 +389,15 @@ class Trainer:
             "steps": step,
             "diverged_at": diverged_at,
             "tokens": step * self.tokens_per_step,
-            "train_loss": statistics.fmean(train_losses[-10:]) if train_losses else None,
+            "train_loss": statistics.fmean(train_losses[-FINAL_TRAIN_LOSS_STEPS:]) if train_losses else None,
             **{k: v for k, v in record.items() if k.startswith(("val_", "moe_"))},
             "loss_floor": self.data.loss_floor,
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s else None,
             "peak_flops": self.peak_flops,
+            # on known GPUs, also against the datasheet's dense bf16 peak (A100 312, H100 SXM 989 TFLOP/s)
+            "mfu_datasheet": (tokens_per_s * self.flops_per_token / (datasheet * self.world.size)
+                              if tokens_per_s and (datasheet := hardware.datasheet_peak()) else None),
             "peak_memory_bytes": _peak_memory(self.device),
             "params": self.run_config.model.param_counts(),
             "flops_per_token": self.flops_per_token,
@@ -378,6 +406,7 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "world_size": self.world.size,
             "strategy": self.strategy.name,
+            "resumed_from": self._resumed.get("step", 0),  # the checkpoint's step, 0 for a fresh start
             "attention_kernel": getattr(kernel, "ran", None) or getattr(kernel, "name", None),
             "data": self.data.fingerprint,
         }

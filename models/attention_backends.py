@@ -135,6 +135,14 @@ class SDPAttention:
         # SDPA's flash kernel takes no mask tensor: only plain causal (and unmasked decode)
         return frozenset({"causal", "dropout"}) if options.get("kernel") == "flash" else ALL
 
+    @staticmethod
+    def device_limitation(options: dict, device: torch.device) -> str | None:
+        """Why the selected kernel cannot run on `device`: off CUDA only flash (a CPU port) and math exist."""
+        kernel = options.get("kernel", "auto")
+        if device.type != "cuda" and kernel in ("efficient", "cudnn"):
+            return f"sdpa kernel '{kernel}' needs CUDA (on {device.type}: auto, flash or math)"
+        return None
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         kwargs = {"dropout_p": dropout_p, "enable_gqa": k.shape[1] != q.shape[1]}
         if mask.kind == "causal":
@@ -269,6 +277,12 @@ class FlashAttn:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         from flash_attn import flash_attn_func  # imported here: a config naming it builds anywhere
 
+        dtype = q.dtype
+        if {q.dtype, k.dtype, v.dtype} - {torch.float16, torch.bfloat16} or len({q.dtype, k.dtype, v.dtype}) > 1:
+            # fp16/bf16 kernels only: fp32 inputs (an fp32 evaluation; q, k left in fp32 by QK-norm
+            # under autocast) run in v's half dtype, or bf16; the output returns in q's dtype
+            half = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            q, k, v = q.to(half), k.to(half), v.to(half)
         # flash-attn aligns the causal mask bottom-right when Tq < Tk: the Mask invariant
         window = (mask.window - 1, 0) if mask.window else (-1, -1)
         slopes = mask.slopes.float() if mask.slopes is not None else None
@@ -276,7 +290,7 @@ class FlashAttn:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, T, H, D) layout
             dropout_p=dropout_p, causal=mask.kind != "none", window_size=window, alibi_slopes=slopes,
         )
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).to(dtype)
 
 
 @register(

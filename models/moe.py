@@ -2,7 +2,9 @@
 
 k = 1 is the Switch Transformer (Fedus et al. 2021). Experts are any registered MLP. Each expert
 takes at most capacity = ⌈capacity_factor · k · N / E⌉ assignments, first choices before second
-(GShard); the rest are dropped, i.e. pass through on the residual. Auxiliary losses: Switch's
+(GShard); the rest are dropped, i.e. pass through on the residual. Capacity binds in training only:
+evaluation and KV-cache decoding route every token, so a token's output never depends on which other
+tokens share its batch. Auxiliary losses: Switch's
 load-balancing loss E·Σ f_i·P_i (1 at uniform routing, its minimum) and ST-MoE's router z-loss.
 """
 
@@ -67,7 +69,7 @@ class MoE(nn.Module):
         onehot = F.one_hot(expert_of, E)  # (k·N, E)
         per_expert = onehot.sum(0)  # assignments each expert was asked to take
         kept = torch.ones_like(expert_of, dtype=torch.bool)
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and self.training:  # evaluation and decoding are dropless
             capacity = math.ceil(self.capacity_factor * k * N / E)
             slot = (onehot.cumsum(0) * onehot).sum(-1) - 1  # rank of the assignment within its expert
             kept = slot < capacity

@@ -110,8 +110,20 @@ class Int4WeightOnly(Quantizer):
 
     @staticmethod
     def check(config, options: dict) -> str | None:
-        if config.n_embd % options["group_size"]:
-            return f"group_size={options['group_size']} must divide n_embd={config.n_embd}"
+        """Every quantized linear layer's input width (n_embd, the MLP or expert hidden size) must be
+        a multiple of group_size; the layers are read from a shapes-only model of this config."""
+        from models.gpt import GPT
+
+        with torch.device("meta"):
+            model = GPT(config)
+        widths: dict[int, str] = {}  # input width -> the first layer that has it
+        for fqn, m in model.named_modules():
+            if quantizable(m, fqn):
+                widths.setdefault(m.in_features, fqn)
+        bad = sorted(w for w in widths if w % options["group_size"])
+        if bad:
+            return (f"group_size={options['group_size']} must divide every quantized layer's input width; "
+                    f"{bad[0]} ({widths[bad[0]]}) is not a multiple")
         return None
 
     def apply(self, model: nn.Module) -> nn.Module:

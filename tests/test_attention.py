@@ -153,6 +153,17 @@ def test_kv_cache_decoding_gives_the_logits_of_a_full_forward(attention, positio
 
 
 @torch.no_grad()
+def test_kv_cache_decoding_of_an_moe_model_gives_the_full_forwards_logits():
+    # capacity would drop different tokens in a 20-token forward than in a 1-token step: not in eval
+    model = build_model(tiny(moe={"name": "topk", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0})).eval()
+    idx = torch.randint(0, 50, (2, 20))
+    full, _ = model(idx)
+    cache = model.new_cache()
+    steps = [model(idx[:, :9], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 20)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_kv_cache_holds_only_kv_heads_and_rolls_with_the_window():
     model = model_for("gqa+window", "rope", "sdpa")
     cache = model.new_cache()
@@ -209,3 +220,25 @@ def test_qk_norm_normalises_each_head_with_the_models_norm():
     model(torch.randint(0, 50, (1, 6)))
     for t in (seen["q"], seen["k"]):  # positional 'learned' leaves q, k unrotated: unit RMS per head
         assert torch.allclose(t.pow(2).mean(-1), torch.ones(()), atol=1e-2), t.pow(2).mean(-1)
+
+
+def test_flash_attn_gets_half_precision_inputs_whatever_it_is_given(monkeypatch):
+    """flash-attn has fp16/bf16 kernels only; a stand-in module checks what the backend hands it."""
+    import sys
+    import types
+
+    seen = []
+
+    def flash_attn_func(q, k, v, dropout_p, causal, window_size, alibi_slopes):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return build("attention_backend", "math")(*(t.transpose(1, 2).float() for t in (q, k, v)),
+                                                    Mask(torch.arange(q.shape[1]), torch.arange(k.shape[1]))).transpose(1, 2).to(q.dtype)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    kernel = build("attention_backend", "flash_attn")
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)  # fp32, as QK-norm leaves them under autocast
+    v = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    out = kernel(q, k, v, Mask(torch.arange(8), torch.arange(8)))
+    assert seen == [{torch.bfloat16}] and out.dtype == torch.float32
+    kernel(q, k, v.float(), Mask(torch.arange(8), torch.arange(8)))  # an fp32 evaluation
+    assert seen[-1] == {torch.bfloat16}

@@ -53,7 +53,10 @@ def test_options_are_checked_by_name_and_type():
     [
         (dict(attention={"name": "gqa", "n_kv_head": 3}), "n_kv_head=3 must divide n_head=4"),
         (dict(n_embd=30), "n_embd=30 must be divisible by n_head=4"),
-        (dict(quantization={"name": "int4_weight_only", "group_size": 64}), "group_size=64 must divide n_embd=32"),
+        (dict(quantization={"name": "int4_weight_only", "group_size": 64}),
+         "group_size=64 must divide every quantized layer's input width; 32 (blocks.0.attn.c_attn) is not a multiple"),
+        (dict(mlp={"name": "gelu", "hidden": 100}, quantization={"name": "fake_quant", "group_size": 32}),
+         "100 (blocks.0.mlp.c_proj) is not a multiple"),  # the MLP's hidden width, not only n_embd
         (dict(moe={"name": "topk", "n_experts": 2, "top_k": 3}), "top_k=3 must be between 1 and n_experts=2"),
     ],
 )

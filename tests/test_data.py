@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from bench.data import DataConfig, DataUnavailable, load_dataset, tokenized
 from bench.data import tasks as T
@@ -76,6 +76,12 @@ def test_recall_answer_is_the_value_seen_with_the_probe_key(task):
         assert a[-1] == _value_after(x[:-2], x[-1])
     train_x, train_y = dataset.train
     assert np.array_equal(train_x[:, 1:], train_y[:, :-1])  # MAD trains on every next token
+
+
+def test_train_on_belongs_to_the_recall_tasks_only():
+    assert DATA.validate_python({"source": "task", "task": "fuzzy_recall", "train_on": "answers"}).train_on == "answers"
+    with pytest.raises(ValidationError, match="train_on"):
+        DATA.validate_python({"source": "task", "task": "mqar", "train_on": "all"})  # MQAR trains on answers only
 
 
 def test_noisy_recall_noise_comes_from_its_own_tokens():
@@ -176,12 +182,18 @@ def test_token_bytes_count_utf8_bytes():
 def test_named_tiktoken_encoding_offline_says_what_to_do(monkeypatch):
     import tiktoken
 
+    import socket
+
+    timeouts = []
+
     def offline(name):
+        timeouts.append(socket.getdefaulttimeout())  # tiktoken's download has no timeout of its own
         raise ConnectionError("name resolution failed")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(DataUnavailable, match="tiktoken encoding 'gpt2' needs its vocabulary files.*tokenizer: bpe"):
         named_encoding("gpt2")
+    assert timeouts == [15.0] and socket.getdefaulttimeout() is None  # a dead network fails, then the default returns
 
 
 def test_stdlib_corpus_is_sorted_hashed_and_tokenized_once(monkeypatch):
@@ -240,6 +252,10 @@ def test_local_files_and_nanogpt_bin_files(tmp_path):
     tokens = load_dataset(DATA.validate_python({"source": "bin", "path": str(bins), "vocab_size": 5000}))
     x, y = tokens.val_batches(2, 16, 2)[0]
     assert (y[:, :-1] == x[:, 1:]).all() and (y - x == 1).all()
+    with_bytes = load_dataset(DATA.validate_python({"source": "bin", "path": str(bins), "vocab_size": 256, "tokenizer": "byte"}))
+    assert with_bytes.token_bytes is not None  # bits per byte for byte-level files
+    with pytest.raises(ValidationError, match="tokenizer 'bpe' is trained on a text corpus that .bin files do not carry"):
+        DATA.validate_python({"source": "bin", "path": str(bins), "vocab_size": 5000, "tokenizer": "bpe"})
     with pytest.raises(DataUnavailable, match="not found"):
         load_dataset(DATA.validate_python({"source": "file", "path": str(tmp_path / "missing")}))
 

@@ -97,6 +97,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, tmp_path, s
         code, output = torchrun(resumed, 1)
         result = subprocess.CompletedProcess([], code, output, "")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert json.loads((folder / "final.json").read_text())["resumed_from"] >= 10  # from a checkpoint, not from scratch
     assert losses(folder) == pytest.approx(losses(one_process), rel=1e-4)
     assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == list(range(1, 21))
 
@@ -129,6 +130,20 @@ def test_a_two_process_study_writes_one_store_row_per_run(tmp_path):
     assert result.stdout.count("final val loss over seeds") == 1  # only rank 0 prints
 
 
+def test_the_runner_launches_a_distributed_run_with_torchrun(tmp_path):
+    spec = write_spec(tmp_path, TINY.replace("seeds: 2", "seeds: [0]").replace("  mqa: {model.attention: mqa}\n", ""),
+                      steps=6)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "bench.run", str(spec), "--out", str(out),
+                             "--set", "base.train.distributed={strategy: ddp, nproc: 2}", "--set", "base.train.threads=1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    runs = load(out).runs
+    assert len(runs) == 1 and runs["status"].iloc[0] == "finished"
+    assert runs["world_size"].iloc[0] == 2 and runs["strategy"].iloc[0] == "ddp"
+    assert (out / "runs" / runs["run_id"].iloc[0] / "torchrun.log").exists()  # launched by the runner
+
+
 RAY_SPEC = TINY.replace("device: cpu", "device: cpu, threads: 1")
 
 
@@ -159,16 +174,19 @@ def test_a_killed_ray_worker_is_retried_resumes_and_finishes_once(tmp_path):
         if not (out / "results.db").exists():
             continue
         db = sqlite3.connect(out / "results.db")
-        row = db.execute("SELECT run_id, owner FROM runs WHERE status='running'").fetchone()
+        row = db.execute("SELECT run_id FROM runs WHERE status='running'").fetchone()
         db.close()
-        if row and row[1]:
-            metrics = out / "runs" / row[0] / "metrics.jsonl"
+        if row:
+            metrics, log = out / "runs" / row[0] / "metrics.jsonl", out / "runs" / row[0] / "log.txt"
             if metrics.exists() and len(metrics.read_text().splitlines()) > 60:  # past the checkpoint at step 5·k
-                killed = int(row[1].rpartition(":")[2])
-                os.kill(killed, signal.SIGKILL)  # the Ray worker process running the task
+                worker = log.read_text().split("started by ")[1].split()[0]  # the Ray worker running the task
+                killed = int(worker.rpartition(":")[2])
+                os.kill(killed, signal.SIGKILL)
     output, _ = runner.communicate(timeout=600)
     assert killed is not None and runner.returncode == 0, output[-3000:]
     runs = load(out).runs
-    assert len(runs) == 1 and runs["status"].iloc[0] == "finished" and runs["attempts"].iloc[0] == 2
+    assert len(runs) == 1 and runs["status"].iloc[0] == "finished"
+    assert runs["resumed_from"].iloc[0] >= 60 - 5  # the retry resumed from a checkpoint, not from scratch
+    assert (out / "runs" / runs["run_id"].iloc[0] / "log.txt").read_text().count("started by ") == 2
     steps = load(out).metrics["step"].tolist()
-    assert steps == list(range(1, 401))  # resumed from its checkpoint: every step once
+    assert steps == list(range(1, 401))  # every step recorded once

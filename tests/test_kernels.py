@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -73,6 +75,18 @@ def test_the_harness_reports_median_and_iqr_and_calibrates_repetitions(monkeypat
     assert timing.noisy
 
 
+def test_the_harness_times_a_known_duration_within_5_percent():
+    timing = time_one(lambda: time.sleep(0.02), min_time=0.3)  # sleeping is immune to CPU contention
+    assert timing.median == pytest.approx(0.02, rel=0.05)
+
+
+def test_two_measurements_of_one_cpu_kernel_agree_within_10_percent():
+    # interleaved, as the harness times any comparison: machine noise hits both measurements alike
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    timings = time_interleaved({"first": lambda: a @ b, "second": lambda: a @ b}, min_time=0.3)
+    assert timings["first"].median == pytest.approx(timings["second"].median, rel=0.10)
+
+
 def test_a_steady_kernel_is_not_flagged_noisy(monkeypatch):
     clock = FakeClock([0.020] * 2 + [0.020, 0.021] * 100)  # 5% spread, under the 10% threshold
     monkeypatch.setattr(bench.timing, "time", clock)
@@ -104,6 +118,36 @@ def test_the_correctness_gate_rejects_a_wrong_kernel_and_does_not_time_it():
     wrong = by_backend["test_wrong"]
     assert wrong["status"] == "mismatch" and "against math" in wrong["reason"]
     assert "median_s" not in wrong and wrong["max_error"] > 0.1
+
+
+def test_components_under_comparison_are_timed_interleaved(monkeypatch):
+    import bench.kernels.cases as cases
+
+    compared = []
+    original = cases.time_interleaved
+    monkeypatch.setattr(cases, "time_interleaved", lambda candidates, *a, **k: compared.append(sorted(candidates))
+                        or original(candidates, *a, **k))
+    run_kernels(KernelSpec(mlp={"names": ["gelu", "swiglu"], "tokens": 16, "n_embd": 16, "directions": ["forward"]},
+                           norm={"names": ["layernorm", "rmsnorm"], "tokens": 16, "dim": 16}, min_time=0.01))
+    assert compared == [["gelu", "swiglu"], ["layernorm", "rmsnorm"]]
+
+
+def test_cases_that_cannot_run_are_rows_and_the_sweep_goes_on():
+    rows = run_kernels(KernelSpec(
+        attention={"backends": ["math"], "seq_lens": [16], "variants": ["gqa", "mha"], "batch": 1, "n_head": 4,
+                   "head_dim": 8, "n_kv_head": 3},  # 4 heads cannot share 3 kv heads
+        decode={"variants": ["gqa", "mha"], "prompt": 8, "new_tokens": 2, "n_layer": 1, "n_head": 4, "n_embd": 16,
+                "n_kv_head": 3},
+        mlp={"names": ["gelu", "nope"], "tokens": 16, "n_embd": 16, "directions": ["forward"]},
+        quantization={"names": ["nope"], "tokens": 4, "in_features": 32, "out_features": 32},
+        min_time=0.01))
+    status = {(r["component"], r["name"], r.get("phase")): (r["status"], r.get("reason", "")) for r in rows}
+    assert status[("attention", "gqa", None)][0] == "failed"
+    assert status[("decode", "gqa", None)][0] == "failed" and "n_kv_head" in status[("decode", "gqa", None)][1]
+    assert status[("mlp", "nope", None)] == ("failed", "ComponentError: unknown mlp 'nope'; valid: geglu, gelu, relu2, swiglu")
+    assert status[("quantization", "nope", None)][0] == "unavailable"
+    for ok in (("attention", "mha", None), ("decode", "mha", "decode"), ("mlp", "gelu", None), ("quantization", "float", None)):
+        assert status[ok][0] == "ok", ok  # the sweep went on past each failure
 
 
 def test_unavailable_and_unsupported_backends_are_rows_with_a_reason():

@@ -75,6 +75,8 @@ def test_tokens_over_capacity_are_dropped_and_counted():
     assert moe.stats["dropped"].item() == 16 - capacity
     # the first `capacity` tokens were processed; the dropped ones output zero (residual passes them)
     assert (out[0, capacity:] == 0).all() and (out[0, :capacity] != 0).any()
+    moe.eval()  # evaluation is dropless: every token reaches its expert
+    assert (moe(x)[0] != 0).any(-1).all() and moe.stats["dropped"].item() == 0
 
 
 def test_topk_gates_are_renormalised_over_the_chosen_experts():

@@ -99,6 +99,14 @@ def test_two_machines_merge_side_by_side(study, tmp_path):
     html = build_report([study, other])
     assert "NVIDIA H100 80GB HBM3" in html and "AMD" in html or "threads)" in html
     assert html.count("<td>NVIDIA H100 80GB HBM3</td>") >= 4  # summary rows for the second machine
+    # both folders hold the same run ids: each step's metrics must join its own machine's run only
+    from bench.report import _merge
+    from bench.report.figures import with_runs
+
+    results, _ = _merge([study, other])
+    joined = with_runs(results.metrics, results.runs, ["machine"])
+    assert len(joined) == len(results.metrics)
+    assert (joined.groupby("folder")["machine"].nunique() == 1).all() and joined["machine"].nunique() == 2
 
 
 def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tmp_path):
@@ -106,7 +114,8 @@ def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tm
     from bench.store import Store
 
     store = Store(tmp_path)
-    store.record_study("grid", {"name": "grid", "baseline": "gelu", "variants": {"gelu": {}, "swiglu": {}}}, "python -m bench.run grid.yaml")
+    store.record_study("grid", {"name": "grid", "baseline": "gelu", "variants": {"gelu": {}, "swiglu": {}},
+                                "extrapolate_to": 1e24}, "python -m bench.run grid.yaml")
     truth = {"gelu": (1.69, 406.4, 410.7), "swiglu": (1.69, 406.4 * 1.3**-0.34, 410.7 * 1.1**-0.28)}
     i = 0
     for variant, (e, a, b) in truth.items():
@@ -121,7 +130,22 @@ def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tm
     store.close()
     html = write_report([tmp_path]).read_text()
     assert "Chinchilla Approach 3" in html and "largest trained budget" in html
-    assert "<td>1.430</td>" in html  # m_N·m_D = 1.3 × 1.1, recovered at every scale
+    assert html.count("<td>1.430</td>") == 2  # m_N·m_D = 1.3 × 1.1, recovered at both scales
+    assert "extrapolate_to</td><td>1e+24</td>" in html
+    # the same grid from a second machine (10% higher losses) is fitted on its own, not pooled
+    store = Store(tmp_path)
+    for row in store.db.execute("SELECT * FROM runs").fetchall():
+        metrics = json.loads(row["metrics"])
+        metrics["val_loss"] *= 1.1
+        store.db.execute("INSERT INTO runs (run_id, study, variant, sweep, seed, kind, config, status, metrics, hardware, libraries) "
+                         "VALUES (?, 'grid', ?, '{}', 0, 'train', '{}', 'finished', ?, ?, '{}')",
+                         (row["run_id"] + "b", row["variant"], json.dumps(metrics), json.dumps({"cpu": "other cpu", "torch_threads": 2})))
+    store.db.commit()
+    store.close()
+    html = write_report([tmp_path]).read_text()
+    for machine in ("test cpu (2 threads)", "other cpu (2 threads)"):
+        assert f"<td>swiglu @ {machine}</td>" in html
+    assert html.count("<td>1.430</td>") == 4  # each machine's multipliers, recovered separately
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")

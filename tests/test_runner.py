@@ -82,6 +82,18 @@ def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
         (("source: markov", "source: markow"), "spec.yaml:5: variant 'mha': data: Input tag 'markow' found"),
         (("seeds: 2", "seeds: 2\nbaseline: gqa"), "spec.yaml:12: baseline: 'gqa' is not a variant; variants: mha, mqa"),
         (("seeds: 2", "seeds: 2\ncompare: {mqa: gqa}"), "spec.yaml:12: compare: 'gqa' is not a variant; variants: mha, mqa"),
+        (("mqa: {model.attention: mqa}", "mqa: {model.attention: {name: mqa, backend: {name: sdpa, kernel: efficient}}}"),
+         "variant 'mqa': attention_backend 'sdpa' cannot train here: sdpa kernel 'efficient' needs CUDA (on cpu: auto, flash or math)"),
+        (("seeds: 2", "seeds: 2\nsweep: {train.batch_size: [4, 8]}"),
+         "spec.yaml:6: train.eval_sequences: variant 'mha' at {'train.batch_size': 4} is evaluated on 80 val sequences and "
+         "variant 'mha' at {'train.batch_size': 8} on 160 (eval_batches × batch_size)"),
+        (("n_embd: 32}", "n_embd: 32, block_size: 16}"),
+         "spec.yaml:6: variant 'mha': train.seq_len: train.seq_len=32 is longer than model.block_size=16"),
+        (("source: markov, vocab_size: 16, n_train_tokens: 20000, n_val_tokens: 4096, doc_len: 256",
+          "source: task, task: induction, seq_len: 64"),
+         "spec.yaml:6: variant 'mha': train.seq_len: train.seq_len=32 differs from the task's seq_len=64"),
+        (("seeds: 2", "seeds: 2\nkernels:\n  mlp: {names: [gelu, gelo]}"),
+         "spec.yaml:13: kernels.mlp.names: unknown mlp 'gelo' (did you mean 'gelu'?)"),
     ],
 )
 def test_each_bad_spec_names_file_line_and_key(tmp_path, change, expected):
@@ -89,10 +101,29 @@ def test_each_bad_spec_names_file_line_and_key(tmp_path, change, expected):
     assert expected in message, message
 
 
+@pytest.mark.parametrize("change", [("n_layer: 1", "n_layer: one"), ("mqa: {model.attention: mqa}", "mqa: {model.attention: mqq}"),
+                                    ("seeds: 2", "seeds: 2\nkernels:\n  mlp: {names: [gelo]}")],
+                         ids=["type", "unknown-component", "kernel-name"])
+def test_the_cli_exits_2_on_a_bad_spec_without_a_traceback(tmp_path, change):
+    result = run_cli(str(write_spec(tmp_path, TINY.replace(*change))), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and f"{tmp_path}" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and not (tmp_path / "out").exists()  # nothing trained
+
+
+def test_a_batch_size_sweep_with_a_fixed_val_set_is_planned(tmp_path):
+    text = TINY.replace("seeds: 2", "seeds: 2\nsweep: {train.batch_size: [4, 8]}").replace("eval_every: 5", "eval_every: 5, eval_sequences: 40")
+    plan = expand(*load_spec(write_spec(tmp_path, text), []))
+    assert len(plan.runs) == 8 and {r.config.train.val_sequences for r in plan.runs} == {40}
+
+
 def test_bad_set_and_unknown_variant(tmp_path):
     assert "--set base.train.steps: expected KEY=VALUE" in spec_error(tmp_path, TINY, "base.train.steps")
     message = spec_error(tmp_path, TINY, "base.model.n_head=three")
     assert "--set base.model.n_head=three: variant 'mha': model.n_head: Input should be a valid integer" in message
+    assert spec_error(tmp_path, TINY, "budget.steps=abc").startswith("--set budget.steps=abc: variant 'mha': budget.steps:")
+    assert spec_error(tmp_path, TINY, "base.modle.n_layer=2") == "--set base.modle.n_layer=2: base.modle: unknown key"
+    assert spec_error(tmp_path, TINY.replace("budget: {steps: STEPS}", "budget: {step: 3}")).endswith(
+        "spec.yaml:7: variant 'mha': budget.step: unknown key")
     path = write_spec(tmp_path)
     result = run_cli(str(path), "--only", "gqa", "--dry-run")
     assert result.returncode == 2 and "--only gqa: no such variant; variants: mha, mqa" in result.stderr
@@ -319,3 +350,13 @@ def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, 
     assert "already stored" in capsys.readouterr().out and len(load(out).kernels) == 3
     message = spec_error(tmp_path, TINY + "kernels:\n  attention: {seq_len: [32]}\n")
     assert "kernels.attention.seq_len: unknown key" in message
+
+
+def test_a_claim_whose_pid_was_reused_is_abandoned():
+    from bench.store import _owner_alive, owner_id
+
+    me = owner_id()  # this process holds the PID now
+    assert _owner_alive(me, time.time())
+    # a claim heard from last a day ago cannot belong to a process that started minutes ago
+    assert not _owner_alive(me, time.time() - 86400)
+    assert not _owner_alive("elsewhere:1", time.time() - 3600) and _owner_alive("elsewhere:1", time.time())

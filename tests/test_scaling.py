@@ -97,6 +97,23 @@ def test_a_variant_with_another_beta_has_a_multiplier_that_changes_with_scale():
     assert not scaling.multiplier_at(base, steeper, 6 * 1e8 * 2e9).extrapolated
 
 
+def test_a_variant_that_never_reaches_the_loss_has_multiplier_zero():
+    base = make_fit(**CHINCHILLA)
+    flat = make_fit(**{**CHINCHILLA, "alpha": 0.01, "beta": 0.01})  # its frontier barely falls with compute
+    assert scaling.multiplier_at(base, flat, 1e21).multiplier == 0.0
+
+
+def test_the_multipliers_bootstrap_interval_covers_the_true_multiplier():
+    n, d = grid()
+    rng = np.random.default_rng(0)
+    better = {**CHINCHILLA, "A": CHINCHILLA["A"] * 1.3 ** -CHINCHILLA["alpha"], "B": CHINCHILLA["B"] * 1.1 ** -CHINCHILLA["beta"]}
+    fits = [scaling.fit_parametric(n, d, surface(p, n, d) * np.exp(rng.normal(0, 0.002, len(n))), n_bootstrap=40, seed=i)
+            for i, p in enumerate((CHINCHILLA, better))]
+    estimate = scaling.multiplier_at(*fits, 1e21)
+    low, high = estimate.ci
+    assert low <= 1.43 <= high and low <= estimate.multiplier <= high and high - low < 0.5
+
+
 def test_approach_2_on_a_centred_isoflop_grid_recovers_the_exponent():
     truth = make_fit(**CHINCHILLA)
     n, d, losses, budgets = [], [], [], []
@@ -110,6 +127,7 @@ def test_approach_2_on_a_centred_isoflop_grid_recovers_the_exponent():
     fit = scaling.fit_isoflop(n, d, losses, budgets)
     assert fit.exponent_a == pytest.approx(truth.exponent_a, abs=5e-3)
     assert fit.exponent_a + fit.exponent_b == pytest.approx(1.0, abs=1e-9)
+    assert fit.r2_log > 0.9999 and len(fit.parabola_r2) == 5 and min(fit.parabola_r2) > 0.99
 
 
 def test_the_compute_power_law_recovers_its_parameters():
@@ -117,6 +135,8 @@ def test_the_compute_power_law_recovers_its_parameters():
     law = scaling.fit_compute_law(c, 1.7 + 1e3 * c**-0.15)
     assert (law.E, law.gamma) == (pytest.approx(1.7, rel=1e-3), pytest.approx(0.15, rel=1e-3))
     assert law.K == pytest.approx(1e3, rel=1e-2) and law.r2_log > 0.9999
+    assert np.abs(law.residuals).max() < 1e-4 and law.compute_range == (pytest.approx(1e15), pytest.approx(1e21))
+    assert law.is_extrapolation(1e23) and not law.is_extrapolation(1e18)
 
 
 def test_fits_warn_when_the_data_cannot_constrain_a_parameter():
@@ -125,6 +145,25 @@ def test_fits_warn_when_the_data_cannot_constrain_a_parameter():
     fit = scaling.fit_parametric(n, d, surface(CHINCHILLA, n, d))
     assert any("α and A are not constrained" in w for w in fit.warnings)
     assert fit.is_extrapolation(n=1e10)
+
+
+def test_a_law_without_an_irreducible_loss_is_flagged():
+    n, d = grid()
+    fit = scaling.fit_parametric(n, d, 406.4 / n**0.34 + 410.7 / d**0.28, n_bootstrap=10)  # E = 0
+    assert fit.E < 1e-3 and any("do not identify an irreducible loss" in w for w in fit.warnings)
+    clean = scaling.fit_parametric(n, d, surface(CHINCHILLA, n, d), n_bootstrap=10)
+    assert not clean.warnings
+
+
+def test_convergence_is_judged_by_the_gradient_not_the_optimisers_flag(monkeypatch):
+    def stops_at_once(fun, x0, args, **kwargs):  # claims success without moving
+        value, _ = fun(x0, *args)
+        return scaling.optimize.OptimizeResult(x=np.asarray(x0) + 0.05, fun=value, success=True)
+
+    monkeypatch.setattr(scaling.optimize, "minimize", stops_at_once)
+    n, d = grid()
+    fit = scaling.fit_parametric(n, d, surface(CHINCHILLA, n, d))
+    assert not fit.converged and any("did not converge" in w for w in fit.warnings)
 
 
 def test_welch_and_confidence_intervals_agree_with_scipy():

@@ -65,8 +65,12 @@ def test_a_killed_run_resumes_to_the_same_final_loss_bitwise(tmp_path, kill_afte
     with pytest.raises(Killed):
         train(run, tmp_path / "resumed", on_step=kill)
     resumed = train(run, tmp_path / "resumed")
-    assert resumed["val_loss"] == whole["val_loss"]
+    assert resumed["val_loss"] == whole["val_loss"] and resumed["train_loss"] == whole["train_loss"]
     assert [r["train_loss"] for r in curve(tmp_path / "resumed")] == [r["train_loss"] for r in curve(tmp_path / "whole")]
+    # training a finished run again changes nothing: same final metrics, no extra step recorded
+    again = train(run, tmp_path / "resumed")
+    assert (again["val_loss"], again["train_loss"]) == (whole["val_loss"], whole["train_loss"])
+    assert len(curve(tmp_path / "resumed")) == len(curve(tmp_path / "whole"))
 
 
 def test_divergence_is_recorded_not_raised(tmp_path):
@@ -168,6 +172,49 @@ def test_dtype_is_chosen_per_machine_and_recorded():
     run = resolve_run(TINY, MARKOV, dict(steps=1, batch_size=2, seq_len=16, device="cpu", checkpoint_every=None))
     expected = "bfloat16" if hardware.bf16_is_fast(torch.device("cpu")) else "float32"
     assert train(run)["dtype"] == expected
+
+
+@pytest.mark.parametrize("bf16_over_fp32_time,expected", [(300.0, torch.float32), (0.5, torch.bfloat16)])
+def test_auto_dtype_follows_the_measured_bf16_speed(monkeypatch, bf16_over_fp32_time, expected):
+    from bench import hardware
+
+    measured = {"bf16_over_fp32_time:cpu": bf16_over_fp32_time}  # ~300× slower on CPUs without bf16 units
+    monkeypatch.setattr(hardware, "_cached", lambda key, measure: measured[key])
+    assert hardware.training_dtype(torch.device("cpu"), "auto") == expected
+    assert hardware.training_dtype(torch.device("cpu"), "float32") == torch.float32
+
+
+def test_mfu_is_reported_against_the_datasheet_on_known_gpus(monkeypatch):
+    from bench import hardware
+
+    run = resolve_run(TINY, MARKOV, fp32(steps=4, batch_size=2, seq_len=16))
+    assert train(run)["mfu_datasheet"] is None  # a CPU has no datasheet entry
+    datasheet = hardware.datasheet_peak
+    monkeypatch.setattr(hardware, "datasheet_peak", lambda fp=None: datasheet({"gpu": {"name": "NVIDIA A100-SXM4-80GB"}}))
+    result = train(run)
+    assert result["mfu_datasheet"] == pytest.approx(result["tokens_per_s"] * result["flops_per_token"] / 312e12)
+
+
+def test_the_gpu_driver_and_clocks_are_read_from_nvidia_smi(monkeypatch):
+    import subprocess
+
+    from bench import hardware
+
+    answer = subprocess.CompletedProcess([], 0, "550.54.15, 1755, 1980\n", "")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: answer)
+    assert hardware._nvidia_smi() == {"driver": "550.54.15", "sm_clock_mhz": "1755", "sm_clock_max_mhz": "1980"}
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("nvidia-smi")))
+    assert hardware._nvidia_smi() == {}  # no NVIDIA driver here: nothing recorded, nothing raised
+
+
+def test_measuring_this_machine_leaves_the_random_stream_alone():
+    from bench import hardware
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    hardware._cached("test:rng", lambda: float(torch.randn(1000).sum()))  # a first measurement draws numbers
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_run_config_round_trips():

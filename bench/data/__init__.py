@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bench.data import corpora
 from bench.data.corpora import Corpus, DataUnavailable
@@ -123,6 +123,14 @@ class BinConfig(Source):
     vocab_size: int
     dtype: Literal["uint16", "uint32"] = "uint16"
     tokenizer: str | None = Field(None, description="the tokenizer that made the files, for bits per byte")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _self_contained(cls, value: str | None) -> str | None:
+        if value in ("char", "bpe"):  # their vocabularies come from a corpus, which .bin files do not carry
+            raise ValueError(f"tokenizer '{value}' is trained on a text corpus that .bin files do not carry: "
+                             "give 'byte' or a named tiktoken encoding (gpt2, cl100k_base), or leave it out")
+        return value
 
     def identity(self) -> dict[str, Any]:
         folder = Path(self.path).expanduser()

@@ -173,8 +173,6 @@ class _Task(Source):
     n_train: int = Field(12_800, ge=1)
     n_test: int = Field(1_280, ge=1)
     seed: int = Field(1234, description="data seed: every run and variant sees the same examples")
-    # what training is scored on: the answers only, or every next token (MAD's recall training)
-    train_on: Literal["answers", "all"] = "answers"
 
     def generate(self, n: int, rng: np.random.Generator, train: bool) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -212,6 +210,7 @@ class InContextRecall(_Task):
     task: Literal["in_context_recall"] = "in_context_recall"
     vocab_size: int = 16
     seq_len: int = 128
+    # what training is scored on: the answers only, or every next token (MAD's recall training)
     train_on: Literal["answers", "all"] = "all"
 
     def generate(self, n, rng, train):

@@ -11,12 +11,15 @@ import base64
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.data.corpora import Corpus, DataUnavailable
 from bench.paths import atomic_write_bytes, cache_dir
+
+DOWNLOAD_TIMEOUT = 15.0  # seconds without an answer before a download counts as offline
 
 
 class Tokenizer:
@@ -134,6 +137,8 @@ def named_encoding(name: str) -> TiktokenTokenizer:
     """tiktoken's encoding by name, if its files are cached or downloadable; a clear error offline."""
     import tiktoken
 
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # tiktoken downloads without a timeout: a dead network would hang
     try:
         encoding = tiktoken.get_encoding(name)
     except ValueError as e:  # an unknown name
@@ -146,6 +151,8 @@ def named_encoding(name: str) -> TiktokenTokenizer:
             f"({type(e).__name__}); offline, copy tiktoken's cache files into {where}, or use "
             "tokenizer: bpe (trained here) / char / byte"
         ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
     return TiktokenTokenizer(encoding, name)
 
 

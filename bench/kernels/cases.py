@@ -14,6 +14,7 @@ import copy
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ def _quiet_stderr():
 
 def _failure(row: Row, error: Exception) -> Row:
     oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-    return {**row, "status": "oom" if oom else "failed", "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+    return {**row, "status": "oom" if oom else "failed", "reason": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
 
 
 def _gate(got, expected, dtype: torch.dtype) -> tuple[bool, float]:
@@ -150,18 +151,24 @@ def attention_rows(cfg: AttentionKernels, ctx: Context) -> list[Row]:
             n_kv = {"gqa": cfg.n_kv_head, "mqa": 1}.get(variant, H)
             window = cfg.window if variant == "window" else None
             needs = {"window"} if window else ({"bias"} if variant == "alibi" else set())
-            gen = torch.Generator(device="cpu").manual_seed(n)
-            q, k, v = (torch.randn(B, h, n, D, generator=gen).to(ctx.device, ctx.dtype).requires_grad_()
-                       for h in (H, n_kv, n_kv))
-            grad = torch.randn(B, H, n, D, generator=gen).to(ctx.device, ctx.dtype)
-            slopes = alibi_slopes(H).to(ctx.device) if variant == "alibi" else None
-            pos = torch.arange(n, device=ctx.device)
-            mask = Mask(pos, pos, window, slopes)  # causal over one sequence of n tokens
-            reference = build("attention_backend", "math")  # in fp32: the reference for every dtype
-            ref32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-            ref_out = reference(*ref32, mask)
-            ref_grads = torch.autograd.grad(ref_out, ref32, grad.float())
             shape = {"batch": B, "n_head": H, "n_kv_head": n_kv, "seq_len": n, "head_dim": D, "window": window}
+            try:
+                gen = torch.Generator(device="cpu").manual_seed(n)
+                q, k, v = (torch.randn(B, h, n, D, generator=gen).to(ctx.device, ctx.dtype).requires_grad_()
+                           for h in (H, n_kv, n_kv))
+                grad = torch.randn(B, H, n, D, generator=gen).to(ctx.device, ctx.dtype)
+                slopes = alibi_slopes(H).to(ctx.device) if variant == "alibi" else None
+                pos = torch.arange(n, device=ctx.device)
+                mask = Mask(pos, pos, window, slopes)  # causal over one sequence of n tokens
+                reference = build("attention_backend", "math")  # in fp32: the reference for every dtype
+                ref32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+                ref_out = reference(*ref32, mask)
+                ref_grads = torch.autograd.grad(ref_out, ref32, grad.float())
+            except Exception as e:  # noqa: BLE001 - a shape the reference cannot take, OOM: rows, not crashes
+                rows += [_failure(ctx.base(component="attention", name=variant, backend=label, direction=direction,
+                                           **shape), e)
+                         for direction in cfg.directions for label, _ in _backend_choices(cfg.backends, ctx.device)]
+                continue
             fwd_flops = attention_flops(B, H, n, visible_keys(n, window, causal=True), D, D)
             for direction in cfg.directions:
                 candidates, pending = {}, {}
@@ -226,45 +233,78 @@ def _mlp_reference(module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(h, module.c_proj.weight, module.c_proj.bias)
 
 
-def _module_rows(component: str, name: str, module: torch.nn.Module, x: torch.Tensor, reference: Callable,
-                 directions: list[Direction], ctx: Context, flops: float | None, nbytes: float | None,
-                 shape: dict) -> list[Row]:
-    rows = []
-    grad = torch.randn_like(module(x))
-    ref_out = reference(x)
-    for direction in directions:
-        row = ctx.base(component=component, name=name, backend="torch", direction=direction, **shape)
+def _case_failed(component: str, name: str, directions: list[Direction], ctx: Context, shape: dict,
+                  error: Exception) -> list[Row]:
+    return [_failure(ctx.base(component=component, name=name, backend="torch", direction=d, **shape), error)
+            for d in directions]
+
+
+@dataclass
+class ModuleCase:
+    """One module to time: its input, a written-out reference, and its work for FLOP/s or GB/s."""
+
+    name: str
+    module: torch.nn.Module
+    x: torch.Tensor
+    reference: Callable
+    flops: float | None
+    nbytes: float | None
+    shape: dict
+
+
+def _module_rows(component: str, cases: list[ModuleCase], directions: list[Direction], ctx: Context) -> list[Row]:
+    """Gate every case against its reference, then time those that pass, interleaved, per direction."""
+    rows, ready = [], []
+    for case in cases:
         try:
-            inputs = [x, *[p for p in module.parameters()]]
-            got = module(x) if direction == "forward" else torch.autograd.grad(module(x), inputs, grad)
-            expected = ref_out if direction == "forward" else torch.autograd.grad(reference(x), inputs, grad)
-            ok, error = _gate(got, expected, ctx.dtype)
-            row["max_error"] = error
-            if not ok:
-                rows.append({**row, "status": "mismatch", "reason": f"max error {error:.3g} against the reference"})
+            ready.append((case, torch.randn_like(case.module(case.x)), case.reference(case.x)))
+        except Exception as e:  # noqa: BLE001 - e.g. OOM or a shape the module rejects
+            rows += _case_failed(component, case.name, directions, ctx, case.shape, e)
+    for direction in directions:
+        candidates, pending = {}, {}
+        for case, grad, ref_out in ready:
+            row = ctx.base(component=component, name=case.name, backend="torch", direction=direction, **case.shape)
+            try:
+                module, x = case.module, case.x
+                inputs = [x, *module.parameters()]
+                got = module(x) if direction == "forward" else torch.autograd.grad(module(x), inputs, grad)
+                expected = ref_out if direction == "forward" else torch.autograd.grad(case.reference(x), inputs, grad)
+                ok, error = _gate(got, expected, ctx.dtype)
+                row["max_error"] = error
+                if not ok:
+                    rows.append({**row, "status": "mismatch", "reason": f"max error {error:.3g} against the reference"})
+                    continue
+                fn = _directions(lambda module=module, x=x: module(x), inputs, grad, direction)
+                row["peak_memory_bytes"], row["peak_memory_method"] = peak_memory(fn, ctx.device)
+            except Exception as e:  # noqa: BLE001
+                rows.append(_failure(row, e))
                 continue
-            fn = _directions(lambda: module(x), inputs, grad, direction)
-            row["peak_memory_bytes"], row["peak_memory_method"] = peak_memory(fn, ctx.device)
-            timing = ctx.time({name: fn})[name]
-        except Exception as e:  # noqa: BLE001
-            rows.append(_failure(row, e))
+            candidates[case.name], pending[case.name] = fn, (row, case)
+        if not candidates:
             continue
+        timings = ctx.time(candidates)
         factor = _flops_factor(direction, 2.0)  # backward: two matmuls per forward matmul
-        rows.append(ctx.finish(row, timing, flops * factor if flops else None, nbytes * factor if nbytes else None))
+        for name, (row, case) in pending.items():
+            rows.append(ctx.finish(row, timings[name], case.flops * factor if case.flops else None,
+                                   case.nbytes * factor if case.nbytes else None))
     return rows
 
 
 def mlp_rows(cfg: MLPKernels, ctx: Context) -> list[Row]:
     model = ModelConfig(n_embd=cfg.n_embd, n_head=1, n_layer=1, vocab_size=2, bias=False)
-    rows = []
+    rows, cases = [], []
+    shape = {"tokens": cfg.tokens, "n_embd": cfg.n_embd}
     for name in cfg.names:
         torch.manual_seed(0)
-        module = build("mlp", name, model).to(ctx.device, ctx.dtype)
+        try:
+            module = build("mlp", name, model).to(ctx.device, ctx.dtype)
+        except Exception as e:  # noqa: BLE001
+            rows += _case_failed("mlp", name, cfg.directions, ctx, shape, e)
+            continue
         x = torch.randn(cfg.tokens, cfg.n_embd, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
         flops = matmul_flops_per_token(module, 1, False) * cfg.tokens
-        rows += _module_rows("mlp", name, module, x, lambda x, m=module: _mlp_reference(m, x), cfg.directions, ctx,
-                             flops, None, {"tokens": cfg.tokens, "n_embd": cfg.n_embd})
-    return rows
+        cases.append(ModuleCase(name, module, x, lambda x, m=module: _mlp_reference(m, x), flops, None, shape))
+    return rows + _module_rows("mlp", cases, cfg.directions, ctx)
 
 
 def _norm_reference(name: str, module):
@@ -278,18 +318,26 @@ def _norm_reference(name: str, module):
         y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + module.eps)
         return (y * module.weight.float()).to(x.dtype)
 
-    return {"layernorm": layernorm, "rmsnorm": rmsnorm}[name]
+    references = {"layernorm": layernorm, "rmsnorm": rmsnorm}
+    if name not in references:
+        raise ValueError(f"no reference to check norm '{name}' against (have: {', '.join(references)})")
+    return references[name]
 
 
 def norm_rows(cfg: NormKernels, ctx: Context) -> list[Row]:
-    rows = []
+    rows, cases = [], []
+    shape = {"tokens": cfg.tokens, "dim": cfg.dim}
     for name in cfg.names:
-        module = build("norm", name, cfg.dim, None).to(ctx.device, ctx.dtype)
+        try:
+            module = build("norm", name, cfg.dim, None).to(ctx.device, ctx.dtype)
+            reference = _norm_reference(name, module)
+        except Exception as e:  # noqa: BLE001 - an unknown norm, or one without a written-out reference
+            rows += _case_failed("norm", name, cfg.directions, ctx, shape, e)
+            continue
         x = torch.randn(cfg.tokens, cfg.dim, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
         nbytes = 2 * x.numel() * x.element_size()  # memory-bound: read x, write y
-        rows += _module_rows("norm", name, module, x, _norm_reference(name, module), cfg.directions, ctx,
-                             None, nbytes, {"tokens": cfg.tokens, "dim": cfg.dim})
-    return rows
+        cases.append(ModuleCase(name, module, x, reference, None, nbytes, shape))
+    return rows + _module_rows("norm", cases, cfg.directions, ctx)
 
 
 def _moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
@@ -306,7 +354,7 @@ def _moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
 
 def moe_rows(cfg: MoEKernels, ctx: Context) -> list[Row]:
     model = ModelConfig(n_embd=cfg.n_embd, n_head=1, n_layer=1, vocab_size=2, bias=False)
-    rows = []
+    cases = []
     for n_experts in cfg.n_experts:
         for top_k in cfg.top_k:
             if top_k > n_experts:
@@ -315,11 +363,10 @@ def moe_rows(cfg: MoEKernels, ctx: Context) -> list[Row]:
             moe = build("moe", "topk", model, n_experts=n_experts, top_k=top_k, capacity_factor=None,
                         expert={"name": "gelu", "hidden": cfg.expert_hidden}).to(ctx.device, ctx.dtype)
             x = torch.randn(1, cfg.tokens, cfg.n_embd, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
-            flops = moe.flops_per_token(1, False) * cfg.tokens
-            rows += _module_rows("moe", f"{n_experts} experts, top-{top_k}", moe, x,
-                                 lambda x, m=moe: _moe_reference(m, x), cfg.directions, ctx, flops, None,
-                                 {"tokens": cfg.tokens, "n_embd": cfg.n_embd, "n_experts": n_experts, "top_k": top_k})
-    return rows
+            cases.append(ModuleCase(f"{n_experts} experts, top-{top_k}", moe, x, lambda x, m=moe: _moe_reference(m, x),
+                                    moe.flops_per_token(1, False) * cfg.tokens, None,
+                                    {"tokens": cfg.tokens, "n_embd": cfg.n_embd, "n_experts": n_experts, "top_k": top_k}))
+    return _module_rows("moe", cases, cfg.directions, ctx)
 
 
 # -- quantized vs float linear layers -----------------------------------------------------------------
@@ -338,7 +385,11 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
                                dtype="float32", max_error=0.0, **shape)
     for name in cfg.names:
         row = ctx.base(component="quantization", name=name, backend="torchao", direction="forward", dtype="float32", **shape)
-        component = get("quantization", name)
+        try:
+            component = get("quantization", name)
+        except ComponentError as e:
+            rows.append({**row, "status": "unavailable", "reason": str(e)})
+            continue
         if component.unavailable_reason():
             rows.append({**row, "status": "unavailable", "reason": component.unavailable_reason()})
             continue
@@ -366,50 +417,58 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
 
 def decode_rows(cfg: DecodeKernels, ctx: Context) -> list[Row]:
     rows = []
+    for variant in cfg.variants:
+        try:
+            rows += _decode_variant(cfg, variant, ctx)
+        except Exception as e:  # noqa: BLE001 - an invalid shape or OOM: a row, and the sweep goes on
+            rows.append(_failure(ctx.base(component="decode", name=variant, backend="sdpa", direction="inference",
+                                          batch=cfg.batch, prompt=cfg.prompt, new_tokens=cfg.new_tokens,
+                                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd), e))
+    return rows
+
+
+def _decode_variant(cfg: DecodeKernels, variant: str, ctx: Context) -> list[Row]:
+    """Prefill and decode rows of one attention variant (or a mismatch row when the cache is wrong)."""
     attention = {"mha": "mha", "gqa": {"name": "gqa", "n_kv_head": cfg.n_kv_head}, "mqa": "mqa",
                  "window": {"name": "window", "window": cfg.window}}
-    for variant in cfg.variants:
-        config = ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=256,
-                             block_size=cfg.prompt + cfg.new_tokens, positional="rope", attention=attention[variant])
-        torch.manual_seed(0)
-        model = build_model(config).to(ctx.device, ctx.dtype).eval()
-        idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device)
-        prompt = idx[:, : cfg.prompt]
-        row = ctx.base(component="decode", name=variant, backend="sdpa", direction="inference", batch=cfg.batch,
-                       prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_kv_head=model.blocks[0].attn.n_kv_head, n_embd=cfg.n_embd, window=config.attention["window"])
-        with torch.no_grad():
-            full, _ = model(idx)
-            cache = model.new_cache()
-            steps = [model(prompt, cache=cache)[0]]
-            steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(cfg.prompt, idx.shape[1])]
-            ok, error = _gate(torch.cat(steps, 1), full, ctx.dtype)
-            row["max_error"] = error
-            if not ok:  # decode with the cache must give the full forward's logits
-                rows.append({**row, "status": "mismatch", "reason": f"cached decode differs from full recompute by {error:.3g}"})
-                continue
-            prefilled = model.new_cache()
-            model(prompt, cache=prefilled)
-            row["kv_cache_bytes"] = prefilled.nbytes()
-            element = torch.finfo(ctx.dtype).bits // 8
-            row["kv_cache_bytes_per_token"] = cfg.n_layer * model.blocks[0].attn.kv_cache_bytes_per_token(element)
+    config = ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=256,
+                         block_size=cfg.prompt + cfg.new_tokens, positional="rope", attention=attention[variant])
+    torch.manual_seed(0)
+    model = build_model(config).to(ctx.device, ctx.dtype).eval()
+    idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device)
+    prompt = idx[:, : cfg.prompt]
+    row = ctx.base(component="decode", name=variant, backend="sdpa", direction="inference", batch=cfg.batch,
+                   prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                   n_kv_head=model.blocks[0].attn.n_kv_head, n_embd=cfg.n_embd, window=config.attention["window"])
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache()
+        steps = [model(prompt, cache=cache)[0]]
+        steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(cfg.prompt, idx.shape[1])]
+        ok, error = _gate(torch.cat(steps, 1), full, ctx.dtype)
+        row["max_error"] = error
+        if not ok:  # decode with the cache must give the full forward's logits
+            return [{**row, "status": "mismatch", "reason": f"cached decode differs from full recompute by {error:.3g}"}]
+        prefilled = model.new_cache()
+        model(prompt, cache=prefilled)
+        row["kv_cache_bytes"] = prefilled.nbytes()
+        element = torch.finfo(ctx.dtype).bits // 8
+        row["kv_cache_bytes_per_token"] = cfg.n_layer * model.blocks[0].attn.kv_cache_bytes_per_token(element)
 
-            def prefill():
-                model(prompt, cache=model.new_cache())
+        def prefill():
+            model(prompt, cache=model.new_cache())
 
-            def decode():
-                cache = copy.copy(prefilled)  # layer caches are shallow-copied: appends make new tensors
-                cache.layers = [copy.copy(layer) for layer in prefilled.layers]
-                for t in range(cfg.prompt, idx.shape[1]):
-                    model(idx[:, t : t + 1], cache=cache)
+        def decode():
+            cache = copy.copy(prefilled)  # layer caches are shallow-copied: appends make new tensors
+            cache.layers = [copy.copy(layer) for layer in prefilled.layers]
+            for t in range(cfg.prompt, idx.shape[1]):
+                model(idx[:, t : t + 1], cache=cache)
 
-            timings = ctx.time({"prefill": prefill, "decode": decode})
-        per_token = timings["decode"].median / cfg.new_tokens
-        rows.append({**ctx.finish(dict(row), timings["prefill"]), "phase": "prefill"})
-        decode_row = ctx.finish(dict(row), timings["decode"])
-        decode_row.update(phase="decode", per_token_s=per_token, tokens_per_s=cfg.batch / per_token)
-        rows.append(decode_row)
-    return rows
+        timings = ctx.time({"prefill": prefill, "decode": decode})
+    per_token = timings["decode"].median / cfg.new_tokens
+    decode_row = ctx.finish(dict(row), timings["decode"])
+    decode_row.update(phase="decode", per_token_s=per_token, tokens_per_s=cfg.batch / per_token)
+    return [{**ctx.finish(dict(row), timings["prefill"]), "phase": "prefill"}, decode_row]
 
 
 def machine_dtype(requested: str, device: torch.device) -> torch.dtype:

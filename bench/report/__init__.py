@@ -80,7 +80,7 @@ def _cell(value):
     return number(value) if isinstance(value, float) else value
 
 
-def _scaling(runs: pd.DataFrame, baseline: str) -> dict | None:
+def _scaling(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = None) -> dict | None:
     """Approach 3 per variant when the study spans ≥ 3 model sizes and ≥ 3 token budgets."""
     done = runs[(runs["status"] == "finished") & (runs["kind"] == "train")].dropna(subset=["val_loss", "params", "tokens"])
     eligible = [v for v, g in done.groupby("variant") if g["params"].nunique() >= 3 and g["tokens"].nunique() >= 3]
@@ -94,6 +94,7 @@ def _scaling(runs: pd.DataFrame, baseline: str) -> dict | None:
         rows.append({"variant": v, **{k: number(fit.params[k]) for k in scaling.PARAMS},
                      **{f"{k}_ci": f"{number(fit.ci[k][0])} – {number(fit.ci[k][1])}" for k in scaling.PARAMS},
                      "a": number(fit.exponent_a, 3), "b": number(fit.exponent_b, 3), "r2": number(fit.r2_log, 4),
+                     "max_residual": number(float(np.abs(fit.residuals).max()), 3),
                      "objective": number(fit.objective), "warnings": fit.warnings})
     multipliers = []
     if baseline in fits:
@@ -101,18 +102,26 @@ def _scaling(runs: pd.DataFrame, baseline: str) -> dict | None:
         for v, fit in fits.items():
             if v == baseline:
                 continue
-            for label, compute in (("largest trained budget", largest), ("extrapolated to 100× that", 100 * largest)):
-                m = scaling.multiplier_at(fits[baseline], fit, compute)
-                multipliers.append({"variant": v, "where": label, "compute": f"{compute:.3g}", "loss": number(m.loss),
-                                    "multiplier": number(m.multiplier, 3),
+            target = extrapolate_to or 100 * largest
+            label = "the spec's extrapolate_to" if extrapolate_to else "extrapolated to 100× that"
+            for label, compute in (("largest trained budget", largest), (label, target)):
+                row = {"variant": v, "where": label, "compute": f"{compute:.3g}"}
+                try:
+                    m = scaling.multiplier_at(fits[baseline], fit, compute)
+                except ValueError as e:  # e.g. the variant's frontier never reaches the baseline's loss
+                    multipliers.append({**row, "loss": "–", "multiplier": "–", "ci": f"not computable: {e}",
+                                        "extrapolated": True})
+                    continue
+                multipliers.append({**row, "loss": number(m.loss), "multiplier": number(m.multiplier, 3),
                                     "ci": f"{number(m.ci[0], 3)} – {number(m.ci[1], 3)}" if m.ci else "–",
-                                    "extrapolated": m.extrapolated or label.startswith("extrapolated")})
+                                    "extrapolated": m.extrapolated or compute > largest})
     approach2, compute_law = [], []
     for v, g in points.groupby("variant"):
         try:
             iso = scaling.fit_isoflop(g["params"], g["tokens"], g["val_loss"])
             approach2.append({"variant": v, "a": number(iso.exponent_a, 3), "b": number(iso.exponent_b, 3),
-                              "note": f"{len(iso.budgets)} compute budgets"})
+                              "note": f"{len(iso.budgets)} compute budgets; R² of the N_opt line "
+                                      f"{number(iso.r2_log, 4)}, parabolas' R² ≥ {number(min(iso.parabola_r2), 4)}"})
         except ValueError as e:
             approach2.append({"variant": v, "a": None, "b": None, "note": str(e)})
         compute = (6 * g["params"] * g["tokens"]).to_numpy(float)
@@ -121,10 +130,32 @@ def _scaling(runs: pd.DataFrame, baseline: str) -> dict | None:
         keep = np.r_[True, envelope[1:] < envelope[:-1]]
         if keep.sum() >= 3:
             law = scaling.fit_compute_law(compute[order][keep], envelope[keep])
+            low, high = law.compute_range
             compute_law.append({"variant": v, "E": number(law.E), "K": number(law.K), "gamma": number(law.gamma, 3),
-                                "r2": number(law.r2_log, 4), "points": int(keep.sum())})
+                                "r2": number(law.r2_log, 4), "points": int(keep.sum()),
+                                "range": f"{low:.3g} – {high:.3g} FLOPs (outside: extrapolation)",
+                                "max_residual": number(float(np.abs(law.residuals).max()), 3)})
+    figure = figures.scaling_figure(points, fits)
     return {"fits": rows, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
-            "figure": figures.scaling_figure(points, fits)}
+            "figures": [figure] if figure else []}
+
+
+def _scaling_per_machine(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None) -> dict | None:
+    """Scaling fits per machine: losses from different hardware (dtype, kernels) are not one sample."""
+    machines = list(runs["machine"].unique())
+    if len(machines) == 1:
+        return _scaling(runs, baseline, extrapolate_to)
+    parts = []
+    for machine in machines:
+        mine = runs[runs["machine"] == machine]
+        part = _scaling(mine.assign(variant=mine["variant"] + f" @ {machine}"), f"{baseline} @ {machine}", extrapolate_to)
+        if part:
+            parts.append(part)
+    if not parts:
+        return None
+    merged = {key: [row for part in parts for row in part[key]] for key in ("fits", "multipliers", "approach2", "compute_law")}
+    merged["figures"] = [f for part in parts for f in part["figures"]]
+    return merged
 
 
 def _summary_rows(summary: pd.DataFrame, baseline: str, machine: str) -> list[dict]:
@@ -204,7 +235,7 @@ def build_report(folders: list[str | Path]) -> str:
         "floor": floor,
         "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
         "kernel_rows": [{k: _cell(r.get(k)) for k in KERNEL_COLUMNS} for r in kernel_rows],
-        "scaling": _scaling(runs, baseline),
+        "scaling": _scaling_per_machine(runs, baseline, spec.get("extrapolate_to")),
         "quantized": [{k: number(r[k]) if isinstance(r[k], float) else r[k] for k in
                        ("variant", "seed", "val_loss_float", "val_loss", "val_loss_change", "model_bytes_float",
                         "model_bytes", "latency_ms_float", "latency_ms", "quantization_format")}

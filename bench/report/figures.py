@@ -26,19 +26,26 @@ def to_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def with_runs(metrics: pd.DataFrame, runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Per-step metrics joined with their run's columns. Merged folders (one spec on two machines)
+    share run ids, so rows are matched on the folder as well."""
+    keys = ["run_id", "folder"] if "folder" in metrics and "folder" in runs else ["run_id"]
+    return metrics.merge(runs[keys + columns], on=keys)
+
+
 def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) -> str | None:
     """Val loss against tokens seen: mean over seeds per variant with a min–max band."""
     if metrics.empty or "val_loss" not in metrics:
         return None
-    evals = metrics.dropna(subset=["val_loss"]).merge(runs[["run_id", "variant", "machine"]], on="run_id")
+    evals = with_runs(metrics.dropna(subset=["val_loss"]), runs, ["variant", "machine"])
     if evals.empty:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, column, title in ((axes[0], "val_loss", "validation loss"), (axes[1], "train_loss", "training loss")):
-        data = evals if column == "val_loss" else metrics.merge(runs[["run_id", "variant", "machine"]], on="run_id")
+        data = evals if column == "val_loss" else with_runs(metrics, runs, ["variant", "machine"])
         if column == "train_loss":  # a rolling mean per run: the raw per-step loss is noisy
             data = data.sort_values("step").copy()
-            data[column] = data.groupby("run_id")[column].transform(lambda s: s.rolling(20, min_periods=1).mean())
+            data[column] = data.groupby(["machine", "run_id"])[column].transform(lambda s: s.rolling(20, min_periods=1).mean())
         sns.lineplot(data=data, x="tokens", y=column, hue="variant", style="machine" if data["machine"].nunique() > 1 else None,
                      errorbar=("pi", 100), ax=ax)
         tokens = data["tokens"]
@@ -165,20 +172,24 @@ def moe_figure(metrics: pd.DataFrame, runs: pd.DataFrame) -> str | None:
     """Expert utilisation at the end of training, and the auxiliary losses over training."""
     if "moe_expert_fractions" not in metrics or metrics["moe_expert_fractions"].isna().all():
         return None
-    moe = metrics.dropna(subset=["moe_expert_fractions"]).merge(runs[["run_id", "variant", "seed"]], on="run_id")
-    last = moe.sort_values("step").groupby("run_id").tail(1)
+    moe = with_runs(metrics.dropna(subset=["moe_expert_fractions"]), runs, ["variant", "seed", "machine"])
+    last = moe.sort_values("step").groupby(["machine", "run_id"]).tail(1)
     rows = []
     for _, r in last.iterrows():
         for layer, fractions in enumerate(r["moe_expert_fractions"]):
             for expert, fraction in enumerate(fractions):
                 rows.append({"variant": r["variant"], "layer": layer, "expert": expert, "fraction": fraction})
     util = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4))
     sns.boxplot(data=util, x="expert", y="fraction", hue="variant", ax=axes[0])
     axes[0].axhline(1 / (util["expert"].max() + 1), color="black", linestyle="--", linewidth=1, label="uniform")
     axes[0].set_title("share of routed tokens per expert (final step; all layers and seeds)")
     sns.lineplot(data=moe, x="step", y="moe_balance_loss", hue="variant", ax=axes[1])
     axes[1].set_title("load-balancing loss (1 = uniform routing)")
+    for ax, column, title in ((axes[2], "moe_z_loss", "router z-loss"),
+                              (axes[3], "moe_dropped_fraction", "tokens dropped over capacity")):
+        sns.lineplot(data=moe, x="step", y=column, hue="variant", ax=ax, legend=False)
+        ax.set_title(title)
     return to_data_uri(fig)
 
 
@@ -188,7 +199,9 @@ def quantization_figure(quantized: pd.DataFrame) -> str | None:
     q = quantized.assign(loss_change_pct=100 * quantized["val_loss_change"], model_mib=quantized["model_bytes"] / 2**20)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     sns.scatterplot(data=q, x="model_mib", y="loss_change_pct", hue="variant", s=70, ax=axes[0])
+    axes[0].scatter(q["model_bytes_float"] / 2**20, [0.0] * len(q), marker="*", s=160, color="black", label="float")
     axes[0].axhline(0, color="black", linewidth=1)
+    axes[0].legend(fontsize=8)
     axes[0].set(xlabel="model size (MiB, serialized)", ylabel="val loss change (%)", title="quality against model bytes")
     sns.barplot(data=q, x="variant", y="latency_ms", ax=axes[1], color="tab:blue", label="quantized")
     axes[1].axhline(q["latency_ms_float"].median(), color="black", linestyle="--", label="float")
