@@ -132,6 +132,18 @@ def test_components_under_comparison_are_timed_interleaved(monkeypatch):
     assert compared == [["gelu", "swiglu"], ["layernorm", "rmsnorm"]]
 
 
+def test_a_sweep_may_compile_flex_attention_for_every_shape(monkeypatch):
+    import torch._dynamo
+
+    import bench.kernels as kernels
+
+    seen = []
+    monkeypatch.setitem(kernels.SECTIONS, "norm", lambda cfg, ctx: seen.append(torch._dynamo.config.recompile_limit) or [])
+    run_kernels(KernelSpec(norm={"names": ["rmsnorm"]}))
+    assert seen[0] >= 256  # dynamo's default of 8 would fall back to the unfused kernel mid-sweep
+    assert torch._dynamo.config.recompile_limit == 8
+
+
 def test_cases_that_cannot_run_are_rows_and_the_sweep_goes_on():
     rows = run_kernels(KernelSpec(
         attention={"backends": ["math"], "seq_lens": [16], "variants": ["gqa", "mha"], "batch": 1, "n_head": 4,

@@ -39,7 +39,7 @@ def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None) 
         ctx = cases.Context(device, dtype, spec.min_time, spec.noisy_threshold)
         machine = hardware.machine_label()
         rows = []
-        with cuda_settings(allow_tf32=False):
+        with cuda_settings(allow_tf32=False), _compile_every_shape():
             for section, measure in SECTIONS.items():
                 config = getattr(spec, section)
                 if config is None:
@@ -52,6 +52,16 @@ def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None) 
         return rows
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _compile_every_shape():
+    """A sweep compiles FlexAttention once per shape and mask; past torch's default of 8 recompiles
+    dynamo would silently fall back to the unfused kernel and time that instead."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    return config.patch({name: 1024})
 
 
 __all__ = ["KernelSpec", "run_kernels"]
