@@ -64,14 +64,12 @@ def welch(variant, baseline, higher_is_better: bool = False, alpha: float = 0.05
         # about cancellation in near-identical data does not apply to them
         warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
         result = stats.ttest_ind(a, b, equal_var=False)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.nan
     p = float(result.pvalue)
     if math.isnan(p) or p >= alpha:
         verdict = "no significant difference"
     else:
         verdict = "better" if (delta > 0) == higher_is_better else "worse"
-    return Comparison(delta, float(result.statistic), p, float(df), verdict)
+    return Comparison(delta, float(result.statistic), p, float(result.df), verdict)  # Welch–Satterthwaite df
 
 
 def pareto_front(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -127,15 +125,13 @@ def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str] |
     present = set(table["variant"])
     table["reference"] = [compare.get(v, baseline) if v != baseline else "" for v in table["variant"]]
     for metric in QUALITY:
-        tests = []
-        for v, ref in zip(table["variant"], table["reference"]):
-            ref = ref or baseline
-            ok = ref in present and samples[(ref, metric)] and samples[(v, metric)]
-            tests.append(welch(samples[(v, metric)], samples[(ref, metric)], metric in HIGHER_IS_BETTER) if ok else None)
+        tests = [welch(samples[(v, metric)], samples[(ref, metric)], metric in HIGHER_IS_BETTER)
+                 if ref in present and samples[(ref, metric)] and samples[(v, metric)] else None
+                 for v, ref in zip(table["variant"], table["reference"])]  # the baseline's reference is ""
         table[f"{metric}_delta"] = [t.delta if t else math.nan for t in tests]
         table[f"{metric}_p"] = [t.p if t else math.nan for t in tests]
-        table[f"{metric}_verdict"] = [("baseline" if v == baseline else t.verdict) if t else ""
+        table[f"{metric}_verdict"] = [t.verdict if t else "baseline" if v == baseline and samples[(v, metric)] else ""
                                       for v, t in zip(table["variant"], tests)]
     others = table[table["variant"] != baseline].sort_values("val_loss_mean")["variant"].tolist()
-    order = [v for v in [baseline, *others] if v in set(table["variant"])]
+    order = [v for v in [baseline, *others] if v in present]
     return table.set_index("variant").reindex(order).reset_index()

@@ -30,7 +30,7 @@ from bench.hardware import environment
 from bench.plan import Plan, PlannedRun
 from bench.posttrain import evaluate_quantized
 from bench.store import Store, owner_id
-from bench.train import budget_steps, train
+from bench.train import RunConfig, budget_steps, train
 
 Events = Callable[[dict], None]
 HEARTBEAT_SECONDS = 30.0
@@ -154,34 +154,47 @@ def _execute(planned: PlannedRun, folder: Path, run_dir: Path, events: Events, p
 
     distributed = planned.config.train.distributed
     if distributed and distributed.nproc > 1 and parallel.world().size == 1:
-        return launch_torchrun(planned, run_dir, distributed.nproc, on_step, plugins)
+        return launch_torchrun(planned.config, run_dir, on_step, plugins)
     return train(planned.config, run_dir, on_step=on_step)
 
 
-def launch_torchrun(planned: PlannedRun, run_dir: Path, nproc: int, on_step: Callable[[dict], None],
-                    plugins: list[str]) -> dict:
-    """Run one training run on `nproc` processes with torchrun; follow its metrics for progress."""
-    (run_dir / "run.json").write_text(planned.config.model_dump_json())
+def launch_torchrun(config: RunConfig, run_dir: Path, on_step: Callable[[dict], None] | None = None,
+                    plugins: list[str] = ()) -> dict:
+    """Run one training run on its train.distributed.nproc processes with torchrun; follow its metrics
+    for progress; return its final metrics."""
+    (run_dir / "run.json").write_text(config.model_dump_json())
     (run_dir / "final.json").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "bench.worker", str(run_dir)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={config.train.distributed.nproc}", "-m", "bench.worker", str(run_dir)]
     env = {**os.environ, "ARCHBENCH_PLUGINS": ",".join(plugins)}
-    metrics, seen = run_dir / "metrics.jsonl", 0
+    metrics, offset = run_dir / "metrics.jsonl", 0
     with open(run_dir / "torchrun.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         while process.poll() is None:
             time.sleep(1.0)
-            if metrics.exists():
-                lines = metrics.read_text().splitlines()
-                for line in lines[seen:]:
-                    on_step(json.loads(line))
-                seen = len(lines)
+            if on_step:
+                offset = _follow(metrics, offset, on_step)
     if process.returncode != 0 or not (run_dir / "final.json").exists():
         tail = (run_dir / "torchrun.log").read_text().splitlines()
         errors = [line for line in tail if "Error" in line or "error:" in line] or tail[-3:]
         raise RuntimeError(f"torchrun exited with {process.returncode}: {errors[-1].strip() if errors else ''} "
                            f"(see {run_dir / 'torchrun.log'})")
     return json.loads((run_dir / "final.json").read_text())
+
+
+def _follow(path: Path, offset: int, on_step: Callable[[dict], None]) -> int:
+    """Hand on_step each complete record appended to path since byte `offset`; returns the new offset."""
+    if not path.exists():
+        return offset
+    if path.stat().st_size < offset:  # a resuming run cut the records after its checkpoint
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+    for line in complete.splitlines():
+        on_step(json.loads(line))
+    return offset + len(complete)
 
 
 # -- the local executor ---------------------------------------------------------------------------
@@ -202,6 +215,18 @@ class ExecutorUnavailable(RuntimeError):
     """The chosen executor cannot run here (a missing package, an unreachable cluster); says why."""
 
 
+def in_phases(plan: Plan, run_batch: Callable[[list[PlannedRun]], dict[str, str]]) -> None:
+    """Float runs first (quantized variants evaluate their checkpoints); `run_batch` returns each run's
+    outcome, and runs another runner holds are retried until it records them or its claim lapses."""
+    for phase in (plan.train_runs, plan.quantize_runs):
+        remaining = phase
+        while remaining:
+            outcomes = run_batch(remaining)
+            remaining = [r for r in remaining if outcomes[r.run_id] == "held"]
+            if remaining:
+                time.sleep(2.0)
+
+
 class LocalExecutor:
     """Runs on this machine: in this process, or in `workers` processes sharing the store."""
 
@@ -211,14 +236,7 @@ class LocalExecutor:
         self.workers = workers
 
     def execute(self, plan: Plan, folder: Path, events: Events) -> None:
-        # float runs first: quantized variants evaluate their checkpoints
-        for phase in (plan.train_runs, plan.quantize_runs):
-            remaining = phase
-            while remaining:
-                outcomes = self._run_all(remaining, folder, events, plan.spec.plugins)
-                remaining = [r for r in remaining if outcomes[r.run_id] == "held"]
-                if remaining:  # another runner has them: wait for it (or for its claim to lapse)
-                    time.sleep(2.0)
+        in_phases(plan, lambda runs: self._run_all(runs, folder, events, plan.spec.plugins))
 
     def _run_all(self, runs: list[PlannedRun], folder: Path, events: Events, plugins: list[str]) -> dict[str, str]:
         if self.workers <= 1:
@@ -295,22 +313,20 @@ class RayExecutor:
         store, owner, held_by_us = Store(folder), owner_id(), set()
         heartbeat = _Heartbeat(folder, held_by_us, owner)
         heartbeat.start()
+
+        def run_batch(runs: list[PlannedRun]) -> dict[str, str]:
+            outcomes = {r.run_id: store.claim(r.run_id, owner) for r in runs}
+            claimed = [r for r in runs if outcomes[r.run_id] == "claimed"]
+            held_by_us.update(r.run_id for r in claimed)
+            refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(
+                        r, str(folder.resolve()), queue, plan.spec.plugins, _parent_status(store, r)) for r in claimed}
+            for r in claimed:
+                outcomes[r.run_id] = record_outcome(store, r, self._outcome(ray, refs[r.run_id]), events)
+                held_by_us.discard(r.run_id)
+            return outcomes
+
         try:
-            for phase in (plan.train_runs, plan.quantize_runs):
-                remaining = phase
-                while remaining:
-                    claims = {r.run_id: store.claim(r.run_id, owner) for r in remaining}
-                    claimed = [r for r in remaining if claims[r.run_id] == "claimed"]
-                    held_by_us.update(r.run_id for r in claimed)
-                    refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(
-                                r, str(folder.resolve()), queue, plan.spec.plugins, _parent_status(store, r))
-                            for r in claimed}
-                    for r in claimed:
-                        record_outcome(store, r, self._outcome(ray, refs[r.run_id]), events)
-                        held_by_us.discard(r.run_id)
-                    remaining = [r for r in remaining if claims[r.run_id] == "held"]
-                    if remaining:  # another runner has them: wait for it (or for its claim to lapse)
-                        time.sleep(2.0)
+            in_phases(plan, run_batch)
         finally:
             for run_id in held_by_us:  # interrupted: hand back what was not recorded
                 store.release(run_id, owner)

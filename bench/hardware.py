@@ -134,12 +134,13 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return best
 
 
-def _cached(key: str, measure) -> float:
+def _cached(key: str, measure, device: torch.device | None = None) -> float:
     path = cache_dir("hardware") / f"{machine_id()}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if key not in data:
         # measured on a forked RNG: the first run on a machine must draw the same numbers as the rest
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        on_gpu = device is not None and device.type == "cuda"  # fork only that GPU's RNG: no context on the others
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if on_gpu else []
         with torch.random.fork_rng(devices=cuda):
             data[key] = measure()
         fresh = json.loads(path.read_text()) if path.exists() else {}  # another process may have written
@@ -159,7 +160,7 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
         return best
 
     threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""  # a CPU peak depends on the threads
-    return _cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}{threads}", measure)
+    return _cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}{threads}", measure, device)
 
 
 def peak_copy_bandwidth(device: torch.device) -> float:
@@ -171,7 +172,7 @@ def peak_copy_bandwidth(device: torch.device) -> float:
         return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), 5, device)
 
     threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
-    return _cached(f"copy:{device.type}{threads}", measure)
+    return _cached(f"copy:{device.type}{threads}", measure, device)
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -12,6 +12,7 @@ steps excluded).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -161,36 +162,34 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
             "dtype": str(ours.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
 
 
-def distributed_scaling(steps: int = 12, batch: int = 16) -> list[dict]:
+def distributed_scaling(steps: int = 10, batch: int = 16) -> list[dict]:
     """Tokens/s of one run on 1 and on 2 processes (torchrun, one thread each) per strategy; efficiency
     is tokens/s(2) / (2 × tokens/s(1)). The two sizes alternate per strategy, in one invocation."""
-    import json
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
+    from bench.executor import launch_torchrun
+    from bench.parallel import DistributedConfig
     from bench.train import resolve_run
 
-    strategies = [("ddp", {"strategy": "ddp"}), ("fsdp", {"strategy": "fsdp"}),
-                  *[(f"deepspeed ZeRO-{k}", {"strategy": "deepspeed", "zero_stage": k}) for k in (1, 2, 3)]]
+    strategies = [DistributedConfig(strategy="ddp"), DistributedConfig(strategy="fsdp"),
+                  *[DistributedConfig(strategy="deepspeed", zero_stage=k) for k in (1, 2, 3)]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, strategy in strategies:
+        for strategy in strategies:
             tokens_per_s = {}
             for nproc in (1, 2):
                 run = resolve_run(dict(n_layer=4, n_head=4, n_embd=128, positional="rope"),
                                   {"source": "stdlib", "tokenizer": "bpe", "vocab_size": 1024},
                                   dict(steps=steps, batch_size=batch, seq_len=128, eval_every=10**6, checkpoint_every=None,
-                                       device="cpu", dtype="float32", threads=1, distributed={**strategy, "nproc": nproc}))
-                folder = Path(tmp) / f"{label}-{nproc}".replace(" ", "")
+                                       device="cpu", dtype="float32", threads=1,
+                                       distributed={**strategy.model_dump(), "nproc": nproc}))
+                folder = Path(tmp) / f"{strategy.label}-{nproc}".replace(" ", "")
                 folder.mkdir()
-                (folder / "run.json").write_text(run.model_dump_json())
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                                "-m", "bench.worker", str(folder)], check=True, capture_output=True)
+                launch_torchrun(run, folder)
                 records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
                 tokens_per_s[nproc] = statistics.median(r["tokens_per_s"] for r in records[2:])  # after warm-up
-            rows.append({"strategy": label, "one": tokens_per_s[1], "two": tokens_per_s[2],
+            rows.append({"strategy": strategy.label, "one": tokens_per_s[1], "two": tokens_per_s[2],
                          "efficiency": tokens_per_s[2] / (2 * tokens_per_s[1])})
     return rows
 
@@ -200,15 +199,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["factory", "loop", "distributed"])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 distributed, else 4)")
     args = parser.parse_args(argv)
     if args.what == "distributed":
-        rows = distributed_scaling(steps=args.steps, batch=args.batch if args.batch != 4 else 16)
-        print("tokens/s from 1 to 2 processes (torchrun, gloo, 1 thread each), 4×128 GPT, global batch 16×128:")
+        batch = args.batch or 16
+        rows = distributed_scaling(steps=args.steps, batch=batch)
+        print(f"tokens/s from 1 to 2 processes (torchrun, gloo, 1 thread each), 4×128 GPT, global batch {batch}×128:")
         for r in rows:
             print(f"  {r['strategy']:18s} 1 process {r['one']:8.0f}  2 processes {r['two']:8.0f}  "
                   f"scaling efficiency {100 * r['efficiency']:5.1f}%")
         return 0
+    args.batch = args.batch or 4
     if args.what == "loop":
         r = loop_vs_bare(batch=args.batch)
         print(

@@ -66,13 +66,19 @@ def world() -> World:
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _backend() -> str:
+    """gloo for CPU tensors and, where there is CUDA, NCCL for CUDA ones: one group serves runs on either
+    (the runner joins before it knows each run's device)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_process_group(device: torch.device) -> World:
-    """Join torchrun's process group once (gloo on CPU, NCCL on CUDA)."""
+    """Join torchrun's process group once."""
     w = world()
+    if device.type == "cuda":
+        torch.cuda.set_device(w.local_rank)
     if w.size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(w.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(_backend(), timeout=datetime.timedelta(minutes=30))
     return w
 
 
@@ -96,11 +102,10 @@ def broadcast_object(value: Any, w: World) -> Any:
     return box[0]
 
 
-def all_reduce_sum(value: float, w: World, device: torch.device) -> float:
-    if w.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_reduce_sum(t: torch.Tensor, w: World) -> float:
+    """The sum of a scalar tensor over ranks, as a number (one device sync)."""
+    if w.size > 1:
+        dist.all_reduce(t)
     return float(t.item())
 
 
@@ -152,24 +157,35 @@ class Strategy:
     # -- checkpoints: one full copy written by rank 0, loadable at any world size ------------------
 
     def save(self, path: Path, extra: dict) -> None:
-        if self.world.main:
-            from bench.checkpoint import save_checkpoint
+        from bench.checkpoint import save_checkpoint
 
+        model, optimizer = self._full_state()  # collective under FSDP: every rank takes part
+        if self.world.main:
             save_checkpoint(path, {**extra, "strategy": self.name, "world_size": self.world.size,
-                                   "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+                                   "model": model, "optimizer": optimizer})
 
     def load(self, path: Path) -> dict | None:
+        """Restore model and optimizer; returns the `extra` state saved beside them (None: no checkpoint)."""
         from bench.checkpoint import load_checkpoint
 
-        state = load_checkpoint(path)
+        state = load_checkpoint(path)  # every rank reads the full copy (the run folder is shared)
         if state is None:
             return None
         written = state.get("strategy", "single")
-        if {written, self.name} - {"single", "ddp"}:  # single and DDP share one format
+        if not self._can_resume(written):
             raise RuntimeError(f"this checkpoint was written by {written}; resume it with {written}, not {self.name}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore(state.pop("model"), state.pop("optimizer"))
         return state
+
+    def _full_state(self) -> tuple[dict, dict]:
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _restore(self, model: dict, optimizer: dict) -> None:
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+
+    def _can_resume(self, written: str) -> bool:
+        return not {written, self.name} - {"single", "ddp"}  # single and DDP share one format
 
 
 class DDPStrategy(Strategy):
@@ -206,30 +222,19 @@ class FSDPStrategy(Strategy):
         self.model.set_requires_gradient_sync(last)
         loss.backward()
 
-    def save(self, path, extra):
+    def _full_state(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model, optimizer = get_state_dict(self.model, self.optimizer,
-                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.world.main:
-            from bench.checkpoint import save_checkpoint
+        return get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-            save_checkpoint(path, {**extra, "strategy": self.name, "world_size": self.world.size,
-                                   "model": model, "optimizer": optimizer})
-
-    def load(self, path):
+    def _restore(self, model, optimizer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        from bench.checkpoint import load_checkpoint
+        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optimizer,
+                       options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
 
-        state = load_checkpoint(path)  # every rank reads the full copy (the run folder is shared) and shards it
-        if state is None:
-            return None
-        if state.get("strategy") != self.name:
-            raise RuntimeError(f"this checkpoint was written by {state.get('strategy')}; resume it with that strategy")
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        return state
+    def _can_resume(self, written):
+        return written == self.name
 
 
 class DeepSpeedStrategy(Strategy):
@@ -259,7 +264,6 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         self.model = model
-        self.accumulation = accumulation
         self.loss_factor = float(self.world.size * accumulation)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, train.weight_decay),
@@ -302,19 +306,11 @@ class DeepSpeedStrategy(Strategy):
 
 def make_strategy(config: DistributedConfig | None, w: World, device: torch.device) -> Strategy:
     """The spec's strategy (DDP under torchrun when the spec names none); one process needs no DDP."""
-    if config is None:
+    if config is None or config.strategy == "ddp":
         return DDPStrategy(w, device) if w.size > 1 else Strategy(w, device)
-    if w.size == 1 and config.strategy == "ddp":
-        return Strategy(w, device)
-    if config.strategy == "ddp":
-        return DDPStrategy(w, device)
-    if config.strategy == "fsdp":
-        if w.size == 1:
-            init_single_process_group(device)
-        return FSDPStrategy(w, device)
     if w.size == 1:
-        init_single_process_group(device)
-    return DeepSpeedStrategy(w, device, config.stage)
+        init_single_process_group(device)  # FSDP and DeepSpeed want a process group even for one process
+    return FSDPStrategy(w, device) if config.strategy == "fsdp" else DeepSpeedStrategy(w, device, config.stage)
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -325,4 +321,4 @@ def init_single_process_group(device: torch.device) -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        dist.init_process_group(_backend(), rank=0, world_size=1)

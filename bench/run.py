@@ -86,8 +86,7 @@ def _processes(run) -> str:
     distributed = run.config.train.distributed
     if not distributed or run.kind != "train":
         return ""
-    stage = f" ZeRO-{distributed.zero_stage or 1}" if distributed.strategy == "deepspeed" else ""
-    return f" ×{distributed.nproc} {distributed.strategy}{stage}"
+    return f" ×{distributed.nproc} {distributed.label}"
 
 
 def print_plan(plan: Plan, console: Console, store: Store | None) -> None:

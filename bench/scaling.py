@@ -38,22 +38,8 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
     """Summed Huber loss of log L against LSE(a − α log N, b − β log D, e), with its gradient."""
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])  # (3, n)
-    top = terms.max(axis=0)
-    weights = np.exp(terms - top)
-    total = weights.sum(axis=0)
-    lse = top + np.log(total)
-    softmax = weights / total  # d lse / d terms
-    loss, dloss = _huber(lse - log_l, delta)
-    grad = np.array([
-        (dloss * softmax[0]).sum(),
-        (dloss * softmax[1]).sum(),
-        (dloss * softmax[2]).sum(),
-        -(dloss * softmax[0] * log_n).sum(),
-        -(dloss * softmax[1] * log_d).sum(),
-    ])
-    return loss.sum(), grad
+    loss, grad = _objective_batch(np.asarray(theta, dtype=float)[None], log_n, log_d, log_l, delta)
+    return loss[0], grad[0]
 
 
 @dataclass
@@ -127,7 +113,7 @@ class ParametricFit:
 
 
 def _objective_batch(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
-    """_objective for K parameter vectors at once: theta (K, 5) → losses (K,), gradients (K, 5)."""
+    """The objective of K parameter vectors (a, b, e, α, β) at once: theta (K, 5) → losses (K,), gradients (K, 5)."""
     a, b, e, alpha, beta = (theta[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(theta), len(log_n)))])
     top = terms.max(axis=0)
@@ -344,9 +330,9 @@ def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
     budgets, n_opt = np.array(budgets), np.array(n_opt)
     d_opt = budgets / (6 * n_opt)
     line = stats.linregress(np.log(budgets), np.log(n_opt))
-    slope_d = stats.linregress(np.log(budgets), np.log(d_opt)).slope
     r2 = float(line.rvalue**2) if len(budgets) > 2 else float("nan")  # two points always fit a line
-    return IsoFlopFit(budgets, n_opt, d_opt, float(line.slope), float(slope_d), r2, parabolas, parabola_r2)
+    # D_opt = C / (6 N_opt), so b = 1 − a exactly
+    return IsoFlopFit(budgets, n_opt, d_opt, float(line.slope), 1 - float(line.slope), r2, parabolas, parabola_r2)
 
 
 # -- a power law in compute on the frontier ------------------------------------------------------------

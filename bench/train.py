@@ -107,9 +107,10 @@ class RunConfig(BaseModel):
         if task_len and self.train.seq_len and self.train.seq_len != task_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} differs from the task's seq_len={task_len} "
                              "(a task fixes its example length: leave train.seq_len out)")
-        if self.model.positional["name"] == "learned" and self.seq_len > self.model.block_size:
-            raise ValueError(f"train.seq_len={self.seq_len} is longer than model.block_size={self.model.block_size}, "
-                             "the most positions 'learned' can embed")
+        limit = self.model.shapes_only().positional.max_positions
+        if limit is not None and self.seq_len > limit:
+            raise ValueError(f"train.seq_len={self.seq_len} is longer than the {limit} positions "
+                             f"'{self.model.positional['name']}' can embed (model.block_size)")
         return self
 
 
@@ -229,7 +230,7 @@ class Trainer:
         return self.out_dir / "checkpoint.pt" if self.out_dir else None
 
     def _write_metrics(self, record: dict) -> None:
-        if self._metrics_file and self.world.main:
+        if self._metrics_file:  # opened by rank 0 only
             self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()
 
@@ -286,7 +287,7 @@ class Trainer:
             self.strategy.backward(loss * (weight * self.strategy.loss_factor), last=i == len(chunks) - 1)
             total += loss.detach() * weight
         norm = self.strategy.step()
-        return parallel.all_reduce_sum(total.item(), self.world, self.device), norm
+        return parallel.all_reduce_sum(total, self.world), norm
 
     def _eval_record(self) -> dict:
         token_bytes = self.data.token_bytes

@@ -12,8 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from bench import parallel
 from bench.train import RunConfig, train
 from models import load_plugins
@@ -24,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins([m for m in os.environ.get("ARCHBENCH_PLUGINS", "").split(",") if m])
     run = RunConfig.model_validate_json((run_dir / "run.json").read_text())
     result = train(run, run_dir)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if parallel.world().main:
         (run_dir / "final.json").write_text(json.dumps(result, default=str))
     parallel.finish()
     return 0

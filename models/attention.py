@@ -90,7 +90,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # CUDA autocast runs norms in fp32: back to v's dtype, as every kernel wants one dtype
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         q, k = positional.rotate(q, pos), positional.rotate(k, pos)
         k_pos = pos
         if cache is not None:

@@ -278,11 +278,9 @@ class FlashAttn:
         from flash_attn import flash_attn_func  # imported here: a config naming it builds anywhere
 
         dtype = q.dtype
-        if {q.dtype, k.dtype, v.dtype} - {torch.float16, torch.bfloat16} or len({q.dtype, k.dtype, v.dtype}) > 1:
-            # fp16/bf16 kernels only: fp32 inputs (an fp32 evaluation; q, k left in fp32 by QK-norm
-            # under autocast) run in v's half dtype, or bf16; the output returns in q's dtype
-            half = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-            q, k, v = q.to(half), k.to(half), v.to(half)
+        if {q.dtype, k.dtype, v.dtype} - {torch.float16, torch.bfloat16}:
+            # fp16/bf16 kernels only: an fp32 evaluation runs in bf16, and its output returns in fp32
+            q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
         # flash-attn aligns the causal mask bottom-right when Tq < Tk: the Mask invariant
         window = (mask.window - 1, 0) if mask.window else (-1, -1)
         slopes = mask.slopes.float() if mask.slopes is not None else None

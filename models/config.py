@@ -89,6 +89,10 @@ class ModelConfig(BaseModel):
 
     # -- accounting ---------------------------------------------------------------------------
 
+    def shapes_only(self):
+        """The GPT this config builds, on the meta device: its layers' shapes, no memory (cached)."""
+        return _meta_model(self._key())
+
     def param_counts(self) -> dict[str, int]:
         """total; non_embedding (without token and position tables); active (per token, MoE-aware)."""
         return dict(_param_counts(self._key()))
@@ -141,7 +145,7 @@ def _meta_model(key: str):
     from models.gpt import GPT
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return GPT(ModelConfig.from_dict(json.loads(key)))
+        return GPT(ModelConfig.model_construct(**json.loads(key)))  # the key is a validated config's
 
 
 @functools.lru_cache(maxsize=256)

@@ -112,12 +112,8 @@ class Int4WeightOnly(Quantizer):
     def check(config, options: dict) -> str | None:
         """Every quantized linear layer's input width (n_embd, the MLP or expert hidden size) must be
         a multiple of group_size; the layers are read from a shapes-only model of this config."""
-        from models.gpt import GPT
-
-        with torch.device("meta"):
-            model = GPT(config)
         widths: dict[int, str] = {}  # input width -> the first layer that has it
-        for fqn, m in model.named_modules():
+        for fqn, m in config.shapes_only().named_modules():
             if quantizable(m, fqn):
                 widths.setdefault(m.in_features, fqn)
         bad = sorted(w for w in widths if w % options["group_size"])

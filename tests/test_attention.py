@@ -236,7 +236,7 @@ def test_flash_attn_gets_half_precision_inputs_whatever_it_is_given(monkeypatch)
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
     kernel = build("attention_backend", "flash_attn")
-    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)  # fp32, as QK-norm leaves them under autocast
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)  # fp32 beside a bf16 v
     v = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
     out = kernel(q, k, v, Mask(torch.arange(8), torch.arange(8)))
     assert seen == [{torch.bfloat16}] and out.dtype == torch.float32

@@ -88,7 +88,7 @@ def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
          "spec.yaml:6: train.eval_sequences: variant 'mha' at {'train.batch_size': 4} is evaluated on 80 val sequences and "
          "variant 'mha' at {'train.batch_size': 8} on 160 (eval_batches × batch_size)"),
         (("n_embd: 32}", "n_embd: 32, block_size: 16}"),
-         "spec.yaml:6: variant 'mha': train.seq_len: train.seq_len=32 is longer than model.block_size=16"),
+         "spec.yaml:6: variant 'mha': train.seq_len: train.seq_len=32 is longer than the 16 positions 'learned' can embed"),
         (("source: markov, vocab_size: 16, n_train_tokens: 20000, n_val_tokens: 4096, doc_len: 256",
           "source: task, task: induction, seq_len: 64"),
          "spec.yaml:6: variant 'mha': train.seq_len: train.seq_len=32 differs from the task's seq_len=64"),

@@ -206,38 +206,39 @@ class MQAR(_Task):
         return mqar(n, rng, self.vocab_size, self.seq_len, self.num_kv_pairs, self.power_a)
 
 
-class InContextRecall(_Task):
+class _RecallTask(_Task):
+    # what training is scored on: the answers only, or every next token (MAD's recall training)
+    train_on: Literal["answers", "all"] = "all"
+
+
+class InContextRecall(_RecallTask):
     task: Literal["in_context_recall"] = "in_context_recall"
     vocab_size: int = 16
     seq_len: int = 128
-    # what training is scored on: the answers only, or every next token (MAD's recall training)
-    train_on: Literal["answers", "all"] = "all"
 
     def generate(self, n, rng, train):
         seq = in_context_recall(n, rng, self.vocab_size, self.seq_len)
         return _recall_targets(seq, np.ones(n, dtype=np.int64), train and self.train_on == "all")
 
 
-class NoisyRecall(_Task):
+class NoisyRecall(_RecallTask):
     task: Literal["noisy_recall"] = "noisy_recall"
     vocab_size: int = 32
     noise_vocab_size: int = 16
     frac_noise: float = Field(0.2, ge=0.0, lt=1.0)
     seq_len: int = 128
-    train_on: Literal["answers", "all"] = "all"
 
     def generate(self, n, rng, train):
         seq = in_context_recall(n, rng, self.vocab_size, self.seq_len, self.noise_vocab_size, self.frac_noise)
         return _recall_targets(seq, np.ones(n, dtype=np.int64), train and self.train_on == "all")
 
 
-class FuzzyRecall(_Task):
+class FuzzyRecall(_RecallTask):
     task: Literal["fuzzy_recall"] = "fuzzy_recall"
     vocab_size: int = 16
     seq_len: int = 128
     k_motif_size: int = 3
     v_motif_size: int = 3
-    train_on: Literal["answers", "all"] = "all"
 
     def generate(self, n, rng, train):
         seq, answer_len = fuzzy_recall(n, rng, self.vocab_size, self.seq_len, self.k_motif_size,

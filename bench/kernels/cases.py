@@ -354,19 +354,24 @@ def _moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
 
 def moe_rows(cfg: MoEKernels, ctx: Context) -> list[Row]:
     model = ModelConfig(n_embd=cfg.n_embd, n_head=1, n_layer=1, vocab_size=2, bias=False)
-    cases = []
+    rows, cases = [], []
     for n_experts in cfg.n_experts:
         for top_k in cfg.top_k:
             if top_k > n_experts:
                 continue
+            name = f"{n_experts} experts, top-{top_k}"
+            shape = {"tokens": cfg.tokens, "n_embd": cfg.n_embd, "n_experts": n_experts, "top_k": top_k}
             torch.manual_seed(0)
-            moe = build("moe", "topk", model, n_experts=n_experts, top_k=top_k, capacity_factor=None,
-                        expert={"name": "gelu", "hidden": cfg.expert_hidden}).to(ctx.device, ctx.dtype)
+            try:
+                moe = build("moe", "topk", model, n_experts=n_experts, top_k=top_k, capacity_factor=None,
+                            expert={"name": "gelu", "hidden": cfg.expert_hidden}).to(ctx.device, ctx.dtype)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory for the experts
+                rows += _case_failed("moe", name, cfg.directions, ctx, shape, e)
+                continue
             x = torch.randn(1, cfg.tokens, cfg.n_embd, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
-            cases.append(ModuleCase(f"{n_experts} experts, top-{top_k}", moe, x, lambda x, m=moe: _moe_reference(m, x),
-                                    moe.flops_per_token(1, False) * cfg.tokens, None,
-                                    {"tokens": cfg.tokens, "n_embd": cfg.n_embd, "n_experts": n_experts, "top_k": top_k}))
-    return _module_rows("moe", cases, cfg.directions, ctx)
+            cases.append(ModuleCase(name, moe, x, lambda x, m=moe: _moe_reference(m, x),
+                                    moe.flops_per_token(1, False) * cfg.tokens, None, shape))
+    return rows + _module_rows("moe", cases, cfg.directions, ctx)
 
 
 # -- quantized vs float linear layers -----------------------------------------------------------------
@@ -418,16 +423,17 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
 def decode_rows(cfg: DecodeKernels, ctx: Context) -> list[Row]:
     rows = []
     for variant in cfg.variants:
+        row = ctx.base(component="decode", name=variant, backend="sdpa", direction="inference", batch=cfg.batch,
+                       prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_embd=cfg.n_embd)
         try:
-            rows += _decode_variant(cfg, variant, ctx)
+            rows += _decode_variant(cfg, variant, ctx, row)
         except Exception as e:  # noqa: BLE001 - an invalid shape or OOM: a row, and the sweep goes on
-            rows.append(_failure(ctx.base(component="decode", name=variant, backend="sdpa", direction="inference",
-                                          batch=cfg.batch, prompt=cfg.prompt, new_tokens=cfg.new_tokens,
-                                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd), e))
+            rows.append(_failure(row, e))
     return rows
 
 
-def _decode_variant(cfg: DecodeKernels, variant: str, ctx: Context) -> list[Row]:
+def _decode_variant(cfg: DecodeKernels, variant: str, ctx: Context, row: Row) -> list[Row]:
     """Prefill and decode rows of one attention variant (or a mismatch row when the cache is wrong)."""
     attention = {"mha": "mha", "gqa": {"name": "gqa", "n_kv_head": cfg.n_kv_head}, "mqa": "mqa",
                  "window": {"name": "window", "window": cfg.window}}
@@ -437,9 +443,7 @@ def _decode_variant(cfg: DecodeKernels, variant: str, ctx: Context) -> list[Row]
     model = build_model(config).to(ctx.device, ctx.dtype).eval()
     idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device)
     prompt = idx[:, : cfg.prompt]
-    row = ctx.base(component="decode", name=variant, backend="sdpa", direction="inference", batch=cfg.batch,
-                   prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                   n_kv_head=model.blocks[0].attn.n_kv_head, n_embd=cfg.n_embd, window=config.attention["window"])
+    row = {**row, "n_kv_head": model.blocks[0].attn.n_kv_head, "window": config.attention["window"]}
     with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_cache()

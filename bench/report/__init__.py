@@ -27,7 +27,8 @@ from bench.results import Results, load
 TEMPLATE = Path(__file__).with_name("template.html")
 
 
-def _merge(folders: list[Path]) -> tuple[Results, list[dict]]:
+def _merge(folders: list[Path]) -> Results:
+    """Several results folders as one: every row keeps its folder; studies carry their parsed spec."""
     loaded = [(folder, load(folder)) for folder in folders]
     frames = {}
     for part in ("runs", "metrics", "kernels"):
@@ -39,7 +40,7 @@ def _merge(folders: list[Path]) -> tuple[Results, list[dict]]:
                             "command": row["command"]})
     if not studies:
         raise ValueError(f"no study recorded in {', '.join(map(str, folders))}")
-    return Results(frames["runs"], frames["metrics"], frames["kernels"], pd.DataFrame(studies)), studies
+    return Results(frames["runs"], frames["metrics"], frames["kernels"], pd.DataFrame(studies))
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -99,20 +100,15 @@ def _scaling(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = N
     multipliers = []
     if baseline in fits:
         largest = float((6 * points["params"] * points["tokens"]).max())
+        where = [("largest trained budget", largest),
+                 ("the spec's extrapolate_to", extrapolate_to) if extrapolate_to else ("extrapolated to 100× that", 100 * largest)]
         for v, fit in fits.items():
             if v == baseline:
                 continue
-            target = extrapolate_to or 100 * largest
-            label = "the spec's extrapolate_to" if extrapolate_to else "extrapolated to 100× that"
-            for label, compute in (("largest trained budget", largest), (label, target)):
-                row = {"variant": v, "where": label, "compute": f"{compute:.3g}"}
-                try:
-                    m = scaling.multiplier_at(fits[baseline], fit, compute)
-                except ValueError as e:  # e.g. the variant's frontier never reaches the baseline's loss
-                    multipliers.append({**row, "loss": "–", "multiplier": "–", "ci": f"not computable: {e}",
-                                        "extrapolated": True})
-                    continue
-                multipliers.append({**row, "loss": number(m.loss), "multiplier": number(m.multiplier, 3),
+            for label, compute in where:
+                m = scaling.multiplier_at(fits[baseline], fit, compute)
+                multipliers.append({"variant": v, "where": label, "compute": f"{compute:.3g}", "loss": number(m.loss),
+                                    "multiplier": number(m.multiplier, 3),
                                     "ci": f"{number(m.ci[0], 3)} – {number(m.ci[1], 3)}" if m.ci else "–",
                                     "extrapolated": m.extrapolated or compute > largest})
     approach2, compute_law = [], []
@@ -180,9 +176,9 @@ def _summary_rows(summary: pd.DataFrame, baseline: str, machine: str) -> list[di
 def _verdicts(summary: pd.DataFrame, baseline: str, machine: str) -> list[str]:
     lines = []
     for _, r in summary.iterrows():
-        if r["variant"] == baseline or "val_loss_verdict" not in r:
+        if r["variant"] == baseline:
             continue
-        verdict, reference = r["val_loss_verdict"], r["reference"] or baseline
+        verdict, reference = r["val_loss_verdict"], r["reference"]
         if verdict in ("better", "worse"):
             text = f"{r['variant']} is {verdict} than {reference}"
         elif verdict == "no significant difference":
@@ -197,7 +193,8 @@ def _verdicts(summary: pd.DataFrame, baseline: str, machine: str) -> list[str]:
 def build_report(folders: list[str | Path]) -> str:
     """The report for one or more results folders, as an HTML string."""
     folders = [Path(f) for f in folders]
-    results, studies = _merge(folders)
+    results = _merge(folders)
+    studies = results.studies.to_dict("records")
     spec = studies[0]["spec"]
     baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
     runs, metrics, kernels = results.runs, results.metrics, results.kernels
