@@ -1,23 +1,103 @@
-"""Statistics over a study's runs: best-of-sweep selection, per-variant means with 95% confidence
-intervals, Welch's t-test against the baseline with a verdict in words, and Pareto fronts.
+"""Statistics over a study's runs: per-variant summaries, and a verdict for every comparison.
 
-As Narang et al. (2021) recommend for comparing modifications: several seeds, mean ± sd, fixed
-hyperparameters (or each variant's best of the same sweep, chosen on val loss and reported as such).
+A comparison is a variant against its reference (the baseline, or the variant ``compare:`` names) on
+the study's quality metric: validation loss, or accuracy for tasks. Bits per byte rescale the loss on
+the same val set, so they are shown, not tested again. Runs with the same seed see the same batches
+and, wherever parameter names and shapes agree, start from the same weights, so a comparison tests
+the per-seed differences (a paired t-test, or a paired bootstrap); Welch's test is used only where the
+seeds do not pair up. Each comparison ends in one of four verdicts:
+
+- ``better`` / ``worse``: the difference is significant at α after Holm's correction across the
+  study's comparisons (and, with adaptive seeds, after the α spent at earlier looks);
+- ``equivalent``: the whole 95% CI of the difference lies inside ±margin — a TOST-style equivalence
+  decision; a difference smaller than the margin is called equivalent even where it is detectable;
+- ``inconclusive``: neither, reported with the smallest difference these seeds could have detected
+  at 80% power (the MDE).
+
+Adaptive seeds (``seeds: {min, max}``) look at the data after min seeds and after every added seed.
+The look with n seeds may spend α·(f(n/max) − f((n−1)/max)) of the error rate, with f the Pocock-type
+spending function of Lan & DeMets (1983), f(t) = ln(1 + (e − 1)·t). A comparison's sequential p-value
+is the smallest p_k·α/α_k over its looks so far; by the union bound the chance that it ever falls below
+α under no true difference is at most α, whatever the stopping rule did, and Holm's correction over
+these p-values keeps the study's rate of false better/worse verdicts at α.
+
+Narang et al. (2021) recommend this kind of comparison for architecture modifications: several
+seeds, mean ± sd, fixed hyperparameters.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, special, stats
 
 QUALITY = ("val_loss", "val_accuracy", "val_bpb")
 HIGHER_IS_BETTER = {"val_accuracy"}
+UNITS = {"val_loss": "nats", "val_accuracy": "accuracy", "val_bpb": "bits per byte"}
+VERDICTS = ("better", "worse", "equivalent", "inconclusive")
+CONFIDENCE = 0.95  # of the reported intervals
+POWER = 0.8  # of the minimum detectable effect
+BOOTSTRAP_SAMPLES = 10_000
+
+
+# -- the design: how seeds were chosen and verdicts are made ------------------------------------------
+
+
+def pocock_spending(t: float) -> float:
+    """Share of α spent by information fraction t (Lan–DeMets' Pocock-type function)."""
+    return math.log(1 + (math.e - 1) * min(max(t, 0.0), 1.0))
+
+
+@dataclass(frozen=True)
+class Design:
+    """The study's decision rule: error rate, equivalence margin, test, and adaptive seeds."""
+
+    alpha: float = 0.05
+    margin: float = 0.01
+    paired_test: str = "t"  # "t" or "bootstrap"
+    min_seeds: int | None = None  # adaptive seeds: the first look
+    max_seeds: int | None = None  # ... and the last
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Design:
+        """The design a spec (its stored JSON form) asks for."""
+        seeds = spec.get("seeds")
+        adaptive = isinstance(seeds, dict)
+        return cls(alpha=spec.get("alpha", cls.alpha), margin=spec.get("margin", cls.margin),
+                   paired_test=spec.get("paired_test", cls.paired_test),
+                   min_seeds=seeds["min"] if adaptive else None, max_seeds=seeds["max"] if adaptive else None)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.max_seeds is not None and self.max_seeds > (self.min_seeds or 0)
+
+    def looks(self, n: int) -> list[tuple[int, float]]:
+        """(seeds, nominal α) of every look a comparison with n paired seeds has had: one look at the
+        full α for fixed seeds; with adaptive seeds one per seed count from min, the last taking any
+        seeds beyond max."""
+        if not self.adaptive:
+            return [(n, self.alpha)]
+        out, spent = [], 0.0
+        for k in range(self.min_seeds, min(max(n, self.min_seeds), self.max_seeds) + 1):
+            level = self.alpha * pocock_spending(k / self.max_seeds) - spent
+            spent += level
+            out.append((k, level))
+        last, level = out[-1]
+        out[-1] = (max(n, last) if last == self.max_seeds else min(n, last), level)
+        return out
+
+    def describe(self) -> str:
+        rule = (f"adaptive seeds from {self.min_seeds} to {self.max_seeds}, α spent over the looks (Pocock-type "
+                "spending, weighted Bonferroni)" if self.adaptive else "fixed seeds")
+        return f"α = {self.alpha:g}, Holm across comparisons, equivalence margin ±{self.margin:g}, {rule}"
+
+
+# -- per-variant summaries ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -29,9 +109,13 @@ class MeanCI:
     high: float
 
 
-def mean_ci(values, confidence: float = 0.95) -> MeanCI:
+def _clean(values) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+
+
+def mean_ci(values, confidence: float = CONFIDENCE) -> MeanCI:
     """Mean, sample sd and the t-based confidence interval of the mean."""
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    x = _clean(values)
     n = len(x)
     if n == 0:
         return MeanCI(0, math.nan, math.nan, math.nan, math.nan)
@@ -41,35 +125,6 @@ def mean_ci(values, confidence: float = 0.95) -> MeanCI:
     sd = float(x.std(ddof=1))
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n))
     return MeanCI(n, mean, sd, mean - half, mean + half)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    delta: float  # variant mean − baseline mean
-    t: float
-    p: float
-    df: float
-    verdict: str  # "better", "worse" or "no significant difference"
-
-
-def welch(variant, baseline, higher_is_better: bool = False, alpha: float = 0.05) -> Comparison:
-    """Welch's unequal-variance t-test of variant against baseline, with the verdict in words."""
-    a = np.asarray([v for v in variant if v is not None and not math.isnan(v)], dtype=float)
-    b = np.asarray([v for v in baseline if v is not None and not math.isnan(v)], dtype=float)
-    delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-    if len(a) < 2 or len(b) < 2:
-        return Comparison(delta, math.nan, math.nan, math.nan, "too few seeds to test")
-    with warnings.catch_warnings():
-        # seeds that agree exactly (accuracy 1.0 on every seed) have zero variance; scipy's warning
-        # about cancellation in near-identical data does not apply to them
-        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-        result = stats.ttest_ind(a, b, equal_var=False)
-    p = float(result.pvalue)
-    if math.isnan(p) or p >= alpha:
-        verdict = "no significant difference"
-    else:
-        verdict = "better" if (delta > 0) == higher_is_better else "worse"
-    return Comparison(delta, float(result.statistic), p, float(result.df), verdict)  # Welch–Satterthwaite df
 
 
 def pareto_front(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -97,20 +152,22 @@ def best_of_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     return done.merge(best, on=["variant", "point"])
 
 
+def quality_metric(runs: pd.DataFrame) -> str:
+    """The metric a study's verdicts test: accuracy for tasks (runs that record it), else val loss."""
+    done = runs[runs["status"] == "finished"]
+    return "val_accuracy" if "val_accuracy" in done and done["val_accuracy"].notna().any() else "val_loss"
+
+
 def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per variant (baseline first, then by mean val loss): per quality metric the mean, sd and
-    95% CI over seeds, the difference from its reference — the baseline, or the variant `compare`
-    names for it — with Welch's p-value and verdict; params, FLOPs, tokens/s, memory; how many runs
-    failed or diverged."""
+    95% CI over seeds; its reference; params, FLOPs, tokens/s, memory; how many runs failed or diverged."""
     compare = compare or {}
     chosen = best_of_sweep(runs)
-    rows, samples = [], {}
+    rows = []
     for variant, group in chosen.groupby("variant", sort=False):
         row = {"variant": variant, "n": len(group), "sweep": group["sweep"].iloc[0]}
         for metric in QUALITY:
-            values = group[metric].dropna().tolist() if metric in group else []
-            samples[(variant, metric)] = values
-            ci = mean_ci(values)
+            ci = mean_ci(group[metric].tolist() if metric in group else [])
             row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.sd, f"{metric}_ci_low": ci.low,
                         f"{metric}_ci_high": ci.high})
         for column in ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_memory_bytes", "mfu"):
@@ -122,16 +179,327 @@ def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str] |
     counts = runs.groupby("variant")["status"].value_counts().unstack(fill_value=0)
     for status in ("failed", "diverged"):
         table[status] = table["variant"].map(counts[status] if status in counts else {}).fillna(0).astype(int)
-    present = set(table["variant"])
     table["reference"] = [compare.get(v, baseline) if v != baseline else "" for v in table["variant"]]
-    for metric in QUALITY:
-        tests = [welch(samples[(v, metric)], samples[(ref, metric)], metric in HIGHER_IS_BETTER)
-                 if ref in present and samples[(ref, metric)] and samples[(v, metric)] else None
-                 for v, ref in zip(table["variant"], table["reference"])]  # the baseline's reference is ""
-        table[f"{metric}_delta"] = [t.delta if t else math.nan for t in tests]
-        table[f"{metric}_p"] = [t.p if t else math.nan for t in tests]
-        table[f"{metric}_verdict"] = [t.verdict if t else "baseline" if v == baseline and samples[(v, metric)] else ""
-                                      for v, t in zip(table["variant"], tests)]
     others = table[table["variant"] != baseline].sort_values("val_loss_mean")["variant"].tolist()
-    order = [v for v in [baseline, *others] if v in present]
+    order = [v for v in [baseline, *others] if v in set(table["variant"])]
     return table.set_index("variant").reindex(order).reset_index()
+
+
+# -- tests --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Test:
+    """One test of variant − reference: the mean difference, its CI, p and what it could detect."""
+
+    test: str  # "paired t", "paired bootstrap" or "welch"
+    n: int  # pairs, or the variant's seeds (Welch)
+    delta: float
+    ci_low: float
+    ci_high: float
+    p: float
+    sd: float  # of the paired differences; Welch: of the variant's values
+    se: float
+    df: float
+
+
+def _two_sided_t(t: float, df: float) -> float:
+    return float(2 * stats.t.sf(abs(t), df))
+
+
+def paired_t(differences, confidence: float = CONFIDENCE) -> Test:
+    """Paired t-test of the per-seed differences (variant − reference) against zero."""
+    d = _clean(differences)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return Test("paired t", n, mean, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    if se == 0:  # every seed moved by exactly the same amount (e.g. accuracy 1.0 on both)
+        return Test("paired t", n, mean, mean, mean, 1.0 if mean == 0 else 0.0, 0.0, 0.0, n - 1)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * se
+    return Test("paired t", n, mean, mean - half, mean + half, _two_sided_t(mean / se, n - 1), sd, se, n - 1)
+
+
+def paired_bootstrap(differences, confidence: float = CONFIDENCE, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = 0) -> Test:
+    """Paired bootstrap of the mean difference: percentile CI; p from the differences shifted to a
+    zero mean (the null), two-sided. Needs many seeds to be trusted; the t-test is the default."""
+    d = _clean(differences)
+    n = len(d)
+    t = paired_t(d, confidence)
+    if n < 2 or t.se == 0:
+        return Test("paired bootstrap", *[getattr(t, f) for f in ("n", "delta", "ci_low", "ci_high", "p", "sd", "se", "df")])
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, n, size=(samples, n))
+    means = d[index].mean(axis=1)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    null = (d - d.mean())[index].mean(axis=1)
+    p = float((np.abs(null) >= abs(d.mean())).mean())
+    return Test("paired bootstrap", n, t.delta, float(low), float(high), max(p, 1 / samples), t.sd, t.se, t.df)
+
+
+def welch(variant, reference, confidence: float = CONFIDENCE) -> Test:
+    """Welch's unequal-variance t-test of variant − reference, for seeds that do not pair up."""
+    a, b = _clean(variant), _clean(reference)
+    delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return Test("welch", len(a), delta, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Test("welch", len(a), delta, delta, delta, 1.0 if delta == 0 else 0.0, 0.0, 0.0, len(a) + len(b) - 2)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch–Satterthwaite
+    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
+    return Test("welch", len(a), delta, delta - half, delta + half, _two_sided_t(delta / se, df),
+                float(a.std(ddof=1)), se, float(df))
+
+
+# Gauss–Legendre nodes on (0, 1): the quantiles of the variance estimate to average power over
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(200)
+_NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
+
+
+@functools.lru_cache(maxsize=64)
+def _spread(df: float) -> np.ndarray:
+    """s = sqrt(χ²_df / df) at the quadrature nodes: the spread of an estimated standard error."""
+    return np.sqrt(stats.chi2.ppf(_NODES, df) / df)
+
+
+def t_test_power(noncentrality: float, df: float, level: float, critical: float | None = None) -> float:
+    """Power of a two-sided t-test at `level` when the true difference is `noncentrality` standard
+    errors: E over the variance estimate of P(|Z + δ| > c·s), s² ~ χ²_df / df. (scipy's noncentral t
+    returns NaN in places for df = 1, the two-seed case.)"""
+    critical = stats.t.ppf(1 - level / 2, df) if critical is None else critical
+    s = _spread(float(df))
+    inside = special.ndtr(noncentrality - critical * s) + special.ndtr(-critical * s - noncentrality)
+    return float(np.dot(_WEIGHTS, inside))
+
+
+def minimum_detectable(se: float, df: float, level: float, power: float = POWER) -> float:
+    """The smallest |difference| a two-sided t-test at `level` detects with `power`, given the standard
+    error and degrees of freedom of its estimate."""
+    if not (se > 0 and df > 0 and 0 < level < 1):
+        return math.nan
+    critical = float(stats.t.ppf(1 - level / 2, df))
+
+    def shortfall(noncentrality: float) -> float:
+        return t_test_power(noncentrality, df, level, critical) - power
+
+    high = critical + 4.0
+    while shortfall(high) < 0:
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-8)) * se
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order; NaN (no test) stays NaN and is not
+    counted among the comparisons."""
+    p = np.asarray(p_values, dtype=float)
+    tested = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(len(p), math.nan)
+    m = len(tested)
+    running = 0.0
+    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def verdict_of(delta: float, ci_low: float, ci_high: float, p_adjusted: float, alpha: float, margin: float,
+               higher_is_better: bool) -> str:
+    """better / worse / equivalent / inconclusive, from the adjusted p and the CI of the difference
+    (variant − reference)."""
+    if not math.isnan(ci_low) and -margin < ci_low and ci_high < margin:
+        return "equivalent"
+    if not math.isnan(p_adjusted) and p_adjusted < alpha and delta != 0:
+        return "better" if (delta > 0) == higher_is_better else "worse"
+    return "inconclusive"
+
+
+# -- comparisons --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """A variant against its reference on the study's quality metric, and the verdict in words."""
+
+    variant: str
+    reference: str
+    metric: str
+    n: int
+    delta: float
+    ci_low: float
+    ci_high: float
+    p: float  # the test's own p-value at the current seeds
+    p_adjusted: float  # after the looks (adaptive seeds) and Holm across the study's comparisons
+    test: str
+    verdict: str
+    margin: float
+    mde: float  # the smallest |difference| these seeds could detect at 80% power
+    sd: float
+    seeds: list[int] = field(default_factory=list)
+    n_reference: int = 0
+    p_sequential: float = math.nan  # after the looks, before Holm
+    higher_is_better: bool = False
+    machine: str | None = None
+    note: str = ""
+
+    @property
+    def unit(self) -> str:
+        return UNITS.get(self.metric, "")
+
+    def sentence(self) -> str:
+        """The verdict in one sentence, with the numbers behind it."""
+        unit = f" {self.unit}" if self.unit else ""
+        over = (f"{self.test} over {self.n} seeds" if self.test != "welch"
+                else f"Welch over {self.n} and {self.n_reference} seeds")
+        ci = f"95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f}"
+        if self.verdict in ("better", "worse"):
+            return (f"{self.variant} is {self.verdict} than {self.reference} by {abs(self.delta):.4f}{unit} "
+                    f"({ci}, {over}, Holm-adjusted p {_p(self.p_adjusted)}).")
+        if self.verdict == "equivalent":
+            return (f"{self.variant} is equivalent to {self.reference} within ±{self.margin:g}{unit} "
+                    f"(Δ {self.delta:+.4f}, {ci}, {over}).")
+        if self.note:
+            return f"{self.variant} vs {self.reference} is inconclusive: {self.note}."
+        return (f"{self.variant} vs {self.reference} is inconclusive: Δ {self.delta:+.4f}{unit} ({ci}, {over}, "
+                f"Holm-adjusted p {_p(self.p_adjusted)}); these seeds could detect a difference of "
+                f"±{self.mde:.4f} or more (80% power), and equivalence needs the CI inside ±{self.margin:g}.")
+
+    def to_dict(self) -> dict:
+        return {k: _json_number(v) for k, v in asdict(self).items()}
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else "< 0.0001" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}".rstrip("0")
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass
+class Noise:
+    """The study's noise floor: how much the baseline moves across seeds, and paired differences."""
+
+    baseline_sd: float
+    baseline_n: int
+    paired_sd: float  # pooled over the paired comparisons, weighted by degrees of freedom
+    paired_df: int
+
+    def sentence(self, metric: str) -> str:
+        if self.baseline_n < 2:
+            return "Noise floor: unknown until the baseline has two seeds."
+        text = f"Noise floor: the baseline's {metric} varies across seeds with sd {self.baseline_sd:.4f} (n = {self.baseline_n})"
+        if self.paired_df:
+            text += f"; paired differences between variants vary with sd {self.paired_sd:.4f} (pooled, {self.paired_df} df)"
+        return text + "."
+
+
+@dataclass
+class StudySummary:
+    """Everything the CLI table, the HTML summary and ``--json`` say about one study on one machine."""
+
+    study: str
+    metric: str
+    design: Design
+    noise: Noise
+    comparisons: list[Comparison]
+    variants: pd.DataFrame
+    machine: str | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in HIGHER_IS_BETTER
+
+    def pending(self) -> set[str]:
+        """Variants (with their references) in comparisons that are still inconclusive."""
+        return pending(self.comparisons)
+
+    def to_dict(self) -> dict:
+        return {"study": self.study, "machine": self.machine, "metric": self.metric,
+                "alpha": self.design.alpha, "margin": self.design.margin, "design": self.design.describe(),
+                "noise": {"baseline_sd": _json_number(self.noise.baseline_sd), "baseline_n": self.noise.baseline_n,
+                          "paired_sd": _json_number(self.noise.paired_sd), "paired_df": self.noise.paired_df},
+                "comparisons": [c.to_dict() for c in self.comparisons]}
+
+
+def _per_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
+    values = group.dropna(subset=[metric]) if metric in group else group.iloc[:0]
+    return {int(s): float(v) for s, v in zip(values["seed"], values[metric])}
+
+
+def compare(variant: dict[int, float], reference: dict[int, float], design: Design) -> tuple[Test, float, float]:
+    """Test one comparison from per-seed values: paired where the seeds pair up (at least two shared
+    seeds), else Welch. Returns the test at all seeds, the sequential p (after the looks) and the MDE."""
+    shared = sorted(set(variant) & set(reference))
+    if len(shared) >= 2:
+        differences = np.array([variant[s] - reference[s] for s in shared])
+        run = paired_bootstrap if design.paired_test == "bootstrap" else paired_t
+        looks = design.looks(len(shared))
+        p_sequential = min(min(1.0, run(differences[:k]).p * design.alpha / level) for k, level in looks)
+        test = run(differences)
+    else:  # seeds that don't pair up: every look's α was spent on what is here now
+        test = welch(list(variant.values()), list(reference.values()))
+        looks = design.looks(test.n)
+        p_sequential = test.p if math.isnan(test.p) else min(1.0, test.p * design.alpha / looks[-1][1])
+    return test, p_sequential, minimum_detectable(test.se, test.df, looks[-1][1])
+
+
+def judge(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], metric: str, design: Design,
+          machine: str | None = None) -> list[Comparison]:
+    """The comparisons (variant, reference) of one study from per-seed values of its metric: each
+    tested, Holm-adjusted across the study, and given its verdict; sorted by verdict, then |Δ|."""
+    higher = metric in HIGHER_IS_BETTER
+    comparisons = []
+    for variant, reference in pairs:
+        mine, theirs = values.get(variant, {}), values.get(reference, {})
+        test, p_sequential, mde = compare(mine, theirs, design)
+        shared = sorted(set(mine) & set(theirs))
+        note = ""
+        if math.isnan(test.p):
+            note = f"{len(shared) if len(shared) else min(len(mine), len(theirs))} seed(s) to compare; a test needs two"
+        comparisons.append(Comparison(
+            variant=variant, reference=reference, metric=metric, n=test.n, delta=test.delta, ci_low=test.ci_low,
+            ci_high=test.ci_high, p=test.p, p_adjusted=math.nan, test=test.test, verdict="inconclusive",
+            margin=design.margin, mde=mde, sd=test.sd, seeds=shared or sorted(mine), n_reference=len(theirs),
+            p_sequential=p_sequential, higher_is_better=higher, machine=machine, note=note))
+    for c, adjusted in zip(comparisons, holm([c.p_sequential for c in comparisons])):
+        c.p_adjusted = adjusted
+        c.verdict = verdict_of(c.delta, c.ci_low, c.ci_high, adjusted, design.alpha, design.margin, higher)
+    order = {v: i for i, v in enumerate(VERDICTS)}
+    comparisons.sort(key=lambda c: (order[c.verdict], -abs(c.delta) if not math.isnan(c.delta) else 0))
+    return comparisons
+
+
+def pending(comparisons: list[Comparison]) -> set[str]:
+    """What adaptive seeds train next: the variants, with their references, of every comparison that
+    is still inconclusive."""
+    return {name for c in comparisons if c.verdict == "inconclusive" for name in (c.variant, c.reference)}
+
+
+def noise_floor(values: dict[str, dict[int, float]], baseline: str, comparisons: list[Comparison]) -> Noise:
+    """The baseline's seed-to-seed sd, and the sd of paired differences pooled over the comparisons."""
+    paired = [c for c in comparisons if c.test != "welch" and c.n >= 2 and not math.isnan(c.sd)]
+    df = sum(c.n - 1 for c in paired)
+    pooled = math.sqrt(sum((c.n - 1) * c.sd**2 for c in paired) / df) if df else math.nan
+    base = list(values.get(baseline, {}).values())
+    return Noise(float(np.std(base, ddof=1)) if len(base) >= 2 else math.nan, len(base), pooled, df)
+
+
+def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> StudySummary:
+    """The verdicts of a study (its spec, as stored) from its runs on one machine: each variant at its
+    chosen sweep point against its reference."""
+    design = Design.from_spec(spec)
+    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
+    references = spec.get("compare") or {}
+    table = variant_summary(runs, baseline, references)
+    metric = quality_metric(runs)
+    values = {v: _per_seed(g, metric) for v, g in best_of_sweep(runs).groupby("variant")}
+    pairs = [(v, references.get(v, baseline)) for v in (table["variant"] if not table.empty else [])
+             if v != baseline and references.get(v, baseline) in values]
+    comparisons = judge(values, pairs, metric, design, machine)
+    return StudySummary(spec.get("name", ""), metric, design, noise_floor(values, baseline, comparisons), comparisons,
+                        table, machine)

@@ -57,6 +57,13 @@ class Plan:
     def quantize_runs(self) -> list[PlannedRun]:
         return [r for r in self.runs if r.kind == "quantize"]
 
+    @property
+    def identity(self) -> str:
+        """What this plan's runs are compared on: each variant's configurations without their seeds.
+        Plans of one spec with other seeds share it; an edited budget, base or variant changes it."""
+        configs = sorted({(r.variant, r.kind, run_id(r.config.model_copy(update={"seed": 0}), r.kind)) for r in self.runs})
+        return hashlib.sha256(json.dumps(configs).encode()).hexdigest()[:16]
+
 
 def run_id(config: RunConfig, kind: str = "train") -> str:
     identity = {
@@ -141,13 +148,13 @@ def _check_kernel_names(spec: Spec, sources: SourceMap) -> None:
     """Unknown component names in kernels: stop the study before anything trains."""
     if spec.kernels is None:
         return
-    for (section, field), family in KERNEL_NAMES.items():
-        for name in getattr(getattr(spec.kernels, section), field, None) or []:
+    for (section, names), family in KERNEL_NAMES.items():
+        for name in getattr(getattr(spec.kernels, section), names, None) or []:
             try:
                 get(family, name)
             except ComponentError as e:
-                where = sources.locate(("kernels", section, field), ("kernels", section), ("kernels",))
-                raise SpecError(f"{where}: kernels.{section}.{field}: {e}") from None
+                where = sources.locate(("kernels", section, names), ("kernels", section), ("kernels",))
+                raise SpecError(f"{where}: kernels.{section}.{names}: {e}") from None
 
 
 def _resolve(config: dict, seed: int, variant: str, sources: SourceMap) -> RunConfig:

@@ -1,7 +1,7 @@
 """Read a results folder's store as pandas DataFrames: ``bench.results.load(dir)``.
 
     results = load("results/attention")
-    results.runs      # one row per run: run_id, variant, seed, status, val_loss, params, ...
+    results.runs      # one row per run: run_id, variant, seed, status, val_loss, params, current, ...
     results.metrics   # one row per run and step: run_id, step, train_loss, val_loss, lr, mfu, ...
     results.kernels   # one row per kernel measurement, with the machine it ran on
 """
@@ -27,7 +27,7 @@ class Results:
 
 
 def _json(text):
-    return json.loads(text) if text else None
+    return json.loads(text) if isinstance(text, str) and text else None  # NULL reads as None or NaN
 
 
 def load(folder: str | Path) -> Results:
@@ -37,7 +37,12 @@ def load(folder: str | Path) -> Results:
         raise FileNotFoundError(f"no results store at {path}")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        runs = pd.read_sql_query("SELECT * FROM runs", db)
+        # current: the run belongs to its study's latest plan (or the store predates plans)
+        plans = "plan" in {row[1] for row in db.execute("PRAGMA table_info(studies)")}
+        runs = pd.read_sql_query(
+            "SELECT runs.*, (studies.plan IS NULL OR EXISTS (SELECT 1 FROM planned WHERE planned.study = runs.study "
+            "AND planned.plan = studies.plan AND planned.run_id = runs.run_id)) AS current "
+            "FROM runs LEFT JOIN studies ON studies.name = runs.study" if plans else "SELECT *, 1 AS current FROM runs", db)
         metrics = pd.read_sql_query("SELECT * FROM metrics ORDER BY run_id, step", db)
         kernels = pd.read_sql_query("SELECT * FROM kernels ORDER BY id", db)
         studies = pd.read_sql_query("SELECT * FROM studies", db)
@@ -51,6 +56,7 @@ def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     params = pd.DataFrame([p if isinstance(p, dict) else {} for p in final.get("params", [None] * len(runs))],
                           index=runs.index)
     out = runs.drop(columns=["metrics"]).copy()
+    out["current"] = out["current"].astype(bool)
     for column in ("sweep", "config", "hardware", "libraries"):
         out[column] = out[column].map(_json)
     out["machine"] = out["hardware"].map(lambda fp: machine_label(fp) if fp else None)

@@ -1,8 +1,10 @@
 """Run an ablation study: ``python -m bench.run ablations/attention.yaml``.
 
 Trains every variant × sweep point × seed of the spec (skipping finished runs, resuming interrupted
-ones), stores everything in results/<name>/results.db, and prints the summary against the baseline.
-A spec with an error exits with status 2 and a message naming the file, line and key.
+ones), stores everything in results/<name>/results.db, and prints each comparison's verdict. With
+adaptive seeds (``seeds: {min, max}``) it trains `min` seeds first, then one more seed at a time for
+the comparisons still inconclusive, up to `max`. A spec with an error exits with status 2 and a
+message naming the file, line and key.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import hardware, parallel
-from bench.analysis import variant_summary
+from bench.analysis import StudySummary, summarise
 from bench.executor import EXECUTORS, ExecutorUnavailable
 from bench.formatting import count, number
 from bench.plan import Plan, expand
 from bench.progress import Progress
 from bench.report import write_report
 from bench.results import load
-from bench.spec import Spec, SpecError, load_spec
+from bench.spec import SeedRange, SourceMap, Spec, SpecError, load_spec
 from bench.store import DONE, Store
 from bench.train import budget_steps
 
@@ -108,35 +110,58 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
         sections = [name for name, value in plan.spec.kernels if isinstance(value, BaseModel)]
         console.print(f"then times kernels: {', '.join(sections)}")
     console.print(f"estimated total on this machine: {total / 60:.1f} min (nothing was trained)")
+    seeds = plan.spec.seeds
+    if isinstance(seeds, SeedRange) and seeds.max > seeds.min:
+        per_seed = total / seeds.min
+        console.print(f"adaptive seeds: comparisons still inconclusive after {seeds.min} seeds get one more seed at a "
+                      f"time, up to {seeds.max}: at most {(seeds.max - seeds.min) * len(plan.runs) // seeds.min} more "
+                      f"runs, about {per_seed * (seeds.max - seeds.min) / 60:.1f} min more")
 
 
-def print_summary(folder: Path, spec: Spec, console: Console) -> None:
+def current_summary(folder: Path, spec: Spec) -> StudySummary:
+    """The verdicts of the study's current plan from the runs in the store (any machine)."""
     runs = load(folder).runs
-    baseline = spec.baseline
-    summary = variant_summary(runs, baseline, spec.compare)
-    if summary.empty:
+    runs = runs[runs["current"] & (runs["study"] == spec.name)]
+    return summarise(runs, spec.model_dump(mode="json"))
+
+
+def print_summary(summary: StudySummary, console: Console) -> None:
+    """The end-of-run verdicts: the noise floor, one line per comparison, then the numbers."""
+    variants = summary.variants
+    if variants.empty:
         console.print("no finished runs to summarise")
         return
-    task = summary["val_accuracy_mean"].notna().any()
-    table = Table(title=f"final val loss over seeds (best of sweep), against the baseline '{escape(baseline)}'",
-                  title_justify="left")
-    for column in ("variant", "n", "val loss (mean ± sd)", "95% CI", "Δ vs reference", "verdict (Welch, 95%)",
-                   *(["accuracy"] if task else []), "params", "tokens/s", "failed/diverged"):
+    metric = summary.metric
+    console.print(summary.noise.sentence(metric.replace("_", " ")), markup=False, highlight=False)
+    console.print(f"Verdicts on {metric.replace('_', ' ')}: {summary.design.describe()}.", markup=False, highlight=False)
+    for c in summary.comparisons:
+        console.print(f"- {c.sentence()}", markup=False, highlight=False)
+    table = Table(title=f"{metric.replace('_', ' ')} over seeds against each reference", title_justify="left")
+    for column in ("variant", "vs", "verdict", "Δ", "95% CI", "test", "n", "p", "p (adj.)", "MDE",
+                   f"{metric.replace('val_', '')} (mean ± sd)", "params", "tokens/s", "failed/diverged"):
         table.add_column(column)
-    for _, row in summary.iterrows():
-        is_baseline = row["variant"] == baseline
-        cells = [escape(row["variant"]) + (" (baseline)" if is_baseline else ""), str(row["n"]),
-                 f"{number(row['val_loss_mean'])} ± {number(row['val_loss_sd'])}",
-                 f"{number(row['val_loss_ci_low'])} – {number(row['val_loss_ci_high'])}",
-                 "–" if is_baseline else f"{row.get('val_loss_delta', float('nan')):+.4f}"
-                 + (f" vs {escape(row['reference'])}" if row["reference"] != baseline else ""),
-                 "–" if is_baseline else str(row.get("val_loss_verdict", ""))]
-        if task:
-            cells.append(f"{number(row['val_accuracy_mean'], 3)} ± {number(row['val_accuracy_sd'], 3)}")
-        cells += [count(row["params"]), count(row["tokens_per_s"]), f"{row['failed']}/{row['diverged']}"]
+    by_variant = variants.set_index("variant")
+    rows = [(c.variant, c) for c in summary.comparisons]
+    compared = {c.variant for c in summary.comparisons}
+    rows += [(v, None) for v in variants["variant"] if v not in compared]  # the baseline and untested ones
+    for variant, c in rows:
+        row = by_variant.loc[variant]
+        style = {"better": "green", "worse": "red"}.get(c.verdict if c else "", "")
+        cells = [escape(variant), escape(c.reference) if c else "(baseline)" if not row["reference"] else "–",
+                 f"[{style}]{c.verdict}[/{style}]" if c and style else (c.verdict if c else "–"),
+                 f"{c.delta:+.4f}" if c else "–",
+                 f"{number(c.ci_low)} – {number(c.ci_high)}" if c else "–", c.test if c else "–",
+                 str(c.n) if c else str(row["n"]), number(c.p, 3) if c else "–", number(c.p_adjusted, 3) if c else "–",
+                 number(c.mde) if c else "–",
+                 f"{number(row[f'{metric}_mean'])} ± {number(row[f'{metric}_sd'])}",
+                 count(row["params"]), count(row["tokens_per_s"]), f"{row['failed']}/{row['diverged']}"]
         table.add_row(*cells)
     console.print(table)
-    for _, row in runs[runs["status"] == "failed"].iterrows():
+
+
+def print_failures(folder: Path, console: Console) -> None:
+    runs = load(folder).runs
+    for _, row in runs[runs["current"] & (runs["status"] == "failed")].iterrows():
         console.print(f"failed: {escape(row['variant'])} seed {row['seed']}: {escape(str(row['reason']))}")
 
 
@@ -160,6 +185,35 @@ def time_kernels(spec, store: Store, console: Console) -> None:
     console.print(f"stored {len(rows)} kernel rows ({len(timed)} timed, {len(rows) - len(timed)} with a reason)")
 
 
+def plan_identity(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace) -> str:
+    """The identity of the whole study's plan, whichever variants and seeds this invocation runs."""
+    return (expand(spec, sources, seeds=plan.spec.seed_list[:1], device=args.device) if args.only else plan).identity
+
+
+def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace, folder: Path, world,
+           console: Console):
+    """The plans to execute in turn: the first seeds; then, with adaptive seeds, one more seed at a
+    time for the variants in inconclusive comparisons (and their references), until every comparison
+    is decisive or has `max` seeds. Rank 0 decides; under torchrun every rank gets the same plan."""
+    yield plan
+    if not isinstance(spec.seeds, SeedRange) or args.seeds:
+        return
+    for seed in range(spec.seeds.min, spec.seeds.max):
+        pending = None
+        if world.main:
+            summary = current_summary(folder, spec)
+            waiting = [c for c in summary.comparisons if c.verdict == "inconclusive"]
+            pending = [v for v in spec.variants if v in summary.pending() and (not args.only or v in args.only)]
+            if pending:
+                console.print(f"seed {seed}: {len(waiting)} comparison(s) still inconclusive "
+                              f"({', '.join(f'{c.variant} vs {c.reference}' for c in waiting)}): training seed {seed} "
+                              f"of {', '.join(pending)}", markup=False, highlight=False)
+        pending = parallel.broadcast_object(pending, world)
+        if not pending:
+            return
+        yield expand(spec, sources, only=pending, seeds=[seed], device=args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -170,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
         spec, sources = load_spec(args.spec, args.set)
         plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device)
+        identity = plan_identity(plan, spec, sources, args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -184,17 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(folder) if world.main else None
     if store:
         launcher = f"torchrun --nproc_per_node {world.size} -m bench.run " if world.size > 1 else "python -m bench.run "
-        store.record_study(spec.name, spec.model_dump(mode="json"), launcher + shlex.join(argv))
-        store.add_runs(spec.name, plan.runs)
-    done = parallel.broadcast_object({r.run_id for r in plan.runs if store and store.status(r.run_id) in DONE}, world)
-    todo = [r for r in plan.runs if r.run_id not in done]
-    console.print(f"{spec.name}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} already done → {folder}")
-    steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + len([r for r in todo if r.kind != "train"])
+        store.record_study(spec.name, spec.model_dump(mode="json"), launcher + shlex.join(argv), identity)
     kernel_error = None
+    planned: set[str] = set()
     try:
         executor = EXECUTORS[args.executor](workers=args.workers, address=args.ray_address)
-        with Progress(len(todo), steps, console) as progress:
-            executor.execute(Plan(spec, todo), folder, progress if world.main else (lambda event: None))
+        for round_plan in rounds(plan, spec, sources, args, folder, world, console):
+            planned |= {r.run_id for r in round_plan.runs}
+            if store:
+                store.add_runs(spec.name, round_plan.runs, identity)
+            done = parallel.broadcast_object(
+                {r.run_id for r in round_plan.runs if store and store.status(r.run_id) in DONE}, world)
+            todo = [r for r in round_plan.runs if r.run_id not in done]
+            console.print(f"{spec.name}: {len(round_plan.runs)} runs, {len(round_plan.runs) - len(todo)} already done "
+                          f"→ {folder}")
+            steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + sum(r.kind != "train" for r in todo)
+            with Progress(len(todo), steps, console) as progress:
+                executor.execute(Plan(spec, todo), folder, progress if world.main else (lambda event: None))
         if world.main and spec.kernels is not None:
             try:
                 time_kernels(spec, store, console)
@@ -214,14 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         parallel.finish()
         if not world.main:
             return 0
-    print_summary(folder, spec, console)
+    print_summary(current_summary(folder, spec), console)
+    print_failures(folder, console)
     try:
         console.print(f"report: {write_report([folder])}")
     except Exception as e:  # noqa: BLE001 - the runs are stored; the report can be rewritten later
         print(f"error: the report could not be written ({type(e).__name__}: {e}); the results are in "
               f"{folder}/results.db — retry with: python -m bench.report {folder}", file=sys.stderr)
         return 1
-    failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in {p.run_id for p in plan.runs}]
+    failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in planned]
     return 1 if failed or kernel_error else 0
 
 

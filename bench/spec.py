@@ -12,7 +12,10 @@
     compare: {gqa_window: gqa}      # optional: a variant's own reference (default: the baseline)
     extrapolate_to: 1.0e21          # optional: compute multipliers also stated there (scaling studies)
     sweep: {train.lr: [3e-4, 1e-3]} # crossed with every variant; reports keep the best per variant
-    seeds: 2                        # a count (0..n-1) or a list
+    seeds: 2                        # a count (0..n-1), a list, or {min: 2, max: 8}: adaptive seeds
+    margin: 0.01                    # equivalence margin of the quality metric (nats, or accuracy)
+    alpha: 0.05                     # the rate of false better/worse verdicts the study allows
+    paired_test: t                  # or bootstrap: how paired per-seed differences are tested
     budget: {steps: 300}            # shorthand for base.train's budget
     kernels: {attention: {...}}     # components to time as kernels here (bench.kernels.config)
 
@@ -27,7 +30,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -137,6 +140,15 @@ def _find(node: yaml.Node, path: list[str]) -> yaml.Node | None:
 # -- the spec -----------------------------------------------------------------------------------------
 
 
+class SeedRange(BaseModel):
+    """Adaptive seeds: every variant starts with `min`; comparisons still inconclusive get one more
+    seed at a time, up to `max` (seeds 0..max-1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min: int
+    max: int
+
+
 class Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: dict[str, Any] = Field(default_factory=dict)
@@ -158,7 +170,10 @@ class Spec(BaseModel):
     extrapolate_to: float | None = Field(None, gt=0, description="compute (FLOPs) at which the report also states "
                                          "compute multipliers; default 100× the largest trained budget")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
-    seeds: int | list[int] = 2
+    seeds: int | list[int] | SeedRange = 2
+    margin: float = Field(0.01, ge=0, description="equivalence margin of the quality metric")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="rate of false better/worse verdicts")
+    paired_test: Literal["t", "bootstrap"] = "t"
     budget: dict[str, Any] | None = None
     kernels: KernelSpec | None = None
     plugins: list[str] = Field(default_factory=list)
@@ -169,6 +184,20 @@ class Spec(BaseModel):
         if isinstance(value, dict):
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds_form(cls, value: Any) -> Any:
+        def whole(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if isinstance(value, dict):
+            if set(value) != {"min", "max"} or not all(map(whole, value.values())) or not 2 <= value["min"] <= value["max"]:
+                raise ValueError(f"adaptive seeds are {{min: M, max: N}} with 2 ≤ M ≤ N, got {value!r}")
+            return SeedRange(**value)
+        if (whole(value) and value >= 1) or (isinstance(value, list) and value and all(map(whole, value))):
+            return value
+        raise ValueError(f"expected a count (2), a list of seeds ([0, 1, 5]) or {{min: 2, max: 8}}, got {value!r}")
 
     @field_validator("sweep")
     @classmethod
@@ -198,7 +227,15 @@ class Spec(BaseModel):
 
     @property
     def seed_list(self) -> list[int]:
+        """The seeds every variant trains first (with adaptive seeds, the first `min`)."""
+        if isinstance(self.seeds, SeedRange):
+            return list(range(self.seeds.min))
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def max_seeds(self) -> int:
+        """How many seeds a variant may get: adaptive seeds' max, else the seeds given."""
+        return self.seeds.max if isinstance(self.seeds, SeedRange) else len(self.seed_list)
 
     def variant_base(self, variant: str) -> dict[str, Any]:
         """base with the budget shorthand and the variant's overrides applied: {model, data, train}."""

@@ -1,8 +1,10 @@
 """The results store: one SQLite database per results folder (WAL mode, writes in transactions).
 
-Tables: ``studies`` (the spec and the command that ran it), ``runs`` (resolved config and hash,
-status, final metrics, hardware fingerprint, git commit, library versions), ``metrics`` (one row per
-run and step) and ``kernels`` (kernel timings). Several runner processes, on one machine or on
+Tables: ``studies`` (the spec, the command that ran it and the identity of its current plan),
+``runs`` (resolved config and hash, status, final metrics, hardware fingerprint, git commit, library
+versions), ``planned`` (which runs each plan of a study holds: runs of an edited spec's old plan stay
+in the store but are not compared with the new ones), ``metrics`` (one row per run and step) and
+``kernels`` (kernel timings). Several runner processes, on one machine or on
 several sharing the folder, claim runs through the store, so each run is trained once.
 """
 
@@ -43,6 +45,9 @@ CREATE TABLE IF NOT EXISTS runs (
     hardware TEXT,
     libraries TEXT,
     git_commit TEXT
+);
+CREATE TABLE IF NOT EXISTS planned (
+    study TEXT NOT NULL, plan TEXT NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (study, plan, run_id)
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (run_id, step)
@@ -100,6 +105,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(studies)")}
+        if "plan" not in columns:  # a store written before plans were recorded
+            self.db.execute("ALTER TABLE studies ADD COLUMN plan TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -117,14 +125,16 @@ class Store:
 
     # -- studies and runs ---------------------------------------------------------------------
 
-    def record_study(self, name: str, spec: dict, command: str) -> None:
+    def record_study(self, name: str, spec: dict, command: str, plan: str | None = None) -> None:
+        """The spec as run, its command, and the identity of its plan (what its runs are compared on)."""
         with self.transaction() as db:
-            db.execute("INSERT INTO studies VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                       "spec=excluded.spec, command=excluded.command, updated_at=excluded.updated_at",
-                       (name, json.dumps(spec, default=str), command, time.time()))
+            db.execute("INSERT INTO studies (name, spec, command, updated_at, plan) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, command=excluded.command, "
+                       "updated_at=excluded.updated_at, plan=excluded.plan",
+                       (name, json.dumps(spec, default=str), command, time.time(), plan))
 
-    def add_runs(self, study: str, runs: Iterable) -> None:
-        """Register planned runs; runs already in the store keep their status and results."""
+    def add_runs(self, study: str, runs: Iterable, plan: str | None = None) -> None:
+        """Register planned runs (as part of `plan`); runs already in the store keep their status and results."""
         with self.transaction() as db:
             for r in runs:
                 db.execute(
@@ -133,6 +143,8 @@ class Store:
                     (r.run_id, study, r.variant, json.dumps(r.sweep, default=str), r.seed, r.kind, r.parent_id,
                      r.config.model_dump_json()),
                 )
+                if plan:
+                    db.execute("INSERT OR IGNORE INTO planned VALUES (?, ?, ?)", (study, plan, r.run_id))
 
     def status(self, run_id: str) -> str | None:
         row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()

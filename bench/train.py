@@ -212,8 +212,8 @@ class Trainer:
         self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
 
-        torch.manual_seed(run.seed)  # the same initial weights on every rank
-        self.model = build_model(run.model).to(self.device)
+        torch.manual_seed(run.seed)  # dropout's stream, the same on every rank
+        self.model = build_model(run.model, seed=run.seed).to(self.device)  # weights keyed by (seed, name)
         self.strategy = parallel.make_strategy(self.cfg.distributed, self.world, self.device)
         self.strategy.setup(self.model, self.cfg, self.micro, self.per_rank // self.micro)
         self.forward = torch.compile(self.strategy.module) if self.cfg.compile else self.strategy.module

@@ -104,6 +104,13 @@ class Attention(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.window)
 
+    def init_blocks(self) -> dict[str, list[tuple[str, int]]]:
+        """Row blocks of the fused q/k/v projection, each drawn from its own keyed stream at init:
+        MHA, GQA and MQA with the same seed then share the queries and the k/v heads they have in common."""
+        D = self.head_dim
+        heads = [(f"{kind}{h}", D) for kind in "kv" for h in range(self.n_kv_head)]
+        return {"c_attn.weight": [("q", self.n_head * D), *heads]}
+
     def extra_flops_per_token(self, seq_len: int, causal: bool) -> float:
         """Matmul FLOPs beyond the linear layers: q·kᵀ and probs·v over the visible keys."""
         return attention_flops(1, self.n_head, 1, visible_keys(seq_len, self.window, causal), self.head_dim, self.head_dim)

@@ -145,7 +145,7 @@ def _meta_model(key: str):
     from models.gpt import GPT
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return GPT(ModelConfig.model_construct(**json.loads(key)))  # the key is a validated config's
+        return GPT(ModelConfig.model_construct(**json.loads(key)), seed=0)  # the key is a validated config's
 
 
 @functools.lru_cache(maxsize=256)

@@ -7,6 +7,7 @@ norm, LM head. Which attention, positional encoding, norm, MLP or MoE is used co
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -48,35 +49,66 @@ class Cache:
         return sum(layer.nbytes() for layer in self.layers)
 
 
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of one parameter's generator: a stable hash of (run seed, parameter name)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big") >> 1
+
+
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = None):
+        """seed: the initialisation's seed (default: drawn from torch's global generator)."""
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.positional = build_spec("positional", config.positional, config)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = build_spec("norm", config.norm, config.n_embd, config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
-
-        # nanoGPT's init: N(0, 0.02), and residual projections scaled by 1/sqrt(2·n_layer) (GPT-2)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        seed = int(torch.randint(2**62, (), device="cpu")) if seed is None else seed
+        # constructors draw from the global generator: fork it, so that the caller's stream (dropout)
+        # does not depend on how many tensors the architecture happened to create
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.positional = build_spec("positional", config.positional, config)
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.norm_f = build_spec("norm", config.norm, config.n_embd, config)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+            self.init_weights(seed)
         self.aux_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]  # MoE layers
         self.loss_parts: dict[str, Tensor] = {}
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """nanoGPT's init — N(0, 0.02), residual projections (``c_proj``) scaled by 1/sqrt(2·n_layer)
+        as in GPT-2 — with every parameter drawn from its own generator keyed by (seed, name).
+
+        Two variants with the same seed so start from the same weights wherever their parameter names
+        and shapes agree, and a module added to one does not shift the draws of the others: their
+        per-seed differences in loss then measure the component, not the initialisation. A module
+        may split a fused weight into named row blocks (``init_blocks()``, e.g. attention's q and each
+        k/v head), each keyed on its own. Parameters of other modules are reset by the module's own
+        ``reset_parameters()`` on a stream keyed by its name, or keep their constructed values (norm
+        gains and biases: ones and zeros).
+        """
+        modules = dict(self.named_modules())
+        blocks = {f"{prefix}.{name}": layout for prefix, m in modules.items() if hasattr(m, "init_blocks")
+                  for name, layout in m.init_blocks().items()}
+        for name, p in self.named_parameters():  # a tied weight once, under its first name
+            owner_name, _, leaf = name.rpartition(".")
+            owner = modules[owner_name]
+            if isinstance(owner, nn.Linear | nn.Embedding) and leaf == "weight":
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                layout = blocks.get(name, [("", p.shape[0])])
+                if sum(rows for _, rows in layout) != p.shape[0]:
+                    raise ValueError(f"{name}: init_blocks cover {sum(r for _, r in layout)} of {p.shape[0]} rows")
+                for rows, (label, _) in zip(p.split([r for _, r in layout]), layout):
+                    key = parameter_seed(seed, f"{name}/{label}" if label else name)
+                    nn.init.normal_(rows, 0.0, std, generator=torch.Generator().manual_seed(key))
+            elif isinstance(owner, nn.Linear) and leaf == "bias":
+                nn.init.zeros_(p)
+            elif hasattr(owner, "reset_parameters"):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(parameter_seed(seed, owner_name))
+                    owner.reset_parameters()
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
@@ -154,11 +186,12 @@ class GPT(nn.Module):
         return [m.stats for m in self.aux_modules]
 
 
-def build_model(config: ModelConfig | dict[str, Any]) -> GPT:
-    """Build a GPT from a config (or a dict of one); training-time quantization (QAT) is applied here."""
+def build_model(config: ModelConfig | dict[str, Any], seed: int | None = None) -> GPT:
+    """Build a GPT from a config (or a dict of one), its weights initialised from `seed` (default:
+    drawn from torch's global generator); training-time quantization (QAT) is applied here."""
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_dict(config)
-    model = GPT(config)
+    model = GPT(config, seed)
     if config.quantization is not None:
         quantizer = build_spec("quantization", config.quantization)
         if quantizer.stage == "train":

@@ -127,7 +127,7 @@ def test_a_two_process_study_writes_one_store_row_per_run(tmp_path):
     assert {count for _, count in steps} == {6}  # each step recorded once, by rank 0
     runs = load(out).runs
     assert set(runs["world_size"]) == {2} and set(runs["strategy"]) == {"ddp"}
-    assert result.stdout.count("final val loss over seeds") == 1  # only rank 0 prints
+    assert result.stdout.count("Verdicts on val loss") == 1  # only rank 0 prints
 
 
 def test_the_runner_launches_a_distributed_run_with_torchrun(tmp_path):

@@ -34,6 +34,29 @@ def test_nanogpt_initialisation():
     assert model.blocks[0].attn.c_attn.bias.abs().max() == 0
 
 
+def test_two_configs_differing_in_one_module_share_every_other_parameter():
+    mha = build_model(tiny(positional="rope"), seed=3).state_dict()
+    for other, differs in ((dict(attention={"name": "gqa", "n_kv_head": 2}), ("attn.c_attn",)),
+                           (dict(attention={"name": "mha", "qk_norm": True}), ("attn.q_norm", "attn.k_norm")),
+                           (dict(mlp="swiglu"), ("mlp.c_fc",)),
+                           (dict(attention={"name": "window", "window": 8}), ())):
+        state = build_model(tiny(positional="rope", **other), seed=3).state_dict()
+        rest = [k for k in state if not any(d in k for d in differs)]
+        assert len(rest) >= 20 and all(k in mha and torch.equal(mha[k], state[k]) for k in rest), other
+    # the fused q/k/v projection is drawn in blocks: GQA and MQA share MHA's queries and common k/v heads
+    gqa = build_model(tiny(positional="rope", attention={"name": "gqa", "n_kv_head": 2}), seed=3).state_dict()
+    mha_qkv, gqa_qkv = mha["blocks.0.attn.c_attn.weight"], gqa["blocks.0.attn.c_attn.weight"]  # D = 8
+    assert torch.equal(mha_qkv[:32], gqa_qkv[:32])  # q
+    assert torch.equal(mha_qkv[32:48], gqa_qkv[32:48]) and torch.equal(mha_qkv[64:80], gqa_qkv[48:64])  # k0 k1, v0 v1
+    another = build_model(tiny(positional="rope"), seed=4).state_dict()
+    assert not torch.equal(mha["blocks.1.mlp.c_fc.weight"], another["blocks.1.mlp.c_fc.weight"])
+    # the seed decides, not the global generator, and building leaves the caller's stream (dropout) where it was
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert torch.equal(build_model(tiny(positional="rope"), seed=3).state_dict()["wte.weight"], mha["wte.weight"])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_untied_head_and_no_bias():
     model = build_model(tiny(tie_embeddings=False, bias=False))
     assert model.wte.weight is not model.lm_head.weight

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bench.report import build_report, write_report
@@ -56,7 +55,8 @@ def test_the_runner_writes_the_report_with_every_section(study):
                     "Environment and hardware", "Reproduce"):
         assert f"<h2>{heading}" in html
     assert "python -m bench.run " in html and "entropy rate" in html
-    assert re.search(r"(is (better|worse) than|no significant difference from) mha on validation loss", html)
+    assert re.search(r"(is (better|worse) than mha by|is equivalent to mha within|vs mha is inconclusive)", html)
+    assert "Noise floor: the baseline" in html and "Holm across comparisons" in html
     assert html.count("data:image/png;base64,") >= 6  # curves, final, cost, attention ×2, decode, MoE, quantization
     assert "<script" not in html.replace("&lt;script&gt;", "")  # no scripts at all
     assert "http://" not in html and "https://" not in html  # nothing to fetch
@@ -84,6 +84,30 @@ def test_python_m_bench_report_writes_a_file_and_reports_bad_folders(study, tmp_
     missing = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "nope")], capture_output=True,
                              text=True, cwd=ROOT)
     assert missing.returncode == 2 and "no results store" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_json_summary_carries_every_field_and_nothing_else_on_stdout(study):
+    result = subprocess.run([sys.executable, "-m", "bench.report", str(study), "--json"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # the whole of stdout is the one object
+    assert summary["study"] == "reported" and summary["metric"] == "val_loss"
+    assert set(summary["noise"]) >= {"baseline_sd", "paired_sd"} and summary["noise"]["baseline_sd"] > 0
+    fields = {"variant", "reference", "metric", "n", "delta", "ci_low", "ci_high", "p", "p_adjusted", "test",
+              "verdict", "margin", "mde"}
+    assert len(summary["comparisons"]) == 3  # three variants against mha
+    for c in summary["comparisons"]:
+        assert fields <= set(c) and c["reference"] == "mha" and c["n"] == 2
+        assert c["test"] in ("paired t", "paired bootstrap", "welch") and c["test"] == "paired t"
+        assert c["verdict"] in ("better", "worse", "equivalent", "inconclusive") and c["margin"] == 0.01
+        assert c["ci_low"] <= c["delta"] <= c["ci_high"] and c["p"] <= c["p_adjusted"] <= 1
+    # the HTML report and the runner's table are rendered from the same objects
+    html = (study / "report.html").read_text()
+    for c in summary["comparisons"]:
+        assert f"{c['delta']:+.4f}" in html
+    missing = subprocess.run([sys.executable, "-m", "bench.report", str(study.parent / "nope"), "--json"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and missing.stdout == "" and "no results store" in missing.stderr
 
 
 def test_two_machines_merge_side_by_side(study, tmp_path):

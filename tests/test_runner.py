@@ -77,7 +77,7 @@ def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
          "spec.yaml:10: variant 'mqa': model.attention: unknown attention 'mqq' (did you mean 'mqa'?)"),
         (("mqa: {model.attention: mqa}", "mqa: {model.positional: alibi, model.attention: {name: mha, backend: {name: sdpa, kernel: flash}}}"),
          "variant 'mqa': model: attention backend 'sdpa kernel=flash' cannot do bias, needed by positional 'alibi'"),
-        (("seeds: 2", "seeds: two"), "spec.yaml:11: seeds: expected int or list[int], got 'two'"),
+        (("seeds: 2", "seeds: two"), "spec.yaml:11: seeds: expected a count (2), a list of seeds ([0, 1, 5]) or {min: 2, max: 8}, got 'two'"),
         (("batch_size: 4", "batch_sise: 4"), "spec.yaml:6: variant 'mha': train.batch_sise: unknown key"),
         (("source: markov", "source: markow"), "spec.yaml:5: variant 'mha': data: Input tag 'markow' found"),
         (("seeds: 2", "seeds: 2\nbaseline: gqa"), "spec.yaml:12: baseline: 'gqa' is not a variant; variants: mha, mqa"),
@@ -191,6 +191,9 @@ def test_dry_run_trains_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "tiny: 4 runs" in result.stdout and "nothing was trained" in result.stdout
     assert not (tmp_path / "out").exists()
+    adaptive = run_cli(str(write_spec(tmp_path, TINY.replace("seeds: 2", "seeds: {min: 2, max: 5}"))), "--dry-run")
+    assert "tiny: 4 runs" in adaptive.stdout  # the first two seeds of each variant
+    assert "up to 5: at most 6 more runs" in adaptive.stdout
 
 
 def test_a_failing_report_keeps_the_runs_and_says_how_to_retry(tmp_path, monkeypatch, capsys):
@@ -211,7 +214,9 @@ def test_end_to_end_tiny_study_writes_the_store_and_prints_the_summary(tmp_path,
                                              "  mqa: {model.attention: mqa}\n  int8: {model.quantization: int8_weight_only}\n"))
     assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "final val loss over seeds" in out and "mha (baseline)" in out and "int8" in out
+    assert "Noise floor: the baseline's val loss varies across seeds" in out and "(baseline)" in out
+    assert re.search(r"- (mqa is (better|worse) than mha|mqa is equivalent to mha|mqa vs mha is inconclusive)", out)
+    assert re.search(r"int8 (is|vs) .*mha", out) and "paired t over 2 seeds" in out
     results = load(tmp_path / "out")
     runs = results.runs
     assert len(runs) == 6 and set(runs["status"]) == {"finished"}
@@ -225,6 +230,50 @@ def test_end_to_end_tiny_study_writes_the_store_and_prints_the_summary(tmp_path,
     assert len(results.metrics[results.metrics["run_id"] == trained["run_id"].iloc[0]]) == 10
     assert trained["git_commit"].notna().all() and trained["machine_id"].notna().all()
     assert (tmp_path / "out" / "runs" / trained["run_id"].iloc[0] / "checkpoint.pt").exists()
+
+
+ADAPTIVE = TINY.replace("  mqa: {model.attention: mqa}\n", """\
+  twin: {model.attention: {name: gqa, n_kv_head: 2}}
+  slow: {train.lr: 1.0e-5}
+""").replace("seeds: 2", "seeds: {min: 2, max: 3}\nalpha: 1.0e-6")
+
+
+def test_adaptive_seeds_go_only_to_inconclusive_comparisons(tmp_path, capsys):
+    # twin computes exactly what mha computes (the same weights, kv heads = heads): its paired differences
+    # are 0, equivalent at once; slow is far worse, but no two seeds reach α = 1e-6: inconclusive
+    spec = write_spec(tmp_path, ADAPTIVE)
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "seed 2: 1 comparison(s) still inconclusive (slow vs mha): training seed 2 of mha, slow" in out
+    runs = load(tmp_path / "out").runs
+    assert len(runs) == 8 and set(runs["status"]) == {"finished"}
+    assert {v: sorted(g["seed"]) for v, g in runs.groupby("variant")} == {"mha": [0, 1, 2], "slow": [0, 1, 2],
+                                                                          "twin": [0, 1]}
+    twin = runs[runs["variant"] == "twin"].set_index("seed")["val_loss"]
+    assert (twin == runs[runs["variant"] == "mha"].set_index("seed")["val_loss"].loc[[0, 1]]).all()
+    assert "twin is equivalent to mha" in out and "slow vs mha is inconclusive" in out
+    # a rerun trains nothing and reaches the same verdicts
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    assert "0 already done" not in capsys.readouterr().out and len(load(tmp_path / "out").runs) == 8
+    # --seeds fixes the seeds: no adaptive rounds
+    assert main([str(spec), "--out", str(tmp_path / "fixed"), "--seeds", "0", "1"]) == 0
+    assert len(load(tmp_path / "fixed").runs) == 6
+
+
+def test_runs_of_an_edited_spec_are_not_compared_with_the_new_ones(tmp_path):
+    spec = write_spec(tmp_path, steps=2)
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    spec = write_spec(tmp_path, steps=3)  # another budget: a new plan
+    assert main([str(spec), "--out", str(tmp_path / "out"), "--only", "mha"]) == 0
+    runs = load(tmp_path / "out").runs
+    current = runs[runs["current"]]
+    assert len(runs) == 6 and sorted(current["variant"]) == ["mha", "mha"] and set(current["steps"]) == {3}
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    summary = bench.run.current_summary(tmp_path / "out", load_spec(spec)[0])
+    (comparison,) = summary.comparisons
+    assert comparison.n == 2 and comparison.seeds == [0, 1]  # not four seeds from two budgets
+    current = load(tmp_path / "out").runs.query("current")
+    assert len(current) == 4 and set(current["steps"]) == {3}
 
 
 def test_rerun_skips_finished_runs_and_a_failed_run_is_recorded(tmp_path):

@@ -1,17 +1,11 @@
-"""Scaling-law fits and the statistics behind the report's verdicts."""
+"""Scaling-law fits: Chinchilla Approaches 2 and 3, compute laws, multipliers."""
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import numpy as np
-import pandas as pd
 import pytest
-from scipy import stats
 
 from bench import scaling
-from bench.analysis import mean_ci, pareto_front, variant_summary, welch
 
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022
 EPOCH = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)  # Besiroglu et al. 2024
@@ -164,43 +158,3 @@ def test_convergence_is_judged_by_the_gradient_not_the_optimisers_flag(monkeypat
     n, d = grid()
     fit = scaling.fit_parametric(n, d, surface(CHINCHILLA, n, d))
     assert not fit.converged and any("did not converge" in w for w in fit.warnings)
-
-
-def test_welch_and_confidence_intervals_agree_with_scipy():
-    a = [2.31, 2.35, 2.29, 2.40, 2.33]
-    b = [2.41, 2.45, 2.38, 2.47]
-    result = welch(a, b)
-    reference = stats.ttest_ind(a, b, equal_var=False)
-    assert result.t == pytest.approx(reference.statistic) and result.p == pytest.approx(reference.pvalue)
-    assert result.verdict == "better" and result.delta == pytest.approx(np.mean(a) - np.mean(b))
-    assert welch(b, a).verdict == "worse"
-    assert welch([2.30, 2.40, 2.35], [2.33, 2.36, 2.31]).verdict == "no significant difference"
-    assert welch([0.9, 0.91, 0.92], [0.5, 0.52, 0.51], higher_is_better=True).verdict == "better"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # seeds agreeing exactly are a clean result, not a warning
-        assert welch([1.0, 1.0], [0.269, 0.262], higher_is_better=True).verdict == "better"
-        assert welch([1.0, 1.0], [1.0, 1.0]).verdict == "no significant difference"
-    ci = mean_ci(a)
-    low, high = stats.t.interval(0.95, len(a) - 1, loc=np.mean(a), scale=stats.sem(a))
-    assert (ci.low, ci.high) == (pytest.approx(low), pytest.approx(high))
-    assert ci.sd == pytest.approx(np.std(a, ddof=1)) and math.isnan(mean_ci([1.0]).sd)
-
-
-def test_each_variant_is_compared_with_its_reference():
-    rows = []
-    for variant, losses in {"a": [2.0, 2.01, 2.02], "a_window": [2.5, 2.51, 2.52], "b": [1.0, 1.01, 1.02],
-                            "b_window": [1.0, 1.02, 1.01]}.items():
-        rows += [{"variant": variant, "status": "finished", "sweep": {}, "val_loss": x, "run_id": f"{variant}{i}"}
-                 for i, x in enumerate(losses)]
-    summary = variant_summary(pd.DataFrame(rows), "a", {"b_window": "b"}).set_index("variant")
-    assert summary.loc["a_window", "reference"] == "a" and summary.loc["a_window", "val_loss_verdict"] == "worse"
-    assert summary.loc["b_window", "reference"] == "b"
-    assert summary.loc["b_window", "val_loss_delta"] == pytest.approx(0.0)
-    assert summary.loc["b_window", "val_loss_verdict"] == "no significant difference"
-    assert summary.loc["b", "val_loss_verdict"] == "better"  # against the baseline a
-
-
-def test_pareto_front():
-    cost = np.array([1.0, 2.0, 3.0, 2.5])
-    loss = np.array([3.0, 2.0, 1.0, 2.5])
-    assert pareto_front(cost, loss).tolist() == [True, True, True, False]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bench import scaling
-from bench.analysis import QUALITY, variant_summary
+from bench.analysis import QUALITY, StudySummary, summarise
 from bench.formatting import count, missing, number
 from bench.report import figures
 from bench.results import Results, load
@@ -154,40 +154,54 @@ def _scaling_per_machine(runs: pd.DataFrame, baseline: str, extrapolate_to: floa
     return merged
 
 
-def _summary_rows(summary: pd.DataFrame, baseline: str, machine: str) -> list[dict]:
+def _comparison_rows(summary: StudySummary) -> list[dict]:
+    return [{"machine": summary.machine, "variant": c.variant, "reference": c.reference, "verdict": c.verdict,
+             "delta": f"{c.delta:+.4f}" if not np.isnan(c.delta) else "–",
+             "ci": f"{number(c.ci_low)} – {number(c.ci_high)}", "test": c.test, "n": c.n, "p": number(c.p, 3),
+             "p_adjusted": number(c.p_adjusted, 3), "mde": number(c.mde), "sentence": c.sentence()}
+            for c in summary.comparisons]
+
+
+def _variant_rows(summary: StudySummary, baseline: str) -> list[dict]:
     rows = []
-    for _, r in summary.iterrows():
-        row = {"machine": machine, "variant": r["variant"], "baseline": r["variant"] == baseline, "n": int(r["n"]),
-               "reference": r["reference"],
+    for _, r in summary.variants.iterrows():
+        row = {"machine": summary.machine, "variant": r["variant"], "baseline": r["variant"] == baseline,
+               "n": int(r["n"]), "reference": r["reference"],
                "sweep": ", ".join(f"{k}={v}" for k, v in (r["sweep"] or {}).items()),
                "params": count(r["params"]), "tokens_per_s": count(r["tokens_per_s"]),
                "failed": int(r["failed"]), "diverged": int(r["diverged"])}
         for metric in QUALITY:
             if not np.isnan(r[f"{metric}_mean"]):
                 row[metric] = {"mean": number(r[f"{metric}_mean"]), "sd": number(r[f"{metric}_sd"]),
-                               "ci": f"{number(r[f'{metric}_ci_low'])} – {number(r[f'{metric}_ci_high'])}",
-                               "delta": "–" if r["variant"] == baseline else f"{r.get(f'{metric}_delta'):+.4f}",
-                               "p": "–" if r["variant"] == baseline else number(r.get(f"{metric}_p"), 3),
-                               "verdict": r.get(f"{metric}_verdict", "")}
+                               "ci": f"{number(r[f'{metric}_ci_low'])} – {number(r[f'{metric}_ci_high'])}"}
         rows.append(row)
     return rows
 
 
-def _verdicts(summary: pd.DataFrame, baseline: str, machine: str) -> list[str]:
-    lines = []
-    for _, r in summary.iterrows():
-        if r["variant"] == baseline:
-            continue
-        verdict, reference = r["val_loss_verdict"], r["reference"]
-        if verdict in ("better", "worse"):
-            text = f"{r['variant']} is {verdict} than {reference}"
-        elif verdict == "no significant difference":
-            text = f"{r['variant']}: no significant difference from {reference}"
-        else:
-            text = f"{r['variant']}: {verdict}"
-        lines.append(f"{text} on validation loss (Δ = {r['val_loss_delta']:+.4f}, Welch p = {number(r['val_loss_p'], 3)}, "
-                     f"n = {int(r['n'])}, 95% level) on {machine}.")
-    return lines
+def study_summaries(results: Results) -> list[StudySummary]:
+    """The verdicts of the first study in `results`, one summary per machine, from its current runs."""
+    spec = results.studies.iloc[0]["spec"]
+    runs = results.runs[results.runs["current"]].copy()
+    runs["machine"] = runs["machine"].fillna("(not run)")
+    out = []
+    for machine, group in runs.groupby("machine", sort=False):
+        summary = summarise(group, spec, machine)
+        if not summary.variants.empty:
+            out.append(summary)
+    return out
+
+
+def summary_json(folders: list[str | Path]) -> dict:
+    """The machine-readable verdicts (``python -m bench.report DIR --json``): the study, its noise floor
+    and every comparison; with several machines, each machine's under "machines" as well."""
+    summaries = study_summaries(_merge([Path(f) for f in folders]))
+    if not summaries:
+        raise ValueError(f"no finished runs in {', '.join(map(str, folders))}")
+    first = summaries[0].to_dict()
+    out = {**first, "comparisons": [c for s in summaries for c in s.to_dict()["comparisons"]]}
+    if len(summaries) > 1:
+        out["machines"] = [s.to_dict() for s in summaries]
+    return out
 
 
 def build_report(folders: list[str | Path]) -> str:
@@ -197,18 +211,14 @@ def build_report(folders: list[str | Path]) -> str:
     studies = results.studies.to_dict("records")
     spec = studies[0]["spec"]
     baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
-    runs, metrics, kernels = results.runs, results.metrics, results.kernels
+    summaries = study_summaries(results)
+    runs, metrics, kernels = results.runs[results.runs["current"]].copy(), results.metrics, results.kernels
+    if not metrics.empty:  # the current plan's steps (runs of an edited spec's earlier plan stay out)
+        metrics = metrics.merge(runs[["run_id", "folder"]], on=["run_id", "folder"])
     runs["machine"] = runs["machine"].fillna("(not run)")
-    summaries, verdicts, summary_frames = [], [], []
-    compare = spec.get("compare") or {}
-    for machine, group in runs.groupby("machine", sort=False):
-        summary = variant_summary(group, baseline, compare)
-        if summary.empty:
-            continue
-        summary_frames.append(summary.assign(machine=machine))
-        summaries += _summary_rows(summary, baseline, machine)
-        verdicts += _verdicts(summary, baseline, machine)
-    combined = pd.concat(summary_frames, ignore_index=True) if summary_frames else pd.DataFrame()
+    variant_rows = [row for x in summaries for row in _variant_rows(x, baseline)]
+    combined = (pd.concat([s.variants.assign(machine=s.machine) for s in summaries], ignore_index=True)
+                if summaries else pd.DataFrame())
     floor = runs["loss_floor"].dropna().median() if "loss_floor" in runs and runs["loss_floor"].notna().any() else None
     quantized = runs[(runs["kind"] == "quantize") & (runs["status"] == "finished")]
     kernel_rows = kernels.to_dict("records") if not kernels.empty else []
@@ -225,9 +235,11 @@ def build_report(folders: list[str | Path]) -> str:
         "description": spec.get("description", ""),
         "baseline": baseline,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "summaries": summaries,
-        "verdicts": verdicts,
-        "quality": [m for m in QUALITY if any(m in s for s in summaries)],
+        "summaries": [{"machine": x.machine, "noise": x.noise.sentence(x.metric.replace("_", " ")),
+                       "design": x.design.describe(), "metric": x.metric,
+                       "comparisons": _comparison_rows(x)} for x in summaries],
+        "variant_rows": variant_rows,
+        "quality": [m for m in QUALITY if any(m in row for row in variant_rows)],
         "figures": figs,
         "floor": floor,
         "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
