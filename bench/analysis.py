@@ -373,7 +373,7 @@ class Comparison:
 
 
 def _p(p: float) -> str:
-    return "–" if math.isnan(p) else "< 0.0001" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}".rstrip("0")
+    return "–" if math.isnan(p) else "< 0.0001" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3g}"
 
 
 def _json_number(value):

@@ -14,6 +14,7 @@ from scipy import stats
 
 from bench.analysis import (
     Design,
+    _p,
     compare,
     holm,
     judge,
@@ -232,6 +233,10 @@ def test_inconclusive_comparisons_say_what_they_could_detect():
     assert summary.pending() == {"mha", "gqa"}
     lonely = summarise(runs_frame({"mha": [1.9], "gqa": [1.95]}), {"name": "s", "variants": {"mha": {}, "gqa": {}}})
     assert lonely.comparisons[0].verdict == "inconclusive" and "a test needs two" in lonely.comparisons[0].sentence()
+
+
+def test_p_values_read_as_numbers_in_sentences():
+    assert [_p(p) for p in (1.0, 0.5, 0.168, 0.0123, 0.00072, 3e-5)] == ["1", "0.5", "0.168", "0.0123", "0.00072", "< 0.0001"]
 
 
 def test_pareto_front():
