@@ -158,7 +158,8 @@ def _comparison_rows(summary: StudySummary) -> list[dict]:
     return [{"machine": summary.machine, "variant": c.variant, "reference": c.reference, "verdict": c.verdict,
              "delta": f"{c.delta:+.4f}" if not np.isnan(c.delta) else "–",
              "ci": f"{number(c.ci_low)} – {number(c.ci_high)}", "test": c.test, "n": c.n, "p": number(c.p, 3),
-             "p_adjusted": number(c.p_adjusted, 3), "mde": number(c.mde), "sentence": c.sentence()}
+             "p_adjusted": number(c.p_adjusted, 3), "mde": "–" if np.isnan(c.mde) else f"± {number(c.mde)}",
+             "sentence": c.sentence()}
             for c in summary.comparisons]
 
 
