@@ -15,6 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import pandas as pd
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
@@ -118,11 +119,9 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
                       f"runs, about {per_seed * (seeds.max - seeds.min) / 60:.1f} min more")
 
 
-def current_summary(folder: Path, spec: Spec) -> StudySummary:
-    """The verdicts of the study's current plan from the runs in the store (any machine)."""
-    runs = load(folder).runs
-    runs = runs[runs["current"] & (runs["study"] == spec.name)]
-    return summarise(runs, spec.model_dump(mode="json"))
+def current_summary(runs: pd.DataFrame, spec: Spec) -> StudySummary:
+    """The verdicts of the study's current plan from the store's runs (any machine)."""
+    return summarise(runs[runs["current"] & (runs["study"] == spec.name)], spec.model_dump(mode="json"))
 
 
 def print_summary(summary: StudySummary, console: Console) -> None:
@@ -159,8 +158,7 @@ def print_summary(summary: StudySummary, console: Console) -> None:
     console.print(table)
 
 
-def print_failures(folder: Path, console: Console) -> None:
-    runs = load(folder).runs
+def print_failures(runs: pd.DataFrame, console: Console) -> None:
     for _, row in runs[runs["current"] & (runs["status"] == "failed")].iterrows():
         console.print(f"failed: {escape(row['variant'])} seed {row['seed']}: {escape(str(row['reason']))}")
 
@@ -201,7 +199,7 @@ def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace,
     for seed in range(spec.seeds.min, spec.seeds.max):
         pending = None
         if world.main:
-            summary = current_summary(folder, spec)
+            summary = current_summary(load(folder).runs, spec)
             waiting = [c for c in summary.comparisons if c.verdict == "inconclusive"]
             pending = [v for v in spec.variants if v in summary.pending() and (not args.only or v in args.only)]
             if pending:
@@ -275,16 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         parallel.finish()
         if not world.main:
             return 0
-    print_summary(current_summary(folder, spec), console)
-    print_failures(folder, console)
+    runs = load(folder).runs
+    print_summary(current_summary(runs, spec), console)
+    print_failures(runs, console)
     try:
         console.print(f"report: {write_report([folder])}")
     except Exception as e:  # noqa: BLE001 - the runs are stored; the report can be rewritten later
         print(f"error: the report could not be written ({type(e).__name__}: {e}); the results are in "
               f"{folder}/results.db — retry with: python -m bench.report {folder}", file=sys.stderr)
         return 1
-    failed = [r for r in load(folder).runs.itertuples() if r.status == "failed" and r.run_id in planned]
-    return 1 if failed or kernel_error else 0
+    failed = runs["run_id"].isin(planned) & (runs["status"] == "failed")
+    return 1 if failed.any() or kernel_error else 0
 
 
 if __name__ == "__main__":

@@ -232,11 +232,6 @@ class Spec(BaseModel):
             return list(range(self.seeds.min))
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
-    @property
-    def max_seeds(self) -> int:
-        """How many seeds a variant may get: adaptive seeds' max, else the seeds given."""
-        return self.seeds.max if isinstance(self.seeds, SeedRange) else len(self.seed_list)
-
     def variant_base(self, variant: str) -> dict[str, Any]:
         """base with the budget shorthand and the variant's overrides applied: {model, data, train}."""
         base = self.base.model_dump()

@@ -269,7 +269,7 @@ def test_runs_of_an_edited_spec_are_not_compared_with_the_new_ones(tmp_path):
     current = runs[runs["current"]]
     assert len(runs) == 6 and sorted(current["variant"]) == ["mha", "mha"] and set(current["steps"]) == {3}
     assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
-    summary = bench.run.current_summary(tmp_path / "out", load_spec(spec)[0])
+    summary = bench.run.current_summary(load(tmp_path / "out").runs, load_spec(spec)[0])
     (comparison,) = summary.comparisons
     assert comparison.n == 2 and comparison.seeds == [0, 1]  # not four seeds from two budgets
     current = load(tmp_path / "out").runs.query("current")
