@@ -23,6 +23,10 @@ these p-values keeps the study's rate of false better/worse verdicts at α.
 
 Narang et al. (2021) recommend this kind of comparison for architecture modifications: several
 seeds, mean ± sd, fixed hyperparameters.
+
+The scaling-law summary (``scaling_summary``, ``scaling_per_machine``) fits the laws of
+``bench.scaling`` to a study's finished training runs where it spans enough model sizes and token
+budgets; the report only formats it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
+
+from bench import scaling
 
 QUALITY = ("val_loss", "val_accuracy", "val_bpb")
 HIGHER_IS_BETTER = {"val_accuracy"}
@@ -503,3 +509,101 @@ def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> Stu
     comparisons = judge(values, pairs, metric, design, machine)
     return StudySummary(spec.get("name", ""), metric, design, noise_floor(values, baseline, comparisons), comparisons,
                         table, machine)
+
+
+# -- scaling laws over a study's runs ---------------------------------------------------------------
+
+SCALING_MIN_SIZES = 3  # a variant is fitted when its runs span at least this many model sizes
+SCALING_MIN_BUDGETS = 3  # ... and this many token budgets
+SCALING_BOOTSTRAP = 100  # bootstrap refits behind each Approach 3 interval (seeded: the summary is reproducible)
+SCALING_EXTRAPOLATION = 100  # without the spec's extrapolate_to, multipliers are also stated at 100× the largest budget
+SCALING_TABLES = ("fits", "multipliers", "approach2", "compute_law")  # the per-variant rows of a summary
+
+
+def compute_envelope(compute, loss) -> tuple[np.ndarray, np.ndarray]:
+    """The lower envelope of loss against compute: the best loss reached with at most C FLOPs, kept
+    only at the points where it falls (sorted by compute). Returns (compute, best loss)."""
+    compute, loss = np.asarray(compute, dtype=float), np.asarray(loss, dtype=float)
+    order = np.argsort(compute)
+    envelope = np.minimum.accumulate(loss[order])  # the best loss at ≤ C
+    keep = np.r_[True, envelope[1:] < envelope[:-1]]
+    return compute[order][keep], envelope[keep]
+
+
+def scaling_summary(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = None) -> dict | None:
+    """The scaling laws of a study's finished training runs, per variant whose runs span at least 3 model
+    sizes and 3 token budgets; None where no variant does. Values are raw numbers (the report formats them):
+
+    - ``points``: the fitted runs (variant, params, tokens, val_loss); ``parametric``: variant → its
+      ``scaling.ParametricFit`` (Chinchilla Approach 3, 100 seeded bootstrap refits);
+    - ``fits``: one row per variant: E, A, B, alpha, beta, their 95% intervals ``E_ci`` … (low, high), the
+      frontier exponents a and b, r2 (of log L), max_residual (|log-space residual|), objective, warnings;
+    - ``multipliers``: each variant against `baseline` (when it was fitted) at the largest trained compute
+      6ND and at `extrapolate_to` (else 100× the largest): where, compute, loss (the baseline's frontier
+      loss there), multiplier, ci (low, high) or None, and extrapolated;
+    - ``approach2``: IsoFLOP parabolas (Approach 2) per variant: a, b, budgets, r2 (of the N_opt line),
+      parabola_r2 (the smallest parabola R²) and error — the reason, where the grid has too few budgets;
+    - ``compute_law``: L(C) = E + K·C^−γ on each variant's compute envelope, where it has ≥ 3 points: E, K,
+      gamma, r2, points, range (the fitted compute range) and max_residual.
+    """
+    done = runs[(runs["status"] == "finished") & (runs["kind"] == "train")].dropna(subset=["val_loss", "params", "tokens"])
+    eligible = [v for v, g in done.groupby("variant")
+                if g["params"].nunique() >= SCALING_MIN_SIZES and g["tokens"].nunique() >= SCALING_MIN_BUDGETS]
+    if not eligible:
+        return None
+    points = done[done["variant"].isin(eligible)][["variant", "params", "tokens", "val_loss"]]
+    fits = {v: scaling.fit_parametric(g["params"], g["tokens"], g["val_loss"], n_bootstrap=SCALING_BOOTSTRAP, seed=0)
+            for v, g in points.groupby("variant")}
+    rows = [{"variant": v, **fit.params, **{f"{k}_ci": fit.ci[k] for k in scaling.PARAMS},
+             "a": fit.exponent_a, "b": fit.exponent_b, "r2": fit.r2_log,
+             "max_residual": float(np.abs(fit.residuals).max()), "objective": fit.objective, "warnings": fit.warnings}
+            for v, fit in fits.items()]
+    multipliers = []
+    if baseline in fits:
+        largest = float((6 * points["params"] * points["tokens"]).max())
+        where = [("largest trained budget", largest),
+                 ("the spec's extrapolate_to", extrapolate_to) if extrapolate_to
+                 else (f"extrapolated to {SCALING_EXTRAPOLATION}× that", SCALING_EXTRAPOLATION * largest)]
+        for v, fit in fits.items():
+            if v == baseline:
+                continue
+            for label, compute in where:
+                m = scaling.multiplier_at(fits[baseline], fit, compute)
+                multipliers.append({"variant": v, "where": label, "compute": compute, "loss": m.loss,
+                                    "multiplier": m.multiplier, "ci": m.ci,
+                                    "extrapolated": m.extrapolated or compute > largest})
+    approach2, compute_law = [], []
+    for v, g in points.groupby("variant"):
+        try:
+            iso = scaling.fit_isoflop(g["params"], g["tokens"], g["val_loss"])
+            approach2.append({"variant": v, "a": iso.exponent_a, "b": iso.exponent_b, "budgets": len(iso.budgets),
+                              "r2": iso.r2_log, "parabola_r2": min(iso.parabola_r2), "error": None})
+        except ValueError as e:
+            approach2.append({"variant": v, "a": None, "b": None, "budgets": 0, "r2": None, "parabola_r2": None,
+                              "error": str(e)})
+        compute, best = compute_envelope(6 * g["params"] * g["tokens"], g["val_loss"])
+        if len(compute) >= 3:
+            law = scaling.fit_compute_law(compute, best)
+            compute_law.append({"variant": v, "E": law.E, "K": law.K, "gamma": law.gamma, "r2": law.r2_log,
+                                "points": len(compute), "range": law.compute_range,
+                                "max_residual": float(np.abs(law.residuals).max())})
+    return {"points": points, "parametric": fits, "fits": rows, "multipliers": multipliers, "approach2": approach2,
+            "compute_law": compute_law}
+
+
+def scaling_per_machine(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = None) -> list[dict]:
+    """``scaling_summary`` per machine (the ``machine`` column): losses from different hardware (dtype,
+    kernels) are not one sample. With several machines each variant is named "variant @ machine" (the
+    baseline too); each summary carries its ``machine``. Machines with nothing to fit are left out."""
+    machines = list(runs["machine"].unique())
+    if len(machines) == 1:
+        part = scaling_summary(runs, baseline, extrapolate_to)
+        return [{"machine": machines[0], **part}] if part else []
+    out = []
+    for machine in machines:
+        mine = runs[runs["machine"] == machine]
+        part = scaling_summary(mine.assign(variant=mine["variant"] + f" @ {machine}"), f"{baseline} @ {machine}",
+                               extrapolate_to)
+        if part:
+            out.append({"machine": machine, **part})
+    return out

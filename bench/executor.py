@@ -30,7 +30,9 @@ from bench.hardware import environment
 from bench.plan import Plan, PlannedRun
 from bench.posttrain import evaluate_quantized
 from bench.store import Store, owner_id
-from bench.train import RunConfig, budget_steps, train
+from bench.config import RunConfig, budget_steps
+from bench.train import train
+from models import load_plugins
 
 Events = Callable[[dict], None]
 HEARTBEAT_SECONDS = 30.0
@@ -62,8 +64,7 @@ class Outcome:
     steps: list[dict] = field(default_factory=list)
 
 
-def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, events: Events | None = None,
-                plugins: list[str] = ()) -> str:
+def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, events: Events | None = None) -> str:
     """Claim and execute one run; returns finished, diverged, failed, done (earlier) or held (by another).
 
     Under torchrun (this process is one rank of several) rank 0 claims and records, and every rank
@@ -83,7 +84,7 @@ def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, eve
         if heartbeat:
             heartbeat.start()
         try:
-            outcome = run_claimed(planned, folder, events, plugins, _parent_status(store, planned))
+            outcome = run_claimed(planned, folder, events, _parent_status(store, planned))
         except KeyboardInterrupt:
             if store:
                 store.release(planned.run_id, owner)
@@ -101,10 +102,10 @@ def _parent_status(store: Store | None, planned: PlannedRun) -> str | None:
     return store.status(planned.parent_id) if store and planned.kind == "quantize" else None
 
 
-def run_claimed(planned: PlannedRun, folder: Path, events: Events, plugins: list[str],
-                parent_status: str | None = None) -> Outcome:
+def run_claimed(planned: PlannedRun, folder: Path, events: Events, parent_status: str | None = None) -> Outcome:
     """Execute a run someone has claimed, writing only its own folder (runs/<id>/): never the store.
-    Any failure becomes a failed outcome with its reason; the study goes on."""
+    Any failure becomes a failed outcome with its reason; the study goes on. The run's plugins are
+    imported here, in whichever process or machine executes it, and must be the planned code."""
     main = parallel.world().main
     run_dir = folder / "runs" / planned.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,8 @@ def run_claimed(planned: PlannedRun, folder: Path, events: Events, plugins: list
     try:
         if planned.kind == "quantize" and parent_status != "finished":
             raise RuntimeError(f"its float run {planned.parent_id} is {parent_status}, not finished")
-        outcome.result = _execute(planned, folder, run_dir, events, plugins)
+        load_plugins(planned.config.plugins)
+        outcome.result = _execute(planned, folder, run_dir, events)
         outcome.status = outcome.result["status"]
         if outcome.status == "diverged":
             outcome.reason = f"diverged at step {outcome.result['diverged_at']}"
@@ -144,7 +146,7 @@ def record_outcome(store: Store, planned: PlannedRun, outcome: Outcome, events: 
     return outcome.status
 
 
-def _execute(planned: PlannedRun, folder: Path, run_dir: Path, events: Events, plugins: list[str]) -> dict:
+def _execute(planned: PlannedRun, folder: Path, run_dir: Path, events: Events) -> dict:
     if planned.kind == "quantize":
         return evaluate_quantized(planned.config, folder / "runs" / planned.parent_id)
 
@@ -154,22 +156,20 @@ def _execute(planned: PlannedRun, folder: Path, run_dir: Path, events: Events, p
 
     distributed = planned.config.train.distributed
     if distributed and distributed.nproc > 1 and parallel.world().size == 1:
-        return launch_torchrun(planned.config, run_dir, on_step, plugins)
+        return launch_torchrun(planned.config, run_dir, on_step)
     return train(planned.config, run_dir, on_step=on_step)
 
 
-def launch_torchrun(config: RunConfig, run_dir: Path, on_step: Callable[[dict], None] | None = None,
-                    plugins: list[str] = ()) -> dict:
+def launch_torchrun(config: RunConfig, run_dir: Path, on_step: Callable[[dict], None] | None = None) -> dict:
     """Run one training run on its train.distributed.nproc processes with torchrun; follow its metrics
-    for progress; return its final metrics."""
+    for progress; return its final metrics. The workers read the run (its plugins included) from run.json."""
     (run_dir / "run.json").write_text(config.model_dump_json())
     (run_dir / "final.json").unlink(missing_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={config.train.distributed.nproc}", "-m", "bench.worker", str(run_dir)]
-    env = {**os.environ, "ARCHBENCH_PLUGINS": ",".join(plugins)}
     metrics, offset = run_dir / "metrics.jsonl", 0
     with open(run_dir / "torchrun.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:
             time.sleep(1.0)
             if on_step:
@@ -200,15 +200,12 @@ def _follow(path: Path, offset: int, on_step: Callable[[dict], None]) -> int:
 # -- the local executor ---------------------------------------------------------------------------
 
 
-def _init_worker(threads: int, plugins: list[str]) -> None:
-    from models import load_plugins
-
+def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
-    load_plugins(plugins)
 
 
-def _worker(planned: PlannedRun, folder: Path, queue, plugins: list[str]) -> str:
-    return execute_run(planned, folder, events=queue.put, plugins=plugins)
+def _worker(planned: PlannedRun, folder: Path, queue) -> str:
+    return execute_run(planned, folder, events=queue.put)
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -236,11 +233,11 @@ class LocalExecutor:
         self.workers = workers
 
     def execute(self, plan: Plan, folder: Path, events: Events) -> None:
-        in_phases(plan, lambda runs: self._run_all(runs, folder, events, plan.spec.plugins))
+        in_phases(plan, lambda runs: self._run_all(runs, folder, events))
 
-    def _run_all(self, runs: list[PlannedRun], folder: Path, events: Events, plugins: list[str]) -> dict[str, str]:
+    def _run_all(self, runs: list[PlannedRun], folder: Path, events: Events) -> dict[str, str]:
         if self.workers <= 1:
-            return {r.run_id: execute_run(r, folder, events=events, plugins=plugins) for r in runs}
+            return {r.run_id: execute_run(r, folder, events=events) for r in runs}
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         with context.Manager() as manager:
@@ -248,8 +245,8 @@ class LocalExecutor:
             forward = threading.Thread(target=_forward, args=(queue, events), daemon=True)
             forward.start()
             with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(threads, plugins)) as pool:
-                futures = {r.run_id: pool.submit(_worker, r, folder, queue, plugins) for r in runs}
+                                     initargs=(threads,)) as pool:
+                futures = {r.run_id: pool.submit(_worker, r, folder, queue) for r in runs}
                 outcomes = {run_id: f.result() for run_id, f in futures.items()}
             queue.put(None)
             forward.join()
@@ -264,19 +261,16 @@ def _forward(queue, events: Events) -> None:
 # -- Ray: many runs on many machines ------------------------------------------------------------------
 
 
-def _ray_execute(planned: PlannedRun, folder: str, queue, plugins: list[str], parent_status: str | None) -> Outcome:
+def _ray_execute(planned: PlannedRun, folder: str, queue, parent_status: str | None) -> Outcome:
     """A Ray task: one run, claimed by the driver. It writes only the run's folder (shared storage) and
     returns the outcome; the driver is the store's one writer. Retried by Ray if its worker dies, when
     it resumes from the run's last checkpoint."""
     import ray
 
-    from models import load_plugins
-
-    load_plugins(plugins)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
-    return run_claimed(planned, Path(folder), queue.put, plugins, parent_status)
+    return run_claimed(planned, Path(folder), queue.put, parent_status)
 
 
 class RayExecutor:
@@ -319,7 +313,7 @@ class RayExecutor:
             claimed = [r for r in runs if outcomes[r.run_id] == "claimed"]
             held_by_us.update(r.run_id for r in claimed)
             refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(
-                        r, str(folder.resolve()), queue, plan.spec.plugins, _parent_status(store, r)) for r in claimed}
+                        r, str(folder.resolve()), queue, _parent_status(store, r)) for r in claimed}
             for r in claimed:
                 outcomes[r.run_id] = record_outcome(store, r, self._outcome(ray, refs[r.run_id]), events)
                 held_by_us.discard(r.run_id)

@@ -127,7 +127,8 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
     interleaved step by step; eval and checkpoint steps excluded."""
     from bench.data import load_dataset
     from bench.parallel import adamw, param_groups
-    from bench.train import Trainer, _autocast, resolve_run
+    from bench.config import resolve_run
+    from bench.train import Trainer, _autocast
 
     model = {k: v for k, v in NANOGPT_SHAKESPEARE.items() if k != "vocab_size"}
     run = resolve_run(model, {"source": "stdlib", "tokenizer": "char"},
@@ -145,7 +146,7 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
         mfu.append(next(loop)["mfu"])
         middle = time.perf_counter()
         with _autocast(bare.device, bare.dtype):
-            _, loss = m(x, y)
+            loss = m(x, y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
@@ -170,7 +171,7 @@ def distributed_scaling(steps: int = 10, batch: int = 16) -> list[dict]:
 
     from bench.executor import launch_torchrun
     from bench.parallel import DistributedConfig
-    from bench.train import resolve_run
+    from bench.config import resolve_run
 
     strategies = [DistributedConfig(strategy="ddp"), DistributedConfig(strategy="fsdp"),
                   *[DistributedConfig(strategy="deepspeed", zero_stage=k) for k in (1, 2, 3)]]

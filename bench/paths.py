@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 
+def cache_path(*parts: str) -> Path:
+    """$ARCHBENCH_CACHE (default ~/.cache/archbench), joined with parts; nothing is created."""
+    return Path(os.environ.get("ARCHBENCH_CACHE") or Path.home() / ".cache" / "archbench").joinpath(*parts)
+
+
 def cache_dir(*parts: str) -> Path:
-    """$ARCHBENCH_CACHE (default ~/.cache/archbench), joined with parts and created."""
-    root = Path(os.environ.get("ARCHBENCH_CACHE") or Path.home() / ".cache" / "archbench")
-    path = root.joinpath(*parts)
+    """cache_path(*parts), created."""
+    path = cache_path(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

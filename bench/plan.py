@@ -1,9 +1,14 @@
 """Expand a Spec into its runs: variants × sweep points × seeds, each content-addressed.
 
 A run's id is the hash of its resolved configuration (model with every option filled in, the data's
-identity including its content hash and code version, train settings, seed), so rerunning a spec
-finds finished runs and changing any value makes a new run. Every run is validated here, before
-anything trains: errors name the variant, the file and line, and the key.
+identity including its content hash and code version, train settings, seed, the source hashes of the
+plugins its components come from), so rerunning a spec finds finished runs and changing any value —
+or editing a plugin — makes a new run. Every run is validated here, before anything trains: errors
+name the variant, the file and line, and the key.
+
+``expand(..., prepare=False)`` (a dry run) reads, downloads and tokenizes nothing: runs whose
+vocabulary size only the prepared data can tell are validated with a stand-in size, marked
+``pending``, and carry no run id.
 """
 
 from __future__ import annotations
@@ -16,27 +21,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
-from bench.data import DataConfig, DataUnavailable
+from bench.config import DATA, RunConfig, resolve_run, vocab_pending
+from bench.data import DataUnavailable
 from bench.spec import SourceMap, Spec, SpecError, problems, set_dotted
-from bench.train import RunConfig, resolve_run
 from models import ComponentError, load_plugins
-from models.registry import get
-
-
-DATA = TypeAdapter(DataConfig)
+from models.config import COMPONENT_FIELDS
+from models.registry import components_of, get
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    run_id: str
+    run_id: str | None  # None while pending
     variant: str
     sweep: dict[str, Any]  # dotted key -> value at this sweep point
     seed: int
     config: RunConfig
     kind: Literal["train", "quantize"] = "train"
     parent_id: str | None = None  # quantize: the float run whose checkpoint it evaluates
+    pending: str | None = None  # planned without preparing the data: what is not known yet
 
     @property
     def label(self) -> str:
@@ -69,12 +73,19 @@ def run_id(config: RunConfig, kind: str = "train") -> str:
     identity = {
         "kind": kind,
         "model": config.model.to_dict(),
-        "data": config.data.identity(),
+        "data": config.data.identity(),  # reads the data: its content hash
         # how many processes train it is not part of the experiment: the global batch is fixed
         "train": config.train.model_dump(exclude={"distributed"}),
         "seed": config.seed,
     }
+    if config.plugins:  # an edited plugin is new code: its runs train again
+        identity["plugins"] = config.plugins
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _key(config: RunConfig, kind: str = "train") -> str:
+    """Identifies a run within one plan without reading the data (the data's settings stand for it)."""
+    return f"{kind}:{config.model_dump_json()}"
 
 
 def _post_training(model: dict) -> bool:
@@ -83,17 +94,19 @@ def _post_training(model: dict) -> bool:
 
 
 def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds: list[int] | None = None,
-           device: str | None = None) -> Plan:
-    """Every run of the study, validated; quantized variants get (and depend on) a float run."""
+           device: str | None = None, prepare: bool = True) -> Plan:
+    """Every run of the study, validated; quantized variants get (and depend on) a float run.
+
+    prepare=False plans without touching the data (see the module's docstring)."""
     try:
-        load_plugins(spec.plugins)
+        plugins = load_plugins(spec.plugins)
     except ComponentError as e:
         raise SpecError(f"{sources.locate(('plugins',))}: plugins: {e}") from None
     _check_kernel_names(spec, sources)
     unknown = [v for v in only or [] if v not in spec.variants]
     if unknown:
         raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
-    resolved = []  # (variant, sweep point, seed, RunConfig)
+    resolved = []  # (variant, sweep point, seed, RunConfig, what is pending)
     sweep_keys = list(spec.sweep)
     for variant in only or list(spec.variants):
         variant_base = spec.variant_base(variant)
@@ -105,31 +118,51 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
             if device:
                 config = set_dotted(config, "train.device", device)
             for seed in seeds or spec.seed_list:
-                run = _resolve(config, seed, variant, sources)
+                run = _resolve(config, seed, variant, sources, plugins, prepare)
                 _check_runs_here(run, variant, sources)
-                resolved.append((variant, point, seed, run))
+                unknown = not prepare and vocab_pending(config.get("model", {}), run.data)
+                resolved.append((variant, point, seed, run, "vocab_size: determined when the data is prepared"
+                                 if unknown else None))
 
     _check_same_val_set(resolved, sources)
     plan = Plan(spec)
     planned: dict[str, PlannedRun] = {}
-    for variant, point, seed, run in resolved:  # runs that train
+
+    def add(key: str, make) -> PlannedRun:
+        if key not in planned:
+            planned[key] = make()
+        return planned[key]
+
+    def identify(run: RunConfig, kind: str = "train") -> str | None:
+        return run_id(run, kind) if prepare else None
+
+    for variant, point, seed, run, pending in resolved:  # runs that train
         if not _post_training(run.model.to_dict()):
-            planned.setdefault(run_id(run), PlannedRun(run_id(run), variant, point, seed, run))
-    for variant, point, seed, run in resolved:  # post-training quantization: evaluate a float run
+            add(_key(run), lambda: PlannedRun(identify(run), variant, point, seed, run, pending=pending))
+    for variant, point, seed, run, pending in resolved:  # post-training quantization: evaluate a float run
         if _post_training(run.model.to_dict()):
             float_run = run.model_copy(update={"model": run.model.model_copy(update={"quantization": None})})
-            parent = planned.setdefault(  # usually the baseline's own run, trained once
-                run_id(float_run), PlannedRun(run_id(float_run), f"{variant} (float)", point, seed, float_run))
-            quantized = PlannedRun(run_id(run, "quantize"), variant, point, seed, run, "quantize", parent.run_id)
-            planned.setdefault(quantized.run_id, quantized)
+            parent = add(_key(float_run), lambda: PlannedRun(  # usually the baseline's own run, trained once
+                identify(float_run), f"{variant} (float)", point, seed, float_run, pending=pending))
+            add(_key(run, "quantize"), lambda: PlannedRun(identify(run, "quantize"), variant, point, seed, run,
+                                                          "quantize", parent.run_id, pending))
     plan.runs = sorted(planned.values(), key=lambda r: r.kind == "quantize")  # float runs first
     return plan
+
+
+def preparation(plan: Plan) -> list[str]:
+    """What preparing the plan's data will do (downloads, tokenizing), each step once, in words."""
+    steps: dict[str, None] = {}
+    for r in plan.runs:
+        for step in r.config.data.preparation():
+            steps.setdefault(step)
+    return list(steps)
 
 
 def _check_same_val_set(resolved: list, sources: SourceMap) -> None:
     """Verdicts compare val losses: every run of a study must be scored on the same val sequences."""
     sizes = {}
-    for variant, point, _, run in resolved:
+    for variant, point, _, run, _ in resolved:
         sizes.setdefault(run.train.val_sequences, f"variant '{variant}'" + (f" at {point}" if point else ""))
     if len(sizes) > 1:
         (a, first), (b, second) = list(sizes.items())[:2]
@@ -139,25 +172,18 @@ def _check_same_val_set(resolved: list, sources: SourceMap) -> None:
                         "scored on the same tokens")
 
 
-# the registry family of each list of names in a spec's kernels: section
-KERNEL_NAMES = {("attention", "backends"): "attention_backend", ("mlp", "names"): "mlp", ("norm", "names"): "norm",
-                ("quantization", "names"): "quantization"}
-
-
 def _check_kernel_names(spec: Spec, sources: SourceMap) -> None:
-    """Unknown component names in kernels: stop the study before anything trains."""
+    """Components the kernels: section names that do not resolve: stop the study before anything trains."""
     if spec.kernels is None:
         return
-    for (section, names), family in KERNEL_NAMES.items():
-        for name in getattr(getattr(spec.kernels, section), names, None) or []:
-            try:
-                get(family, name)
-            except ComponentError as e:
-                where = sources.locate(("kernels", section, names), ("kernels", section), ("kernels",))
-                raise SpecError(f"{where}: kernels.{section}.{names}: {e}") from None
+    for path, message in spec.kernels.component_errors()[:1]:
+        keys = tuple(str(k) for k in path if not isinstance(k, int))
+        where = sources.locate(keys, keys[:3], keys[:2], ("kernels",))
+        raise SpecError(f"{where}: {'.'.join(keys)}: {message}")
 
 
-def _resolve(config: dict, seed: int, variant: str, sources: SourceMap) -> RunConfig:
+def _resolve(config: dict, seed: int, variant: str, sources: SourceMap, plugins: dict[str, str],
+             prepare: bool) -> RunConfig:
     unknown = set(config) - {"model", "data", "train"}
     if unknown:
         key = sorted(unknown)[0]
@@ -168,7 +194,9 @@ def _resolve(config: dict, seed: int, variant: str, sources: SourceMap) -> RunCo
     except ValidationError as e:
         raise SpecError(_locate_errors(e, config, variant, sources, prefix=("data",))) from None
     try:
-        return resolve_run(config.get("model", {}), data, config.get("train", {}), seed)
+        run = resolve_run(config.get("model", {}), data, config.get("train", {}), seed, prepare=prepare)
+        used = used_plugins(run, plugins)
+        return run.model_copy(update={"plugins": used}) if used else run
     except ValidationError as e:
         raise SpecError(_locate_errors(e, config, variant, sources)) from None
     except (ComponentError, ValueError) as e:  # e.g. an unknown tokenizer, found while loading data
@@ -177,6 +205,17 @@ def _resolve(config: dict, seed: int, variant: str, sources: SourceMap) -> RunCo
     except DataUnavailable as e:
         raise SpecError(f"{sources.locate(('variants', variant, 'data'), ('base', 'data'))}: "
                         f"variant '{variant}': data: {e}") from None
+
+
+def used_plugins(run: RunConfig, plugins: dict[str, str]) -> dict[str, str]:
+    """The spec's plugins (module -> source hash) that define a component this run's model uses: an
+    edit to one retrains the runs that use it, and only those."""
+    modules = set()
+    for family in COMPONENT_FIELDS:
+        spec = getattr(run.model, family)
+        if spec is not None:
+            modules |= {c.factory.__module__ for c in components_of(family, spec)}
+    return {m: h for m, h in plugins.items() if any(used == m or used.startswith(m + ".") for used in modules)}
 
 
 def _locate_errors(error: ValidationError, config: dict, variant: str, sources: SourceMap, prefix: tuple = ()) -> str:

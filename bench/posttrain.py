@@ -17,8 +17,9 @@ import torch
 from bench.checkpoint import load_checkpoint
 from bench.data import load_dataset
 from bench.hardware import resolve_device
-from bench.train import RunConfig, evaluate
-from models import build_model, model_bytes, quantize
+from bench.config import RunConfig
+from bench.train import evaluate
+from models import build_model, flops_per_token, model_bytes, param_counts, quantize
 from models.quantization import linear_weight_bytes
 
 
@@ -72,8 +73,8 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
         "latency_ms_float": 1e3 * forward_latency(float_model, x),
         "latency_batch": list(x.shape),
         "quantization_format": quantizer.format,
-        "params": run.model.param_counts(),
-        "flops_per_token": run.model.flops_per_token(seq_len=run.seq_len),
+        "params": param_counts(run.model),
+        "flops_per_token": flops_per_token(run.model, seq_len=run.seq_len),
         "device": device.type,
         "data": data.fingerprint,
     }

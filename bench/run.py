@@ -23,15 +23,16 @@ from rich.table import Table
 
 from bench import hardware, parallel
 from bench.analysis import StudySummary, summarise
+from bench.config import budget_steps
 from bench.executor import EXECUTORS, ExecutorUnavailable
 from bench.formatting import count, number
-from bench.plan import Plan, expand
+from bench.plan import Plan, expand, preparation
 from bench.progress import Progress
 from bench.report import write_report
 from bench.results import load
 from bench.spec import SeedRange, SourceMap, Spec, SpecError, load_spec
 from bench.store import DONE, Store
-from bench.train import budget_steps
+from models import flops_per_token, param_counts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,17 +58,11 @@ def estimated_seconds(plan: Plan, store: Store | None) -> list[float | None]:
     median MFU of runs already finished here (30% before any has)."""
     mfus = []
     if store is not None:
-        import json
-
-        machine = hardware.machine_id()
-        for row in store.rows("runs", "WHERE status='finished' AND machine_id=?", (machine,)):
-            mfu = json.loads(row["metrics"] or "{}").get("mfu")
-            if mfu:
-                mfus.append(mfu)
+        mfus = store.finished_mfus(hardware.machine_id())
     mfu = statistics.median(mfus) if mfus else 0.3
     estimates = []
     for r in plan.runs:
-        if r.kind == "quantize":
+        if r.kind == "quantize" or r.pending:  # a pending run's size is known once its data is prepared
             estimates.append(None)
             continue
         steps = budget_steps(r.config)
@@ -77,7 +72,7 @@ def estimated_seconds(plan: Plan, store: Store | None) -> list[float | None]:
         device = hardware.resolve_device(r.config.train.device)
         peak = hardware.peak_matmul_flops(device, hardware.training_dtype(device, r.config.train.dtype))
         train = r.config.train
-        per_token = r.config.model.flops_per_token(seq_len=r.config.seq_len)
+        per_token = flops_per_token(r.config.model, seq_len=r.config.seq_len)
         flops = steps * train.batch_size * r.config.seq_len * per_token
         evals = steps // train.eval_every + 1  # forward only: a third of a training step's FLOPs per token
         flops += evals * (train.val_sequences or 256) * r.config.seq_len * per_token / 3 * (1 + len(train.eval_lengths))
@@ -98,19 +93,30 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
         table.add_column(column)
     total = 0.0
     for r, seconds in zip(plan.runs, estimated_seconds(plan, store)):
-        counts = r.config.model.param_counts()
-        steps = budget_steps(r.config) if r.kind == "train" else None
         total += seconds or 0
+        sizes = ["after data"] * 3
+        if not r.pending:
+            counts = param_counts(r.config.model)
+            sizes = [count(counts["total"]), count(counts["active"]),
+                     count(flops_per_token(r.config.model, seq_len=r.config.seq_len))]
+        steps = budget_steps(r.config) if r.kind == "train" and not (r.pending and r.config.train.flops) else None
         table.add_row(escape(r.variant), escape(", ".join(f"{k}={v}" for k, v in r.sweep.items()) or "-"),
-                      str(r.seed), r.kind + _processes(r), count(counts["total"]), count(counts["active"]),
-                      count(r.config.model.flops_per_token(seq_len=r.config.seq_len)),
-                      str(steps) if steps else ("-" if r.kind == "quantize" else "time"),
+                      str(r.seed), r.kind + _processes(r), *sizes,
+                      str(steps) if steps else ("-" if r.kind == "quantize" else "time" if r.config.train.seconds
+                                                else "after data"),
                       (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s") if seconds else "-")
     console.print(table)
+    for step in preparation(plan):
+        console.print(f"preparing the data will {step}", markup=False, highlight=False)
+    pending = [r.pending for r in plan.runs if r.pending]
+    if pending:
+        console.print(f"{len(pending)} runs: {pending[0]} (their size, FLOPs and time are known then)",
+                      markup=False, highlight=False)
     if plan.spec.kernels is not None:
         sections = [name for name, value in plan.spec.kernels if isinstance(value, BaseModel)]
         console.print(f"then times kernels: {', '.join(sections)}")
-    console.print(f"estimated total on this machine: {total / 60:.1f} min (nothing was trained)")
+    console.print(f"estimated total on this machine: {total / 60:.1f} min" + (" for the runs of known size" if pending else "")
+                  + " (nothing was trained or downloaded)")
     seeds = plan.spec.seeds
     if isinstance(seeds, SeedRange) and seeds.max > seeds.min:
         per_seed = total / seeds.min
@@ -166,16 +172,13 @@ def print_failures(runs: pd.DataFrame, console: Console) -> None:
 def time_kernels(spec, store: Store, console: Console) -> None:
     """The spec's kernels section, timed after training (alone on the machine) and stored once per machine."""
     import hashlib
-    import json
 
     from bench.kernels import run_kernels
 
     key = hashlib.sha256(spec.kernels.model_dump_json().encode()).hexdigest()[:16]
-    machine = hardware.machine_id()
-    for row in store.rows("kernels", "WHERE study=? AND machine_id=?", (spec.name, machine)):
-        if json.loads(row["data"]).get("spec_hash") == key:
-            console.print("kernel timings for this machine are already stored")
-            return
+    if key in store.kernel_spec_hashes(spec.name, hardware.machine_id()):
+        console.print("kernel timings for this machine are already stored")
+        return
     console.print("timing kernels ...")
     rows = run_kernels(spec.kernels)
     store.add_kernels(spec.name, [{**row, "spec_hash": key} for row in rows], hardware.environment())
@@ -221,16 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         if world.size > 1 and (args.workers > 1 or args.executor != "local"):
             raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
         spec, sources = load_spec(args.spec, args.set)
-        plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device)
+        # a dry run reads, downloads and tokenizes nothing; a real one prepares the data to plan
+        plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, prepare=not args.dry_run)
+        if args.dry_run:
+            folder = Path(args.out) if args.out else Path("results") / spec.name
+            existing = Store(folder) if (folder / "results.db").exists() else None
+            print_plan(plan, console, existing)
+            return 0
         identity = plan_identity(plan, spec, sources, args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     folder = Path(args.out) if args.out else Path("results") / spec.name
-    if args.dry_run:
-        existing = Store(folder) if (folder / "results.db").exists() else None
-        print_plan(plan, console, existing)
-        return 0
     if world.size > 1:
         parallel.init_process_group(hardware.resolve_device(args.device or "auto"))
 

@@ -186,10 +186,22 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE runs SET status='interrupted', owner=NULL WHERE run_id=? AND owner=?", (run_id, owner))
 
-    def rows(self, table: str, where: str = "", params: tuple = ()) -> list[sqlite3.Row]:
-        return self.db.execute(f"SELECT * FROM {table} {where}", params).fetchall()
+    def finished_mfus(self, machine_id: str) -> list[float]:
+        """The MFU of every run that finished on `machine_id` and recorded one (nonzero); order not defined."""
+        mfus = []
+        for row in self.db.execute("SELECT metrics FROM runs WHERE status='finished' AND machine_id=?", (machine_id,)):
+            mfu = json.loads(row["metrics"] or "{}").get("mfu")
+            if mfu:
+                mfus.append(mfu)
+        return mfus
 
     # -- kernels ------------------------------------------------------------------------------
+
+    def kernel_spec_hashes(self, study: str, machine_id: str) -> set[str]:
+        """The ``spec_hash`` of every kernel row stored for `study` on `machine_id`: which kernels sections
+        (their hash) this machine has timed already."""
+        rows = self.db.execute("SELECT data FROM kernels WHERE study=? AND machine_id=?", (study, machine_id))
+        return {h for row in rows if (h := json.loads(row["data"]).get("spec_hash")) is not None}
 
     def add_kernels(self, study: str | None, rows: Iterable[dict], environment: dict[str, Any]) -> None:
         with self.transaction() as db:

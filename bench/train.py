@@ -16,131 +16,17 @@ import statistics
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from bench import hardware, parallel
-from bench.data import DataConfig, Dataset, load_dataset
-from bench.parallel import DistributedConfig
+from bench.config import RunConfig, budget_steps
+from bench.data import Dataset, load_dataset
 from bench.schedules import learning_rate
-from models import ModelConfig, build_model
+from models import build_model, flops_per_token, param_counts
 
 FINAL_TRAIN_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
-
-
-class TrainConfig(BaseModel):
-    """Optimisation and budget. Defaults follow nanoGPT where it has one."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: int = Field(12, ge=1, description="sequences per optimizer step (the global batch)")
-    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass; accumulate the rest")
-    seq_len: int | None = Field(None, ge=1, description="default: the data's length, else block_size")
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float | None = Field(None, ge=0, description="default lr/10")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float | None = Field(1.0, gt=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
-    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
-    # the budget: exactly one of these (steps by default)
-    steps: int | None = Field(None, ge=1)
-    tokens: int | None = Field(None, ge=1)
-    flops: float | None = Field(None, gt=0)
-    seconds: float | None = Field(None, gt=0)
-    eval_every: int = Field(250, ge=1)
-    eval_batches: int | None = Field(20, ge=1, description="val set of eval_batches × batch_size sequences; None: all (tasks)")
-    eval_sequences: int | None = Field(None, ge=1, description="val set of this many sequences whatever the batch "
-                                       "size (replaces eval_batches; for studies that vary batch_size)")
-    eval_lengths: list[int] = Field(default_factory=list, description="extra val sequence lengths (extrapolation)")
-    checkpoint_every: int | None = Field(500, ge=1)
-    diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
-    compile: bool = False
-    distributed: DistributedConfig | None = Field(
-        None, description="one run on several processes: {strategy: ddp | fsdp | deepspeed, zero_stage, nproc}")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> TrainConfig:
-        given = [k for k in ("steps", "tokens", "flops", "seconds") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one budget, not {' and '.join(given)}")
-        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
-        if self.distributed and self.batch_size % self.distributed.nproc:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by distributed.nproc={self.distributed.nproc}")
-        return self
-
-    @property
-    def val_sequences(self) -> int | None:
-        """How many val sequences every evaluation scores (None: the whole val set, for tasks)."""
-        if self.eval_sequences:
-            return self.eval_sequences
-        return self.eval_batches * self.batch_size if self.eval_batches else None
-
-
-class RunConfig(BaseModel):
-    """One fully resolved training run: what the runner hashes, stores and hands to ``train``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig = TrainConfig()
-    seed: int = 0
-
-    @property
-    def seq_len(self) -> int:
-        return self.train.seq_len or getattr(self.data, "seq_len", None) or self.model.block_size
-
-    @model_validator(mode="after")
-    def _lengths_fit(self) -> RunConfig:
-        task_len = getattr(self.data, "seq_len", None)
-        if task_len and self.train.seq_len and self.train.seq_len != task_len:
-            raise ValueError(f"train.seq_len={self.train.seq_len} differs from the task's seq_len={task_len} "
-                             "(a task fixes its example length: leave train.seq_len out)")
-        limit = self.model.shapes_only().positional.max_positions
-        if limit is not None and self.seq_len > limit:
-            raise ValueError(f"train.seq_len={self.seq_len} is longer than the {limit} positions "
-                             f"'{self.model.positional['name']}' can embed (model.block_size)")
-        return self
-
-
-def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 0) -> RunConfig:
-    """A RunConfig whose model takes its vocabulary size (and block size, for tasks) from the data
-    unless the model sets them."""
-    from pydantic import TypeAdapter
-
-    data_config = TypeAdapter(DataConfig).validate_python(data)
-    model = dict(model)
-    if "vocab_size" not in model:
-        model["vocab_size"] = load_dataset(data_config).vocab_size
-    if "block_size" not in model:
-        length = (train or {}).get("seq_len") or getattr(data_config, "seq_len", None)
-        if length:
-            model["block_size"] = length
-    return RunConfig(model=model, data=data_config, train=train or {}, seed=seed)
-
-
-def budget_steps(run: RunConfig) -> int | None:
-    """Optimizer steps in the run's budget (None for a time budget)."""
-    c = run.train
-    tokens_per_step = c.batch_size * run.seq_len
-    if c.tokens:
-        return math.ceil(c.tokens / tokens_per_step)
-    if c.flops:
-        return math.ceil(c.flops / (run.model.flops_per_token(seq_len=run.seq_len) * tokens_per_step))
-    if c.seconds:
-        return None
-    return c.steps or 1000
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -167,7 +53,7 @@ def evaluate(model, batches, device, dtype, token_bytes=None) -> dict[str, float
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with _autocast(device, dtype):
-            logits, _ = model(x)
+            logits = model(x)[0]  # the logits of the Output (or of any (logits, ...) a model returns)
         logits = logits.float()
         nats += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum").item()
         mask = y >= 0
@@ -180,6 +66,31 @@ def evaluate(model, batches, device, dtype, token_bytes=None) -> dict[str, float
     if token_bytes is not None:
         out["bpb"] = nats / math.log(2) / n_bytes  # bits per byte: total nats over total bytes
     return out
+
+
+def moe_record(routing: list[tuple[float, list]]) -> dict[str, Any]:
+    """A step's MoE metrics from every micro-batch: (weight, each layer's MoEAux) per micro-batch.
+
+    Losses are weighted like the LM loss (by labelled tokens); assignments and drops are counted
+    over the whole step, so the fractions are those of the global batch on this process.
+    """
+    if not routing:
+        return {}
+    layers = len(routing[0][1])
+    per_expert = [sum(aux[i].stats["tokens_per_expert"].float() for _, aux in routing) for i in range(layers)]
+    dropped = [sum(float(aux[i].stats["dropped"]) for _, aux in routing) for i in range(layers)]
+
+    def weighted(value) -> float:  # averaged over layers, weighted over micro-batches
+        return sum(w * statistics.fmean(float(value(a)) for a in aux) for w, aux in routing)
+
+    return {
+        "moe_aux_loss": sum(w * float(sum(a.loss.detach() for a in aux)) for w, aux in routing),
+        "moe_balance_loss": weighted(lambda a: a.stats["balance_loss"]),
+        "moe_z_loss": weighted(lambda a: a.stats["z_loss"]),
+        "moe_dropped_fraction": statistics.fmean(d / float(n.sum()) for d, n in zip(dropped, per_expert)),
+        "moe_assignments": [int(n.sum()) for n in per_expert],
+        "moe_expert_fractions": [(n / n.sum()).tolist() for n in per_expert],
+    }
 
 
 class Trainer:
@@ -207,7 +118,7 @@ class Trainer:
         if self.per_rank % self.micro:
             raise ValueError(f"{self.per_rank} sequences per process do not split into micro-batches of {self.micro}")
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
-        self.flops_per_token = run.model.flops_per_token(causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
+        self.flops_per_token = flops_per_token(run.model, causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
         self.total_steps = budget_steps(run) or 10**12  # None: a time budget, the clock decides
         self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
@@ -271,23 +182,27 @@ class Trainer:
         return learning_rate(progress, total, lr=c.lr, min_lr=self.min_lr, warmup_steps=c.warmup_steps,
                              schedule=c.schedule, decay_fraction=c.decay_fraction, decay_shape=c.decay_shape)
 
-    def _train_step(self, step: int, lr: float) -> tuple[float, float]:
+    def _train_step(self, step: int, lr: float) -> tuple[float, float, dict]:
+        """One optimizer step over the global batch: (loss, grad norm, MoE record of every micro-batch)."""
         self.strategy.set_lr(lr)
         x, y = self.data.train_batch(step, self.run_config.seed, self.cfg.batch_size, self.seq_len)
         labelled = (y >= 0).sum().item()  # of the global batch
         mine = slice(self.world.rank * self.per_rank, (self.world.rank + 1) * self.per_rank)
         chunks = list(zip(x[mine].split(self.micro), y[mine].split(self.micro)))
         total = torch.zeros((), device=self.device)
+        routing = []  # (weight, each MoE layer's MoEAux) per micro-batch
         for i, (xm, ym) in enumerate(chunks):
             # weight each micro-batch by its share of the batch's labelled tokens: one loss, however split
             weight = (ym >= 0).sum().item() / labelled
             xm, ym = xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
             with _autocast(self.device, self.dtype):
-                _, loss = self.forward(xm, ym)
+                _, loss, aux = self.forward(xm, ym)
             self.strategy.backward(loss * (weight * self.strategy.loss_factor), last=i == len(chunks) - 1)
             total += loss.detach() * weight
+            if aux:
+                routing.append((weight, aux))
         norm = self.strategy.step()
-        return parallel.all_reduce_sum(total, self.world), norm
+        return parallel.all_reduce_sum(total, self.world), norm, moe_record(routing)
 
     def _eval_record(self) -> dict:
         token_bytes = self.data.token_bytes
@@ -306,20 +221,6 @@ class Trainer:
                 record[f"val_loss@{length}"] = None
                 record[f"val_loss@{length}_error"] = str(e)
         return record
-
-    def _moe_record(self) -> dict:
-        stats = self.model.moe_stats()
-        if not stats:
-            return {}
-        parts = self.model.loss_parts
-        return {
-            "moe_aux_loss": float(parts["aux"]),
-            "moe_balance_loss": statistics.fmean(float(s["balance_loss"]) for s in stats),
-            "moe_z_loss": statistics.fmean(float(s["z_loss"]) for s in stats),
-            "moe_dropped_fraction": statistics.fmean(
-                float(s["dropped"]) / float(s["tokens_per_expert"].sum()) for s in stats),
-            "moe_expert_fractions": [(s["tokens_per_expert"] / s["tokens_per_expert"].sum()).tolist() for s in stats],
-        }
 
     def run(self) -> dict[str, Any]:
         """Train to the budget from the last checkpoint (or the start); return the final metrics."""
@@ -348,7 +249,7 @@ class Trainer:
                 break
             lr = self._lr(step, elapsed)
             t0 = time.perf_counter()
-            loss, grad_norm = self._train_step(step, lr)
+            loss, grad_norm, routing = self._train_step(step, lr)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -359,7 +260,7 @@ class Trainer:
             record = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-                      "peak_memory_bytes": _peak_memory(self.device), **self._moe_record()}
+                      "peak_memory_bytes": _peak_memory(self.device), **routing}
             if not math.isfinite(loss) or loss > self.diverge_above:
                 status, diverged_at = "diverged", step
                 self._write_metrics(record)
@@ -400,7 +301,7 @@ class Trainer:
             "mfu_datasheet": (tokens_per_s * self.flops_per_token / (datasheet * self.world.size)
                               if tokens_per_s and (datasheet := hardware.datasheet_peak()) else None),
             "peak_memory_bytes": _peak_memory(self.device),
-            "params": self.run_config.model.param_counts(),
+            "params": param_counts(self.run_config.model),
             "flops_per_token": self.flops_per_token,
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),

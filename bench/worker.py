@@ -8,19 +8,17 @@ final metrics; the runner alone writes the store.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from bench import parallel
-from bench.train import RunConfig, train
-from models import load_plugins
+from bench.config import RunConfig
+from bench.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
     run_dir = Path((argv or sys.argv[1:])[0])
-    load_plugins([m for m in os.environ.get("ARCHBENCH_PLUGINS", "").split(",") if m])
-    run = RunConfig.model_validate_json((run_dir / "run.json").read_text())
+    run = RunConfig.model_validate_json((run_dir / "run.json").read_text())  # imports the run's plugins
     result = train(run, run_dir)
     if parallel.world().main:
         (run_dir / "final.json").write_text(json.dumps(result, default=str))

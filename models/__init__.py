@@ -6,7 +6,8 @@ Importing ``models`` registers every built-in component; third-party ones regist
 from a module named in a spec's ``plugins:`` (see ``load_plugins``).
 """
 
-from models import attention, attention_backends, mlp, moe, norm, positional, quantization  # noqa: F401  (registers)
+from models import attention, attention_backends, contract, mlp, moe, norm, positional, quantization  # noqa: F401  (registers)
+from models.accounting import check_flops, flops_per_token, param_counts, shapes_only
 from models.config import ModelConfig
 from models.gpt import GPT, build_model
 from models.quantization import model_bytes, quantize
@@ -25,5 +26,6 @@ from models.registry import (
 
 __all__ = [
     "FAMILIES", "GPT", "REQUIRED", "ComponentError", "ModelConfig", "available", "build", "build_model",
-    "build_spec", "list_components", "load_plugins", "model_bytes", "quantize", "ref", "register",
+    "build_spec", "check_flops", "contract", "flops_per_token", "list_components", "load_plugins", "model_bytes",
+    "param_counts", "quantize", "ref", "register", "shapes_only",
 ]

@@ -1,4 +1,8 @@
-"""`python -m models [FAMILY] [PATTERN]`: every registered component, its options and whether it runs here."""
+"""`python -m models [FAMILY] [PATTERN]`: every registered component, its options and whether it runs here.
+
+With a FAMILY, the family's contract (models/contract.py) is printed first: what a member is and the
+hooks it may or must provide.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from models import FAMILIES, available
+from models import FAMILIES, available, contract, list_components
 from models.registry import REQUIRED, ComponentError
 
 
@@ -32,6 +36,9 @@ def main(argv: list[str]) -> int:
     family = argv[0] if argv else None
     pattern = argv[1] if len(argv) > 1 else "*"
     try:
+        if family:
+            list_components(family)  # an unknown family: an error naming the closest one
+            console.print(escape(contract.describe(family)), highlight=False)
         for fam in [family] if family else FAMILIES:
             console.print(table(fam, pattern))
     except ComponentError as e:

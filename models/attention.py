@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from models.accounting import attention_flops
 from models.attention_backends import Mask
-from models.registry import REQUIRED, build_spec, ref, register
+from models.registry import REQUIRED, build_spec, get, ref, register, resolve
 
 
 class KVCache:
@@ -78,9 +78,16 @@ class Attention(nn.Module):
         return None
 
     @staticmethod
-    def requires(options: dict) -> set[str]:
-        """Capabilities these options need from the kernel backend."""
-        return {"window"} if options.get("window") else set()
+    def requires(config, options: dict) -> frozenset[str]:
+        """Attention features these options need: a window needs a kernel that can do one."""
+        return frozenset({"window"}) if options.get("window") else frozenset()
+
+    @staticmethod
+    def handles(config, options: dict) -> frozenset[str]:
+        """Rotation always; score bias, dropout, window and KV-cache decoding as far as its kernel can."""
+        backend = resolve("attention_backend", options["backend"])
+        can = get("attention_backend", backend["name"]).factory.capabilities(backend)
+        return frozenset({"rotate"} | (can & {"bias", "dropout", "window"}) | ({"cache"} if "decode" in can else set()))
 
     def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, C = x.shape

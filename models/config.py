@@ -4,19 +4,17 @@ Field names follow nanoGPT's. One field per family takes a registered name or a 
 ``name`` plus options (``attention: {name: gqa, n_kv_head: 2, backend: sdpa}``). Validation
 resolves every component (unknown names get the closest match), type-checks options, fills in
 defaults, and rejects incompatible combinations by name — before anything is built or trained.
+It is data: what a config builds and costs is computed elsewhere (``models.gpt``, ``models.accounting``).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.accounting import active_params, count_params, matmul_flops_per_token
+from models.contract import FEATURES
 from models.registry import ComponentError, get, list_components, resolve
 
 COMPONENT_FIELDS = ("attention", "positional", "norm", "mlp", "moe", "quantization")
@@ -55,15 +53,12 @@ class ModelConfig(BaseModel):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         for family in COMPONENT_FIELDS:
-            spec = getattr(self, family)
-            if spec is None:
-                continue
-            component = get(family, spec["name"])
-            check = getattr(component.factory, "check", None)
-            reason = check(self, {**spec, **component.fixed}) if check else None
+            found = _component(self, family)
+            check = getattr(found[0], "check", None) if found else None
+            reason = check(self, found[1]) if check else None
             if reason:
-                raise ValueError(f"{family} '{spec['name']}': {reason}")
-        _check_backend(self)
+                raise ValueError(f"{family} '{getattr(self, family)['name']}': {reason}")
+        _check_features(self)
         return self
 
     # -- serialisation ------------------------------------------------------------------------
@@ -87,77 +82,63 @@ class ModelConfig(BaseModel):
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    # -- accounting ---------------------------------------------------------------------------
 
-    def shapes_only(self):
-        """The GPT this config builds, on the meta device: its layers' shapes, no memory (cached)."""
-        return _meta_model(self._key())
-
-    def param_counts(self) -> dict[str, int]:
-        """total; non_embedding (without token and position tables); active (per token, MoE-aware)."""
-        return dict(_param_counts(self._key()))
-
-    def flops_per_token(self, causal: bool = False, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward = 3 × forward) at seq_len (default block_size).
-
-        Every matmul is counted, the LM head and attention's q·kᵀ and probs·v included.
-        causal=False counts the full score matrix (the PaLM/nanoGPT convention, and what
-        torch's FlopCounterMode sees); causal=True counts only the keys each query sees.
-        """
-        return 3 * _forward_flops(self._key(), causal, seq_len or self.block_size)
-
-    def _key(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+def _component(config: ModelConfig, family: str) -> tuple[Any, dict] | None:
+    """The registered factory of a config's component and its options (fixed ones included)."""
+    spec = getattr(config, family)
+    if spec is None:
+        return None
+    component = get(family, spec["name"])
+    return component.factory, {**spec, **component.fixed}
 
 
-def _check_backend(config: ModelConfig) -> None:
-    """Reject an attention backend that lacks a capability the rest of the config needs."""
-    attention = {**config.attention, **get("attention", config.attention["name"]).fixed}
-    backend = attention.get("backend")
-    if backend is None:  # a plugin attention without a kernel backend
-        return
+def attention_features(config: ModelConfig) -> frozenset[str]:
+    """The attention features (models.contract.FEATURES) the config's attention handles."""
+    factory, options = _component(config, "attention")
+    return frozenset(factory.handles(config, options))
+
+
+def needed_features(config: ModelConfig) -> dict[str, str]:
+    """feature -> what in the config needs it of the attention (the first component that asks)."""
     needs: dict[str, str] = {}
-    requires = getattr(get("attention", attention["name"]).factory, "requires", None)
-    for need in requires(attention) if requires else ():
-        needs[need] = f"attention '{attention['name']}' with {need}={attention.get(need)}"
-    for need in getattr(get("positional", config.positional["name"]).factory, "requires", ()):
-        needs[need] = f"positional '{config.positional['name']}'"
+    for family in COMPONENT_FIELDS:
+        found = _component(config, family)
+        requires = getattr(found[0], "requires", None) if found else None
+        for feature in requires(config, found[1]) if requires else ():
+            label = getattr(config, family)["name"]
+            needs.setdefault(feature, f"{family} '{label}'" + (" (its own options)" if family == "attention" else ""))
     if config.dropout > 0:
-        needs["dropout"] = f"dropout={config.dropout}"
-    have = _capabilities(backend)
-    missing = [n for n in needs if n not in have]
-    if missing:
-        can = [b for b in list_components("attention_backend") if set(needs) <= _capabilities({"name": b})]
+        needs.setdefault("dropout", f"dropout={config.dropout}")
+    return needs
+
+
+def missing_features(config: ModelConfig) -> dict[str, str]:
+    """feature -> what needs it, for each attention feature the config needs that its attention
+    (with its kernel backend) does not handle: the contract's requires against handles."""
+    handles = attention_features(config)
+    return {feature: needed_by for feature, needed_by in needed_features(config).items() if feature not in handles}
+
+
+def _check_features(config: ModelConfig) -> None:
+    """Refuse a config that needs an attention feature (rotation, score bias, dropout, window) its
+    attention does not handle; with a kernel backend, name the backends that would do."""
+    missing = missing_features(config)
+    if not missing:
+        return
+    needs = needed_features(config)
+    feature, name = next(iter(missing)), config.attention["name"]
+    backend = config.attention.get("backend")
+    if isinstance(backend, dict):  # the attention delegates to a kernel: say which kernels can do it all
         label = backend["name"] + "".join(f" {k}={v}" for k, v in backend.items() if k != "name")
-        raise ValueError(
-            f"attention backend '{label}' cannot do {missing[0]}, needed by {needs[missing[0]]}; "
-            f"backends that can do everything this config needs: {', '.join(can) or 'none'}"
-        )
-
-
-def _capabilities(backend: dict) -> set[str]:
-    spec = resolve("attention_backend", backend)
-    return set(get("attention_backend", spec["name"]).factory.capabilities(spec))
-
-
-@functools.lru_cache(maxsize=256)
-def _meta_model(key: str):
-    from models.gpt import GPT
-
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return GPT(ModelConfig.model_construct(**json.loads(key)), seed=0)  # the key is a validated config's
-
-
-@functools.lru_cache(maxsize=256)
-def _param_counts(key: str) -> tuple[tuple[str, int], ...]:
-    model = _meta_model(key)
-    total = count_params(model)
-    embedding = model.wte.weight.numel() + count_params(model.positional)
-    return (("total", total), ("non_embedding", total - embedding), ("active", active_params(model)))
-
-
-def _forward_flops(key: str, causal: bool, seq_len: int) -> float:
-    return matmul_flops_per_token(_meta_model(key), seq_len, causal)
+        factory, options = _component(config, "attention")
+        can = [b for b in list_components("attention_backend")
+               if set(needs) <= factory.handles(config, {**options, "backend": resolve("attention_backend", b)})]
+        raise ValueError(f"attention '{name}' with backend '{label}' cannot {FEATURES[feature]} ({feature}), "
+                         f"needed by {needs[feature]}; backends that can do everything this config needs: "
+                         f"{', '.join(can) or 'none'}")
+    raise ValueError(f"attention '{name}' does not {FEATURES[feature]} ({feature}), needed by {needs[feature]}: "
+                     f"'{name}' handles {', '.join(sorted(attention_features(config))) or 'none of the attention features'}; "
+                     "choose a positional encoding or settings it handles, or another attention")
 
 
 __all__ = ["ModelConfig", "ComponentError"]

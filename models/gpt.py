@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelConfig
+from models.config import ModelConfig, attention_features
 from models.registry import build_spec
 
 
@@ -27,15 +27,25 @@ class Block(nn.Module):
         self.norm_1 = build_spec("norm", config.norm, config.n_embd, config)
         self.attn = build_spec("attention", config.attention, config)
         self.norm_2 = build_spec("norm", config.norm, config.n_embd, config)
-        if config.moe is not None:
+        self.routed = config.moe is not None  # a MoE returns its auxiliary loss and stats with its output
+        if self.routed:
             self.mlp = build_spec("moe", config.moe, config)
         else:
             self.mlp = build_spec("mlp", config.mlp, config)
 
-    def forward(self, x: Tensor, positional, pos: Tensor, cache=None) -> Tensor:
+    def forward(self, x: Tensor, positional, pos: Tensor, cache=None) -> tuple[Tensor, Any]:
+        """(B, T, C) -> ((B, T, C), the MoE layer's MoEAux or None)."""
         x = x + self.attn(self.norm_1(x), positional, pos, cache)
-        x = x + self.mlp(self.norm_2(x))
-        return x
+        out, aux = self.mlp(self.norm_2(x)) if self.routed else (self.mlp(self.norm_2(x)), None)
+        return x + out, aux
+
+
+class Output(NamedTuple):
+    """What the GPT's forward pass returns."""
+
+    logits: Tensor  # (B, T, vocab)
+    loss: Tensor | None  # the LM loss plus every MoE layer's weighted auxiliary loss (with targets)
+    aux: list  # each MoE layer's MoEAux (auxiliary loss, routing statistics) of this forward pass
 
 
 class Cache:
@@ -73,8 +83,6 @@ class GPT(nn.Module):
             if config.tie_embeddings:
                 self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
             self.init_weights(seed)
-        self.aux_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]  # MoE layers
-        self.loss_parts: dict[str, Tensor] = {}
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -110,11 +118,11 @@ class GPT(nn.Module):
                     torch.manual_seed(parameter_seed(seed, owner_name))
                     owner.reset_parameters()
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None):
-        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None) -> Output:
+        """idx (B, T) token ids -> Output(logits (B, T, vocab), loss or None, MoE auxiliaries).
 
         targets (B, T) with -1 where no loss is wanted. With a cache, idx continues the cached
-        tokens. With MoE the loss includes the weighted aux losses; ``loss_parts`` holds each part.
+        tokens. With MoE the loss includes the weighted auxiliary losses, returned in ``aux`` too.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -131,26 +139,27 @@ class GPT(nn.Module):
         if pos_emb is not None:
             x = x + pos_emb
         x = self.drop(x)
+        positions = self.positional.at(pos)  # what rotating needs, computed once for every layer
+        aux = []
         for i, block in enumerate(self.blocks):
-            x = block(x, self.positional, pos, cache.layers[i] if cache is not None else None)
+            x, block_aux = block(x, positions, pos, cache.layers[i] if cache is not None else None)
+            if block_aux is not None:
+                aux.append(block_aux)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         if cache is not None:
             cache.length += T
 
         if targets is None:
-            return logits, None
+            return Output(logits, None, aux)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        self.loss_parts = {"lm": loss.detach()}
-        if self.aux_modules:
-            aux = sum(m.aux_loss for m in self.aux_modules)
-            self.loss_parts["aux"] = aux.detach()
-            loss = loss + aux
-        return logits, loss
+        if aux:
+            loss = loss + sum(a.loss for a in aux)
+        return Output(logits, loss, aux)
 
     def new_cache(self) -> Cache | None:
         """An empty KV cache, or None when some layer's attention cannot decode incrementally."""
-        if not all(hasattr(b.attn, "new_cache") for b in self.blocks):
+        if "cache" not in attention_features(self.config):
             return None
         return Cache([b.attn.new_cache() for b in self.blocks])
 
@@ -166,9 +175,9 @@ class GPT(nn.Module):
             if cache is not None and limit is not None and idx.shape[1] > limit:
                 cache = None  # past the position table: crop and recompute, as nanoGPT does
             if cache is None:
-                logits, _ = self(idx if limit is None else idx[:, -limit:])
+                logits = self(idx if limit is None else idx[:, -limit:]).logits
             else:
-                logits, _ = self(idx[:, cache.length :], cache=cache)
+                logits = self(idx[:, cache.length :], cache=cache).logits
             logits = logits[:, -1, :]  # (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
@@ -180,10 +189,6 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
-
-    def moe_stats(self) -> list[dict[str, Tensor]]:
-        """Routing statistics of each MoE layer from the last forward pass."""
-        return [m.stats for m in self.aux_modules]
 
 
 def build_model(config: ModelConfig | dict[str, Any], seed: int | None = None) -> GPT:

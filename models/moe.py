@@ -6,11 +6,14 @@ takes at most capacity = ⌈capacity_factor · k · N / E⌉ assignments, first 
 evaluation and KV-cache decoding route every token, so a token's output never depends on which other
 tokens share its batch. Auxiliary losses: Switch's
 load-balancing loss E·Σ f_i·P_i (1 at uniform routing, its minimum) and ST-MoE's router z-loss.
+The module keeps no state between calls: it returns the weighted auxiliary loss and the routing
+statistics with its output (``MoEAux``), so every micro-batch's count and ``torch.compile`` is safe.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,13 @@ from torch import Tensor, nn
 
 from models.accounting import count_params, matmul_flops_per_token
 from models.registry import build_spec, ref, register
+
+
+class MoEAux(NamedTuple):
+    """What one MoE layer's forward pass gives besides its output."""
+
+    loss: Tensor  # weighted balance + z loss: added to the LM loss, it trains the router
+    stats: dict[str, Tensor]  # detached: balance_loss, z_loss, tokens_per_expert (E,), dropped
 
 
 class MoE(nn.Module):
@@ -41,8 +51,6 @@ class MoE(nn.Module):
         self.router = nn.Linear(config.n_embd, n_experts, bias=False)
         self.experts = nn.ModuleList(build_spec("mlp", expert, config) for _ in range(n_experts))
         self.shared = build_spec("mlp", expert, config) if shared_expert else None
-        self.aux_loss: Tensor | None = None  # weighted balance + z loss of the last forward
-        self.stats: dict[str, Tensor] = {}  # detached routing statistics of the last forward
 
     @staticmethod
     def check(config, options: dict) -> str | None:
@@ -52,7 +60,8 @@ class MoE(nn.Module):
             return f"capacity_factor={options['capacity_factor']} must be positive (or null for no limit)"
         return None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        """(B, T, C) -> ((B, T, C), MoEAux)."""
         B, T, C = x.shape
         tokens = x.reshape(-1, C)  # (N, C)
         N, E, k = tokens.shape[0], self.n_experts, self.top_k
@@ -88,14 +97,13 @@ class MoE(nn.Module):
         fraction = per_expert.float() / (k * N)  # f_i: share of assignments routed to expert i
         balance = E * (fraction * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
-        self.aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z
-        self.stats = {
+        stats = {
             "balance_loss": balance.detach(),
             "z_loss": z.detach(),
             "tokens_per_expert": per_expert.detach(),
             "dropped": (~kept).sum().detach(),
         }
-        return out.view(B, T, C)
+        return out.view(B, T, C), MoEAux(self.balance_loss_weight * balance + self.z_loss_weight * z, stats)
 
     def flops_per_token(self, seq_len: int, causal: bool) -> float:
         """Router, k experts and the shared expert: what one token costs, not all experts."""

@@ -2,8 +2,9 @@
 
 Two kinds: added to the token embeddings (learned, sinusoidal) or applied inside attention (RoPE
 rotates q and k; ALiBi adds a per-head linear bias to the scores). Attention modules ask the
-positional object what it does through the three methods of ``Positional``; none of them knows an
-encoding by name.
+positional object what it does through ``rotate`` and ``bias_slopes``; none of them knows an
+encoding by name. What an encoding needs of the attention is declared by ``requires`` (the contract:
+models/contract.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
+from typing import Any, NamedTuple
+
 from torch import Tensor, nn
 
 from models.registry import register
@@ -27,20 +30,47 @@ def position_angles(pos: Tensor, dim: int, base: float) -> Tensor:
     return pos.to(wide)[:, None] * inv_freq[None, :]
 
 
+class Positions(NamedTuple):
+    """An encoding bound to one forward pass's positions: what every layer's attention is handed, so
+    that what rotating needs (RoPE's cos and sin) is computed once per forward pass, not per layer."""
+
+    pos: Tensor  # (T,)
+    encoding: Positional
+    rotation: Any
+
+    def rotate(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
+        """Rotate queries or keys x (B, H, T, D) at this forward pass's positions."""
+        return self.encoding.rotate(x, self.rotation)
+
+    def bias_slopes(self) -> Tensor | None:
+        return self.encoding.bias_slopes()
+
+
 class Positional(nn.Module):
     """Base class: by default an encoding does nothing (NoPE)."""
 
-    # capabilities this encoding needs from the attention backend ("bias" for score biases)
-    requires: frozenset[str] = frozenset()
     # the number of positions it can encode; None when it works at any length
     max_positions: int | None = None
+
+    @staticmethod
+    def requires(config, options: dict) -> frozenset[str]:
+        """Attention features this encoding needs: 'rotate' (q/k rotation), 'bias' (score bias)."""
+        return frozenset()
+
+    def at(self, pos: Tensor) -> Positions:
+        """This encoding bound to the positions of one forward pass."""
+        return Positions(pos, self, self.rotation(pos))
 
     def embed(self, pos: Tensor) -> Tensor | None:
         """(T,) positions -> (T, C) vectors added to the token embeddings, or None."""
         return None
 
-    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
-        """Rotate queries or keys x (B, H, T, D) at positions pos (T,); identity by default."""
+    def rotation(self, pos: Tensor) -> Any:
+        """What rotating q and k at positions pos (T,) needs, computed once per forward pass; None."""
+        return None
+
+    def rotate(self, x: Tensor, rotation: Any) -> Tensor:
+        """Rotate queries or keys x (B, H, T, D) with ``rotation(pos)``; identity by default."""
         return x
 
     def bias_slopes(self) -> Tensor | None:
@@ -95,18 +125,19 @@ class RotaryPositional(Positional):
     def __init__(self, config, *, base: float = 10000.0):
         super().__init__()
         self.head_dim, self.base = config.n_embd // config.n_head, base
-        self._cached: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        # every layer rotates with the same pos tensor in one forward pass: compute once
-        if self._cached is None or self._cached[0] is not pos:
-            angles = position_angles(pos, self.head_dim, self.base)  # (T, D/2)
-            angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-            self._cached = (pos, angles.cos().float(), angles.sin().float())
-        return self._cached[1], self._cached[2]
+    @staticmethod
+    def requires(config, options: dict) -> frozenset[str]:
+        return frozenset({"rotate"})
 
-    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
-        cos, sin = self._cos_sin(pos)
+    def rotation(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (T, D) in float32."""
+        angles = position_angles(pos, self.head_dim, self.base)  # (T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        return angles.cos().float(), angles.sin().float()
+
+    def rotate(self, x: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:
+        cos, sin = rotation
         x1, x2 = x.chunk(2, dim=-1)  # rotate pairs (i, i + D/2), as GPT-NeoX and LLaMA do
         rotated = torch.cat([-x2, x1], dim=-1)
         return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).type_as(x)
@@ -134,11 +165,13 @@ def alibi_slopes(n_head: int) -> Tensor:
 class AlibiPositional(Positional):
     """Attention with linear biases (Press et al. 2022): score − m_h·(i − j); extrapolates to longer inputs."""
 
-    requires = frozenset({"bias"})
-
     def __init__(self, config):
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+
+    @staticmethod
+    def requires(config, options: dict) -> frozenset[str]:
+        return frozenset({"bias"})
 
     def bias_slopes(self) -> Tensor:
         return self.slopes

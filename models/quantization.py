@@ -113,7 +113,9 @@ class Int4WeightOnly(Quantizer):
         """Every quantized linear layer's input width (n_embd, the MLP or expert hidden size) must be
         a multiple of group_size; the layers are read from a shapes-only model of this config."""
         widths: dict[int, str] = {}  # input width -> the first layer that has it
-        for fqn, m in config.shapes_only().named_modules():
+        from models.accounting import shapes_only
+
+        for fqn, m in shapes_only(config).named_modules():
             if quantizable(m, fqn):
                 widths.setdefault(m.in_features, fqn)
         bad = sorted(w for w in widths if w % options["group_size"])

@@ -20,25 +20,21 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import hashlib
 import importlib
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pydantic
 
-# Each family and the contract its members follow.
-FAMILIES: dict[str, str] = {
-    "attention": "(config) -> module; forward(x (B,T,C), positional, pos (T,), cache) -> (B,T,C)",
-    "attention_backend": "(**options) -> callable(q (B,Hq,Tq,D), k, v (B,Hkv,Tk,D), mask, dropout_p)",
-    "positional": "(config) -> Positional: embeds positions, rotates q/k, or biases scores",
-    "norm": "(dim, config) -> module (..., dim) -> (..., dim)",
-    "mlp": "(config) -> module (B,T,C) -> (B,T,C); its output projection is named c_proj",
-    "moe": "(config) -> module (B,T,C) -> (B,T,C) exposing aux_loss and routing stats",
-    "quantization": "(**options) -> transform with apply(model) (post-training or QAT)",
-}
+from models import contract
+
+# Each family and, in one line, what its members are; the full contract is models/contract.py
+FAMILIES: dict[str, str] = {family: inspect.getdoc(proto).splitlines()[0] for family, proto in contract.PROTOCOLS.items()}
 
 
 class ComponentError(ValueError):
@@ -154,7 +150,13 @@ class Component:
         return resolved
 
     def build(self, *context: Any, **options: Any) -> Any:
-        return self.factory(*context, **self.resolve_options(options), **self.fixed)
+        built = self.factory(*context, **self.resolve_options(options), **self.fixed)
+        if not inspect.isclass(self.factory):  # a class was checked whole when it registered
+            missing = contract.built_violations(self.family, built)
+            if missing:
+                raise ComponentError(f"{self.family} '{self.name}' built an object that {'; '.join(missing)} "
+                                     f"(the {self.family} contract: python -m models {self.family})")
+        return built
 
 
 _REGISTRY: dict[str, dict[str, Component]] = {family: {} for family in FAMILIES}
@@ -183,6 +185,11 @@ def register(
     def decorator(factory: Any) -> Any:
         if name in _REGISTRY[family] and _REGISTRY[family][name].factory is not factory:
             raise ComponentError(f"{family} '{name}' is already registered")
+        problems = contract.violations(family, factory)
+        if problems:
+            label = getattr(factory, "__qualname__", repr(factory))
+            raise ComponentError(f"{family} '{name}' ({label}) does not follow the {family} contract: it "
+                                 + "; ".join(problems) + f" (the contract: python -m models {family})")
         doc = description or (inspect.getdoc(factory) or "").strip().splitlines()
         text = doc if isinstance(doc, str) else (doc[0].rstrip(".") if doc else "")
         options = _options_of(factory, fixed or {}, defaults or {})
@@ -252,19 +259,51 @@ def resolve(family: str, spec: Any) -> dict[str, Any]:
     return {"name": name, **get(family, name).resolve_options(options)}
 
 
+def components_of(family: str, spec: Mapping[str, Any]) -> list[Component]:
+    """The component a resolved spec names and those its options name (a backend, an expert MLP)."""
+    component = get(family, spec["name"])
+    found = [component]
+    for option in component.options.values():
+        value = spec.get(option.name)
+        if option.family and isinstance(value, Mapping):
+            found += components_of(option.family, value)
+    return found
+
+
 def build_spec(family: str, spec: Any, /, *context: Any) -> Any:
     """Build from a spec (name or mapping), e.g. ``build_spec("norm", {"name": "layernorm", "bias": False}, 64, cfg)``."""
     resolved = resolve(family, spec)
     return build(family, resolved.pop("name"), *context, **resolved)
 
 
-def load_plugins(modules: Iterable[str]) -> None:
-    """Import modules that register third-party components (a spec's ``plugins:``)."""
+def load_plugins(modules: Iterable[str] | Mapping[str, str]) -> dict[str, str]:
+    """Import modules that register third-party components (a spec's ``plugins:``); return each
+    one's source hash. Given a mapping module -> expected hash (a planned run's), a plugin whose
+    source changed since is refused: the run was planned with other code."""
+    hashes = {}
     for module in modules:
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
         except ImportError as e:
             raise ComponentError(f"plugin '{module}' could not be imported: {e}") from e
+        hashes[module] = source_hash(imported)
+        expected = modules[module] if isinstance(modules, Mapping) else None
+        if expected and expected != hashes[module]:
+            raise ComponentError(f"plugin '{module}' changed since this run was planned (source sha256 "
+                                 f"{expected[:12]}…, now {hashes[module][:12]}…): plan the study again")
+    return hashes
+
+
+def source_hash(module: Any) -> str:
+    """sha256 of a module's source: its file, or every .py file of a package (sorted by path)."""
+    digest = hashlib.sha256()
+    if getattr(module, "__path__", None):  # a package
+        files = sorted(p for root in module.__path__ for p in Path(root).rglob("*.py"))
+    else:
+        files = [Path(module.__file__)] if getattr(module, "__file__", None) else []
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ better/worse verdicts at α."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -16,6 +18,7 @@ from bench.analysis import (
     Design,
     _p,
     compare,
+    compute_envelope,
     holm,
     judge,
     mean_ci,
@@ -24,6 +27,8 @@ from bench.analysis import (
     paired_t,
     pareto_front,
     pending,
+    scaling_per_machine,
+    scaling_summary,
     summarise,
     t_test_power,
     verdict_of,
@@ -251,3 +256,104 @@ def test_a_paired_bootstrap_agrees_with_the_t_test_on_many_seeds():
     boot, t = paired_bootstrap(d), paired_t(d)
     assert boot.ci_low == pytest.approx(t.ci_low, abs=0.0007) and boot.ci_high == pytest.approx(t.ci_high, abs=0.0007)
     assert boot.p < 0.001 and paired_bootstrap(d) == boot  # seeded: the same resamples every time
+
+
+# -- the scaling-law summary ----------------------------------------------------------------------------
+
+GELU = (1.69, 406.4, 410.7)  # E, A, B of Hoffmann et al. (2022), α = 0.34, β = 0.28
+SWIGLU = (1.69, 406.4 * 1.3**-0.34, 410.7 * 1.1**-0.28)  # m_N = 1.3, m_D = 1.1: a constant multiplier of 1.43
+
+
+def isoflop_grid(machines: dict[str, float] | None = None) -> pd.DataFrame:
+    """Runs on three IsoFLOP lines (1e17, 1e18, 1e19 FLOPs × 5 sizes) per variant, losses from known laws
+    (scaled per machine); plus what must not be fitted: a variant with 2 sizes, a failed and a quantize run."""
+    rows = []
+    for machine, scale in (machines or {"m1": 1.0}).items():
+        for variant, (e, a, b) in {"gelu": GELU, "swiglu": SWIGLU}.items():
+            for c in (1e17, 1e18, 1e19):
+                for n in np.geomspace(1e7, 1e9, 5):
+                    d = c / (6 * n)
+                    rows.append(dict(variant=variant, status="finished", kind="train", params=n, tokens=d,
+                                     val_loss=(e + a / n**0.34 + b / d**0.28) * scale, machine=machine))
+        for n, d in ((1e7, 1e9), (1e8, 1e10), (1e7, 1e11)):  # two sizes only
+            rows.append(dict(variant="small", status="finished", kind="train", params=n, tokens=d, val_loss=3.0,
+                             machine=machine))
+        rows.append(dict(variant="gelu", status="failed", kind="train", params=1e9, tokens=1e12, val_loss=0.1,
+                         machine=machine))
+        rows.append(dict(variant="gelu", status="finished", kind="quantize", params=1e9, tokens=1e12, val_loss=0.1,
+                         machine=machine))
+    return pd.DataFrame(rows)
+
+
+def test_the_compute_envelope_keeps_the_points_that_set_a_new_best_loss():
+    compute, best = compute_envelope([4.0, 1.0, 3.0, 2.0, 5.0, 6.0], [1.0, 3.0, 2.5, 2.8, 1.5, 1.0])
+    assert compute.tolist() == [1.0, 2.0, 3.0, 4.0] and best.tolist() == [3.0, 2.8, 2.5, 1.0]  # 5 and 6: no better
+
+
+def test_the_scaling_summary_recovers_known_laws_and_multipliers():
+    summary = scaling_summary(isoflop_grid(), "gelu")
+    assert set(summary["parametric"]) == {"gelu", "swiglu"} and set(summary["points"]["variant"]) == {"gelu", "swiglu"}
+    assert len(summary["points"]) == 30 and summary["points"]["val_loss"].min() > 1  # no failed or quantize run
+    fits = {r["variant"]: r for r in summary["fits"]}
+    for name, value in zip(("E", "A", "B", "alpha", "beta"), (*GELU, 0.34, 0.28)):
+        assert fits["gelu"][name] == pytest.approx(value, rel=1e-4), name
+        low, high = fits["gelu"][f"{name}_ci"]
+        assert low == pytest.approx(value, rel=1e-3) and high == pytest.approx(value, rel=1e-3)
+    assert fits["swiglu"]["A"] == pytest.approx(SWIGLU[1], rel=1e-4)
+    assert fits["gelu"]["a"] == pytest.approx(0.28 / 0.62) and fits["gelu"]["b"] == pytest.approx(0.34 / 0.62)
+    assert fits["gelu"]["r2"] > 0.999999 and fits["gelu"]["max_residual"] < 1e-6 and fits["gelu"]["warnings"] == []
+    # the baseline's frontier at the largest trained budget, and at 100× it (an extrapolation)
+    assert [(m["variant"], m["where"], m["compute"], m["extrapolated"]) for m in summary["multipliers"]] == [
+        ("swiglu", "largest trained budget", pytest.approx(1e19), False),
+        ("swiglu", "extrapolated to 100× that", pytest.approx(1e21), True)]
+    for m in summary["multipliers"]:
+        assert m["multiplier"] == pytest.approx(1.3 * 1.1, rel=1e-3)
+        assert m["ci"][0] == pytest.approx(1.43, rel=1e-3) and m["ci"][1] == pytest.approx(1.43, rel=1e-3)
+        assert m["loss"] == pytest.approx(float(summary["parametric"]["gelu"].frontier_loss(m["compute"])))
+    at = scaling_summary(isoflop_grid(), "gelu", extrapolate_to=1e24)["multipliers"][1]
+    assert at["where"] == "the spec's extrapolate_to" and at["compute"] == 1e24 and at["extrapolated"]
+    (gelu, swiglu) = summary["approach2"]
+    assert gelu["error"] is None and gelu["budgets"] == 3 and gelu["a"] == pytest.approx(0.28 / 0.62, abs=0.002)
+    assert gelu["a"] + gelu["b"] == pytest.approx(1) and 0.99 < gelu["parabola_r2"] <= 1 and gelu["r2"] > 0.9999
+    laws = {c["variant"]: c for c in summary["compute_law"]}
+    assert set(laws) == {"gelu", "swiglu"}
+    points = summary["points"][summary["points"]["variant"] == "gelu"]
+    compute, best = compute_envelope(6 * points["params"] * points["tokens"], points["val_loss"])
+    assert laws["gelu"]["points"] == len(compute) >= 3 and laws["gelu"]["range"] == (compute.min(), compute.max())
+    assert laws["gelu"]["E"] <= best.min() and laws["gelu"]["r2"] > 0.9
+
+
+def test_the_scaling_summary_needs_three_sizes_and_budgets_and_the_baseline_for_multipliers():
+    runs = isoflop_grid()
+    assert scaling_summary(runs[runs["variant"] == "small"], "gelu") is None
+    without_baseline = scaling_summary(runs[runs["variant"] != "gelu"], "gelu")
+    assert [r["variant"] for r in without_baseline["fits"]] == ["swiglu"] and without_baseline["multipliers"] == []
+    two_lines = runs[(runs["variant"] == "gelu") & (runs["tokens"] * runs["params"] < 1e18)]
+    (row,) = scaling_summary(two_lines, "gelu")["approach2"]
+    assert row["error"] is None and row["budgets"] == 2
+    grid = pd.DataFrame([dict(variant="gelu", status="finished", kind="train", params=n, tokens=d,
+                              val_loss=GELU[0] + GELU[1] / n**0.34 + GELU[2] / d**0.28)
+                         for n in (1e7, 1e8, 1e9) for d in (1e9, 1e10, 1e11)])  # only 6e18 FLOPs has 3 sizes
+    (row,) = scaling_summary(grid, "gelu")["approach2"]
+    assert row["a"] is None and row["error"] == "Approach 2 needs at least two compute budgets with three or more sizes each"
+
+
+def test_scaling_is_fitted_per_machine_not_pooled():
+    runs = isoflop_grid({"laptop": 1.0, "gpu": 1.1})  # the second machine's losses 10% higher
+    parts = scaling_per_machine(runs[runs["variant"] != "small"], "gelu")
+    assert [p["machine"] for p in parts] == ["laptop", "gpu"]
+    for part, scale in zip(parts, (1.0, 1.1)):
+        machine = part["machine"]
+        assert [r["variant"] for r in part["fits"]] == [f"gelu @ {machine}", f"swiglu @ {machine}"]
+        assert set(part["points"]["variant"]) == {f"gelu @ {machine}", f"swiglu @ {machine}"}
+        assert part["fits"][0]["E"] == pytest.approx(GELU[0] * scale, rel=1e-4)  # not a pooled E
+        assert {m["variant"] for m in part["multipliers"]} == {f"swiglu @ {machine}"}
+        assert all(m["multiplier"] == pytest.approx(1.43, rel=1e-3) for m in part["multipliers"])
+    (alone,) = scaling_per_machine(runs[runs["machine"] == "gpu"], "gelu")  # one machine: names stay
+    assert alone["machine"] == "gpu" and [r["variant"] for r in alone["fits"]] == ["gelu", "swiglu"]
+    assert scaling_per_machine(runs[runs["variant"] == "small"], "gelu") == []
+
+
+def test_the_analysis_does_not_depend_on_the_report():
+    code = "import sys, bench.analysis; assert not [m for m in sys.modules if m.startswith('bench.report')]"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -53,8 +53,8 @@ def test_changing_a_token_never_changes_earlier_outputs(attention, positional, b
     t = 11
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 1) % 50
-    before, _ = model(idx)
-    after, _ = model(changed)
+    before = model(idx).logits
+    after = model(changed).logits
     assert torch.equal(before[:, :t], after[:, :t])
     assert not torch.allclose(before[:, t], after[:, t])  # the change is visible where it should be
 
@@ -144,7 +144,7 @@ def test_window_one_sees_only_itself():
 def test_kv_cache_decoding_gives_the_logits_of_a_full_forward(attention, positional, backend):
     model = model_for(attention, positional, backend)
     idx = torch.randint(0, 50, (2, 20))
-    full, _ = model(idx)
+    full = model(idx).logits
     cache = model.new_cache()
     steps = [model(idx[:, :9], cache=cache)[0]]  # prefill
     steps.append(model(idx[:, 9:12], cache=cache)[0])  # a chunk of 3 after cached keys
@@ -157,7 +157,7 @@ def test_kv_cache_decoding_of_an_moe_model_gives_the_full_forwards_logits():
     # capacity would drop different tokens in a 20-token forward than in a 1-token step: not in eval
     model = build_model(tiny(moe={"name": "topk", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0})).eval()
     idx = torch.randint(0, 50, (2, 20))
-    full, _ = model(idx)
+    full = model(idx).logits
     cache = model.new_cache()
     steps = [model(idx[:, :9], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 20)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ModelConfig, build_model
+from models import ModelConfig, build_model, flops_per_token, param_counts
 from models.accounting import count_params, palm_flops_per_token
 from tests.conftest import tiny
 
@@ -21,7 +21,7 @@ def error_of(**fields) -> str:
 
 
 def test_gpt2_small_has_nanogpts_parameter_count():
-    assert ModelConfig(**GPT2_SMALL).param_counts()["total"] == 124_439_808
+    assert param_counts(ModelConfig(**GPT2_SMALL))["total"] == 124_439_808
 
 
 def test_round_trips_through_dict_and_yaml():
@@ -66,12 +66,13 @@ def test_impossible_values_are_rejected_at_build(fields, expected):
 
 def test_incompatible_pairs_name_both_sides_and_what_would_work():
     message = error_of(positional="alibi", attention={"name": "mha", "backend": {"name": "sdpa", "kernel": "flash"}})
-    assert "attention backend 'sdpa kernel=flash' cannot do bias, needed by positional 'alibi'" in message
+    assert ("attention 'mha' with backend 'sdpa kernel=flash' cannot add the positional encoding's score bias "
+            "(bias), needed by positional 'alibi'") in message
     assert "flash_attn, flex, math, sdpa, xformers" in message
     message = error_of(attention={"name": "window", "window": 8, "backend": {"name": "sdpa", "kernel": "flash"}})
-    assert "cannot do window, needed by attention 'window' with window=8" in message
+    assert "cannot restrict queries to a sliding window (window), needed by attention 'window' (its own options)" in message
     message = error_of(dropout=0.1, attention={"name": "mha", "backend": "flex"})
-    assert "attention backend 'flex compile=True' cannot do dropout, needed by dropout=0.1" in message
+    assert "with backend 'flex compile=True' cannot apply attention dropout (dropout), needed by dropout=0.1" in message
     assert "backends that can do everything this config needs: flash_attn, math, sdpa, xformers" in message
 
 
@@ -88,7 +89,7 @@ def test_incompatible_pairs_name_both_sides_and_what_would_work():
 def test_param_counts_equal_a_direct_count_of_the_built_model(fields):
     config = tiny(**fields)
     model = build_model(config)
-    counts = config.param_counts()
+    counts = param_counts(config)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     tables = model.wte.weight.numel() + sum(p.numel() for p in model.positional.parameters())
     assert counts["non_embedding"] == counts["total"] - tables
@@ -123,15 +124,15 @@ def test_flops_per_token_matches_torchs_flop_counter(fields):
     # the math backend runs the attention matmuls as matmuls the counter sees (full score matrix)
     config = tiny(attention={**tiny(**fields).attention, "backend": "math"},
                   **{k: v for k, v in fields.items() if k != "attention"})
-    predicted = config.flops_per_token(causal=False)
+    predicted = flops_per_token(config, causal=False)
     assert predicted == pytest.approx(measured_training_flops(config), rel=0.02)
 
 
 def test_exact_count_agrees_with_the_palm_formula_for_gpt2_small():
     config = ModelConfig(**GPT2_SMALL)
-    n = config.param_counts()["total"] - config.block_size * config.n_embd  # without position embeddings
+    n = param_counts(config)["total"] - config.block_size * config.n_embd  # without position embeddings
     palm = palm_flops_per_token(n, 12, 12, 64, 1024)
-    exact = config.flops_per_token(causal=False)
+    exact = flops_per_token(config, causal=False)
     # the formula's 6·N also counts biases and norm gains, which are not matmuls: 0.085% here
     assert exact == pytest.approx(palm, rel=1e-3)
     assert exact == 3 * (12 * (2 * 768 * (3 * 768 + 768 + 2 * 3072) + 4 * 768 * 1024) + 2 * 768 * 50257)
@@ -139,8 +140,8 @@ def test_exact_count_agrees_with_the_palm_formula_for_gpt2_small():
 
 def test_causal_counts_only_visible_keys():
     config = tiny(block_size=64)
-    attention_full = config.flops_per_token(causal=False) - config.flops_per_token(causal=True)
+    attention_full = flops_per_token(config, causal=False) - flops_per_token(config, causal=True)
     per_layer_full = 3 * 4 * 32 * 64  # 3 × (2 matmuls × 2 FLOPs) × n_embd × keys
     assert attention_full == pytest.approx(2 * per_layer_full * (1 - 65 / 128))  # mean visible keys (T+1)/2
     windowed = tiny(block_size=64, attention={"name": "window", "window": 8})
-    assert windowed.flops_per_token(causal=True) < config.flops_per_token(causal=True)
+    assert flops_per_token(windowed, causal=True) < flops_per_token(config, causal=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.results import load
-from bench.train import resolve_run
+from bench.config import resolve_run
 from tests.test_runner import ROOT, TINY, write_spec
 
 MARKOV = {"source": "markov", "vocab_size": 16, "n_train_tokens": 20_000, "n_val_tokens": 4096, "doc_len": 256}

@@ -39,7 +39,7 @@ def test_moe_with_one_expert_and_no_capacity_limit_equals_the_dense_mlp():
     moe = build("moe", "topk", config, n_experts=1, top_k=1, capacity_factor=None)
     moe.experts[0].load_state_dict(dense.state_dict())
     x = torch.randn(2, 7, 32)
-    assert torch.equal(moe(x), dense(x))
+    assert torch.equal(moe(x)[0], dense(x))
 
 
 def test_balancing_loss_is_minimal_at_uniform_routing():
@@ -47,20 +47,17 @@ def test_balancing_loss_is_minimal_at_uniform_routing():
     x = torch.randn(1, 64, 32)
     with torch.no_grad():
         moe.router.weight.zero_()  # every expert equally likely
-    moe(x)
-    uniform = moe.stats["balance_loss"].item()
+    uniform = moe(x)[1].stats["balance_loss"].item()
     assert uniform == pytest.approx(1.0)
     for seed in range(5):  # any other router is no better
         torch.manual_seed(seed)
         with torch.no_grad():
             moe.router.weight.normal_(0, 1)
-        moe(x)
-        assert moe.stats["balance_loss"].item() >= uniform - 1e-6
+        assert moe(x)[1].stats["balance_loss"].item() >= uniform - 1e-6
     with torch.no_grad():  # everything to expert 0: the maximum, E
         moe.router.weight.zero_()
         moe.router.weight[0] = 1.0
-    moe(x.abs())
-    assert moe.stats["balance_loss"].item() > 3.0
+    assert moe(x.abs())[1].stats["balance_loss"].item() > 3.0
 
 
 def test_tokens_over_capacity_are_dropped_and_counted():
@@ -69,14 +66,15 @@ def test_tokens_over_capacity_are_dropped_and_counted():
         moe.router.weight.zero_()
         moe.router.weight[2] = 1.0  # every token prefers expert 2
     x = torch.randn(1, 16, 32).abs()
-    out = moe(x)
+    out, aux = moe(x)
     capacity = 4  # ⌈1.0 · 1 · 16 / 4⌉
-    assert moe.stats["tokens_per_expert"].tolist() == [0, 0, 16, 0]
-    assert moe.stats["dropped"].item() == 16 - capacity
+    assert aux.stats["tokens_per_expert"].tolist() == [0, 0, 16, 0]
+    assert aux.stats["dropped"].item() == 16 - capacity
     # the first `capacity` tokens were processed; the dropped ones output zero (residual passes them)
     assert (out[0, capacity:] == 0).all() and (out[0, :capacity] != 0).any()
     moe.eval()  # evaluation is dropless: every token reaches its expert
-    assert (moe(x)[0] != 0).any(-1).all() and moe.stats["dropped"].item() == 0
+    out, aux = moe(x)
+    assert (out[0] != 0).any(-1).all() and aux.stats["dropped"].item() == 0
 
 
 def test_topk_gates_are_renormalised_over_the_chosen_experts():
@@ -85,7 +83,7 @@ def test_topk_gates_are_renormalised_over_the_chosen_experts():
     expected = sum(
         torch.softmax(moe.router(x), -1)[..., e : e + 1] * moe.experts[e](x) for e in range(2)
     )  # with k = E every expert sees every token, gates sum to 1
-    assert torch.allclose(moe(x), expected, atol=1e-6)
+    assert torch.allclose(moe(x)[0], expected, atol=1e-6)
 
 
 def test_first_choices_take_capacity_before_second_choices():
@@ -95,21 +93,20 @@ def test_first_choices_take_capacity_before_second_choices():
         moe.router.weight.zero_()
         moe.router.weight[0, 0], moe.router.weight[1, 0] = 1.0, -1.0
         x[0, :4, 0], x[0, 4:, 0] = 3.0, -3.0  # tokens 0-3 prefer expert 0, tokens 4-7 expert 1
-    out = moe(x)
+    out, aux = moe(x)
     probs = torch.softmax(moe.router(x), -1)
     first = torch.cat([moe.experts[0](x[:, :4]) * probs[:, :4, :1], moe.experts[1](x[:, 4:]) * probs[:, 4:, 1:]], 1)
-    assert moe.stats["dropped"].item() == 8  # every second choice
+    assert aux.stats["dropped"].item() == 8  # every second choice
     assert torch.allclose(out, first, atol=1e-6)
 
 
 def test_gpt_with_moe_adds_aux_losses_and_reports_them():
     model = build_model(tiny(moe={"name": "topk", "n_experts": 4, "top_k": 2}))
     idx = torch.randint(0, 50, (2, 16))
-    _, loss = model(idx, idx)
-    parts = model.loss_parts
-    assert torch.allclose(loss.detach(), parts["lm"] + parts["aux"])
-    stats = model.moe_stats()
-    assert len(stats) == 2 and stats[0]["tokens_per_expert"].sum().item() == 2 * 16 * 2
+    logits, loss, aux = model(idx, idx)
+    lm = torch.nn.functional.cross_entropy(logits.view(-1, 50), idx.view(-1))
+    assert torch.allclose(loss.detach(), lm + sum(a.loss for a in aux))
+    assert len(aux) == 2 and aux[0].stats["tokens_per_expert"].sum().item() == 2 * 16 * 2
     loss.backward()
     assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0  # the router learns
 
@@ -117,4 +114,4 @@ def test_gpt_with_moe_adds_aux_losses_and_reports_them():
 def test_moe_shared_expert_and_any_registered_mlp_as_expert():
     moe = build("moe", "topk", tiny(), n_experts=3, expert={"name": "swiglu", "hidden": 48}, shared_expert=True)
     assert count_params(moe.experts[0]) == 32 * 96 + 96 + 48 * 32 + 32
-    assert moe.shared is not None and moe(torch.randn(1, 4, 32)).shape == (1, 4, 32)
+    assert moe.shared is not None and moe(torch.randn(1, 4, 32))[0].shape == (1, 4, 32)

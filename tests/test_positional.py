@@ -22,8 +22,8 @@ def test_rotated_dot_product_depends_only_on_the_offset(m, n, shift):
     shift = max(shift, -min(m, n))  # positions stay non-negative
 
     def score(i: int, j: int) -> float:
-        qi = rope.rotate(q, torch.tensor([i]))
-        kj = rope.rotate(k, torch.tensor([j]))
+        qi = rope.at(torch.tensor([i])).rotate(q)
+        kj = rope.at(torch.tensor([j])).rotate(k)
         return float((qi * kj).sum())
 
     assert math.isclose(score(m, n), score(m + shift, n + shift), rel_tol=1e-5, abs_tol=1e-5)
@@ -33,8 +33,8 @@ def test_rope_rotation_preserves_norm_and_is_identity_at_zero():
     rope = RotaryPositional(tiny())
     x = torch.randn(2, 4, 10, 8)
     pos = torch.arange(10)
-    assert torch.allclose(rope.rotate(x, pos).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
-    assert torch.allclose(rope.rotate(x[:, :, :1], pos[:1]), x[:, :, :1])
+    assert torch.allclose(rope.at(pos).rotate(x).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(rope.at(pos[:1]).rotate(x[:, :, :1]), x[:, :, :1])
 
 
 def test_alibi_slopes_are_the_papers_geometric_sequence():
@@ -55,3 +55,15 @@ def test_sinusoidal_matches_the_transformer_formula():
     assert math.isclose(pe[pos, 2 * i + 1], math.cos(angle), abs_tol=1e-5)
     scaled = SinusoidalPositional(tiny(n_embd=16)).embed(torch.arange(50))  # default: the token embeddings' 0.02
     assert torch.allclose(scaled, 0.02 * pe)
+
+
+def test_rope_computes_its_rotation_once_per_forward_pass(monkeypatch):
+    from models import build_model
+
+    model = build_model(tiny(positional="rope", n_layer=3)).eval()
+    calls = []
+    original = RotaryPositional.rotation
+    monkeypatch.setattr(RotaryPositional, "rotation", lambda self, pos: calls.append(pos) or original(self, pos))
+    model(torch.randint(0, 50, (1, 8)))
+    assert len(calls) == 1  # not once per layer, and nothing is kept on the module for the next pass
+    assert not any(isinstance(v, torch.Tensor) for v in vars(model.positional).values())

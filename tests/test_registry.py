@@ -100,7 +100,7 @@ def test_the_readme_plugin_example_registers_and_trains(tmp_path, monkeypatch):
     monkeypatch.setitem(_REGISTRY["attention"], "linear", _REGISTRY["attention"]["linear"])  # removed after the test
     model = build_model(tiny(attention="linear"))
     idx = torch.randint(0, 50, (2, 16))
-    logits, loss = model(idx, idx)
+    logits, loss, _ = model(idx, idx)
     loss.backward()
     assert model.blocks[0].attn.c_attn.weight.grad is not None
     changed = idx.clone()

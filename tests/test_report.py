@@ -173,6 +173,41 @@ def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tm
     assert html.count("<td>1.430</td>") == 4  # each machine's multipliers, recovered separately
 
 
+def test_the_report_renders_the_analysis_scaling_summary_as_it_is():
+    """The report only formats ``analysis.scaling_per_machine``: every number it shows is the analysis's."""
+    from bench.analysis import scaling_per_machine
+    from bench.formatting import number
+    from bench.report import _scaling_section
+    from tests.test_analysis import isoflop_grid
+
+    parts = scaling_per_machine(isoflop_grid(), "gelu")
+    shown = _scaling_section(parts)
+    (part,) = parts
+    assert len(shown["figures"]) == 1 and shown["figures"][0].startswith("data:image/png;base64,")
+    params = ("E", "A", "B", "alpha", "beta")
+    for row, fit in zip(shown["fits"], part["fits"], strict=True):
+        assert row == {"variant": fit["variant"], **{k: number(fit[k]) for k in params},
+                       **{f"{k}_ci": f"{number(fit[k + '_ci'][0])} – {number(fit[k + '_ci'][1])}" for k in params},
+                       "a": number(fit["a"], 3), "b": number(fit["b"], 3), "r2": number(fit["r2"], 4),
+                       "max_residual": number(fit["max_residual"], 3), "objective": number(fit["objective"]),
+                       "warnings": []}
+    assert shown["fits"][1]["E"] == "1.6900" and shown["fits"][1]["A"] == "371.7175" and shown["fits"][1]["a"] == "0.452"
+    # the same rows the report showed before the summary moved into the analysis
+    assert shown["multipliers"] == [
+        {"variant": "swiglu", "where": "largest trained budget", "compute": "1e+19", "loss": "2.9857",
+         "multiplier": "1.430", "ci": "1.430 – 1.430", "extrapolated": False},
+        {"variant": "swiglu", "where": "extrapolated to 100× that", "compute": "1e+21", "loss": "2.3289",
+         "multiplier": "1.430", "ci": "1.430 – 1.430", "extrapolated": True}]
+    assert shown["approach2"][0] == {"variant": "gelu", "a": "0.451", "b": "0.549",
+                                     "note": "3 compute budgets; R² of the N_opt line 1.0000, parabolas' R² ≥ 0.9989"}
+    for row, law in zip(shown["compute_law"], part["compute_law"], strict=True):
+        assert row == {"variant": law["variant"], "E": number(law["E"]), "K": number(law["K"]),
+                       "gamma": number(law["gamma"], 3), "r2": number(law["r2"], 4), "points": law["points"],
+                       "range": "1e+17 – 1e+19 FLOPs (outside: extrapolation)",
+                       "max_residual": number(law["max_residual"], 3)}
+    assert _scaling_section([]) is None
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
 def test_the_report_renders_in_headless_chromium_with_no_errors_and_no_requests(study, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")

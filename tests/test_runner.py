@@ -76,7 +76,8 @@ def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
         (("mqa: {model.attention: mqa}", "mqa: {model.attention: mqq}"),
          "spec.yaml:10: variant 'mqa': model.attention: unknown attention 'mqq' (did you mean 'mqa'?)"),
         (("mqa: {model.attention: mqa}", "mqa: {model.positional: alibi, model.attention: {name: mha, backend: {name: sdpa, kernel: flash}}}"),
-         "variant 'mqa': model: attention backend 'sdpa kernel=flash' cannot do bias, needed by positional 'alibi'"),
+         "variant 'mqa': model: attention 'mha' with backend 'sdpa kernel=flash' cannot add the positional "
+         "encoding's score bias (bias), needed by positional 'alibi'"),
         (("seeds: 2", "seeds: two"), "spec.yaml:11: seeds: expected a count (2), a list of seeds ([0, 1, 5]) or {min: 2, max: 8}, got 'two'"),
         (("batch_size: 4", "batch_sise: 4"), "spec.yaml:6: variant 'mha': train.batch_sise: unknown key"),
         (("source: markov", "source: markow"), "spec.yaml:5: variant 'mha': data: Input tag 'markow' found"),
@@ -94,6 +95,8 @@ def test_malformed_yaml_names_the_line_and_exits_2_without_traceback(tmp_path):
          "spec.yaml:6: variant 'mha': train.seq_len: train.seq_len=32 differs from the task's seq_len=64"),
         (("seeds: 2", "seeds: 2\nkernels:\n  mlp: {names: [gelu, gelo]}"),
          "spec.yaml:13: kernels.mlp.names: unknown mlp 'gelo' (did you mean 'gelu'?)"),
+        (("seeds: 2", "seeds: 2\nkernels:\n  attention: {variants: [mha, alibi]}"),
+         "spec.yaml:13: kernels.attention.variants: unknown attention 'alibi'"),
     ],
 )
 def test_each_bad_spec_names_file_line_and_key(tmp_path, change, expected):
@@ -367,11 +370,49 @@ def test_two_runners_on_one_folder_share_the_work_without_corrupting_it(tmp_path
     assert len(metrics) == 4 * 15 and not metrics.duplicated(["run_id", "step"]).any()
 
 
+NO_NETWORK = """\
+import socket
+
+def _refuse(*args, **kwargs):
+    raise OSError("the network is off in this test")
+
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = _refuse
+"""
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory) -> tuple[dict, Path]:
+    """Environment for a process with no network and an empty data cache (hardware peaks, measured once
+    by the first dry run, are shared: they are not data)."""
+    root = tmp_path_factory.mktemp("offline")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(NO_NETWORK)
+    env = {"ARCHBENCH_CACHE": str(root / "cache"), "TIKTOKEN_CACHE_DIR": str(root / "tiktoken"),
+           "PYTHONPATH": f"{root / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return env, root
+
+
 @pytest.mark.parametrize("spec", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_every_shipped_spec_passes_dry_run(spec, tmp_path):
-    result = run_cli(str(spec), "--dry-run", "--out", str(tmp_path / "out"))
+def test_every_shipped_spec_passes_dry_run_offline_with_an_empty_cache(spec, tmp_path, offline):
+    """A dry run plans from the specs alone: no download, no tokenizing, no data in the cache."""
+    env, root = offline
+    result = run_cli(str(spec), "--dry-run", "--out", str(tmp_path / "out"), env=env)
     assert result.returncode == 0, result.stderr
-    assert "nothing was trained" in result.stdout
+    assert "nothing was trained or downloaded" in result.stdout
+    written = {p.relative_to(root).parts[:2] for p in root.rglob("*") if p.is_file()}
+    assert written <= {("site", "sitecustomize.py"), ("cache", "hardware")}  # no data, tokens, tokenizers
+    if "source: shakespeare" in spec.read_text():
+        assert "preparing the data will download tiny Shakespeare" in result.stdout
+        assert "vocab_size: determined when the data is prepared" in result.stdout
+        assert "after data" in result.stdout
+
+
+def test_the_network_is_really_off_in_the_dry_run_test(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(NO_NETWORK)
+    code = "import urllib.request; urllib.request.urlopen('http://example.com', timeout=5)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0 and "the network is off in this test" in result.stderr
 
 
 def test_the_default_ablation_is_shipped():
@@ -387,7 +428,8 @@ def test_the_readmes_example_spec_is_valid(tmp_path):
 
 
 def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, capsys):
-    kernels = ("kernels:\n  attention: {backends: [math, sdpa, flash_attn], seq_lens: [32], batch: 1, n_head: 2, head_dim: 8}\n"
+    kernels = ("kernels:\n  attention: {variants: [mha], backends: [math, sdpa, flash_attn], seq_lens: [32], batch: 1, "
+               "n_head: 2, head_dim: 8}\n"
                "  min_time: 0.01\n")
     spec = write_spec(tmp_path, TINY + kernels, steps=2)
     out = tmp_path / "out"
@@ -409,3 +451,99 @@ def test_a_claim_whose_pid_was_reused_is_abandoned():
     # a claim heard from last a day ago cannot belong to a process that started minutes ago
     assert not _owner_alive(me, time.time() - 86400)
     assert not _owner_alive("elsewhere:1", time.time() - 3600) and _owner_alive("elsewhere:1", time.time())
+
+
+TANH_MLP = '''\
+from torch import nn
+
+from models import register
+
+
+@register("mlp", "tanh")
+class TanhMLP(nn.Module):
+    """Linear, tanh, linear."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.c_fc(x).tanh())
+'''
+
+
+def test_editing_a_plugin_gives_the_runs_that_use_it_new_ids(tmp_path, monkeypatch):
+    from models.registry import _REGISTRY
+
+    (tmp_path / "tanh_mlp.py").write_text(TANH_MLP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(_REGISTRY["mlp"], "tanh", None)  # restored (removed) after the test
+    del _REGISTRY["mlp"]["tanh"]
+    spec = write_spec(tmp_path, TINY.replace("  mqa: {model.attention: mqa}", "  tanh: {model.mlp: tanh}")
+                      + "plugins: [tanh_mlp]\n")
+
+    def ids() -> dict[tuple[str, int], str]:
+        plan = expand(*load_spec(spec, []))
+        return {(r.variant, r.seed): r.run_id for r in plan.runs}
+
+    before = ids()
+    plan = expand(*load_spec(spec, []))
+    tanh = next(r for r in plan.runs if r.variant == "tanh")
+    assert list(tanh.config.plugins) == ["tanh_mlp"] and len(tanh.config.plugins["tanh_mlp"]) == 64
+    assert next(r for r in plan.runs if r.variant == "mha").config.plugins == {}  # the baseline uses no plugin
+    assert ids() == before  # the same code: the same runs, found again
+    (tmp_path / "tanh_mlp.py").write_text(TANH_MLP.replace("Linear, tanh, linear.", "Linear, tanh, linear (edited)."))
+    after = ids()
+    assert after[("mha", 0)] == before[("mha", 0)] and after[("mha", 1)] == before[("mha", 1)]
+    assert after[("tanh", 0)] != before[("tanh", 0)] and after[("tanh", 1)] != before[("tanh", 1)]
+
+
+def test_a_run_refuses_a_plugin_edited_since_it_was_planned(tmp_path, monkeypatch):
+    from bench.config import RunConfig
+    from models import ComponentError, load_plugins
+    from models.registry import _REGISTRY
+
+    (tmp_path / "tanh_mlp2.py").write_text(TANH_MLP.replace('"tanh"', '"tanh2"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(_REGISTRY["mlp"], "tanh2", None)
+    del _REGISTRY["mlp"]["tanh2"]
+    spec = write_spec(tmp_path, TINY.replace("  mqa: {model.attention: mqa}", "  tanh: {model.mlp: tanh2}")
+                      + "plugins: [tanh_mlp2]\n")
+    run = next(r for r in expand(*load_spec(spec, [])).runs if r.variant == "tanh")
+    saved = run.config.model_dump_json()  # what a torchrun worker reads from run.json
+    assert RunConfig.model_validate_json(saved) == run.config
+    (tmp_path / "tanh_mlp2.py").write_text(TANH_MLP.replace('"tanh"', '"tanh2"') + "# edited\n")
+    with pytest.raises(ValueError, match="plugin 'tanh_mlp2' changed since this run was planned"):
+        RunConfig.model_validate_json(saved)
+    with pytest.raises(ComponentError, match="changed since this run was planned"):  # as an executor loads it
+        load_plugins(run.config.plugins)
+
+
+def test_a_plugin_attention_that_cannot_rotate_is_refused_with_the_spec_line(tmp_path, monkeypatch):
+    from models.registry import _REGISTRY
+
+    (tmp_path / "linear_attention.py").write_text(textwrap.dedent('''\
+        from torch import nn
+        from models import register
+
+        @register("attention", "linear_plugin")
+        class LinearAttention(nn.Module):
+            """Uses no positions."""
+            handles = staticmethod(lambda config, options: frozenset())
+
+            def __init__(self, config):
+                super().__init__()
+                self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+            def forward(self, x, positional, pos, cache=None):
+                return self.c_proj(x)
+        '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(_REGISTRY["attention"], "linear_plugin", None)
+    del _REGISTRY["attention"]["linear_plugin"]
+    text = TINY.replace("  mqa: {model.attention: mqa}", "  linear: {model.attention: linear_plugin, model.positional: rope}")
+    message = spec_error(tmp_path, text + "plugins: [linear_attention]\n")
+    assert "spec.yaml" in message and "variant 'linear'" in message
+    assert "attention 'linear_plugin' does not rotate q and k by the positional encoding (rotate), needed by " \
+           "positional 'rope'" in message

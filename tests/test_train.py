@@ -10,7 +10,9 @@ import torch
 
 import bench.train
 from bench.schedules import learning_rate
-from bench.train import RunConfig, TrainConfig, evaluate, resolve_run, train
+from bench.config import RunConfig, TrainConfig, resolve_run
+from bench.train import evaluate, train
+from models import flops_per_token
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32)
 INDUCTION = {"source": "task", "task": "induction", "vocab_size": 32, "seq_len": 32, "n_train": 4000, "n_test": 256}
@@ -104,6 +106,21 @@ def test_per_step_metrics_are_written(tmp_path):
     assert 0 < result["mfu"] < 1 and result["tokens_per_s"] > 0 and result["dtype"] == "float32"
 
 
+def test_moe_statistics_count_every_micro_batch(tmp_path):
+    moe = {**TINY, "moe": {"name": "topk", "n_experts": 4, "top_k": 2, "capacity_factor": None}}
+    whole = resolve_run(moe, MARKOV, fp32(steps=2, batch_size=8, seq_len=32, eval_every=2))
+    split = resolve_run(moe, MARKOV, fp32(steps=2, batch_size=8, micro_batch_size=2, seq_len=32, eval_every=2))
+    train(whole, tmp_path / "whole")
+    train(split, tmp_path / "split")
+    first, quarters = curve(tmp_path / "whole")[0], curve(tmp_path / "split")[0]
+    # every token of the step's 8 sequences is routed to top_k experts in each of the 2 layers
+    assert first["moe_assignments"] == quarters["moe_assignments"] == [8 * 32 * 2] * 2
+    # the first step starts from the same weights: the same routing, however the batch is split
+    for a, b in zip(first["moe_expert_fractions"], quarters["moe_expert_fractions"]):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert quarters["moe_aux_loss"] == pytest.approx(first["moe_aux_loss"], rel=0.05)
+
+
 def test_text_runs_report_bits_per_byte(tmp_path):
     run = resolve_run(TINY, {"source": "stdlib", "max_bytes": 100_000, "tokenizer": "bpe", "vocab_size": 300},
                       fp32(steps=3, batch_size=2, seq_len=32, eval_batches=2, eval_lengths=[64]))
@@ -127,11 +144,11 @@ def test_bits_per_byte_divides_total_nats_by_total_bytes():
 
 
 def test_budgets_in_tokens_and_flops_become_steps():
-    from bench.train import budget_steps
+    from bench.config import budget_steps
 
     run = resolve_run(TINY, MARKOV, fp32(tokens=1000, batch_size=4, seq_len=32))
     assert budget_steps(run) == math.ceil(1000 / 128)
-    flops = run.model.flops_per_token(seq_len=32) * 128 * 5
+    flops = flops_per_token(run.model, seq_len=32) * 128 * 5
     assert budget_steps(resolve_run(TINY, MARKOV, fp32(flops=flops, batch_size=4, seq_len=32))) == 5
     assert budget_steps(resolve_run(TINY, MARKOV, fp32(seconds=3.0, batch_size=4, seq_len=32))) is None
     with pytest.raises(ValueError, match="give one budget, not steps and tokens"):

@@ -68,6 +68,26 @@ class _Text(Source):
     def corpus(self) -> Corpus:
         raise NotImplementedError
 
+    def known_vocab_size(self) -> int | None:
+        if self.tokenizer == "byte":
+            return 256
+        if self.tokenizer == "bpe" and self.vocab_size:
+            return self.vocab_size
+        return None  # char: the corpus's characters; a named encoding: its files; the default BPE
+
+    def preparation(self) -> list[str]:
+        steps = self.corpus_preparation()
+        size = "" if self.known_vocab_size() else ": the vocabulary size is determined then"
+        if self.tokenizer == "bpe":
+            steps.append(f"train a {self.vocab_size or 1024}-token BPE on the corpus with rustbpe (cached)")
+        elif self.tokenizer not in ("char", "byte"):
+            steps.append(f"load tiktoken's '{self.tokenizer}' vocabulary files (downloaded unless in tiktoken's cache)")
+        return [*steps, f"tokenize the corpus with '{self.tokenizer}' (cached after the first time){size}"]
+
+    def corpus_preparation(self) -> list[str]:
+        """Downloads the corpus needs, in words (none for local corpora)."""
+        return []
+
     def identity(self) -> dict[str, Any]:
         corpus = self.corpus()
         return {**super().identity(), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes}
@@ -104,6 +124,11 @@ class ShakespeareConfig(_Text):
     def corpus(self) -> Corpus:
         return corpora.shakespeare_corpus()
 
+    def corpus_preparation(self) -> list[str]:
+        target = corpora.shakespeare_path()
+        return [] if target.exists() else [f"download tiny Shakespeare (1.1 MB) from {corpora.SHAKESPEARE_URL} "
+                                           f"into {target}"]
+
 
 class HFConfig(_Text):
     source: Literal["hf"] = "hf"
@@ -115,6 +140,9 @@ class HFConfig(_Text):
 
     def corpus(self) -> Corpus:
         return corpora.hf_corpus(self.name, self.config, self.split, self.field, self.max_bytes)
+
+    def corpus_preparation(self) -> list[str]:
+        return [f"stream up to {self.max_bytes:,} bytes of Hugging Face dataset '{self.name}'"]
 
 
 class BinConfig(Source):

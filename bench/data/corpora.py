@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.paths import atomic_write_bytes, cache_dir
+from bench.paths import atomic_write_bytes, cache_path
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -75,9 +75,15 @@ def file_corpus(path: str | Path, pattern: str = "**/*.txt") -> Corpus:
     return Corpus.of(path.name, "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files))
 
 
+def shakespeare_path() -> Path:
+    """Where tiny Shakespeare is cached (and where to put a copy offline)."""
+    return cache_path("data", "tinyshakespeare", "input.txt")
+
+
 def shakespeare_corpus(timeout: float = 10.0) -> Corpus:
     """Tiny Shakespeare (1,115,394 bytes), from the cache or downloaded once and checked."""
-    target = cache_dir("data", "tinyshakespeare") / "input.txt"
+    target = shakespeare_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         try:
             with urllib.request.urlopen(SHAKESPEARE_URL, timeout=timeout) as response:

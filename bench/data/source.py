@@ -16,6 +16,15 @@ class Source(BaseModel):
     def load(self) -> Dataset:
         raise NotImplementedError
 
+    def known_vocab_size(self) -> int | None:
+        """The vocabulary size, when the settings state it (no reading, downloading or tokenizing)."""
+        return getattr(self, "vocab_size", None)
+
+    def preparation(self) -> list[str]:
+        """What loading this data will do beyond reading settings (downloads, tokenizing), in words;
+        empty when it is generated or read locally at no notable cost."""
+        return []
+
     def identity(self) -> dict[str, Any]:
         """What identifies this data in a run's hash: the settings, the code version, the content hash."""
         return {**self.model_dump(), "data_version": self.version}

@@ -4,64 +4,29 @@
     rows = run_kernels(KernelSpec(attention={"seq_lens": [256, 512]}))
 
 Also ``python -m bench.kernels`` (a terminal table) and a spec's ``kernels:`` section (stored by the
-runner in the results database).
+runner in the results database). Importing this package does not import torch (a spec parse imports
+``bench.kernels.config``): ``run_kernels`` and ``SECTIONS`` load ``bench.kernels.timer`` when first used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-import torch
-
-from bench import hardware
-from bench.kernels import cases
 from bench.kernels.config import KernelSpec
-from bench.timing import cuda_settings
 
-SECTIONS: dict[str, Callable] = {
-    "attention": cases.attention_rows,
-    "decode": cases.decode_rows,
-    "mlp": cases.mlp_rows,
-    "norm": cases.norm_rows,
-    "moe": cases.moe_rows,
-    "quantization": cases.quantization_rows,
-}
+_LAZY = {"run_kernels", "SECTIONS"}
 
 
-def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Time every section the spec names; each row carries this machine's label."""
-    device = hardware.resolve_device(spec.device)
-    dtype = cases.machine_dtype(spec.dtype, device)
-    previous_threads = torch.get_num_threads()
-    if spec.threads and device.type == "cpu":
-        torch.set_num_threads(spec.threads)
-    try:
-        ctx = cases.Context(device, dtype, spec.min_time, spec.noisy_threshold)
-        machine = hardware.machine_label()
-        rows = []
-        with cuda_settings(allow_tf32=False), _compile_every_shape():
-            for section, measure in SECTIONS.items():
-                config = getattr(spec, section)
-                if config is None:
-                    continue
-                for row in measure(config, ctx):
-                    row["machine"] = machine
-                    rows.append(row)
-                    if on_row:
-                        on_row(row)
-        return rows
-    finally:
-        torch.set_num_threads(previous_threads)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from bench.kernels import timer
+
+        return getattr(timer, name)
+    raise AttributeError(f"module 'bench.kernels' has no attribute {name!r}")
 
 
-def _compile_every_shape():
-    """A sweep compiles FlexAttention once per shape and mask; past torch's default of 8 recompiles
-    dynamo would silently fall back to the unfused kernel and time that instead."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-    return config.patch({name: 1024})
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["KernelSpec", "run_kernels"]
+__all__ = ["SECTIONS", "KernelSpec", "run_kernels"]

@@ -1,11 +1,14 @@
 """`python -m bench.kernels`: time components as kernels here and print a table.
 
-With no flags: the attention backends (math, sdpa, flex, flash-attn, xformers) on causal MHA at
-sequence lengths 128, 256 and 512, forward — under a minute on a 2-core CPU. Backends that cannot
-run here are listed with the reason.
+With no flags: every registered attention (plugins included) with every registered backend it can
+take, causal, at sequence lengths 128, 256 and 512, forward. Backends that cannot run here, or cannot
+do what a variant needs, are listed with the reason. A variant is a registered attention name or a
+YAML mapping of one with options, and may name its positional encoding (default: none; decode: rope).
 
-    python -m bench.kernels --component attention --variants mha gqa window --directions forward backward
+    python -m bench.kernels --variants mha --backends math sdpa flex
+    python -m bench.kernels --variants mha gqa window '{name: mha, positional: alibi}' --directions forward backward
     python -m bench.kernels --component decode mlp norm moe quantization
+    python -m bench.kernels --component mlp norm --names swiglu rmsnorm
     python -m bench.kernels --seq-lens 1024 2048 --device cuda --out results/kernels   # also store the rows
 """
 
@@ -14,27 +17,32 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from bench import hardware
-from bench.kernels import SECTIONS, KernelSpec, run_kernels
+from bench.kernels.config import SECTION_NAMES, KernelSpec
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--component", nargs="+", choices=list(SECTIONS), default=["attention"])
+    p.add_argument("--component", nargs="+", choices=list(SECTION_NAMES), default=["attention"])
     p.add_argument("--backends", nargs="+", help="attention backends (default: all registered)")
-    p.add_argument("--variants", nargs="+", help="attention: mha gqa mqa window alibi; decode: mha gqa mqa window")
+    p.add_argument("--variants", nargs="+", type=_component_spec,
+                   help="attention and decode: registered attention names or YAML mappings "
+                        "('{name: gqa, n_kv_head: 4}', '{name: mha, positional: alibi}'); default: all registered")
+    p.add_argument("--positional", type=_component_spec, help="positional encoding of variants that name none")
+    p.add_argument("--names", nargs="+", help="mlp and norm: registered names (default: all registered)")
     p.add_argument("--seq-lens", nargs="+", type=int, help="attention sequence lengths")
     p.add_argument("--batch", type=int)
     p.add_argument("--heads", type=int, help="query heads")
-    p.add_argument("--kv-heads", type=int, help="key/value heads for gqa")
+    p.add_argument("--kv-heads", type=int, help="key/value heads of variants that require n_kv_head (gqa)")
     p.add_argument("--head-dim", type=int)
-    p.add_argument("--window", type=int)
+    p.add_argument("--window", type=int, help="window of variants that require one")
     p.add_argument("--directions", nargs="+", choices=["forward", "backward", "forward_backward"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -44,25 +52,44 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _component_spec(text: str):
+    """A registered name, or a YAML mapping of one with options."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not a YAML mapping: {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a YAML mapping: {text!r}")
+    return value
+
+
+def _given(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def spec_from_args(args) -> KernelSpec:
-    attention = {k: v for k, v in {
-        "backends": args.backends, "variants": args.variants, "seq_lens": args.seq_lens, "batch": args.batch,
-        "n_head": args.heads, "n_kv_head": args.kv_heads, "head_dim": args.head_dim, "window": args.window,
-        "directions": args.directions}.items() if v is not None}
+    members = _given(variants=args.variants, positional=args.positional, n_kv_head=args.kv_heads, window=args.window)
     sections = {}
     for component in args.component:
         if component == "attention":
-            sections["attention"] = attention
+            sections["attention"] = {**members, **_given(
+                backends=args.backends, seq_lens=args.seq_lens, batch=args.batch, n_head=args.heads,
+                head_dim=args.head_dim, directions=args.directions)}
         elif component == "decode":
-            sections["decode"] = {k: v for k, v in {"variants": args.variants, "batch": args.batch}.items()
-                                  if v is not None and not (k == "variants" and "alibi" in v)}
+            sections["decode"] = {**members, **_given(batch=args.batch)}
+        elif component in ("mlp", "norm"):
+            sections[component] = _given(names=args.names, directions=args.directions)
+        elif component == "moe":
+            sections[component] = _given(directions=args.directions)
         else:
-            sections[component] = {"directions": args.directions} if args.directions and component != "quantization" else {}
+            sections[component] = {}
     return KernelSpec(**sections, dtype=args.dtype, device=args.device, threads=args.threads, min_time=args.min_time)
 
 
 def _shape(row: dict) -> str:
-    keys = ("batch", "n_head", "n_kv_head", "seq_len", "head_dim", "window", "tokens", "n_embd", "dim",
+    keys = ("batch", "n_head", "n_kv_head", "seq_len", "head_dim", "window", "positional", "tokens", "n_embd", "dim",
             "in_features", "out_features", "prompt", "new_tokens")
     return " ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None)
 
@@ -95,6 +122,8 @@ def main(argv=None) -> int:
     except ValidationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from bench.kernels.timer import run_kernels  # imports torch
+
     rows = run_kernels(spec)
     console.print(render(rows))
     if args.out:

@@ -2,34 +2,41 @@
 
 Every function returns rows (dicts): what was run (component, name, backend, direction, shape,
 dtype, device), its status (ok, mismatch, unavailable, unsupported, failed, oom) with a reason, and
-for timed rows the median and IQR latency, achieved FLOP/s (attention counted as FlashAttention's
-benchmarks count it), bytes/s for memory-bound ops, the fractions of this machine's measured peaks,
-and peak memory. A row that cannot be timed says why; the sweep goes on.
+for timed rows the median and IQR latency, achieved FLOP/s (matmuls as ``models.accounting`` counts
+them; attention's q·kᵀ and probs·v as FlashAttention's benchmarks count them), bytes/s for
+memory-bound ops, the fractions of this machine's measured peaks, and peak memory. A row that cannot
+be timed says why; the sweep goes on.
+
+Which components are timed comes from the registry (plugins included), what each needs of an
+attention backend from the component contract (``models.contract``), and the reference every
+candidate is checked against is the same module run in fp32 — with the ``math`` backend, for an
+attention that takes a backend.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from bench import hardware
 from bench.kernels.config import (
     AttentionKernels, DecodeKernels, Direction, MLPKernels, MoEKernels, NormKernels, QuantizationKernels,
+    split_variant, variant_label, with_required,
 )
 from bench.timing import max_error, time_interleaved, tolerance
-from models import ModelConfig, build, build_model, quantize
-from models.accounting import ATTENTION_BACKWARD, attention_flops, matmul_flops_per_token
-from models.attention import visible_keys
-from models.attention_backends import Mask
-from models.positional import alibi_slopes
-from models.registry import ComponentError, get
+from models import ModelConfig, build_model, quantize
+from models.accounting import ATTENTION_BACKWARD, matmul_flops_per_token
+from models.config import attention_features, missing_features
+from models.contract import FEATURES
+from models.registry import Component, ComponentError, build_spec, get, list_components, resolve
 
 Row = dict
 
@@ -39,9 +46,16 @@ class Context:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, min_time: float, noisy_threshold: float):
         self.device, self.dtype, self.min_time, self.noisy = device, dtype, min_time, noisy_threshold
-        self.peak_flops = hardware.peak_matmul_flops(device, dtype)
-        self.peak_bandwidth = hardware.peak_copy_bandwidth(device)
         self.cache = "cold (L2 flushed)" if device.type == "cuda" else "warm"
+
+    @functools.cached_property
+    def peak_flops(self) -> float:
+        """This machine's measured matmul FLOP/s in the dtype (measured once per machine, when first needed)."""
+        return hardware.peak_matmul_flops(self.device, self.dtype)
+
+    @functools.cached_property
+    def peak_bandwidth(self) -> float:
+        return hardware.peak_copy_bandwidth(self.device)
 
     def base(self, **fields) -> Row:
         return {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
@@ -108,6 +122,12 @@ def _gate(got, expected, dtype: torch.dtype) -> tuple[bool, float]:
     return error <= tolerance(dtype) * scale, error
 
 
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor, retain_graph: bool = False) -> list:
+    """Gradients of out·grad with respect to inputs; zeros for an input the output does not use."""
+    found = torch.autograd.grad(out, inputs, grad, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(found, inputs)]
+
+
 def _directions(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor,
                 direction: Direction) -> Callable:
     """The callable to time for a direction; backward alone re-runs one retained graph."""
@@ -119,15 +139,101 @@ def _directions(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor],
         return no_grad_forward
     if direction == "backward":
         out = forward()
-        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
-    return lambda: torch.autograd.grad(forward(), inputs, grad)
+        return lambda: _grads(out, inputs, grad, retain_graph=True)
+    return lambda: _grads(forward(), inputs, grad)
+
+
+def _trainable(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _initialise(module: nn.Module) -> nn.Module:
+    """Set raw parameters as the GPT would: each module that owns some and has ``reset_parameters()``
+    (the contract) resets them; linear and embedding layers keep their constructed values."""
+    for m in module.modules():
+        if not isinstance(m, nn.Linear | nn.Embedding) and hasattr(m, "reset_parameters") \
+                and any(True for _ in m.parameters(recurse=False)):
+            m.reset_parameters()
+    return module
 
 
 def _flops_factor(direction: Direction, backward: float) -> float:
     return {"forward": 1.0, "backward": backward, "forward_backward": 1.0 + backward}[direction]
 
 
-# -- attention ------------------------------------------------------------------------------------
+
+
+# -- attention: which variants, what they need -------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """An attention variant resolved against the registry: its spec, with the options it requires
+    filled from the section's settings, and the positional encoding it runs with."""
+
+    label: str
+    attention: dict  # resolved
+    positional: dict  # resolved
+    component: Component
+    backend: dict | None = None  # the backend the variant names itself: then only that one is timed
+
+    @property
+    def takes_backend(self) -> bool:
+        """Whether the attention delegates to a kernel of the attention_backend family (an option of it)."""
+        option = self.component.options.get("backend")
+        return option is not None and option.family == "attention_backend"
+
+    @property
+    def name(self) -> str:
+        return self.attention["name"]
+
+
+def _variants(cfg: AttentionKernels | DecodeKernels) -> list[tuple[str, Variant | Exception]]:
+    """(row name, variant or why it does not resolve) for each listed variant, or every registered attention."""
+    specs = cfg.variants if cfg.variants is not None else list_components("attention")
+    found: list[tuple[str, Variant | Exception]] = []
+    for spec in specs:
+        label = variant_label(spec)
+        try:
+            attention, positional = split_variant(spec)
+            names_backend = isinstance(attention, Mapping) and "backend" in attention
+            attention = resolve("attention", with_required("attention", attention, cfg.required_fills()))
+            positional = resolve("positional", cfg.positional if positional is None else positional)
+            variant = Variant(label, attention, positional, get("attention", attention["name"]))
+            if names_backend and variant.takes_backend:
+                variant.backend = attention["backend"]
+            found.append((label, variant))
+        except Exception as e:  # noqa: BLE001 - an unknown name or option: a row, and the sweep goes on
+            found.append((label, e))
+    return found
+
+
+def _unchecked_config(attention: dict, positional: dict, **sizes) -> ModelConfig:
+    """A model config around one attention and positional encoding: every component resolved, the
+    combination not yet checked, so that what is missing is asked of the contract and becomes a row."""
+    defaults = {family: resolve(family, ModelConfig.model_fields[family].default) for family in ("norm", "mlp")}
+    return ModelConfig.model_construct(**sizes, dropout=0.0, bias=False, attention=attention, positional=positional,
+                                       moe=None, quantization=None, **defaults)
+
+
+def _missing(config: ModelConfig) -> str | None:
+    """The first attention feature (models.contract.FEATURES) the config needs that its attention,
+    with its backend, does not handle (the contract's requires and handles hooks), or None."""
+    missing = missing_features(config)
+    feature = next(iter(missing), None)
+    return f"cannot {FEATURES[feature]} ({feature}), needed by {missing[feature]}" if feature else None
+
+
+def _checked(config: ModelConfig) -> ModelConfig:
+    """The config validated whole: every component's check hook (e.g. n_kv_head must divide n_head)."""
+    return ModelConfig.model_validate(config.model_dump())
+
+
+def _spec_label(family: str, spec: dict) -> str:
+    """A backend's row label: its name, and the options it sets away from their defaults."""
+    defaults = resolve(family, spec["name"])
+    changed = {k: v for k, v in spec.items() if k != "name" and defaults.get(k) != v}
+    return spec["name"] + (f"({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
 
 
 def _backend_choices(names: list[str], device: torch.device) -> list[tuple[str, dict]]:
@@ -143,138 +249,222 @@ def _backend_choices(names: list[str], device: torch.device) -> list[tuple[str, 
     return choices
 
 
+def _attention_flops(module: nn.Module, seq_len: int) -> tuple[float, float]:
+    """Forward FLOPs per token (causal): all matmuls (models.accounting), and of those the attention
+    core (q·kᵀ and probs·v, declared by extra_flops_per_token), whose backward costs 2.5 forwards."""
+    total = matmul_flops_per_token(module, seq_len, causal=True)
+    core = sum(m.extra_flops_per_token(seq_len, True) for m in module.modules() if hasattr(m, "extra_flops_per_token"))
+    return total, min(core, total)
+
+
+@dataclass
+class _Candidate:
+    module: nn.Module | None = None
+    note: str | None = None  # a caveat on this machine: forward only on CPU
+    status: dict = field(default_factory=dict)  # a row that says why it cannot be timed
+    error: Exception | None = None
+
+
+def _candidate(variant: Variant, backend: dict | None, label: str, sizes: dict, reference: nn.Module,
+               ctx: Context) -> _Candidate:
+    """The module to time with one backend, its weights the reference's; or why there is none."""
+    if backend is None:  # an attention without a backend option is timed as itself
+        return _Candidate(copy.deepcopy(reference).to(ctx.dtype))
+    try:
+        component = get("attention_backend", backend["name"])
+    except ComponentError as e:
+        return _Candidate(status={"status": "unavailable", "reason": str(e)})
+    limitation = getattr(component.factory, "device_limitation", None)
+    reason = component.unavailable_reason() or (limitation(backend, ctx.device) if limitation else None)
+    if reason:
+        return _Candidate(status={"status": "unavailable", "reason": reason})
+    try:
+        config = _unchecked_config({**variant.attention, "backend": resolve("attention_backend", backend)},
+                                   variant.positional, **sizes)
+        missing = _missing(config)
+        if missing:
+            return _Candidate(status={"status": "unsupported", "reason": f"{label} {missing}"})
+        config = _checked(config)
+        module = build_spec("attention", config.attention, config)
+        module.load_state_dict(reference.state_dict())
+        return _Candidate(module.to(ctx.device, ctx.dtype).eval(), component.limitation())
+    except Exception as e:  # noqa: BLE001 - a shape or option the backend rejects: a row
+        return _Candidate(error=e)
+
+
 def attention_rows(cfg: AttentionKernels, ctx: Context) -> list[Row]:
     rows = []
-    H, D, B = cfg.n_head, cfg.head_dim, cfg.batch
+    names = cfg.backends if cfg.backends is not None else list_components("attention_backend")
+    variants = _variants(cfg)
     for n in cfg.seq_lens:
-        for variant in cfg.variants:
-            n_kv = {"gqa": cfg.n_kv_head, "mqa": 1}.get(variant, H)
-            window = cfg.window if variant == "window" else None
-            needs = {"window"} if window else ({"bias"} if variant == "alibi" else set())
-            shape = {"batch": B, "n_head": H, "n_kv_head": n_kv, "seq_len": n, "head_dim": D, "window": window}
-            try:
-                gen = torch.Generator(device="cpu").manual_seed(n)
-                q, k, v = (torch.randn(B, h, n, D, generator=gen).to(ctx.device, ctx.dtype).requires_grad_()
-                           for h in (H, n_kv, n_kv))
-                grad = torch.randn(B, H, n, D, generator=gen).to(ctx.device, ctx.dtype)
-                slopes = alibi_slopes(H).to(ctx.device) if variant == "alibi" else None
-                pos = torch.arange(n, device=ctx.device)
-                mask = Mask(pos, pos, window, slopes)  # causal over one sequence of n tokens
-                reference = build("attention_backend", "math")  # in fp32: the reference for every dtype
-                ref32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-                ref_out = reference(*ref32, mask)
-                ref_grads = torch.autograd.grad(ref_out, ref32, grad.float())
-            except Exception as e:  # noqa: BLE001 - a shape the reference cannot take, OOM: rows, not crashes
-                rows += [_failure(ctx.base(component="attention", name=variant, backend=label, direction=direction,
-                                           **shape), e)
-                         for direction in cfg.directions for label, _ in _backend_choices(cfg.backends, ctx.device)]
+        for label, variant in variants:
+            if isinstance(variant, Exception):
+                rows += [_failure(ctx.base(component="attention", name=label, backend="-", direction=d,
+                                           batch=cfg.batch, n_head=cfg.n_head, seq_len=n, head_dim=cfg.head_dim), variant)
+                         for d in cfg.directions]
                 continue
-            fwd_flops = attention_flops(B, H, n, visible_keys(n, window, causal=True), D, D)
-            for direction in cfg.directions:
-                candidates, pending = {}, {}
-                for label, spec in _backend_choices(cfg.backends, ctx.device):
-                    row = ctx.base(component="attention", name=variant, backend=label, direction=direction, **shape)
-                    try:
-                        component = get("attention_backend", spec["name"])
-                    except ComponentError as e:
-                        rows.append({**row, "status": "unavailable", "reason": str(e)})
-                        continue
-                    reason = component.unavailable_reason()
-                    if reason is None and direction != "forward" and ctx.device.type == "cpu" and component.limitation():
-                        reason = component.limitation()
-                    if reason:
-                        rows.append({**row, "status": "unavailable", "reason": reason})
-                        continue
-                    missing = needs - set(component.factory.capabilities(spec))
-                    if missing:
-                        rows.append({**row, "status": "unsupported", "reason": f"{label} cannot do {', '.join(missing)}"})
-                        continue
-                    try:
-                        kernel = component.build(**{k: v for k, v in spec.items() if k != "name"})
-                        # forward alone is inference: inputs without grad (FlexAttention on CPU insists)
-                        args = [t.detach() for t in (q, k, v)] if direction == "forward" else [q, k, v]
-                        if direction == "forward":
-                            with torch.no_grad():
-                                got = kernel(*args, mask)
-                        else:
-                            got = torch.autograd.grad(kernel(*args, mask), args, grad)
-                        ok, error = _gate(got, ref_out if direction == "forward" else ref_grads, ctx.dtype)
-                        row["max_error"] = error
-                        row["kernel"] = getattr(kernel, "ran", None) or getattr(kernel, "name", label)
-                        if not ok:
-                            rows.append({**row, "status": "mismatch", "reason": f"max error {error:.3g} against math"})
-                            continue
-                        forward = (lambda kernel=kernel, args=args: kernel(*args, mask))
-                        fn = _directions(forward, args, grad, direction)
-                        row["peak_memory_bytes"], row["peak_memory_method"] = peak_memory(fn, ctx.device)
-                    except Exception as e:  # noqa: BLE001 - unsupported shapes, OOM: rows, not crashes
-                        rows.append(_failure(row, e))
-                        continue
-                    candidates[label], pending[label] = fn, row
-                if candidates:
-                    timings = ctx.time(candidates)
-                    flops = fwd_flops * _flops_factor(direction, ATTENTION_BACKWARD)
-                    rows += [ctx.finish(pending[label], timings[label], flops) for label in candidates]
+            rows += _attention_variant(cfg, variant, n, names, ctx)
+    return rows
+
+
+def _attention_variant(cfg: AttentionKernels, variant: Variant, n: int, backends: list[str], ctx: Context) -> list[Row]:
+    """Rows of one attention module at one sequence length: per direction, per backend it can take."""
+    H, D, B = cfg.n_head, cfg.head_dim, cfg.batch
+    C = H * D
+    sizes = {"n_layer": 1, "n_head": H, "n_embd": C, "block_size": n, "vocab_size": 2}
+    if variant.backend is not None:
+        choices = [(_spec_label("attention_backend", variant.backend), variant.backend)]
+    elif variant.takes_backend:
+        choices = _backend_choices(backends, ctx.device)
+    else:
+        choices = [("own", None)]
+    shape = {"batch": B, "n_head": H, "seq_len": n, "head_dim": D, "n_embd": C, "positional": variant.positional["name"]}
+
+    def row(label: str, direction: str, **fields) -> Row:
+        return ctx.base(component="attention", name=variant.label, backend=label, direction=direction, **shape, **fields)
+
+    try:  # the reference: the same module in fp32, with the math backend when it takes one
+        attention = {**variant.attention, "backend": resolve("attention_backend", "math")} if variant.takes_backend \
+            else variant.attention
+        config = _unchecked_config(attention, variant.positional, **sizes)
+        missing = _missing(config)
+        if missing:
+            return [row(label, d, status="unsupported", reason=f"attention '{variant.name}' {missing}")
+                    for d in cfg.directions for label, _ in choices]
+        config = _checked(config)
+        torch.manual_seed(0)
+        reference = _initialise(build_spec("attention", config.attention, config)).to(ctx.device).eval()
+        positional = build_spec("positional", config.positional, config).to(ctx.device)
+        gen = torch.Generator(device="cpu").manual_seed(n)
+        x = torch.randn(B, n, C, generator=gen).to(ctx.device, ctx.dtype).requires_grad_()
+        grad = torch.randn(B, n, C, generator=gen).to(ctx.device, ctx.dtype)
+        pos = torch.arange(n, device=ctx.device)
+        positions = positional.at(pos)
+        x32 = x.detach().float().requires_grad_()
+        ref_out = reference(x32, positions, pos)
+        ref_grads = _grads(ref_out, [x32, *_trainable(reference)], grad.float()) \
+            if set(cfg.directions) - {"forward"} else None
+        ref_out = ref_out.detach()
+        shape.update(n_kv_head=getattr(reference, "n_kv_head", None), window=getattr(reference, "window", None))
+        total, core = _attention_flops(reference, n)
+    except Exception as e:  # noqa: BLE001 - a shape the module rejects, OOM: rows, not crashes
+        return [_failure(row(label, d), e) for d in cfg.directions for label, _ in choices]
+    against = "math in float32" if variant.takes_backend else "the same module in float32"
+    prepared = {label: _candidate(variant, spec, label, sizes, reference, ctx) for label, spec in choices}
+    rows = []
+    for direction in cfg.directions:
+        candidates, pending = {}, {}
+        for label, candidate in prepared.items():
+            r = row(label, direction)
+            if candidate.status or candidate.error:
+                rows.append({**r, **candidate.status} if candidate.status else _failure(r, candidate.error))
+                continue
+            if direction != "forward" and ctx.device.type == "cpu" and candidate.note:
+                rows.append({**r, "status": "unavailable", "reason": candidate.note})
+                continue
+            module = candidate.module
+            try:
+                inputs = [x, *_trainable(module)]
+                forward = (lambda module=module: module(x, positions, pos))
+                if direction == "forward":  # inference: no graph (FlexAttention on CPU insists)
+                    with torch.no_grad():
+                        got = forward()
+                else:
+                    got = _grads(forward(), inputs, grad)
+                ok, error = _gate(got, ref_out if direction == "forward" else ref_grads, ctx.dtype)
+                r["max_error"] = error
+                kernel = getattr(module, "kernel", None)
+                if getattr(kernel, "ran", None) or getattr(kernel, "name", None):
+                    r["kernel"] = getattr(kernel, "ran", None) or kernel.name
+                if not ok:
+                    rows.append({**r, "status": "mismatch", "reason": f"max error {error:.3g} against {against}"})
+                    continue
+                fn = _directions(forward, inputs, grad, direction)
+                r["peak_memory_bytes"], r["peak_memory_method"] = peak_memory(fn, ctx.device)
+            except Exception as e:  # noqa: BLE001 - unsupported shapes, OOM: rows, not crashes
+                rows.append(_failure(r, e))
+                continue
+            candidates[label], pending[label] = fn, r
+        if candidates:
+            timings = ctx.time(candidates)
+            flops = B * n * ((total - core) * _flops_factor(direction, 2.0)
+                             + core * _flops_factor(direction, ATTENTION_BACKWARD))
+            rows += [ctx.finish(pending[label], timings[label], flops) for label in candidates]
     return rows
 
 
 # -- MLP, norm, MoE ------------------------------------------------------------------------------
 
 
-def _mlp_reference(module, x: torch.Tensor) -> torch.Tensor:
-    """The same MLP written out in plain PyTorch from its weights."""
-    h = F.linear(x, module.c_fc.weight, module.c_fc.bias)
-    act = module.act
-    if type(module).__name__ == "GatedMLP":
-        gate, value = h.chunk(2, dim=-1)
-        h = act(gate) * value
-    else:
-        h = act(h)
-    return F.linear(h, module.c_proj.weight, module.c_proj.bias)
-
-
 def _case_failed(component: str, name: str, directions: list[Direction], ctx: Context, shape: dict,
-                  error: Exception) -> list[Row]:
+                 error: Exception) -> list[Row]:
     return [_failure(ctx.base(component=component, name=name, backend="torch", direction=d, **shape), error)
             for d in directions]
 
 
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
 @dataclass
 class ModuleCase:
-    """One module to time: its input, a written-out reference, and its work for FLOP/s or GB/s."""
+    """One module to time: its input, its work for FLOP/s or GB/s, and what it is checked against."""
 
     name: str
-    module: torch.nn.Module
+    module: nn.Module  # in the machine's dtype
     x: torch.Tensor
-    reference: Callable
     flops: float | None
     nbytes: float | None
     shape: dict
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _call  # (module, x) -> the output tensor
+    # a written-out reference on the module's own inputs; None: the same module run in fp32
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _references(case: ModuleCase, grad: torch.Tensor, backward: bool) -> tuple[torch.Tensor, list | None]:
+    """The reference output and gradients (input first, then each trainable parameter)."""
+    if case.reference is None:  # the same module and input, upcast: its fp32 path
+        module = copy.deepcopy(case.module).float()
+        x = case.x.detach().float().requires_grad_()
+        out = case.call(module, x)
+        inputs = [x, *_trainable(module)]
+    else:
+        out = case.reference(case.x)
+        inputs = [case.x, *_trainable(case.module)]
+    grads = _grads(out, inputs, grad.to(out.dtype)) if backward else None
+    return out.detach(), grads
 
 
 def _module_rows(component: str, cases: list[ModuleCase], directions: list[Direction], ctx: Context) -> list[Row]:
     """Gate every case against its reference, then time those that pass, interleaved, per direction."""
     rows, ready = [], []
+    backward = bool(set(directions) - {"forward"})
     for case in cases:
         try:
-            ready.append((case, torch.randn_like(case.module(case.x)), case.reference(case.x)))
+            grad = torch.randn_like(case.call(case.module, case.x))
+            ready.append((case, grad, *_references(case, grad, backward)))
         except Exception as e:  # noqa: BLE001 - e.g. OOM or a shape the module rejects
             rows += _case_failed(component, case.name, directions, ctx, case.shape, e)
     for direction in directions:
         candidates, pending = {}, {}
-        for case, grad, ref_out in ready:
+        for case, grad, ref_out, ref_grads in ready:
             row = ctx.base(component=component, name=case.name, backend="torch", direction=direction, **case.shape)
             try:
                 module, x = case.module, case.x
-                inputs = [x, *module.parameters()]
-                got = module(x) if direction == "forward" else torch.autograd.grad(module(x), inputs, grad)
-                expected = ref_out if direction == "forward" else torch.autograd.grad(case.reference(x), inputs, grad)
-                ok, error = _gate(got, expected, ctx.dtype)
+                inputs = [x, *_trainable(module)]
+                forward = (lambda case=case: case.call(case.module, case.x))
+                if direction == "forward":
+                    with torch.no_grad():
+                        got = forward()
+                else:
+                    got = _grads(forward(), inputs, grad)
+                ok, error = _gate(got, ref_out if direction == "forward" else ref_grads, ctx.dtype)
                 row["max_error"] = error
                 if not ok:
-                    rows.append({**row, "status": "mismatch", "reason": f"max error {error:.3g} against the reference"})
+                    against = "the reference" if case.reference else "the same module in float32"
+                    rows.append({**row, "status": "mismatch", "reason": f"max error {error:.3g} against {against}"})
                     continue
-                fn = _directions(lambda module=module, x=x: module(x), inputs, grad, direction)
+                fn = _directions(forward, inputs, grad, direction)
                 row["peak_memory_bytes"], row["peak_memory_method"] = peak_memory(fn, ctx.device)
             except Exception as e:  # noqa: BLE001
                 rows.append(_failure(row, e))
@@ -290,53 +480,43 @@ def _module_rows(component: str, cases: list[ModuleCase], directions: list[Direc
     return rows
 
 
+def _members(family: str, names: list[str] | None) -> list[str]:
+    return list(names) if names is not None else list_components(family)
+
+
 def mlp_rows(cfg: MLPKernels, ctx: Context) -> list[Row]:
     model = ModelConfig(n_embd=cfg.n_embd, n_head=1, n_layer=1, vocab_size=2, bias=False)
     rows, cases = [], []
     shape = {"tokens": cfg.tokens, "n_embd": cfg.n_embd}
-    for name in cfg.names:
+    for name in _members("mlp", cfg.names):
         torch.manual_seed(0)
         try:
-            module = build("mlp", name, model).to(ctx.device, ctx.dtype)
-        except Exception as e:  # noqa: BLE001
+            module = _initialise(build_spec("mlp", with_required("mlp", name, cfg.required_fills()), model))
+            module = module.to(ctx.device, ctx.dtype)
+        except Exception as e:  # noqa: BLE001 - an unknown name, an option it needs
             rows += _case_failed("mlp", name, cfg.directions, ctx, shape, e)
             continue
         x = torch.randn(cfg.tokens, cfg.n_embd, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
         flops = matmul_flops_per_token(module, 1, False) * cfg.tokens
-        cases.append(ModuleCase(name, module, x, lambda x, m=module: _mlp_reference(m, x), flops, None, shape))
+        cases.append(ModuleCase(name, module, x, flops, None, shape))
     return rows + _module_rows("mlp", cases, cfg.directions, ctx)
 
 
-def _norm_reference(name: str, module):
-    def layernorm(x):
-        mean = x.float().mean(-1, keepdim=True)
-        var = (x.float() - mean).pow(2).mean(-1, keepdim=True)
-        y = (x.float() - mean) / torch.sqrt(var + module.eps) * module.weight.float()
-        return (y + module.bias.float() if module.bias is not None else y).to(x.dtype)
-
-    def rmsnorm(x):
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + module.eps)
-        return (y * module.weight.float()).to(x.dtype)
-
-    references = {"layernorm": layernorm, "rmsnorm": rmsnorm}
-    if name not in references:
-        raise ValueError(f"no reference to check norm '{name}' against (have: {', '.join(references)})")
-    return references[name]
-
-
 def norm_rows(cfg: NormKernels, ctx: Context) -> list[Row]:
+    model = ModelConfig(n_embd=cfg.dim, n_head=1, n_layer=1, vocab_size=2)
     rows, cases = [], []
     shape = {"tokens": cfg.tokens, "dim": cfg.dim}
-    for name in cfg.names:
+    for name in _members("norm", cfg.names):
+        torch.manual_seed(0)
         try:
-            module = build("norm", name, cfg.dim, None).to(ctx.device, ctx.dtype)
-            reference = _norm_reference(name, module)
-        except Exception as e:  # noqa: BLE001 - an unknown norm, or one without a written-out reference
+            module = _initialise(build_spec("norm", with_required("norm", name, cfg.required_fills()), cfg.dim, model))
+            module = module.to(ctx.device, ctx.dtype)
+        except Exception as e:  # noqa: BLE001 - an unknown name, an option it needs
             rows += _case_failed("norm", name, cfg.directions, ctx, shape, e)
             continue
         x = torch.randn(cfg.tokens, cfg.dim, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
         nbytes = 2 * x.numel() * x.element_size()  # memory-bound: read x, write y
-        cases.append(ModuleCase(name, module, x, reference, None, nbytes, shape))
+        cases.append(ModuleCase(name, module, x, None, nbytes, shape))
     return rows + _module_rows("norm", cases, cfg.directions, ctx)
 
 
@@ -352,6 +532,11 @@ def _moe_reference(moe, x: torch.Tensor) -> torch.Tensor:
     return (weights.to(x.dtype)[..., None] * outputs).sum(1).view_as(x)
 
 
+def _moe_output(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A MoE returns (output, MoEAux): the output is what is checked and timed."""
+    return moe(x)[0]
+
+
 def moe_rows(cfg: MoEKernels, ctx: Context) -> list[Row]:
     model = ModelConfig(n_embd=cfg.n_embd, n_head=1, n_layer=1, vocab_size=2, bias=False)
     rows, cases = [], []
@@ -363,14 +548,15 @@ def moe_rows(cfg: MoEKernels, ctx: Context) -> list[Row]:
             shape = {"tokens": cfg.tokens, "n_embd": cfg.n_embd, "n_experts": n_experts, "top_k": top_k}
             torch.manual_seed(0)
             try:
-                moe = build("moe", "topk", model, n_experts=n_experts, top_k=top_k, capacity_factor=None,
-                            expert={"name": "gelu", "hidden": cfg.expert_hidden}).to(ctx.device, ctx.dtype)
+                moe = build_spec("moe", {"name": "topk", "n_experts": n_experts, "top_k": top_k, "capacity_factor": None,
+                                         "expert": {"name": "gelu", "hidden": cfg.expert_hidden}}, model)
+                moe = moe.to(ctx.device, ctx.dtype)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for the experts
                 rows += _case_failed("moe", name, cfg.directions, ctx, shape, e)
                 continue
             x = torch.randn(1, cfg.tokens, cfg.n_embd, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
-            cases.append(ModuleCase(name, moe, x, lambda x, m=moe: _moe_reference(m, x),
-                                    moe.flops_per_token(1, False) * cfg.tokens, None, shape))
+            cases.append(ModuleCase(name, moe, x, moe.flops_per_token(1, False) * cfg.tokens, None, shape,
+                                    call=_moe_output, reference=lambda x, m=moe: _moe_reference(m, x)))
     return rows + _module_rows("moe", cases, cfg.directions, ctx)
 
 
@@ -421,11 +607,19 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
 
 
 def decode_rows(cfg: DecodeKernels, ctx: Context) -> list[Row]:
+    """Prefill and decode rows for every variant whose attention decodes with a KV cache (the
+    contract's 'cache' feature); an 'unsupported' row with the reason for the others."""
     rows = []
-    for variant in cfg.variants:
-        row = ctx.base(component="decode", name=variant, backend="sdpa", direction="inference", batch=cfg.batch,
+    for label, variant in _variants(cfg):
+        backend = "-" if isinstance(variant, Exception) else \
+            _spec_label("attention_backend", variant.attention["backend"]) if variant.takes_backend else "own"
+        row = ctx.base(component="decode", name=label, backend=backend, direction="inference", batch=cfg.batch,
                        prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
                        n_embd=cfg.n_embd)
+        if isinstance(variant, Exception):
+            rows.append(_failure(row, variant))
+            continue
+        row["positional"] = variant.positional["name"]
         try:
             rows += _decode_variant(cfg, variant, ctx, row)
         except Exception as e:  # noqa: BLE001 - an invalid shape or OOM: a row, and the sweep goes on
@@ -433,22 +627,30 @@ def decode_rows(cfg: DecodeKernels, ctx: Context) -> list[Row]:
     return rows
 
 
-def _decode_variant(cfg: DecodeKernels, variant: str, ctx: Context, row: Row) -> list[Row]:
+def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row) -> list[Row]:
     """Prefill and decode rows of one attention variant (or a mismatch row when the cache is wrong)."""
-    attention = {"mha": "mha", "gqa": {"name": "gqa", "n_kv_head": cfg.n_kv_head}, "mqa": "mqa",
-                 "window": {"name": "window", "window": cfg.window}}
-    config = ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=256,
-                         block_size=cfg.prompt + cfg.new_tokens, positional="rope", attention=attention[variant])
-    torch.manual_seed(0)
-    model = build_model(config).to(ctx.device, ctx.dtype).eval()
-    idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device)
+    config = _unchecked_config(variant.attention, variant.positional, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                               n_embd=cfg.n_embd, vocab_size=256, block_size=cfg.prompt + cfg.new_tokens)
+    missing = _missing(config)
+    if missing:
+        return [{**row, "status": "unsupported", "reason": f"attention '{variant.name}' {missing}"}]
+    handles = attention_features(config)
+    if "cache" not in handles:
+        return [{**row, "status": "unsupported",
+                 "reason": f"attention '{variant.name}' does not {FEATURES['cache']} (cache): it handles "
+                           f"{', '.join(sorted(handles)) or 'none of the attention features'}"}]
+    config = _checked(config)
+    model = build_model(config, seed=0).to(ctx.device, ctx.dtype).eval()
+    idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device,
+                        generator=torch.Generator(device=ctx.device).manual_seed(0))
     prompt = idx[:, : cfg.prompt]
-    row = {**row, "n_kv_head": model.blocks[0].attn.n_kv_head, "window": config.attention["window"]}
+    attn = model.blocks[0].attn
+    row = {**row, "n_kv_head": getattr(attn, "n_kv_head", None), "window": getattr(attn, "window", None)}
     with torch.no_grad():
-        full, _ = model(idx)
+        full = model(idx).logits
         cache = model.new_cache()
-        steps = [model(prompt, cache=cache)[0]]
-        steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(cfg.prompt, idx.shape[1])]
+        steps = [model(prompt, cache=cache).logits]
+        steps += [model(idx[:, t : t + 1], cache=cache).logits for t in range(cfg.prompt, idx.shape[1])]
         ok, error = _gate(torch.cat(steps, 1), full, ctx.dtype)
         row["max_error"] = error
         if not ok:  # decode with the cache must give the full forward's logits
@@ -456,8 +658,9 @@ def _decode_variant(cfg: DecodeKernels, variant: str, ctx: Context, row: Row) ->
         prefilled = model.new_cache()
         model(prompt, cache=prefilled)
         row["kv_cache_bytes"] = prefilled.nbytes()
-        element = torch.finfo(ctx.dtype).bits // 8
-        row["kv_cache_bytes_per_token"] = cfg.n_layer * model.blocks[0].attn.kv_cache_bytes_per_token(element)
+        if hasattr(attn, "kv_cache_bytes_per_token"):
+            element = torch.finfo(ctx.dtype).bits // 8
+            row["kv_cache_bytes_per_token"] = sum(b.attn.kv_cache_bytes_per_token(element) for b in model.blocks)
 
         def prefill():
             model(prompt, cache=model.new_cache())

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bench import scaling
-from bench.analysis import QUALITY, StudySummary, summarise
+from bench.analysis import QUALITY, SCALING_TABLES, StudySummary, scaling_per_machine, summarise
 from bench.formatting import count, missing, number
 from bench.report import figures
 from bench.results import Results, load
@@ -81,76 +81,40 @@ def _cell(value):
     return number(value) if isinstance(value, float) else value
 
 
-def _scaling(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = None) -> dict | None:
-    """Approach 3 per variant when the study spans ≥ 3 model sizes and ≥ 3 token budgets."""
-    done = runs[(runs["status"] == "finished") & (runs["kind"] == "train")].dropna(subset=["val_loss", "params", "tokens"])
-    eligible = [v for v, g in done.groupby("variant") if g["params"].nunique() >= 3 and g["tokens"].nunique() >= 3]
-    if not eligible:
-        return None
-    points = done[done["variant"].isin(eligible)][["variant", "params", "tokens", "val_loss"]]
-    fits = {v: scaling.fit_parametric(g["params"], g["tokens"], g["val_loss"], n_bootstrap=100, seed=0)
-            for v, g in points.groupby("variant")}
-    rows = []
-    for v, fit in fits.items():
-        rows.append({"variant": v, **{k: number(fit.params[k]) for k in scaling.PARAMS},
-                     **{f"{k}_ci": f"{number(fit.ci[k][0])} – {number(fit.ci[k][1])}" for k in scaling.PARAMS},
-                     "a": number(fit.exponent_a, 3), "b": number(fit.exponent_b, 3), "r2": number(fit.r2_log, 4),
-                     "max_residual": number(float(np.abs(fit.residuals).max()), 3),
-                     "objective": number(fit.objective), "warnings": fit.warnings})
-    multipliers = []
-    if baseline in fits:
-        largest = float((6 * points["params"] * points["tokens"]).max())
-        where = [("largest trained budget", largest),
-                 ("the spec's extrapolate_to", extrapolate_to) if extrapolate_to else ("extrapolated to 100× that", 100 * largest)]
-        for v, fit in fits.items():
-            if v == baseline:
-                continue
-            for label, compute in where:
-                m = scaling.multiplier_at(fits[baseline], fit, compute)
-                multipliers.append({"variant": v, "where": label, "compute": f"{compute:.3g}", "loss": number(m.loss),
-                                    "multiplier": number(m.multiplier, 3),
-                                    "ci": f"{number(m.ci[0], 3)} – {number(m.ci[1], 3)}" if m.ci else "–",
-                                    "extrapolated": m.extrapolated or compute > largest})
-    approach2, compute_law = [], []
-    for v, g in points.groupby("variant"):
-        try:
-            iso = scaling.fit_isoflop(g["params"], g["tokens"], g["val_loss"])
-            approach2.append({"variant": v, "a": number(iso.exponent_a, 3), "b": number(iso.exponent_b, 3),
-                              "note": f"{len(iso.budgets)} compute budgets; R² of the N_opt line "
-                                      f"{number(iso.r2_log, 4)}, parabolas' R² ≥ {number(min(iso.parabola_r2), 4)}"})
-        except ValueError as e:
-            approach2.append({"variant": v, "a": None, "b": None, "note": str(e)})
-        compute = (6 * g["params"] * g["tokens"]).to_numpy(float)
-        order = np.argsort(compute)
-        envelope = np.minimum.accumulate(g["val_loss"].to_numpy(float)[order])  # the best loss at ≤ C
-        keep = np.r_[True, envelope[1:] < envelope[:-1]]
-        if keep.sum() >= 3:
-            law = scaling.fit_compute_law(compute[order][keep], envelope[keep])
-            low, high = law.compute_range
-            compute_law.append({"variant": v, "E": number(law.E), "K": number(law.K), "gamma": number(law.gamma, 3),
-                                "r2": number(law.r2_log, 4), "points": int(keep.sum()),
-                                "range": f"{low:.3g} – {high:.3g} FLOPs (outside: extrapolation)",
-                                "max_residual": number(float(np.abs(law.residuals).max()), 3)})
-    figure = figures.scaling_figure(points, fits)
-    return {"fits": rows, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
+def _scaling_rows(summary: dict) -> dict:
+    """One machine's scaling summary (``analysis.scaling_summary``) as table rows and its figure."""
+    fits = [{"variant": r["variant"], **{k: number(r[k]) for k in scaling.PARAMS},
+             **{f"{k}_ci": f"{number(r[f'{k}_ci'][0])} – {number(r[f'{k}_ci'][1])}" for k in scaling.PARAMS},
+             "a": number(r["a"], 3), "b": number(r["b"], 3), "r2": number(r["r2"], 4),
+             "max_residual": number(r["max_residual"], 3), "objective": number(r["objective"]), "warnings": r["warnings"]}
+            for r in summary["fits"]]
+    multipliers = [{"variant": m["variant"], "where": m["where"], "compute": f"{m['compute']:.3g}", "loss": number(m["loss"]),
+                    "multiplier": number(m["multiplier"], 3),
+                    "ci": f"{number(m['ci'][0], 3)} – {number(m['ci'][1], 3)}" if m["ci"] else "–",
+                    "extrapolated": m["extrapolated"]}
+                   for m in summary["multipliers"]]
+    approach2 = [{"variant": r["variant"], "a": number(r["a"], 3), "b": number(r["b"], 3),
+                  "note": f"{r['budgets']} compute budgets; R² of the N_opt line "
+                          f"{number(r['r2'], 4)}, parabolas' R² ≥ {number(r['parabola_r2'], 4)}"}
+                 if r["error"] is None else {"variant": r["variant"], "a": None, "b": None, "note": r["error"]}
+                 for r in summary["approach2"]]
+    compute_law = [{"variant": c["variant"], "E": number(c["E"]), "K": number(c["K"]), "gamma": number(c["gamma"], 3),
+                    "r2": number(c["r2"], 4), "points": c["points"],
+                    "range": f"{c['range'][0]:.3g} – {c['range'][1]:.3g} FLOPs (outside: extrapolation)",
+                    "max_residual": number(c["max_residual"], 3)}
+                   for c in summary["compute_law"]]
+    figure = figures.scaling_figure(summary["points"], summary["parametric"])
+    return {"fits": fits, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
             "figures": [figure] if figure else []}
 
 
-def _scaling_per_machine(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None) -> dict | None:
-    """Scaling fits per machine: losses from different hardware (dtype, kernels) are not one sample."""
-    machines = list(runs["machine"].unique())
-    if len(machines) == 1:
-        return _scaling(runs, baseline, extrapolate_to)
-    parts = []
-    for machine in machines:
-        mine = runs[runs["machine"] == machine]
-        part = _scaling(mine.assign(variant=mine["variant"] + f" @ {machine}"), f"{baseline} @ {machine}", extrapolate_to)
-        if part:
-            parts.append(part)
+def _scaling_section(parts: list[dict]) -> dict | None:
+    """The report's scaling section from ``analysis.scaling_per_machine``: every machine's rows and figures."""
     if not parts:
         return None
-    merged = {key: [row for part in parts for row in part[key]] for key in ("fits", "multipliers", "approach2", "compute_law")}
-    merged["figures"] = [f for part in parts for f in part["figures"]]
+    formatted = [_scaling_rows(part) for part in parts]
+    merged = {key: [row for part in formatted for row in part[key]] for key in SCALING_TABLES}
+    merged["figures"] = [f for part in formatted for f in part["figures"]]
     return merged
 
 
@@ -245,7 +209,7 @@ def build_report(folders: list[str | Path]) -> str:
         "floor": floor,
         "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
         "kernel_rows": [{k: _cell(r.get(k)) for k in KERNEL_COLUMNS} for r in kernel_rows],
-        "scaling": _scaling_per_machine(runs, baseline, spec.get("extrapolate_to")),
+        "scaling": _scaling_section(scaling_per_machine(runs, baseline, spec.get("extrapolate_to"))),
         "quantized": [{k: number(r[k]) if isinstance(r[k], float) else r[k] for k in
                        ("variant", "seed", "val_loss_float", "val_loss", "val_loss_change", "model_bytes_float",
                         "model_bytes", "latency_ms_float", "latency_ms", "quantization_format")}

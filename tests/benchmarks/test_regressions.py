@@ -83,7 +83,7 @@ def test_training_step(benchmark):
     idx = torch.randint(0, 1024, (8, 129), device=DEVICE)
 
     def step():
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss = model(idx[:, :-1], idx[:, 1:]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

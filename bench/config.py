@@ -1,0 +1,159 @@
+"""The run configuration: what one training run is (model, data, optimisation and budget, seed, and
+the plugins its components come from), validated and hashable, with no training code.
+
+Planning, the runner, executors and workers import these types from here; ``bench.train`` trains a
+``RunConfig``. ``resolve_run`` fills the model's vocabulary size from the data: with
+``prepare=False`` only from what the data config knows without reading anything (a dry run).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from bench.data import DataConfig, load_dataset
+from bench.parallel import DistributedConfig
+from models import ModelConfig, flops_per_token, load_plugins, shapes_only
+
+DATA: TypeAdapter = TypeAdapter(DataConfig)
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and budget. Defaults follow nanoGPT where it has one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(12, ge=1, description="sequences per optimizer step (the global batch)")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass; accumulate the rest")
+    seq_len: int | None = Field(None, ge=1, description="default: the data's length, else block_size")
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float | None = Field(None, ge=0, description="default lr/10")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    # the budget: exactly one of these (steps by default)
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    flops: float | None = Field(None, gt=0)
+    seconds: float | None = Field(None, gt=0)
+    eval_every: int = Field(250, ge=1)
+    eval_batches: int | None = Field(20, ge=1, description="val set of eval_batches × batch_size sequences; None: all (tasks)")
+    eval_sequences: int | None = Field(None, ge=1, description="val set of this many sequences whatever the batch "
+                                       "size (replaces eval_batches; for studies that vary batch_size)")
+    eval_lengths: list[int] = Field(default_factory=list, description="extra val sequence lengths (extrapolation)")
+    checkpoint_every: int | None = Field(500, ge=1)
+    diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
+    compile: bool = False
+    distributed: DistributedConfig | None = Field(
+        None, description="one run on several processes: {strategy: ddp | fsdp | deepspeed, zero_stage, nproc}")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        given = [k for k in ("steps", "tokens", "flops", "seconds") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
+        if self.distributed and self.batch_size % self.distributed.nproc:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by distributed.nproc={self.distributed.nproc}")
+        return self
+
+    @property
+    def val_sequences(self) -> int | None:
+        """How many val sequences every evaluation scores (None: the whole val set, for tasks)."""
+        if self.eval_sequences:
+            return self.eval_sequences
+        return self.eval_batches * self.batch_size if self.eval_batches else None
+
+
+class RunConfig(BaseModel):
+    """One fully resolved training run: what the runner hashes, stores and hands to ``train``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+    plugins: dict[str, str] = Field(default_factory=dict, description="module -> sha256 of its source: "
+                                    "the modules that register this run's third-party components")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_plugins(cls, data: Any) -> Any:
+        """Plugins register components the model names: import them before the model is validated,
+        and refuse one whose source changed since the run was planned (its results would be stale)."""
+        if isinstance(data, dict) and data.get("plugins"):
+            load_plugins(data["plugins"])
+        return data
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or getattr(self.data, "seq_len", None) or self.model.block_size
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> RunConfig:
+        task_len = getattr(self.data, "seq_len", None)
+        if task_len and self.train.seq_len and self.train.seq_len != task_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} differs from the task's seq_len={task_len} "
+                             "(a task fixes its example length: leave train.seq_len out)")
+        limit = shapes_only(self.model).positional.max_positions
+        if limit is not None and self.seq_len > limit:
+            raise ValueError(f"train.seq_len={self.seq_len} is longer than the {limit} positions "
+                             f"'{self.model.positional['name']}' can embed (model.block_size)")
+        return self
+
+
+# a dry run validates a run whose vocabulary is unknown until the data is prepared with this size;
+# such a run is marked pending and never trained or stored
+STAND_IN_VOCAB = 256
+
+
+def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 0,
+                plugins: dict[str, str] | None = None, *, prepare: bool = True) -> RunConfig:
+    """A RunConfig whose model takes its vocabulary size (and block size, for tasks) from the data
+    unless the model sets them.
+
+    prepare=False reads, downloads and tokenizes nothing: the vocabulary size is the one the data
+    config states (tasks, markov, byte, a sized BPE), else STAND_IN_VOCAB (see ``vocab_pending``).
+    """
+    data_config = DATA.validate_python(data)
+    model = dict(model)
+    if "vocab_size" not in model:
+        if prepare:
+            model["vocab_size"] = load_dataset(data_config).vocab_size
+        else:
+            model["vocab_size"] = data_config.known_vocab_size() or STAND_IN_VOCAB
+    if "block_size" not in model:
+        length = (train or {}).get("seq_len") or getattr(data_config, "seq_len", None)
+        if length:
+            model["block_size"] = length
+    return RunConfig(model=model, data=data_config, train=train or {}, seed=seed, plugins=plugins or {})
+
+
+def vocab_pending(model: dict, data: DataConfig) -> bool:
+    """Whether a run's vocabulary size is known only once its data is prepared."""
+    return "vocab_size" not in model and data.known_vocab_size() is None
+
+
+def budget_steps(run: RunConfig) -> int | None:
+    """Optimizer steps in the run's budget (None for a time budget)."""
+    c = run.train
+    tokens_per_step = c.batch_size * run.seq_len
+    if c.tokens:
+        return math.ceil(c.tokens / tokens_per_step)
+    if c.flops:
+        return math.ceil(c.flops / (flops_per_token(run.model, seq_len=run.seq_len) * tokens_per_step))
+    if c.seconds:
+        return None
+    return c.steps or 1000

@@ -1,0 +1,335 @@
+"""The component contract: what a member of each family is, and the hooks it may or must provide.
+
+One ``typing.Protocol`` per family. ``register`` checks a component against its family's protocol
+and names what is missing; ``python -m models FAMILY`` prints the protocol's text. Hooks marked
+*optional* have a default behaviour, stated in their docstring, when a component leaves them out.
+
+Hooks are read in two places. *Factory hooks* (``check``, ``requires``, ``handles``,
+``capabilities``, ``device_limitation``, ``stage``) are read from the registered factory before
+anything is built, so a config is validated without building a model; a function factory carries
+them as attributes. The other hooks are read from the built module.
+
+Attention features. What a config needs from its attention, and what an attention declares it
+handles (``handles``); a config that needs a feature its attention does not handle is refused::
+
+    rotate   let the positional encoding rotate q and k (positional.rotate; RoPE)
+    bias     add the positional encoding's score bias (positional.bias_slopes(); ALiBi)
+    dropout  apply attention dropout (the model's dropout > 0)
+    window   restrict each query to a sliding window of keys
+    cache    decode incrementally with a KV cache (new_cache())
+
+Conventions every module family follows: a residual output projection is an ``nn.Linear`` named
+``c_proj`` (the GPT scales its initial weights by 1/sqrt(2·n_layer), as GPT-2 does); every
+``nn.Linear`` and ``nn.Embedding`` weight is initialised by the GPT from a stream keyed by (seed,
+parameter name); raw ``nn.Parameter`` s are set in ``reset_parameters()``. A module keeps no state
+between forward passes: what a forward pass produces besides its output (MoE's auxiliary loss and
+routing statistics) is returned.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Protocol
+
+FEATURES: dict[str, str] = {
+    "rotate": "rotate q and k by the positional encoding",
+    "bias": "add the positional encoding's score bias",
+    "dropout": "apply attention dropout",
+    "window": "restrict queries to a sliding window",
+    "cache": "decode with a KV cache",
+}
+
+
+def optional(hook: Any) -> Any:
+    """Marks a protocol member a component may leave out."""
+    getattr(hook, "__func__", hook).__contract_optional__ = True
+    return hook
+
+
+def factory_hook(hook: Any) -> Any:
+    """Marks a protocol member read from the registered factory (before building), not the module."""
+    getattr(hook, "__func__", hook).__contract_factory__ = True
+    return hook
+
+
+class ModuleComponent(Protocol):
+    """Hooks every module family (attention, positional, norm, mlp, moe) may provide."""
+
+    @optional
+    @factory_hook
+    @staticmethod
+    def check(config: Any, options: dict) -> str | None:
+        """Why these options cannot work with this config, or None (checked when a config is validated)."""
+
+    @optional
+    @factory_hook
+    @staticmethod
+    def requires(config: Any, options: dict) -> frozenset[str]:
+        """Attention features this component needs (see FEATURES); default: none."""
+
+    @optional
+    def flops_per_token(self, seq_len: int, causal: bool) -> float:
+        """Forward matmul FLOPs per token of the whole module, replacing the count of its nn.Linear
+        layers and children (MoE: only the experts a token uses). Default: counted from the tree."""
+
+    @optional
+    def extra_flops_per_token(self, seq_len: int, causal: bool) -> float:
+        """Forward matmul FLOPs per token beyond its nn.Linear layers (attention's q·kᵀ and probs·v).
+        A module whose FLOPs differ from its linear layers' must declare them: ``check_flops`` compares
+        the accounting with torch's FlopCounterMode."""
+
+    @optional
+    def inactive_params(self) -> int:
+        """Parameters a token does not use (MoE's unrouted experts); default 0."""
+
+    @optional
+    def init_blocks(self) -> dict[str, list[tuple[str, int]]]:
+        """Named row blocks of fused weights, each initialised from its own keyed stream (attention's
+        q and each k/v head); default: one stream per weight."""
+
+    @optional
+    def reset_parameters(self) -> None:
+        """Initialise raw nn.Parameters (called on a stream keyed by the module's name)."""
+
+
+class Attention(ModuleComponent, Protocol):
+    """(config, **options) -> module; forward(x (B,T,C), positional, pos (T,), cache) -> (B,T,C).
+
+    ``positional`` is the model's positional encoding bound to this forward pass's positions: an
+    attention that handles ``rotate`` calls ``positional.rotate(q, pos)`` and ``positional.rotate(k,
+    pos)``; one that handles ``bias`` adds ``-slope·(i − j)`` from ``positional.bias_slopes()`` to
+    its scores. ``cache`` is None or what ``new_cache()`` made; pos are the absolute positions of
+    x's tokens.
+    """
+
+    @factory_hook
+    @staticmethod
+    def handles(config: Any, options: dict) -> frozenset[str]:
+        """The attention features (see FEATURES) these options implement; a config that needs one
+        more (a positional encoding, dropout) is refused with a message naming both."""
+
+    def forward(self, x: Any, positional: Any, pos: Any, cache: Any = None) -> Any:
+        """(B, T, C) -> (B, T, C)."""
+
+    @optional
+    def new_cache(self) -> Any:
+        """An empty per-layer KV cache (needed when handles() includes 'cache')."""
+
+    @optional
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """KV-cache bytes one token costs in this layer."""
+
+
+class AttentionBackend(Protocol):
+    """(**options) -> callable(q (B,Hq,Tq,D), k, v (B,Hkv,Tk,D), mask: Mask, dropout_p) -> (B,Hq,Tq,D).
+
+    Hkv divides Hq (grouped-query attention). Every backend is tested against ``math``.
+    Capabilities: causal, window, bias, dropout, decode (queries after cached keys).
+    """
+
+    @factory_hook
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        """What these options can do: causal, window, bias, dropout, decode."""
+
+    def __call__(self, q: Any, k: Any, v: Any, mask: Any, dropout_p: float = 0.0) -> Any:
+        """softmax(q·kᵀ/√d + bias)·v under the mask."""
+
+    @optional
+    @factory_hook
+    @staticmethod
+    def device_limitation(options: dict, device: Any) -> str | None:
+        """Why these options cannot run on `device` (e.g. an sdpa kernel that needs CUDA), or None."""
+
+
+class Positional(ModuleComponent, Protocol):
+    """(config, **options) -> module that embeds positions, rotates q/k, or biases scores.
+
+    Subclass ``models.positional.Positional``, whose defaults do nothing (NoPE); the attention
+    features an encoding needs come from ``requires`` (rope: rotate; alibi: bias). Each forward pass
+    binds the encoding to its positions once (``Positional.at(pos)``, which calls ``rotation``) and
+    hands that to every layer's attention.
+    """
+
+    max_positions: int | None  # positions it can encode; None: any length
+
+    def embed(self, pos: Any) -> Any:
+        """(T,) positions -> (T, C) vectors added to the token embeddings, or None."""
+
+    def rotation(self, pos: Any) -> Any:
+        """What rotating at pos needs, computed once per forward pass (RoPE: cos and sin), or None."""
+
+    def rotate(self, x: Any, rotation: Any) -> Any:
+        """Rotate queries or keys x (B, H, T, D) with what rotation(pos) gave; identity by default."""
+
+    def bias_slopes(self) -> Any:
+        """Per-head slopes m (H,) of a score bias −m·(i − j), or None."""
+
+
+class Norm(ModuleComponent, Protocol):
+    """(dim, config, **options) -> module (..., dim) -> (..., dim)."""
+
+    def forward(self, x: Any) -> Any:
+        """Normalise over the last dimension."""
+
+
+class MLP(ModuleComponent, Protocol):
+    """(config, **options) -> module (B,T,C) -> (B,T,C); its output projection is named c_proj."""
+
+    def forward(self, x: Any) -> Any:
+        """(B, T, C) -> (B, T, C)."""
+
+
+class MoE(ModuleComponent, Protocol):
+    """(config, **options) -> module (B,T,C) -> ((B,T,C), MoEAux).
+
+    It returns its auxiliary loss (added to the LM loss, already weighted) and detached routing
+    statistics with the output: ``models.moe.MoEAux(loss, stats)``, stats holding balance_loss,
+    z_loss, tokens_per_expert (E,) and dropped. The trainer sums them over every micro-batch.
+    """
+
+    def forward(self, x: Any) -> Any:
+        """(B, T, C) -> (output (B, T, C), MoEAux)."""
+
+
+class Quantization(Protocol):
+    """(**options) -> transform of a model's linear layers: post-training (stage 'post': applied to a
+    trained float model) or training-time (stage 'train': QAT, applied when the model is built)."""
+
+    stage: str  # 'post' or 'train'
+    format: str  # how weights are stored after apply, for reports
+
+    def apply(self, model: Any) -> Any:
+        """Transform the model in place and return it."""
+
+    @optional
+    @factory_hook
+    @staticmethod
+    def check(config: Any, options: dict) -> str | None:
+        """Why these options cannot quantize this config (e.g. a group size), or None."""
+
+
+PROTOCOLS: dict[str, type] = {
+    "attention": Attention,
+    "attention_backend": AttentionBackend,
+    "positional": Positional,
+    "norm": Norm,
+    "mlp": MLP,
+    "moe": MoE,
+    "quantization": Quantization,
+}
+
+
+class Hook:
+    """One member of a family's protocol."""
+
+    def __init__(self, name: str, member: Any, annotation: Any = None):
+        self.name = name
+        function = getattr(member, "__func__", member)
+        self.is_method = callable(function)
+        self.optional = getattr(function, "__contract_optional__", False)
+        self.factory = getattr(function, "__contract_factory__", False)
+        self.doc = (inspect.getdoc(function) or "").strip() if self.is_method else ""
+        self.function = function if self.is_method else None
+        self.annotation = annotation
+
+    @property
+    def signature(self) -> str:
+        if not self.is_method:
+            return f"{self.name}: {self.annotation}"
+        params = [p for p in inspect.signature(self.function).parameters.values() if p.name != "self"]
+        text = str(inspect.Signature(params, return_annotation=inspect.signature(self.function).return_annotation))
+        return f"{self.name}{text}".replace("'", "")
+
+    @property
+    def arity(self) -> int:
+        """Positional parameters the hook is called with (self excluded)."""
+        return sum(1 for p in inspect.signature(self.function).parameters.values()
+                   if p.name != "self" and p.default is p.empty)
+
+
+def hooks(family: str) -> list[Hook]:
+    """The members of a family's protocol, in the order the protocol states them (bases first)."""
+    found: dict[str, Hook] = {}
+    for cls in reversed(PROTOCOLS[family].__mro__):
+        if cls is object or cls is Protocol or not getattr(cls, "_is_protocol", False):
+            continue
+        for name, annotation in getattr(cls, "__annotations__", {}).items():
+            found[name] = Hook(name, None, annotation)
+        for name, member in vars(cls).items():
+            if not name.startswith("_") or name == "__call__":
+                if callable(getattr(member, "__func__", member)):
+                    found[name] = Hook(name, member)
+    return list(found.values())
+
+
+def describe(family: str) -> str:
+    """The contract of a family as text: the protocol's docstring, then each hook."""
+    lines = [inspect.cleandoc(PROTOCOLS[family].__doc__ or ""), ""]
+    if family == "attention":
+        lines += ["Attention features:", *(f"  {name:8} {text}" for name, text in FEATURES.items()), ""]
+    lines.append("Hooks:")
+    for hook in hooks(family):
+        kind = "optional" if hook.optional else "required"
+        where = ", read from the factory" if hook.factory else ""
+        lines.append(f"  {hook.signature}  [{kind}{where}]")
+        if hook.doc:
+            lines += [f"      {line}" for line in hook.doc.splitlines()]
+    return "\n".join(lines)
+
+
+def violations(family: str, factory: Callable[..., Any], fixed: dict | None = None) -> list[str]:
+    """What a factory lacks or gets wrong against its family's protocol (empty when it complies).
+
+    A class is checked whole; a function factory only for its factory hooks (the module it returns
+    is checked by ``built_violations``).
+    """
+    problems = []
+    is_class = inspect.isclass(factory)
+    for hook in hooks(family):
+        if not is_class and not hook.factory:
+            continue
+        present = hasattr(factory, hook.name)
+        if not present:
+            if not hook.optional and hook.is_method:
+                problems.append(f"lacks {hook.signature}" + (f" ({_first_sentence(hook.doc)})" if hook.doc else ""))
+            elif not hook.optional and not _has_annotation(factory, hook.name):
+                problems.append(f"lacks the attribute {hook.signature}")
+            continue
+        if hook.is_method and hook.factory:
+            problems += _shape_problems(hook, getattr(factory, hook.name))
+    return problems
+
+
+def built_violations(family: str, module: Any) -> list[str]:
+    """What a built component lacks against its family's protocol (for function factories)."""
+    return [f"lacks {hook.signature}" for hook in hooks(family)
+            if not hook.optional and not hook.factory and not hasattr(module, hook.name)]
+
+
+def _first_sentence(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat.split(". ")[0].rstrip(".")
+
+
+def _has_annotation(cls: type, name: str) -> bool:
+    return any(name in getattr(c, "__annotations__", {}) for c in getattr(cls, "__mro__", ()))
+
+
+def _shape_problems(hook: Hook, given: Any) -> list[str]:
+    """A factory hook must be callable with the protocol's arguments: one shape across families."""
+    if not callable(given):
+        return [f"{hook.name} must be a callable {hook.signature}"]
+    try:
+        params = list(inspect.signature(given).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) > hook.arity or len(positional) < hook.arity:
+        return [f"{hook.name} takes {len(positional)} argument(s) but the contract calls {hook.signature}"
+                " (a staticmethod)"]
+    return []
