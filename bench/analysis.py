@@ -143,19 +143,63 @@ def pareto_front(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
     return front
 
 
-def _point(sweep) -> str:
+def point_key(sweep) -> str:
     return json.dumps(sweep, sort_keys=True, default=str)
 
 
+def eval_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that enter verdicts: not the tuning runs (which chose each variant's setting)."""
+    return runs[runs["role"] != "tune"] if "role" in runs else runs
+
+
+def eligible_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, point): finished runs, failures, and whether the point may be chosen — a point
+    where any seed diverged or failed is not (it counts against the point, not only its variant)."""
+    frame = runs.assign(point=runs["sweep"].map(point_key))
+    stats = frame.groupby(["variant", "point"])["status"].agg(
+        finished=lambda s: int((s == "finished").sum()), diverged=lambda s: int((s == "diverged").sum()),
+        failed=lambda s: int((s == "failed").sum())).reset_index()
+    stats["eligible"] = (stats["finished"] > 0) & (stats["diverged"] == 0) & (stats["failed"] == 0)
+    return stats
+
+
 def best_of_sweep(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per variant, the runs of the sweep point with the lowest mean val loss (chosen on val loss)."""
+    """Per variant, the runs of the point with the lowest mean val loss. With several points, only a
+    point where no seed diverged or failed is eligible; a single point is kept whatever happened."""
     done = runs[runs["status"] == "finished"].copy()
     if done.empty:
         return done
-    done["point"] = done["sweep"].map(_point)
+    done["point"] = done["sweep"].map(point_key)
+    points = eligible_points(runs)
+    several = points.groupby("variant")["point"].transform("size") > 1
+    allowed = points[points["eligible"] | ~several][["variant", "point"]]
+    done = done.merge(allowed, on=["variant", "point"])
+    if done.empty:
+        return done
     means = done.groupby(["variant", "point"])["val_loss"].mean().reset_index()
     best = means.loc[means.groupby("variant")["val_loss"].idxmin(), ["variant", "point"]]
     return done.merge(best, on=["variant", "point"])
+
+
+def choose_tuned(runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each variant's tune point, chosen on its tuning runs alone: among points where every tuning
+    seed finished (none diverged or failed), the best mean of the study's quality metric (accuracy for
+    tasks, else val loss; ties: lower val loss). Returns (variant -> point, variant -> why none was)."""
+    tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
+    chosen, none = {}, {}
+    metric = quality_metric(tuning) if not tuning.empty else "val_loss"
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    points = eligible_points(tuning) if not tuning.empty else pd.DataFrame()
+    for variant, group in tuning.groupby("variant", sort=False):
+        ok = set(points[(points["variant"] == variant) & points["eligible"]]["point"])
+        done = group[(group["status"] == "finished") & group["sweep"].map(point_key).isin(ok)]
+        if done.empty:
+            none[variant] = f"every tuning point of '{variant}' had a diverged or failed seed"
+            continue
+        score = done.assign(point=done["sweep"].map(point_key), score=sign * done[metric]).groupby("point")[
+            ["score", "val_loss"]].mean().sort_values(["score", "val_loss"])
+        chosen[variant] = json.loads(score.index[0])
+    return chosen, none
 
 
 def quality_metric(runs: pd.DataFrame) -> str:
@@ -164,7 +208,7 @@ def quality_metric(runs: pd.DataFrame) -> str:
     return "val_accuracy" if "val_accuracy" in done and done["val_accuracy"].notna().any() else "val_loss"
 
 
-def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str] | None = None) -> pd.DataFrame:
+def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | None] | None = None) -> pd.DataFrame:
     """One row per variant (baseline first, then by mean val loss): per quality metric the mean, sd and
     95% CI over seeds; its reference; params, FLOPs, tokens/s, memory; how many runs failed or diverged."""
     compare = compare or {}
@@ -182,10 +226,12 @@ def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str] |
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    counts = runs.groupby("variant")["status"].value_counts().unstack(fill_value=0)
+    # failures count at the point each variant is judged at (the others are in its sensitivity curve)
+    points = eligible_points(runs).set_index(["variant", "point"])
     for status in ("failed", "diverged"):
-        table[status] = table["variant"].map(counts[status] if status in counts else {}).fillna(0).astype(int)
-    table["reference"] = [compare.get(v, baseline) if v != baseline else "" for v in table["variant"]]
+        table[status] = [int(points[status].get((v, point_key(sweep)), 0)) for v, sweep in zip(table["variant"], table["sweep"])]
+    # "" for the baseline and for variants that are references of their own (compare: {v: null})
+    table["reference"] = [compare.get(v, baseline) or "" if v != baseline else "" for v in table["variant"]]
     others = table[table["variant"] != baseline].sort_values("val_loss_mean")["variant"].tolist()
     order = [v for v in [baseline, *others] if v in set(table["variant"])]
     return table.set_index("variant").reindex(order).reset_index()
@@ -351,13 +397,21 @@ class Comparison:
     higher_is_better: bool = False
     machine: str | None = None
     note: str = ""
+    tuned: dict = field(default_factory=dict)  # variant and reference -> the tuned values they ran at
 
     @property
     def unit(self) -> str:
         return UNITS.get(self.metric, "")
 
     def sentence(self) -> str:
-        """The verdict in one sentence, with the numbers behind it."""
+        """The verdict in one sentence, with the numbers behind it (and the tuned settings)."""
+        if not self.tuned:
+            return self._verdict_sentence()
+        at = "; ".join(f"{name} at " + ", ".join(f"{k}={v}" for k, v in point.items())
+                       for name, point in self.tuned.items() if point)
+        return self._verdict_sentence() + (f" Each at its setting tuned on held-out seeds: {at}." if at else "")
+
+    def _verdict_sentence(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
         over = (f"{self.test} over {self.n} seeds" if self.test != "welch"
                 else f"Welch over {self.n} and {self.n_reference} seeds")
@@ -375,7 +429,7 @@ class Comparison:
                 f"±{self.mde:.4f} or more (80% power), and equivalence needs the CI inside ±{self.margin:g}.")
 
     def to_dict(self) -> dict:
-        return {k: _json_number(v) for k, v in asdict(self).items()}
+        return {k: v if k == "tuned" else _json_number(v) for k, v in asdict(self).items()}
 
 
 def _p(p: float) -> str:
@@ -495,18 +549,41 @@ def noise_floor(values: dict[str, dict[int, float]], baseline: str, comparisons:
     return Noise(float(np.std(base, ddof=1)) if len(base) >= 2 else math.nan, len(base), pooled, df)
 
 
+def _same_data(runs: pd.DataFrame, variant: str, reference: str) -> bool:
+    """Whether two variants' runs were scored on the same data (the data settings of their configs): a
+    loss on another task is no reference (the planner refuses such specs; this guards older stores)."""
+    if "config" not in runs:
+        return True
+    data = {v: {json.dumps(c.get("data"), sort_keys=True, default=str) for c in runs.loc[runs["variant"] == v, "config"]
+                if isinstance(c, dict)} for v in (variant, reference)}
+    return not (data[variant] and data[reference]) or data[variant] == data[reference]
+
+
 def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> StudySummary:
     """The verdicts of a study (its spec, as stored) from its runs on one machine: each variant at its
     chosen sweep point against its reference."""
     design = Design.from_spec(spec)
     baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
     references = spec.get("compare") or {}
+    runs = eval_runs(runs)
     table = variant_summary(runs, baseline, references)
     metric = quality_metric(runs)
-    values = {v: _per_seed(g, metric) for v, g in best_of_sweep(runs).groupby("variant")}
-    pairs = [(v, references.get(v, baseline)) for v in (table["variant"] if not table.empty else [])
-             if v != baseline and references.get(v, baseline) in values]
+    chosen = best_of_sweep(runs)
+    values = {v: _per_seed(g, metric) for v, g in chosen.groupby("variant")}
+    pairs = []
+    for v in table["variant"] if not table.empty else []:
+        runs_of = chosen[chosen["variant"] == v]
+        if "kind" in runs_of and (runs_of["kind"] == "quantize").all() and f"{metric}_float" in runs_of:
+            # post-training quantization: against its own float checkpoint, evaluated the same way
+            values[f"{v} (float)"] = _per_seed(runs_of, f"{metric}_float")
+            pairs.append((v, f"{v} (float)"))
+        elif v != baseline and (ref := references.get(v, baseline)) in values and _same_data(chosen, v, ref):
+            pairs.append((v, ref))
     comparisons = judge(values, pairs, metric, design, machine)
+    if spec.get("tune"):  # the values each side was trained at, chosen on the tuning seeds
+        at = dict(zip(table["variant"], table["sweep"]))
+        for c in comparisons:
+            c.tuned = {c.variant: at.get(c.variant) or {}, c.reference: at.get(c.reference) or {}}
     return StudySummary(spec.get("name", ""), metric, design, noise_floor(values, baseline, comparisons), comparisons,
                         table, machine)
 
@@ -518,6 +595,8 @@ SCALING_MIN_BUDGETS = 3  # ... and this many token budgets
 SCALING_BOOTSTRAP = 100  # bootstrap refits behind each Approach 3 interval (seeded: the summary is reproducible)
 SCALING_EXTRAPOLATION = 100  # without the spec's extrapolate_to, multipliers are also stated at 100× the largest budget
 SCALING_TABLES = ("fits", "multipliers", "approach2", "compute_law")  # the per-variant rows of a summary
+SCALING_COMPUTE = ("C = training FLOPs per token × tokens (forward + backward, attention and LM head included); "
+                   "N = active parameters")
 
 
 def compute_envelope(compute, loss) -> tuple[np.ndarray, np.ndarray]:
@@ -530,37 +609,75 @@ def compute_envelope(compute, loss) -> tuple[np.ndarray, np.ndarray]:
     return compute[order][keep], envelope[keep]
 
 
+def _planned_flops(config) -> float:
+    """The FLOPs budget a run was planned with (its config's train.flops), NaN for any other budget."""
+    train = config.get("train") if isinstance(config, dict) else None
+    flops = train.get("flops") if isinstance(train, dict) else None
+    return float(flops) if flops else math.nan
+
+
+def scaling_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """A study's finished training runs as the scaling fits see them, one row each: variant, params (N:
+    the parameters a token uses — MoE's active ones; all of them where a store did not record that),
+    tokens (D, trained), val_loss, flops_per_token (training FLOPs per token from the run's metrics:
+    forward + backward, attention and the LM head included), compute (C = flops_per_token × tokens),
+    estimated (no FLOPs recorded: C falls back to 6·N·D) and budget (the train.flops the run was planned
+    with, NaN for other budgets: what groups runs into IsoFLOP curves)."""
+    done = runs[(runs["status"] == "finished") & (runs["kind"] == "train")]
+    column = lambda name: pd.to_numeric(done[name], errors="coerce") if name in done else pd.Series(math.nan, index=done.index)  # noqa: E731
+    points = pd.DataFrame({"variant": done["variant"], "params": column("active_params").fillna(column("params")),
+                           "tokens": column("tokens"), "val_loss": column("val_loss"),
+                           "flops_per_token": column("flops_per_token"),
+                           "budget": done["config"].map(_planned_flops) if "config" in done else math.nan},
+                          index=done.index).dropna(subset=["val_loss", "params", "tokens"])
+    points["estimated"] = points["flops_per_token"].isna()
+    points["flops_per_token"] = points["flops_per_token"].fillna(6 * points["params"])
+    points["compute"] = points["flops_per_token"] * points["tokens"]
+    return points
+
+
 def scaling_summary(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = None) -> dict | None:
     """The scaling laws of a study's finished training runs, per variant whose runs span at least 3 model
-    sizes and 3 token budgets; None where no variant does. Values are raw numbers (the report formats them):
+    sizes and 3 token budgets; None where no variant does. Values are raw numbers (the report formats them).
+    Compute is C = training FLOPs per token × tokens and N the active parameters (``scaling_points``);
+    6·N·D stands in for runs without recorded FLOPs, and ``compute`` says so:
 
-    - ``points``: the fitted runs (variant, params, tokens, val_loss); ``parametric``: variant → its
-      ``scaling.ParametricFit`` (Chinchilla Approach 3, 100 seeded bootstrap refits);
+    - ``points``: the fitted runs (``scaling_points``); ``parametric``: variant → its
+      ``scaling.ParametricFit`` (Chinchilla Approach 3, 100 seeded bootstrap refits; its frontier's
+      compute is F(N)·D with F = k·N^p fitted to the runs' FLOPs per token);
+    - ``compute``: how compute was counted, naming the runs that fell back to 6·N·D; ``estimated``: their number;
     - ``fits``: one row per variant: E, A, B, alpha, beta, their 95% intervals ``E_ci`` … (low, high), the
       frontier exponents a and b, r2 (of log L), max_residual (|log-space residual|), objective, warnings;
     - ``multipliers``: each variant against `baseline` (when it was fitted) at the largest trained compute
-      6ND and at `extrapolate_to` (else 100× the largest): where, compute, loss (the baseline's frontier
+      and at `extrapolate_to` (else 100× the largest): where, compute, loss (the baseline's frontier
       loss there), multiplier, ci (low, high) or None, and extrapolated;
-    - ``approach2``: IsoFLOP parabolas (Approach 2) per variant: a, b, budgets, r2 (of the N_opt line),
+    - ``approach2``: IsoFLOP parabolas (Approach 2) per variant, runs grouped by their planned budget
+      (train.flops; else by compute to 3 significant digits): a, b, budgets, optima (per budget: budget,
+      n_opt, d_opt, inside — whether N_opt lies within the sizes trained there), r2 (of the N_opt line),
       parabola_r2 (the smallest parabola R²) and error — the reason, where the grid has too few budgets;
     - ``compute_law``: L(C) = E + K·C^−γ on each variant's compute envelope, where it has ≥ 3 points: E, K,
       gamma, r2, points, range (the fitted compute range) and max_residual.
     """
-    done = runs[(runs["status"] == "finished") & (runs["kind"] == "train")].dropna(subset=["val_loss", "params", "tokens"])
+    done = scaling_points(runs)
     eligible = [v for v, g in done.groupby("variant")
                 if g["params"].nunique() >= SCALING_MIN_SIZES and g["tokens"].nunique() >= SCALING_MIN_BUDGETS]
     if not eligible:
         return None
-    points = done[done["variant"].isin(eligible)][["variant", "params", "tokens", "val_loss"]]
-    fits = {v: scaling.fit_parametric(g["params"], g["tokens"], g["val_loss"], n_bootstrap=SCALING_BOOTSTRAP, seed=0)
-            for v, g in points.groupby("variant")}
+    points = done[done["variant"].isin(eligible)]
+    fits = {}
+    for v, g in points.groupby("variant"):
+        fits[v] = scaling.fit_parametric(g["params"], g["tokens"], g["val_loss"], n_bootstrap=SCALING_BOOTSTRAP, seed=0,
+                                         flops_per_token=g["flops_per_token"])
+        if g["estimated"].any():
+            fits[v].warnings.append(f"compute is 6·N·D for {int(g['estimated'].sum())} of {len(g)} runs: "
+                                    "they recorded no FLOPs per token")
     rows = [{"variant": v, **fit.params, **{f"{k}_ci": fit.ci[k] for k in scaling.PARAMS},
              "a": fit.exponent_a, "b": fit.exponent_b, "r2": fit.r2_log,
              "max_residual": float(np.abs(fit.residuals).max()), "objective": fit.objective, "warnings": fit.warnings}
             for v, fit in fits.items()]
     multipliers = []
     if baseline in fits:
-        largest = float((6 * points["params"] * points["tokens"]).max())
+        largest = float(points["compute"].max())
         where = [("largest trained budget", largest),
                  ("the spec's extrapolate_to", extrapolate_to) if extrapolate_to
                  else (f"extrapolated to {SCALING_EXTRAPOLATION}× that", SCALING_EXTRAPOLATION * largest)]
@@ -575,20 +692,25 @@ def scaling_summary(runs: pd.DataFrame, baseline: str, extrapolate_to: float | N
     approach2, compute_law = [], []
     for v, g in points.groupby("variant"):
         try:
-            iso = scaling.fit_isoflop(g["params"], g["tokens"], g["val_loss"])
+            iso = scaling.fit_isoflop(g["params"], g["tokens"], g["val_loss"], compute=g["compute"], budget=g["budget"])
             approach2.append({"variant": v, "a": iso.exponent_a, "b": iso.exponent_b, "budgets": len(iso.budgets),
+                              "optima": [{"budget": float(c), "n_opt": float(n), "d_opt": float(d), "inside": inside}
+                                         for c, n, d, inside in zip(iso.budgets, iso.n_opt, iso.d_opt, iso.inside)],
                               "r2": iso.r2_log, "parabola_r2": min(iso.parabola_r2), "error": None})
         except ValueError as e:
-            approach2.append({"variant": v, "a": None, "b": None, "budgets": 0, "r2": None, "parabola_r2": None,
-                              "error": str(e)})
-        compute, best = compute_envelope(6 * g["params"] * g["tokens"], g["val_loss"])
+            approach2.append({"variant": v, "a": None, "b": None, "budgets": 0, "optima": [], "r2": None,
+                              "parabola_r2": None, "error": str(e)})
+        compute, best = compute_envelope(g["compute"], g["val_loss"])
         if len(compute) >= 3:
             law = scaling.fit_compute_law(compute, best)
             compute_law.append({"variant": v, "E": law.E, "K": law.K, "gamma": law.gamma, "r2": law.r2_log,
                                 "points": len(compute), "range": law.compute_range,
                                 "max_residual": float(np.abs(law.residuals).max())})
+    estimated = int(points["estimated"].sum())
     return {"points": points, "parametric": fits, "fits": rows, "multipliers": multipliers, "approach2": approach2,
-            "compute_law": compute_law}
+            "compute_law": compute_law, "estimated": estimated,
+            "compute": SCALING_COMPUTE + (f"; 6·N·D for {estimated} of {len(points)} runs, which recorded no FLOPs per token"
+                                          if estimated else "")}
 
 
 def scaling_per_machine(runs: pd.DataFrame, baseline: str, extrapolate_to: float | None = None) -> list[dict]:

@@ -1,21 +1,25 @@
 """The machine: its fingerprint, the device and dtype to train with, and its measured peaks.
 
 Peaks are *measured* here, not looked up: the best of a sweep of large matmuls (FLOP/s) and of a
-large copy (bytes/s), cached per machine so MFU and bandwidth fractions are cheap to report.
+large copy (bytes/s), cached per machine so MFU and bandwidth fractions are cheap to report. So is
+the CPU's `dtype: auto` decision, with the medians behind it (``cpu_dtype_decision``, ``dtype_reason``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bench.paths import atomic_write_bytes, cache_dir
 
@@ -134,7 +138,7 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return best
 
 
-def _cached(key: str, measure, device: torch.device | None = None) -> float:
+def _cached(key: str, measure, device: torch.device | None = None) -> float | dict:
     path = cache_dir("hardware") / f"{machine_id()}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if key not in data:
@@ -144,6 +148,8 @@ def _cached(key: str, measure, device: torch.device | None = None) -> float:
         with torch.random.fork_rng(devices=cuda):
             data[key] = measure()
         fresh = json.loads(path.read_text()) if path.exists() else {}  # another process may have written
+        if key in fresh:  # it measured first: keep its value, so every process on the machine agrees
+            return fresh[key]
         atomic_write_bytes(path, json.dumps({**fresh, key: data[key]}, indent=1).encode())
     return data[key]
 
@@ -175,17 +181,91 @@ def peak_copy_bandwidth(device: torch.device) -> float:
     return _cached(f"copy:{device.type}{threads}", measure, device)
 
 
+# `dtype: auto` on CPU: bf16 only where a bf16-autocast training step is clearly faster, decided once per
+# machine. A bare matmul is the wrong probe: on CPUs with bf16 units it runs ~2.5× faster, yet small models'
+# training steps don't, because autocast's casts and the elementwise work eat the matmul gain.
+BF16_MIN_SPEEDUP = 2.0  # bf16 only when clearly faster: its numerics differ, and on a loaded CPU 1.2–1.7× comes and goes
+DTYPE_PROBE_TOKENS = 2048  # the probe block: x (tokens × width) → Linear(width, hidden) → GELU → Linear(hidden,
+DTYPE_PROBE_WIDTH = 256  # width) → mean-square loss, forward + backward (a small model's MLP block)
+DTYPE_PROBE_HIDDEN = 1024
+DTYPE_PROBE_REPEATS = 7  # interleaved fp32/bf16 pairs (after a warm-up of each); their medians are compared
+DTYPE_PROBE_GIVE_UP = 4.0  # after 2 pairs, every bf16 ≥ 4× slower than every fp32: no bf16 units, stop
+
+
+def _probe_block() -> dict[str, torch.Tensor]:
+    """The probe's input, target and trainable weights (fp32), drawn from a private generator."""
+    gen = torch.Generator().manual_seed(0)
+    n, w, h = DTYPE_PROBE_TOKENS, DTYPE_PROBE_WIDTH, DTYPE_PROBE_HIDDEN
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=gen) * cols**-0.5).requires_grad_()
+
+    return {"x": torch.randn(n, w, generator=gen), "target": torch.randn(n, w, generator=gen),
+            "w1": weight(h, w), "b1": torch.zeros(h, requires_grad=True),
+            "w2": weight(w, h), "b2": torch.zeros(w, requires_grad=True)}
+
+
+def _time_step(block: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+    """Wall time of one forward + backward of the probe block, in fp32 or under bf16 autocast, in seconds
+    (the dtype probe's only clock; tests replace it). Gradients are cleared first, as an optimizer would."""
+    for name in ("w1", "b1", "w2", "b2"):
+        block[name].grad = None
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    start = time.perf_counter()
+    with cast:
+        hidden = F.gelu(F.linear(block["x"], block["w1"], block["b1"]))
+        loss = F.mse_loss(F.linear(hidden, block["w2"], block["b2"]).float(), block["target"])
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def _measure_cpu_dtype() -> dict:
+    """Time fp32 against bf16-autocast training steps on this CPU and decide; every number behind it kept."""
+    block = _probe_block()
+    for dtype in (torch.float32, torch.bfloat16):
+        _time_step(block, dtype)  # warm-up: first-call allocations, kernel selection
+    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    for i in range(DTYPE_PROBE_REPEATS):
+        for dtype in (torch.float32, torch.bfloat16) if i % 2 == 0 else (torch.bfloat16, torch.float32):
+            times[dtype].append(_time_step(block, dtype))  # neither always runs first (caches, clocks)
+        if i >= 1 and min(times[torch.bfloat16]) >= DTYPE_PROBE_GIVE_UP * max(times[torch.float32]):
+            break  # emulated bf16 (up to hundreds of times slower): more repetitions would change nothing
+    return decide_cpu_dtype(statistics.median(times[torch.float32]), statistics.median(times[torch.bfloat16]),
+                            repeats=len(times[torch.float32]))
+
+
+def decide_cpu_dtype(fp32_median_s: float, bf16_median_s: float, *, repeats: int,
+                     threshold: float = BF16_MIN_SPEEDUP) -> dict:
+    """The decision from two median step times: bf16 iff fp32/bf16 ≥ threshold. Deterministic."""
+    n, w, h = DTYPE_PROBE_TOKENS, DTYPE_PROBE_WIDTH, DTYPE_PROBE_HIDDEN
+    speedup = fp32_median_s / bf16_median_s
+    dtype = "bfloat16" if speedup >= threshold else "float32"
+    speed = f"{speedup:.2f}× as fast" if speedup >= 1 else f"{1 / speedup:.3g}× slower"
+    reason = (f"{dtype}: median fp32 vs bf16-autocast forward+backward of a {w}→{h}→{w} MLP on {n} tokens "
+              f"over {repeats} interleaved repetitions: fp32 {fp32_median_s * 1e3:.4g} ms, bf16 "
+              f"{bf16_median_s * 1e3:.4g} ms; bf16 {speed}, "
+              f"{'at least' if dtype == 'bfloat16' else 'below'} the {threshold:g}× speed-up threshold for bf16")
+    return {"dtype": dtype, "reason": reason, "fp32_median_s": fp32_median_s, "bf16_median_s": bf16_median_s,
+            "speedup": speedup, "threshold": threshold, "probe": "mlp-step", "tokens": n, "width": w,
+            "hidden": h, "repeats": repeats}
+
+
+def cpu_dtype_decision() -> tuple[torch.dtype, str]:
+    """The dtype `dtype: auto` trains with on this CPU and why: bf16 only if a bf16-autocast forward +
+    backward of a small MLP block (``_probe_block``) is ≥ BF16_MIN_SPEEDUP (2×) faster than fp32's,
+    by medians over DTYPE_PROBE_REPEATS interleaved repetitions. Measured once per machine (and torch
+    thread count) and cached with the module's peaks, so every run on a machine trains in the same
+    precision."""
+    threads = torch.get_num_threads()
+    record = _cached(f"cpu_dtype:step:bf16>={BF16_MIN_SPEEDUP:g}x:{threads}t", _measure_cpu_dtype)
+    return getattr(torch, record["dtype"]), record["reason"]
+
+
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 matmuls are at least half as fast as fp32 here (not on CPUs without bf16 units)."""
+    """Whether to train in bf16 here: CUDA devices that support it; CPUs per ``cpu_dtype_decision``."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-
-    def measure() -> float:
-        a32 = torch.randn(256, 256)
-        a16 = a32.to(torch.bfloat16)
-        return _timed(lambda: a16 @ a16, 3, device) / _timed(lambda: a32 @ a32, 3, device)
-
-    return _cached("bf16_over_fp32_time:cpu", measure) < 2.0
+    return cpu_dtype_decision()[0] == torch.bfloat16
 
 
 def training_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
@@ -193,6 +273,20 @@ def training_dtype(device: torch.device, requested: str = "auto") -> torch.dtype
     if requested != "auto":
         return getattr(torch, requested)
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
+def dtype_reason(device_str: str, requested_dtype: str) -> str | None:
+    """Why ``training_dtype`` picks what it picks for this device on this machine, for the run table;
+    None when the spec names its dtype (nothing was decided). On CPU this reads the cached decision
+    (measuring it first if this machine has none)."""
+    if requested_dtype != "auto":
+        return None
+    device = resolve_device(device_str)
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
+        return f"{'bfloat16' if supported else 'float32'}: {name} {'supports' if supported else 'lacks'} bf16"
+    return cpu_dtype_decision()[1]
 
 
 def datasheet_peak(fp: dict | None = None) -> float | None:

@@ -131,6 +131,7 @@ class Strategy:
 
     def __init__(self, world: World, device: torch.device):
         self.world, self.device = world, device
+        self.scaler: torch.amp.GradScaler | None = None  # float16 only: dynamic loss scaling
 
     def setup(self, model: nn.Module, train, micro: int, accumulation: int) -> None:
         """Wrap the model and make the optimizer; `micro` sequences per forward, `accumulation` forwards per step."""
@@ -138,6 +139,15 @@ class Strategy:
         self.module = model  # what the loop calls forward on
         self.optimizer = adamw(param_groups(model, train.weight_decay), train.lr, (train.beta1, train.beta2))
         self.grad_clip = train.grad_clip
+        if train.dtype == "float16":
+            # fp16's 5 exponent bits flush small gradients to zero: scale the loss up, unscale the
+            # gradients before clipping, skip steps whose gradients overflowed. Under FSDP2 the
+            # overflow check of sharded (DTensor) gradients is reduced over ranks by DTensor itself.
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: scaled up under float16, the loss itself otherwise."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """One micro-batch's backward; gradients are synchronised across ranks on the last only."""
@@ -148,9 +158,17 @@ class Strategy:
             group["lr"] = lr
 
     def step(self) -> float:
-        """Clip, update, zero; returns the gradient norm before clipping."""
+        """Clip, update, zero; returns the gradient norm before clipping (of the unscaled gradients).
+
+        Under float16 a step whose gradients overflowed is skipped and the scale backs off."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -161,8 +179,9 @@ class Strategy:
 
         model, optimizer = self._full_state()  # collective under FSDP: every rank takes part
         if self.world.main:
+            scaler = {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
             save_checkpoint(path, {**extra, "strategy": self.name, "world_size": self.world.size,
-                                   "model": model, "optimizer": optimizer})
+                                   "model": model, "optimizer": optimizer, **scaler})
 
     def load(self, path: Path) -> dict | None:
         """Restore model and optimizer; returns the `extra` state saved beside them (None: no checkpoint)."""
@@ -175,6 +194,9 @@ class Strategy:
         if not self._can_resume(written):
             raise RuntimeError(f"this checkpoint was written by {written}; resume it with {written}, not {self.name}")
         self._restore(state.pop("model"), state.pop("optimizer"))
+        scaler = state.pop("grad_scaler", None)
+        if self.scaler is not None and scaler is not None:
+            self.scaler.load_state_dict(scaler)
         return state
 
     def _full_state(self) -> tuple[dict, dict]:
@@ -261,6 +283,12 @@ class DeepSpeedStrategy(Strategy):
         }
 
     def setup(self, model, train, micro, accumulation):
+        if train.dtype == "float16":
+            # DeepSpeed's fp16 mode brings its own loss scaler and fp16 master weights: a different
+            # experiment from the other strategies' autocast + torch.amp.GradScaler, so refused here
+            raise ValueError("train.dtype: float16 is not supported with distributed.strategy: deepspeed "
+                             "(DeepSpeed would need its own fp16 loss scaler); use bfloat16 or float32, "
+                             "or strategy ddp/fsdp for float16")
         import deepspeed
 
         self.model = model

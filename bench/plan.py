@@ -41,11 +41,13 @@ class PlannedRun:
     kind: Literal["train", "quantize"] = "train"
     parent_id: str | None = None  # quantize: the float run whose checkpoint it evaluates
     pending: str | None = None  # planned without preparing the data: what is not known yet
+    role: Literal["tune", "eval"] = "eval"  # tune: chooses the variant's setting; eval: enters verdicts
 
     @property
     def label(self) -> str:
         point = ", ".join(f"{k}={v}" for k, v in self.sweep.items())
-        return f"{self.variant}" + (f" [{point}]" if point else "") + f" seed {self.seed}"
+        return (f"{self.variant}" + (f" [{point}]" if point else "") + f" seed {self.seed}"
+                + (" (tuning)" if self.role == "tune" else ""))
 
 
 @dataclass
@@ -94,10 +96,13 @@ def _post_training(model: dict) -> bool:
 
 
 def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds: list[int] | None = None,
-           device: str | None = None, prepare: bool = True) -> Plan:
+           device: str | None = None, prepare: bool = True, tuning: bool = False,
+           tuned: dict[str, dict[str, Any]] | None = None) -> Plan:
     """Every run of the study, validated; quantized variants get (and depend on) a float run.
 
-    prepare=False plans without touching the data (see the module's docstring)."""
+    tuning=True: the tuning runs (role 'tune') — every tune point of each variant on the tuning seeds.
+    tuned: each variant's chosen tune point (``analysis.choose_tuned``); its eval runs train at it,
+    on the evaluation seeds. prepare=False plans without touching the data (see the module's docstring)."""
     try:
         plugins = load_plugins(spec.plugins)
     except ComponentError as e:
@@ -107,24 +112,28 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
     if unknown:
         raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
     resolved = []  # (variant, sweep point, seed, RunConfig, what is pending)
-    sweep_keys = list(spec.sweep)
+    grid = spec.tune_points if tuning else spec.sweep
+    keys = list(grid)
     for variant in only or list(spec.variants):
+        if tuned is not None and variant not in tuned:
+            continue  # no eligible tune point: nothing to evaluate
         variant_base = spec.variant_base(variant)
-        for values in itertools.product(*(spec.sweep[k] for k in sweep_keys)):
-            point = dict(zip(sweep_keys, values))
+        points = [tuned[variant]] if tuned is not None else [
+            dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+        for point in points:
             config = variant_base
             for key, value in point.items():
                 config = set_dotted(config, key, value)
             if device:
                 config = set_dotted(config, "train.device", device)
-            for seed in seeds or spec.seed_list:
+            for seed in spec.tune_seed_list if tuning else seeds or spec.seed_list:
                 run = _resolve(config, seed, variant, sources, plugins, prepare)
                 _check_runs_here(run, variant, sources)
                 unknown = not prepare and vocab_pending(config.get("model", {}), run.data)
                 resolved.append((variant, point, seed, run, "vocab_size: determined when the data is prepared"
                                  if unknown else None))
 
-    _check_same_val_set(resolved, sources)
+    _check_same_val_set(spec, resolved, sources)
     plan = Plan(spec)
     planned: dict[str, PlannedRun] = {}
 
@@ -136,16 +145,17 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
     def identify(run: RunConfig, kind: str = "train") -> str | None:
         return run_id(run, kind) if prepare else None
 
+    role = "tune" if tuning else "eval"
     for variant, point, seed, run, pending in resolved:  # runs that train
         if not _post_training(run.model.to_dict()):
-            add(_key(run), lambda: PlannedRun(identify(run), variant, point, seed, run, pending=pending))
+            add(_key(run), lambda: PlannedRun(identify(run), variant, point, seed, run, pending=pending, role=role))
     for variant, point, seed, run, pending in resolved:  # post-training quantization: evaluate a float run
         if _post_training(run.model.to_dict()):
             float_run = run.model_copy(update={"model": run.model.model_copy(update={"quantization": None})})
             parent = add(_key(float_run), lambda: PlannedRun(  # usually the baseline's own run, trained once
-                identify(float_run), f"{variant} (float)", point, seed, float_run, pending=pending))
+                identify(float_run), f"{variant} (float)", point, seed, float_run, pending=pending, role=role))
             add(_key(run, "quantize"), lambda: PlannedRun(identify(run, "quantize"), variant, point, seed, run,
-                                                          "quantize", parent.run_id, pending))
+                                                          "quantize", parent.run_id, pending, role))
     plan.runs = sorted(planned.values(), key=lambda r: r.kind == "quantize")  # float runs first
     return plan
 
@@ -159,17 +169,46 @@ def preparation(plan: Plan) -> list[str]:
     return list(steps)
 
 
-def _check_same_val_set(resolved: list, sources: SourceMap) -> None:
-    """Verdicts compare val losses: every run of a study must be scored on the same val sequences."""
-    sizes = {}
+def val_set(run: RunConfig) -> dict[str, Any]:
+    """What a run's val loss is measured on: the data (its settings: the same corpus, task and
+    tokenizer), the sequence length and the number of val sequences."""
+    return {"data": run.data.model_dump(mode="json"), "seq_len": run.seq_len, "sequences": run.train.val_sequences}
+
+
+def _check_same_val_set(spec: Spec, resolved: list, sources: SourceMap) -> None:
+    """A verdict compares val losses: every run of a variant (all sweep points and seeds), and a variant
+    and its reference, must be scored on the same val set — the same data, length and sequences.
+    Variants on other data (another task) need a reference of their own (compare: {v: ref} or null)."""
+    sets: dict[str, tuple[dict, Any]] = {}
     for variant, point, _, run, _ in resolved:
-        sizes.setdefault(run.train.val_sequences, f"variant '{variant}'" + (f" at {point}" if point else ""))
-    if len(sizes) > 1:
-        (a, first), (b, second) = list(sizes.items())[:2]
-        where = sources.locate(("base", "train", "eval_batches"), ("base", "train"), ("base",))
-        raise SpecError(f"{where}: train.eval_sequences: {first} is evaluated on {a} val sequences and {second} on "
-                        f"{b} (eval_batches × batch_size): set base.train.eval_sequences so that every run is "
-                        "scored on the same tokens")
+        mine = val_set(run)
+        first = sets.setdefault(variant, (mine, point))
+        if first[0] != mine:
+            _val_set_error(spec, sources, f"variant '{variant}' at {first[1]}", first[0], f"variant '{variant}' at {point}",
+                           mine)
+    for variant, (mine, _) in sets.items():
+        reference = spec.reference_of(variant)
+        if reference in sets and sets[reference][0] != mine:
+            _val_set_error(spec, sources, f"variant '{variant}'", mine, f"its reference '{reference}'",
+                           sets[reference][0], variant)
+
+
+def _val_set_error(spec: Spec, sources: SourceMap, first: str, a: dict, second: str, b: dict,
+                   variant: str | None = None) -> None:
+    if a["data"] != b["data"] or a["seq_len"] != b["seq_len"]:
+        what = "data" if a["data"] != b["data"] else "sequence length"
+        differing = {k: (a["data"].get(k), b["data"].get(k)) for k in {*a["data"], *b["data"]}
+                     if a["data"].get(k) != b["data"].get(k)}
+        detail = (", ".join(f"{k} {x!r} vs {y!r}" for k, (x, y) in sorted(differing.items()))
+                  if differing else f"seq_len {a['seq_len']} vs {b['seq_len']}")
+        where = sources.locate(("compare",), ("variants", variant or ""), ("baseline",), ())
+        raise SpecError(f"{where}: compare: {first} and {second} train on different {what} ({detail}), so "
+                        "their losses are not comparable: give it a reference on the same data under compare: "
+                        f"({variant or 'variant'}: <a variant on its data>), or null to make it a reference of its own")
+    where = sources.locate(("base", "train", "eval_batches"), ("base", "train"), ("base",))
+    raise SpecError(f"{where}: train.eval_sequences: {first} is evaluated on {a['sequences']} val sequences and "
+                    f"{second} on {b['sequences']} (eval_batches × batch_size): set base.train.eval_sequences so "
+                    "that every run is scored on the same tokens")
 
 
 def _check_kernel_names(spec: Spec, sources: SourceMap) -> None:

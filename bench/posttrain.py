@@ -1,7 +1,9 @@
 """Post-training quantization of a trained run: quality change, model bytes, inference latency.
 
 The float run's final checkpoint is loaded once, evaluated on the fixed validation batches, then
-quantized and evaluated again on the same batches; both are timed on the same device.
+quantized and evaluated again on the same batches; both are timed on the same device. Both are
+evaluated and timed the same way, in the dtype the training run evaluates in (its autocast dtype,
+``hardware.training_dtype``): the change is a paired difference on one checkpoint, one precision.
 """
 
 from __future__ import annotations
@@ -16,26 +18,28 @@ import torch
 
 from bench.checkpoint import load_checkpoint
 from bench.data import load_dataset
-from bench.hardware import resolve_device
+from bench.hardware import resolve_device, training_dtype
 from bench.config import RunConfig
-from bench.train import evaluate
+from bench.train import _autocast, evaluate  # the training run's eval setting
 from models import build_model, flops_per_token, model_bytes, param_counts, quantize
 from models.quantization import linear_weight_bytes
 
 
 @torch.no_grad()
-def forward_latency(model: torch.nn.Module, x: torch.Tensor, repeats: int = 7) -> float:
-    """Median seconds of one forward pass over batch x (after a warm-up)."""
-    model(x)
-    times = []
-    for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def forward_latency(model: torch.nn.Module, x: torch.Tensor, repeats: int = 7,
+                    dtype: torch.dtype = torch.float32) -> float:
+    """Median seconds of one forward pass over batch x (after a warm-up), autocast to dtype."""
+    with _autocast(x.device, dtype):
         model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(repeats):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -54,23 +58,27 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     data = load_dataset(run.data)
     micro = run.train.micro_batch_size or run.train.batch_size
     val = data.val_batches(run.train.val_sequences, run.seq_len, micro)
-    before = evaluate(float_model, val, device, torch.float32, data.token_bytes)
+    # the float model and its quantized copy: the same batches, the same dtype (the training run's)
+    dtype = training_dtype(device, run.train.dtype)
+    before = evaluate(float_model, val, device, dtype, data.token_bytes)
     quantized = copy.deepcopy(float_model)
     quantizer = quantize(quantized, run.model.quantization)
-    after = evaluate(quantized, val, device, torch.float32, data.token_bytes)
+    after = evaluate(quantized, val, device, dtype, data.token_bytes)
     x = val[0][0].to(device)
     result = {
         "status": "finished",
         "steps": state["step"],
+        "eval_dtype": str(dtype).removeprefix("torch."),
         "val_loss": after["loss"],
-        "val_loss_float": before["loss"],
-        "val_loss_change": (after["loss"] - before["loss"]) / before["loss"],
+        "val_loss_float": before["loss"],  # the float checkpoint, evaluated here as the quantized one is
+        "val_loss_delta": after["loss"] - before["loss"],  # nats, paired on this checkpoint
+        "val_loss_change": (after["loss"] - before["loss"]) / before["loss"],  # relative (the report's %)
         "model_bytes": model_bytes(quantized),
         "model_bytes_float": model_bytes(float_model),
         "linear_weight_bytes": linear_weight_bytes(quantized),
         "linear_weight_bytes_float": linear_weight_bytes(float_model),
-        "latency_ms": 1e3 * forward_latency(quantized, x),
-        "latency_ms_float": 1e3 * forward_latency(float_model, x),
+        "latency_ms": 1e3 * forward_latency(quantized, x, dtype=dtype),
+        "latency_ms_float": 1e3 * forward_latency(float_model, x, dtype=dtype),
         "latency_batch": list(x.shape),
         "quantization_format": quantizer.format,
         "params": param_counts(run.model),
@@ -79,7 +87,8 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
         "data": data.fingerprint,
     }
     if run.data.source == "task":
-        result.update(val_accuracy=after["accuracy"], val_accuracy_float=before["accuracy"])
+        result.update(val_accuracy=after["accuracy"], val_accuracy_float=before["accuracy"],
+                      val_accuracy_delta=after["accuracy"] - before["accuracy"])
     if "bpb" in after:
-        result.update(val_bpb=after["bpb"], val_bpb_float=before["bpb"])
+        result.update(val_bpb=after["bpb"], val_bpb_float=before["bpb"], val_bpb_delta=after["bpb"] - before["bpb"])
     return result

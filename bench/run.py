@@ -10,6 +10,7 @@ message naming the file, line and key.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import statistics
 import sys
@@ -22,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import hardware, parallel
-from bench.analysis import StudySummary, summarise
+from bench.analysis import StudySummary, choose_tuned, summarise
 from bench.config import budget_steps
 from bench.executor import EXECUTORS, ExecutorUnavailable
 from bench.formatting import count, number
@@ -106,6 +107,10 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
                                                 else "after data"),
                       (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s") if seconds else "-")
     console.print(table)
+    for device, dtype in sorted({(r.config.train.device, r.config.train.dtype) for r in plan.runs}):
+        reason = hardware.dtype_reason(device, dtype)
+        if reason:
+            console.print(f"dtype: auto on {device} → {reason}", markup=False, highlight=False)
     for step in preparation(plan):
         console.print(f"preparing the data will {step}", markup=False, highlight=False)
     pending = [r.pending for r in plan.runs if r.pending]
@@ -115,6 +120,15 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
     if plan.spec.kernels is not None:
         sections = [name for name, value in plan.spec.kernels if isinstance(value, BaseModel)]
         console.print(f"then times kernels: {', '.join(sections)}")
+    if plan.spec.tune and plan.runs and plan.runs[0].role == "tune":
+        variants = {r.variant for r in plan.runs}
+        points = math.prod(len(v) for v in plan.spec.tune_points.values())
+        per_run = total / len(plan.runs)
+        more = len(variants) * len(plan.spec.seed_list)
+        total += more * per_run
+        console.print(f"tuning: {points} points × tuning seeds {plan.spec.tune_seed_list} per variant; then each "
+                      f"variant trains at its chosen setting on seeds {plan.spec.seed_list}: {more} more runs, about "
+                      f"{more * per_run / 60:.1f} min", markup=False, highlight=False)
     console.print(f"estimated total on this machine: {total / 60:.1f} min" + (" for the runs of known size" if pending else "")
                   + " (nothing was trained or downloaded)")
     seeds = plan.spec.seeds
@@ -152,7 +166,8 @@ def print_summary(summary: StudySummary, console: Console) -> None:
     for variant, c in rows:
         row = by_variant.loc[variant]
         style = {"better": "green", "worse": "red"}.get(c.verdict if c else "", "")
-        cells = [escape(variant), escape(c.reference) if c else "(baseline)" if not row["reference"] else "–",
+        own = "(baseline)" if variant == variants["variant"].iloc[0] else "(reference)"  # baseline first
+        cells = [escape(variant), escape(c.reference) if c else own if not row["reference"] else "–",
                  f"[{style}]{c.verdict}[/{style}]" if c and style else (c.verdict if c else "–"),
                  f"{c.delta:+.4f}" if c else "–",
                  f"{number(c.ci_low)} – {number(c.ci_high)}" if c else "–", c.test if c else "–",
@@ -188,15 +203,30 @@ def time_kernels(spec, store: Store, console: Console) -> None:
 
 def plan_identity(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace) -> str:
     """The identity of the whole study's plan, whichever variants and seeds this invocation runs."""
-    return (expand(spec, sources, seeds=plan.spec.seed_list[:1], device=args.device) if args.only else plan).identity
+    whole = expand(spec, sources, seeds=plan.spec.seed_list[:1], device=args.device, tuning=spec.tune is not None)
+    return (whole if args.only else plan).identity
 
 
 def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace, folder: Path, world,
            console: Console):
-    """The plans to execute in turn: the first seeds; then, with adaptive seeds, one more seed at a
+    """The plans to execute in turn: with tune:, the tuning runs, then each variant at its chosen
+    setting on the evaluation seeds; the first seeds; then, with adaptive seeds, one more seed at a
     time for the variants in inconclusive comparisons (and their references), until every comparison
     is decisive or has `max` seeds. Rank 0 decides; under torchrun every rank gets the same plan."""
-    yield plan
+    yield plan  # with tune:, the tuning runs
+    tuned = None
+    if spec.tune:
+        chosen = None
+        if world.main:
+            runs = load(folder).runs
+            chosen, none = choose_tuned(runs[runs["current"] & (runs["study"] == spec.name)])
+            for variant, point in chosen.items():
+                console.print(f"tuned {variant} on seeds {spec.tune_seed_list}: "
+                              + ", ".join(f"{k}={v}" for k, v in point.items()), markup=False, highlight=False)
+            for variant, why in none.items():
+                console.print(f"{variant}: {why}; it is not evaluated", markup=False, highlight=False)
+        tuned = parallel.broadcast_object(chosen, world)
+        yield expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, tuned=tuned)
     if not isinstance(spec.seeds, SeedRange) or args.seeds:
         return
     for seed in range(spec.seeds.min, spec.seeds.max):
@@ -212,7 +242,7 @@ def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace,
         pending = parallel.broadcast_object(pending, world)
         if not pending:
             return
-        yield expand(spec, sources, only=pending, seeds=[seed], device=args.device)
+        yield expand(spec, sources, only=pending, seeds=[seed], device=args.device, tuned=tuned)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
         spec, sources = load_spec(args.spec, args.set)
         # a dry run reads, downloads and tokenizes nothing; a real one prepares the data to plan
-        plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, prepare=not args.dry_run)
+        plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, prepare=not args.dry_run,
+                      tuning=spec.tune is not None)
         if args.dry_run:
             folder = Path(args.out) if args.out else Path("results") / spec.name
             existing = Store(folder) if (folder / "results.db").exists() else None

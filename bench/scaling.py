@@ -1,5 +1,12 @@
 """Scaling-law fits: Chinchilla's Approach 3 and Approach 2, a compute power law, compute multipliers.
 
+Compute is what a run spent: C = F·D, with F the training FLOPs per token (forward + backward, every
+matmul counted: attention's scores and the LM head too) and D the tokens trained; N is the parameters
+a token uses (MoE: the active ones). Chinchilla's C = 6ND is the special case F = 6N. For the
+compute-optimal frontier F is needed at untrained sizes, so it is modelled as a power law in N,
+F(N) = k·N^p, fitted to the runs (k = 6, p = 1 without recorded FLOPs): the frontier keeps its
+closed form, N_opt = G·(C/k)^a with a = β/(α + pβ).
+
 Approach 3 (Hoffmann et al. 2022; Besiroglu et al. 2024): L(N, D) = E + A/N^α + B/D^β, fitted in
 log space by minimising Σ Huber_δ(LSE(a − α·log N, b − β·log D, e) − log L) with δ = 1e-3 and
 A = e^a, B = e^b, E = e^e; L-BFGS from every point of a grid (α, β ∈ {0, 0.5, …, 2}; e ∈ {−1, −0.5,
@@ -62,34 +69,44 @@ class ParametricFit:
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     bootstrap: list[dict[str, float]] = field(default_factory=list, repr=False)
     warnings: list[str] = field(default_factory=list)
+    flops_k: float = 6.0  # the training FLOPs per token F(N) = k·N^p behind the frontier (6N: C = 6ND)
+    flops_p: float = 1.0
 
     @property
     def params(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in PARAMS}
 
+    def flops_per_token(self, n):
+        """F(N) = k·N^p: the training FLOPs per token of a model with N (active) parameters."""
+        return self.flops_k * np.power(n, self.flops_p)
+
+    def compute(self, n, d):
+        """C = F(N)·D."""
+        return self.flops_per_token(n) * np.asarray(d, dtype=float)
+
     def loss(self, n, d):
         return self.E + self.A / np.power(n, self.alpha) + self.B / np.power(d, self.beta)
 
-    # -- the compute-optimal frontier under C = 6ND --------------------------------------------
+    # -- the compute-optimal frontier under C = k·N^p·D (Chinchilla: k = 6, p = 1) ------------------
 
     @property
     def exponent_a(self) -> float:
-        """N_opt ∝ C^a with a = β/(α+β)."""
-        return self.beta / (self.alpha + self.beta)
+        """N_opt ∝ C^a with a = β/(α+pβ) (β/(α+β) under C = 6ND)."""
+        return self.beta / (self.alpha + self.flops_p * self.beta)
 
     @property
     def exponent_b(self) -> float:
-        """D_opt ∝ C^b with b = α/(α+β)."""
-        return self.alpha / (self.alpha + self.beta)
+        """D_opt ∝ C^b with b = α/(α+pβ) = 1 − p·a."""
+        return self.alpha / (self.alpha + self.flops_p * self.beta)
 
     @property
     def G(self) -> float:
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        return (self.alpha * self.A / (self.flops_p * self.beta * self.B)) ** (1 / (self.alpha + self.flops_p * self.beta))
 
     def optimal(self, compute):
-        """(N_opt, D_opt) = (G·(C/6)^a, G⁻¹·(C/6)^b)."""
-        c = np.asarray(compute, dtype=float) / 6
-        return self.G * c**self.exponent_a, c**self.exponent_b / self.G
+        """(N_opt, D_opt) = (G·(C/k)^a, G^−p·(C/k)^b): minimises L(N, D) subject to k·N^p·D = C."""
+        c = np.asarray(compute, dtype=float) / self.flops_k
+        return self.G * c**self.exponent_a, c**self.exponent_b / self.G**self.flops_p
 
     def frontier_loss(self, compute):
         n, d = self.optimal(compute)
@@ -230,9 +247,26 @@ def _outside_grid(theta: np.ndarray) -> list[str]:
     return out
 
 
+FLOPS_LAW_TOLERANCE = 0.05  # a fit warns when F(N) = k·N^p misses a run's FLOPs per token by more
+
+
+def fit_flops_per_token(n_params, flops_per_token) -> tuple[float, float, float]:
+    """F(N) = k·N^p through the runs' (N, training FLOPs per token), least squares in log space.
+    Returns (k, p, the largest relative error at a run); one model size: p = 1."""
+    n, f = np.asarray(n_params, dtype=float), np.asarray(flops_per_token, dtype=float)
+    if len(np.unique(n)) < 2:
+        p, k = 1.0, float(np.exp(np.mean(np.log(f / n))))
+    else:
+        p, log_k = np.polyfit(np.log(n), np.log(f), 1)
+        p, k = float(p), float(np.exp(log_k))
+    return k, p, float(np.max(np.abs(k * n**p / f - 1)))
+
+
 def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootstrap: int = 0,
-                   seed: int = 0, confidence: float = 0.95) -> ParametricFit:
-    """Chinchilla Approach 3. n_bootstrap > 0 adds percentile CIs from refits on resampled points."""
+                   seed: int = 0, confidence: float = 0.95, flops_per_token=None) -> ParametricFit:
+    """Chinchilla Approach 3. n_bootstrap > 0 adds percentile CIs from refits on resampled points.
+    flops_per_token (per run; default 6N) sets the frontier's compute, C = F(N)·D with F = k·N^p
+    fitted to them (``fit_flops_per_token``); L(N, D) itself does not depend on it."""
     n, d, l_ = (np.asarray(x, dtype=float) for x in (n_params, n_tokens, loss))
     log_n, log_d, log_l = np.log(n), np.log(d), np.log(l_)
     result, start, basins = _fit_once(log_n, log_d, log_l, huber_delta, _grid_starts())
@@ -248,6 +282,11 @@ def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootst
         start_on_grid_edge=_on_edge(start), r2_log=float(1 - (residuals**2).sum() / total) if total > 0 else float("nan"),
         residuals=residuals, n_range=(n.min(), n.max()), d_range=(d.min(), d.max()),
     )
+    if flops_per_token is not None:
+        fit.flops_k, fit.flops_p, miss = fit_flops_per_token(n, flops_per_token)
+        if miss > FLOPS_LAW_TOLERANCE:
+            fit.warnings.append(f"the FLOPs per token depart from k·N^p by up to {100 * miss:.0f}% at a run: "
+                                "the frontier's compute is approximate")
     if not fit.converged:
         fit.warnings.append(f"L-BFGS did not converge (gradient norm {fit.gradient_norm:.2g})")
     if fit.start_on_grid_edge:
@@ -285,7 +324,8 @@ def fit_parametric(n_params, n_tokens, loss, huber_delta: float = 1e-3, n_bootst
 def bootstrap_fits(fit: ParametricFit) -> list[ParametricFit]:
     """The bootstrap refits as fit objects (for intervals on derived quantities)."""
     return [ParametricFit(**s, objective=float("nan"), gradient_norm=float("nan"), converged=True,
-                          start_on_grid_edge=False, r2_log=float("nan"), residuals=np.array([]))
+                          start_on_grid_edge=False, r2_log=float("nan"), residuals=np.array([]),
+                          flops_k=fit.flops_k, flops_p=fit.flops_p)
             for s in fit.bootstrap]
 
 
@@ -294,7 +334,7 @@ def bootstrap_fits(fit: ParametricFit) -> list[ParametricFit]:
 
 @dataclass
 class IsoFlopFit:
-    budgets: np.ndarray  # compute of each IsoFLOP curve
+    budgets: np.ndarray  # compute of each IsoFLOP curve: its planned budget, or its runs' compute to 3 digits
     n_opt: np.ndarray  # the parabola's minimum per budget
     d_opt: np.ndarray
     exponent_a: float  # N_opt ∝ C^a
@@ -302,25 +342,39 @@ class IsoFlopFit:
     r2_log: float = float("nan")  # of the straight line log N_opt against log C
     parabolas: list[np.ndarray] = field(repr=False, default_factory=list)  # loss = p(log N) per budget
     parabola_r2: list[float] = field(default_factory=list)  # each parabola's R² against its points
+    inside: list[bool] = field(default_factory=list)  # whether N_opt lies within the budget's trained sizes
+    skipped: dict[float, str] = field(default_factory=dict)  # budget → why it has no parabola
 
 
-def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
+def budget_keys(compute, budget=None) -> np.ndarray:
+    """The IsoFLOP curve of each run: its planned budget (the spec's train.flops) where it has one —
+    the compute it spent differs by the rounding of its steps — else its compute to 3 significant digits."""
+    c = np.asarray(compute, dtype=float)
+    planned = np.full(len(c), np.nan) if budget is None else np.asarray(budget, dtype=float)
+    return np.array([float(f"{b:.6g}") if np.isfinite(b) else float(f"{x:.3g}") for b, x in zip(planned, c)])
+
+
+def fit_isoflop(n_params, n_tokens, loss, compute=None, budget=None) -> IsoFlopFit:
     """Chinchilla Approach 2: for each compute budget, a parabola of loss against log N; then a
-    straight line through (log C, log N_opt). Points are grouped by their compute (default 6ND,
-    rounded to 3 significant digits)."""
+    straight line through (log C, log N_opt). Compute is per run (default 6ND); runs are grouped by
+    ``budget_keys`` (their planned budget, else their compute to 3 significant digits). D_opt = C/F(N_opt)
+    with F = k·N^p the runs' FLOPs per token (C/D), so b = 1 − p·a (1 − a under C = 6ND)."""
     n, d, l_ = (np.asarray(x, dtype=float) for x in (n_params, n_tokens, loss))
     c = np.asarray(compute, dtype=float) if compute is not None else 6 * n * d
-    keys = np.array([float(f"{x:.3g}") for x in c])
-    budgets, n_opt, parabolas, parabola_r2 = [], [], [], []
-    for budget in np.unique(keys):
-        mask = keys == budget
-        if mask.sum() < 3:
+    keys = budget_keys(c, budget)
+    budgets, n_opt, parabolas, parabola_r2, inside, skipped = [], [], [], [], [], {}
+    for key in np.unique(keys):
+        mask = keys == key
+        if len(np.unique(n[mask])) < 3:
+            skipped[float(key)] = f"{len(np.unique(n[mask]))} model sizes"
             continue
         coeffs = np.polyfit(np.log(n[mask]), l_[mask], 2)
         if coeffs[0] <= 0:
+            skipped[float(key)] = "no minimum: loss does not turn up with size"
             continue  # no minimum inside: the grid is not centred on the optimum
-        budgets.append(budget)
+        budgets.append(key)
         n_opt.append(math.exp(-coeffs[1] / (2 * coeffs[0])))
+        inside.append(bool(n[mask].min() <= n_opt[-1] <= n[mask].max()))
         parabolas.append(coeffs)
         spread = ((l_[mask] - l_[mask].mean()) ** 2).sum()
         misfit = ((l_[mask] - np.polyval(coeffs, np.log(n[mask]))) ** 2).sum()
@@ -328,11 +382,13 @@ def fit_isoflop(n_params, n_tokens, loss, compute=None) -> IsoFlopFit:
     if len(budgets) < 2:
         raise ValueError("Approach 2 needs at least two compute budgets with three or more sizes each")
     budgets, n_opt = np.array(budgets), np.array(n_opt)
-    d_opt = budgets / (6 * n_opt)
+    k, p, _ = fit_flops_per_token(n, c / d)
+    d_opt = budgets / (k * n_opt**p)
     line = stats.linregress(np.log(budgets), np.log(n_opt))
     r2 = float(line.rvalue**2) if len(budgets) > 2 else float("nan")  # two points always fit a line
-    # D_opt = C / (6 N_opt), so b = 1 − a exactly
-    return IsoFlopFit(budgets, n_opt, d_opt, float(line.slope), 1 - float(line.slope), r2, parabolas, parabola_r2)
+    # D_opt = C / (k·N_opt^p), so b = 1 − p·a exactly
+    return IsoFlopFit(budgets, n_opt, d_opt, float(line.slope), 1 - p * float(line.slope), r2, parabolas, parabola_r2,
+                      inside, skipped)
 
 
 # -- a power law in compute on the frontier ------------------------------------------------------------

@@ -9,9 +9,12 @@
       mha: {}
       gqa: {model.attention: {name: gqa, n_kv_head: 2}}
     baseline: mha                   # default: the first variant
-    compare: {gqa_window: gqa}      # optional: a variant's own reference (default: the baseline)
+    compare: {gqa_window: gqa}      # optional: a variant's own reference (default: the baseline);
+                                    # null: a reference itself, compared with nothing (another task)
     extrapolate_to: 1.0e21          # optional: compute multipliers also stated there (scaling studies)
-    sweep: {train.lr: [3e-4, 1e-3]} # crossed with every variant; reports keep the best per variant
+    sweep: {model.n_embd: [64, 128]} # crossed with every variant, every point trained on the eval seeds
+    tune: {train.lr: [1e-3, 3e-3], tune_seeds: 1}  # each variant's setting, chosen on held-out seeds
+                                    # (1000, 1001, ...), then trained on the eval seeds for the verdict
     seeds: 2                        # a count (0..n-1), a list, or {min: 2, max: 8}: adaptive seeds
     margin: 0.01                    # equivalence margin of the quality metric (nats, or accuracy)
     alpha: 0.05                     # the rate of false better/worse verdicts the study allows
@@ -140,6 +143,9 @@ def _find(node: yaml.Node, path: list[str]) -> yaml.Node | None:
 # -- the spec -----------------------------------------------------------------------------------------
 
 
+TUNE_SEED_START = 1000  # tuning seeds by count start here: never among the evaluation seeds
+
+
 class SeedRange(BaseModel):
     """Adaptive seeds: every variant starts with `min`; comparisons still inconclusive get one more
     seed at a time, up to `max` (seeds 0..max-1)."""
@@ -166,10 +172,13 @@ class Spec(BaseModel):
     base: Base
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     baseline: str | None = None
-    compare: dict[str, str] = Field(default_factory=dict, description="variant -> the variant it is compared with")
+    compare: dict[str, str | None] = Field(default_factory=dict, description="variant -> the variant it is compared "
+                                           "with (default: the baseline); null: it is a reference, compared with none")
     extrapolate_to: float | None = Field(None, gt=0, description="compute (FLOPs) at which the report also states "
                                          "compute multipliers; default 100× the largest trained budget")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    tune: dict[str, Any] | None = Field(None, description="dotted key -> values, crossed, plus tune_seeds: each "
+                                        "variant's setting is chosen on tuning seeds, then trained on the eval seeds")
     seeds: int | list[int] | SeedRange = 2
     margin: float = Field(0.01, ge=0, description="equivalence margin of the quality metric")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="rate of false better/worse verdicts")
@@ -207,13 +216,55 @@ class Spec(BaseModel):
                 raise ValueError(f"sweep '{key}' has no values")
         return value
 
+    @field_validator("tune")
+    @classmethod
+    def _tune_form(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return value
+        seeds = value.get("tune_seeds", 1)
+        if not ((isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1)
+                or (isinstance(seeds, list) and seeds and all(isinstance(x, int) for x in seeds))):
+            raise ValueError(f"tune_seeds: expected a count (1) or a list of seeds ([1000, 1001]), got {seeds!r}")
+        keys = {k: v for k, v in value.items() if k != "tune_seeds"}
+        if not keys:
+            raise ValueError("tune: names no key to tune, e.g. tune: {train.lr: [1e-3, 2e-3, 4e-3], tune_seeds: 1}")
+        for key, values in keys.items():
+            if not isinstance(values, list) or len(values) < 2:
+                raise ValueError(f"tune '{key}' needs a list of at least two values to choose from, got {values!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _tune_seeds_are_held_out(self) -> Spec:
+        if self.tune is None:
+            return self
+        if self.sweep:
+            raise ValueError("give tune: or sweep:, not both (tune chooses each variant's setting on held-out seeds; "
+                             "sweep trains every point on the eval seeds)")
+        evaluated = set(range(self.seeds.max)) if isinstance(self.seeds, SeedRange) else set(self.seed_list)
+        shared = sorted(evaluated & set(self.tune_seed_list))
+        if shared:
+            raise ValueError(f"tune_seeds {shared} are also evaluation seeds: a setting chosen on the seeds that test "
+                             "it wins by chance (choose tuning seeds outside the evaluation seeds, e.g. from 1000)")
+        return self
+
+    @property
+    def tune_points(self) -> dict[str, list[Any]]:
+        """The tuned keys and their candidate values (crossed)."""
+        return {k: v for k, v in (self.tune or {}).items() if k != "tune_seeds"}
+
+    @property
+    def tune_seed_list(self) -> list[int]:
+        """Tuning seeds: a list as given, or a count of seeds from 1000 (apart from evaluation seeds)."""
+        seeds = (self.tune or {}).get("tune_seeds", 1)
+        return list(seeds) if isinstance(seeds, list) else [TUNE_SEED_START + i for i in range(seeds)]
+
     @field_validator("baseline", "compare")
     @classmethod
     def _names_are_variants(cls, value: str | dict[str, str] | None, info: ValidationInfo):
         variants = info.data.get("variants")
         if variants is None:  # the variants themselves are invalid and reported as such
             return value
-        names = [] if value is None else [value] if isinstance(value, str) else [*value, *value.values()]
+        names = [] if value is None else [value] if isinstance(value, str) else [*value, *filter(None, value.values())]
         for name in names:
             if name not in variants:
                 raise ValueError(f"'{name}' is not a variant; variants: {', '.join(variants)}")
@@ -231,6 +282,13 @@ class Spec(BaseModel):
         if isinstance(self.seeds, SeedRange):
             return list(range(self.seeds.min))
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def reference_of(self, variant: str) -> str | None:
+        """The variant this one is compared with: compare's entry, else the baseline; None for the
+        baseline and for variants that compare names as references of their own (null)."""
+        if variant == self.baseline:
+            return None
+        return self.compare[variant] if variant in self.compare else self.baseline
 
     def variant_base(self, variant: str) -> dict[str, Any]:
         """base with the budget shorthand and the variant's overrides applied: {model, data, train}."""

@@ -1,8 +1,9 @@
 """The results store: one SQLite database per results folder (WAL mode, writes in transactions).
 
 Tables: ``studies`` (the spec, the command that ran it and the identity of its current plan),
-``runs`` (resolved config and hash, status, final metrics, hardware fingerprint, git commit, library
-versions), ``planned`` (which runs each plan of a study holds: runs of an edited spec's old plan stay
+``runs`` (resolved config and hash, role — ``tune`` for runs that choose a variant's setting on
+tuning seeds, ``eval`` for those that enter verdicts — status, final metrics, hardware fingerprint,
+git commit, library versions), ``planned`` (which runs each plan of a study holds: runs of an edited spec's old plan stay
 in the store but are not compared with the new ones), ``metrics`` (one row per run and step) and
 ``kernels`` (kernel timings). Several runner processes, on one machine or on
 several sharing the folder, claim runs through the store, so each run is trained once.
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS runs (
     sweep TEXT NOT NULL,
     seed INTEGER NOT NULL,
     kind TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT 'eval',
     parent_id TEXT,
     config TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',
@@ -108,6 +110,8 @@ class Store:
         columns = {row["name"] for row in self.db.execute("PRAGMA table_info(studies)")}
         if "plan" not in columns:  # a store written before plans were recorded
             self.db.execute("ALTER TABLE studies ADD COLUMN plan TEXT")
+        if "role" not in {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}:  # before tuning
+            self.db.execute("ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'eval'")
 
     def close(self) -> None:
         self.db.close()
@@ -138,9 +142,10 @@ class Store:
         with self.transaction() as db:
             for r in runs:
                 db.execute(
-                    "INSERT INTO runs (run_id, study, variant, sweep, seed, kind, parent_id, config) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET variant=excluded.variant",
-                    (r.run_id, study, r.variant, json.dumps(r.sweep, default=str), r.seed, r.kind, r.parent_id,
+                    "INSERT INTO runs (run_id, study, variant, sweep, seed, kind, role, parent_id, config) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET variant=excluded.variant, "
+                    "role=excluded.role",
+                    (r.run_id, study, r.variant, json.dumps(r.sweep, default=str), r.seed, r.kind, r.role, r.parent_id,
                      r.config.model_dump_json()),
                 )
                 if plan:

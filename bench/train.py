@@ -45,13 +45,20 @@ def _peak_memory(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype, token_bytes=None) -> dict[str, float]:
-    """Loss (nats per labelled token), accuracy on labelled tokens, and bits per byte over batches."""
+def evaluate(model, batches, device, dtype, token_bytes=None, from_position: int = 0) -> dict[str, float]:
+    """Loss (nats per labelled token), accuracy on labelled tokens, and bits per byte over batches.
+
+    from_position: count only the targets at positions ≥ it (0-based index of the predicting token;
+    e.g. the run's training length: the positions a length-extrapolation eval never trained on).
+    """
     was_training = model.training
     model.eval()
     nats = correct = labelled = n_bytes = 0.0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
+        if from_position:
+            y = y.clone()
+            y[..., :from_position] = -1  # unlabelled: not counted in any of the metrics
         with _autocast(device, dtype):
             logits = model(x)[0]  # the logits of the Output (or of any (logits, ...) a model returns)
         logits = logits.float()
@@ -62,6 +69,8 @@ def evaluate(model, batches, device, dtype, token_bytes=None) -> dict[str, float
         if token_bytes is not None:
             n_bytes += float(token_bytes[y[mask].cpu().numpy()].sum())
     model.train(was_training)
+    if not labelled:
+        raise ValueError(f"no labelled targets at positions ≥ {from_position}")
     out = {"loss": nats / labelled, "accuracy": correct / labelled}
     if token_bytes is not None:
         out["bpb"] = nats / math.log(2) / n_bytes  # bits per byte: total nats over total bytes
@@ -183,7 +192,13 @@ class Trainer:
                              schedule=c.schedule, decay_fraction=c.decay_fraction, decay_shape=c.decay_shape)
 
     def _train_step(self, step: int, lr: float) -> tuple[float, float, dict]:
-        """One optimizer step over the global batch: (loss, grad norm, MoE record of every micro-batch)."""
+        """One optimizer step over the global batch: (LM loss, grad norm, more of the step's record:
+        MoE metrics of every micro-batch; the loss scale under float16).
+
+        The optimizer backpropagates the model's loss (with MoE: the LM loss plus the weighted
+        auxiliary losses); the loss returned, recorded and checked for divergence is the LM loss
+        alone, comparable with a dense model's (the auxiliary losses are recorded as moe_aux_loss).
+        """
         self.strategy.set_lr(lr)
         x, y = self.data.train_batch(step, self.run_config.seed, self.cfg.batch_size, self.seq_len)
         labelled = (y >= 0).sum().item()  # of the global batch
@@ -197,12 +212,20 @@ class Trainer:
             xm, ym = xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
             with _autocast(self.device, self.dtype):
                 _, loss, aux = self.forward(xm, ym)
-            self.strategy.backward(loss * (weight * self.strategy.loss_factor), last=i == len(chunks) - 1)
-            total += loss.detach() * weight
-            if aux:
+            self.strategy.backward(self.strategy.scale(loss * (weight * self.strategy.loss_factor)),
+                                   last=i == len(chunks) - 1)
+            if aux:  # the Output's loss less its auxiliary losses: the LM cross-entropy
+                total += (loss.detach() - sum(a.loss.detach() for a in aux)) * weight
                 routing.append((weight, aux))
+            else:
+                total += loss.detach() * weight
+        scaler = self.strategy.scaler
+        scale = scaler.get_scale() if scaler is not None else None  # the scale this step's gradients carry
         norm = self.strategy.step()
-        return parallel.all_reduce_sum(total, self.world), norm, moe_record(routing)
+        extra = moe_record(routing)
+        if scaler is not None:  # an overflow skips the update and backs the scale off
+            extra.update(grad_scale=scale, skipped_step=scaler.get_scale() < scale)
+        return parallel.all_reduce_sum(total, self.world), norm, extra
 
     def _eval_record(self) -> dict:
         token_bytes = self.data.token_bytes
@@ -215,10 +238,18 @@ class Trainer:
         if self.data.loss_floor is not None:
             record["val_loss_above_floor"] = result["loss"] - self.data.loss_floor
         for length, batches in self.extra_val.items():
+            # past the training length, also the loss on the untrained positions alone: the average
+            # over all positions is half in-distribution at twice the length
+            beyond = f"val_loss@{length}_beyond" if length > self.seq_len else None
             try:
                 record[f"val_loss@{length}"] = evaluate(self.model, batches, self.device, self.dtype)["loss"]
+                if beyond:
+                    record[beyond] = evaluate(self.model, batches, self.device, self.dtype,
+                                              from_position=self.seq_len)["loss"]
             except ValueError as e:  # e.g. learned positions past block_size: recorded, not raised
                 record[f"val_loss@{length}"] = None
+                if beyond:
+                    record[beyond] = None
                 record[f"val_loss@{length}_error"] = str(e)
         return record
 
@@ -242,9 +273,12 @@ class Trainer:
         step_times: list[float] = []
         train_losses: list[float] = list(self._resumed.get("train_losses", []))
         record: dict = dict(self._resumed.get("record", {}))
-        wall_start = time.perf_counter() - self._resumed.get("elapsed", 0.0)  # a time budget counts earlier attempts
+        # a time budget counts training time only, earlier attempts' included (the checkpoint's
+        # "elapsed"): time spent evaluating and checkpointing is paused, not spent
+        wall_start = time.perf_counter() - self._resumed.get("elapsed", 0.0)
+        paused = 0.0
         while step < self.total_steps:
-            elapsed = time.perf_counter() - wall_start
+            elapsed = time.perf_counter() - wall_start - paused
             if self.cfg.seconds and elapsed >= self.cfg.seconds:
                 break
             lr = self._lr(step, elapsed)
@@ -267,19 +301,25 @@ class Trainer:
                 break
             last = step == self.total_steps
             if step % self.cfg.eval_every == 0 or last:
+                pause = time.perf_counter()
                 record.update(self._eval_record())
+                paused += time.perf_counter() - pause
             self._write_metrics(record)
             if self.on_step and self.world.main:
                 self.on_step(record)
             every = self.cfg.checkpoint_every
             if self.out_dir and (last or (every and step % every == 0)):  # always the final one
-                self._checkpoint(step, record, train_losses, time.perf_counter() - wall_start)
+                pause = time.perf_counter()
+                self._checkpoint(step, record, train_losses, pause - wall_start - paused)
+                paused += time.perf_counter() - pause
             yield record
         if status == "finished" and "val_loss" not in record:  # a time budget ended between evals
+            pause = time.perf_counter()
             record.update(self._eval_record())
+            paused += time.perf_counter() - pause
             self._write_metrics({**record, "step": step})
             if self.out_dir:
-                self._checkpoint(step, record, train_losses, time.perf_counter() - wall_start)
+                self._checkpoint(step, record, train_losses, time.perf_counter() - wall_start - paused)
         return self._final(status, step, diverged_at, record, step_times, train_losses)
 
     def _final(self, status, step, diverged_at, record, step_times, train_losses) -> dict[str, Any]:

@@ -27,6 +27,34 @@ def quantizable(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and not _keep_float(fqn)
 
 
+def _cast_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a linear cast by ``cast_quantizable``: its input in the layer's dtype."""
+    x = args[0]
+    module._input_dtype = x.dtype  # read back by _restore_output
+    return (x.to(module._run_dtype), *args[1:])
+
+
+def _restore_output(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """Forward hook of a linear cast by ``cast_quantizable``: its output in the dtype its input had."""
+    return output.to(module.__dict__.pop("_input_dtype", output.dtype))
+
+
+def cast_quantizable(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast only the linear layers a transform applies to (weight and bias) to `dtype`, and run them
+    in it: each one's input is cast to `dtype` on the way in and its output back to the input's dtype
+    on the way out. Embeddings, norms, the LM head and routers keep their dtype, and so do the
+    activations between layers. Returns the names of the cast layers."""
+    cast = []
+    for fqn, module in model.named_modules():
+        if quantizable(module, fqn) and not hasattr(module, "_run_dtype"):
+            module.to(dtype)
+            module._run_dtype = dtype
+            module.register_forward_pre_hook(_cast_input)
+            module.register_forward_hook(_restore_output)
+            cast.append(fqn)
+    return cast
+
+
 def _torchao_probe() -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return "torchao not installed (pip install 'archbench[quant]')"
@@ -95,6 +123,13 @@ class Int8WeightOnly(Quantizer):
         return model
 
 
+# How post-training int4 maps weights on each device (see Int4WeightOnly.apply), which QAT copies.
+# CPU (IntxWeightOnlyConfig): symmetric, values -8..7 around a zero point of 0, fp32 scales.
+# CUDA (tinygemm): asymmetric, values 0..15 with a float zero point, scales and zero points in bf16,
+# computed on the weights cast to bf16.
+INT4_MAPPING = {"cpu": "symmetric", "cuda": "asymmetric (float zero point, bf16 scales)"}
+
+
 def _int4_note() -> str | None:
     if torch.cuda.is_available():
         return None
@@ -125,44 +160,99 @@ class Int4WeightOnly(Quantizer):
         return None
 
     def apply(self, model: nn.Module) -> nn.Module:
-        from torchao.quantization import quantize_
+        from torchao.quantization import MappingType, quantize_
 
         if next(model.parameters()).is_cuda:
-            # tinygemm's packed int4 kernel: bf16 activations
+            # tinygemm's packed int4 kernel takes bf16 weights and activations: only the layers it
+            # quantizes are cast (and run) in bf16; embeddings, norms and the LM head keep their dtype
             from torchao.quantization import Int4WeightOnlyConfig
 
-            model.to(torch.bfloat16)
+            cast_quantizable(model, torch.bfloat16)
             config = Int4WeightOnlyConfig(group_size=self.group_size, int4_packing_format="tile_packed_to_4d")
-            self.format = f"int4 packed (tinygemm), group {self.group_size}, bf16 activations"
+            self.format = (f"int4 packed (tinygemm), group {self.group_size}, {INT4_MAPPING['cuda']}; "
+                           "bf16 weights and activations in the quantized layers only")
         else:
             from torchao.quantization import IntxWeightOnlyConfig
             from torchao.quantization.granularity import PerGroup
 
-            config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size))
-            self.format = f"int4 values in int8 storage, group {self.group_size}"
+            config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size),
+                                          mapping_type=MappingType.SYMMETRIC)
+            self.format = f"int4 values in int8 storage, group {self.group_size}, {INT4_MAPPING['cpu']}"
         quantize_(model, config, filter_fn=quantizable)
         return model
 
 
+class _InDtype(nn.Module):
+    """A weight fake quantizer applied to the weight cast to `dtype` (as post-training quantization
+    casts it first); the result comes back in the weight's dtype, gradients straight through."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.inner(w.to(self.dtype)).to(w.dtype)
+
+
+class _AsServed(nn.Module):
+    """Fake-quantizes a weight as post-training int4 quantizes it on the device the weight is on:
+    the QAT run trains on the device its float counterpart is trained and quantized on."""
+
+    def __init__(self, on_cpu: nn.Module, on_cuda: nn.Module):
+        super().__init__()
+        self.on_cpu, self.on_cuda = on_cpu, on_cuda  # not .cpu/.cuda: those are Module methods
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.on_cuda(w) if w.is_cuda else self.on_cpu(w)
+
+
 @register("quantization", "fake_quant", probe=_torchao_probe)
 class FakeQuant(Quantizer):
-    """Quantization-aware training: weights fake-quantized (round-trip, straight-through) while training."""
+    """Quantization-aware training: weights fake-quantized (round-trip, straight-through) while training,
+    with the mapping of the post-training path they are compared with. int4: as ``int4_weight_only``
+    on the device the weights are on (CPU symmetric; CUDA asymmetric, tinygemm's); int8: symmetric, as
+    ``int8_weight_only`` (whose scales are per channel, not per group)."""
 
     stage = "train"
 
     def __init__(self, *, bits: Literal[4, 8] = 4, group_size: int = 32):
         self.bits, self.group_size = bits, group_size
-        self.format = f"fake-quantized int{bits} weights, group {group_size} (float storage)"
+        mapping = (f"on CPU {INT4_MAPPING['cpu']}, on CUDA {INT4_MAPPING['cuda']} (as int4_weight_only)"
+                   if bits == 4 else "symmetric")
+        self.format = f"fake-quantized int{bits} weights, group {group_size} (float storage), {mapping}"
 
     check = staticmethod(Int4WeightOnly.check)
 
+    def weight_config(self, device_type: str):
+        """The torchao fake-quantization config of the weights that train on `device_type`."""
+        from torchao.quantization import MappingType, ZeroPointDomain
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+        if self.bits == 4 and device_type == "cuda":  # tinygemm's qparams (torchao's own int4 QAT for it)
+            return IntxFakeQuantizeConfig(torch.uint4, group_size=self.group_size, mapping_type=MappingType.ASYMMETRIC,
+                                          scale_precision=torch.bfloat16, zero_point_precision=torch.bfloat16,
+                                          zero_point_domain=ZeroPointDomain.FLOAT)
+        dtype = torch.int4 if self.bits == 4 else torch.int8
+        return IntxFakeQuantizeConfig(dtype, group_size=self.group_size, mapping_type=MappingType.SYMMETRIC)
+
+    def fake_quantizer(self, device_type: str) -> nn.Module:
+        """What fake-quantizes a weight on `device_type` (callable on a weight of any device)."""
+        from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+        quantizer = FakeQuantizerBase.from_config(self.weight_config(device_type))
+        if self.bits == 4 and device_type == "cuda":
+            quantizer = _InDtype(quantizer, torch.bfloat16)  # tinygemm quantizes the bf16-cast weights
+        return quantizer
+
     def apply(self, model: nn.Module) -> nn.Module:
         from torchao.quantization import quantize_
-        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+        from torchao.quantization.qat import QATConfig
 
-        dtype = torch.int4 if self.bits == 4 else torch.int8
-        weights = IntxFakeQuantizeConfig(dtype, group_size=self.group_size)
-        quantize_(model, QATConfig(weight_config=weights, step="prepare"), filter_fn=quantizable)
+        quantize_(model, QATConfig(weight_config=self.weight_config("cpu"), step="prepare"), filter_fn=quantizable)
+        if self.bits == 4:  # the mapping differs by device: pick it where the weights are (model.to moves them later)
+            for module in model.modules():
+                if getattr(module, "weight_fake_quantizer", None) is not None:
+                    module.weight_fake_quantizer = _AsServed(self.fake_quantizer("cpu"), self.fake_quantizer("cuda"))
         return model
 
 

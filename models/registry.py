@@ -13,6 +13,9 @@ parameters, typed and with defaults, which a spec sets by name::
         def __init__(self, config, *, hidden: int | None = None): ...
 
     build("mlp", "gelu", config, hidden=512)
+
+``register`` checks a component against its family's protocol (models/contract.py: the hooks it
+must or may provide) and names what is missing.
 """
 
 from __future__ import annotations

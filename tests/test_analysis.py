@@ -17,8 +17,11 @@ from scipy import stats
 from bench.analysis import (
     Design,
     _p,
+    best_of_sweep,
+    choose_tuned,
     compare,
     compute_envelope,
+    eval_runs,
     holm,
     judge,
     mean_ci,
@@ -31,6 +34,7 @@ from bench.analysis import (
     scaling_summary,
     summarise,
     t_test_power,
+    variant_summary,
     verdict_of,
     welch,
 )
@@ -220,6 +224,54 @@ def test_each_variant_is_compared_with_its_reference_and_holm_spans_the_study():
     assert summary.noise.paired_df == 6  # three comparisons of three pairs
 
 
+def test_a_variant_on_another_task_is_compared_with_nothing_but_its_own_task():
+    runs = runs_frame({"mqar": [0.5, 0.52], "mqar_window": [0.3, 0.31], "recall": [0.9, 0.92],
+                       "recall_window": [0.4, 0.43]}, metric="val_accuracy")
+    task = {"mqar": "mqar", "mqar_window": "mqar", "recall": "in_context_recall", "recall_window": "in_context_recall"}
+    runs["config"] = [{"data": {"source": "task", "task": task[v]}} for v in runs["variant"]]
+    variants = {v: {} for v in task}
+    summary = summarise(runs, {"name": "s", "baseline": "mqar", "variants": variants,
+                               "compare": {"recall": None, "recall_window": "recall"}})
+    assert {(c.variant, c.reference) for c in summary.comparisons} == {("mqar_window", "mqar"),
+                                                                       ("recall_window", "recall")}
+    table = summary.variants.set_index("variant")
+    assert table.loc["recall", "reference"] == "" and table.loc["recall_window", "reference"] == "recall"
+    # a store planned before specs said so: the data differ, so recall is still not judged against mqar
+    older = summarise(runs, {"name": "s", "baseline": "mqar", "variants": variants,
+                             "compare": {"recall_window": "recall"}})
+    assert ("recall", "mqar") not in {(c.variant, c.reference) for c in older.comparisons}
+
+
+def test_a_diverged_seed_disqualifies_its_point_and_failures_count_per_point():
+    rows = [{"variant": "a", "sweep": {"lr": lr}, "seed": seed, "status": status, "val_loss": loss, "run_id": f"{lr}{seed}"}
+            for lr, seed, status, loss in [(1, 0, "finished", 2.0), (1, 1, "finished", 2.1),
+                                           (2, 0, "finished", 1.5), (2, 1, "diverged", float("nan")),
+                                           (3, 0, "finished", 1.9), (3, 1, "finished", 1.95)]]
+    runs = pd.DataFrame(rows)
+    best = best_of_sweep(runs)  # lr 2 has the lowest mean of its finished seeds, but one seed diverged
+    assert set(best["sweep"].map(lambda p: p["lr"])) == {3}
+    table = variant_summary(runs, "a")
+    assert table.loc[0, "diverged"] == 0 and table.loc[0, "sweep"] == {"lr": 3}  # counted at its own point
+    tuning = runs.assign(role="tune")
+    assert choose_tuned(tuning) == ({"a": {"lr": 3}}, {})
+    everywhere = tuning.assign(status="diverged")
+    assert choose_tuned(everywhere)[0] == {} and "every tuning point of 'a'" in choose_tuned(everywhere)[1]["a"]
+    assert eval_runs(tuning).empty  # tuning runs never enter a verdict
+
+
+def test_a_quantized_variant_is_tested_against_its_own_checkpoint_evaluated_the_same_way():
+    # the float runs' own (autocast) val loss differs from the quantize runs' same-dtype float eval
+    runs = runs_frame({"mha": [2.00, 2.10, 1.95]}, kind="train")
+    quant = runs_frame({"int8": [2.012, 2.111, 1.963]}, kind="quantize")
+    quant["val_loss_float"] = [2.010, 2.109, 1.961]  # the same checkpoints, evaluated like the quantized copy
+    summary = summarise(pd.concat([runs, quant], ignore_index=True),
+                        {"name": "q", "baseline": "mha", "variants": {"mha": {}, "int8": {}}})
+    (c,) = summary.comparisons
+    assert c.reference == "int8 (float)" and c.test == "paired t" and c.n == 3
+    assert c.delta == pytest.approx(0.002)  # the paired val_loss change, not 2.029 − 2.017 across evaluations
+    assert c.verdict == "equivalent"
+
+
 def test_tasks_are_judged_on_accuracy_and_bits_per_byte_are_not_tested_again():
     runs = runs_frame({"full": [0.9, 0.95, 0.92], "window": [0.5, 0.52, 0.55]}, metric="val_accuracy")
     summary = summarise(runs, {"name": "t", "variants": {"full": {}, "window": {}}})
@@ -301,7 +353,11 @@ def test_the_scaling_summary_recovers_known_laws_and_multipliers():
         assert low == pytest.approx(value, rel=1e-3) and high == pytest.approx(value, rel=1e-3)
     assert fits["swiglu"]["A"] == pytest.approx(SWIGLU[1], rel=1e-4)
     assert fits["gelu"]["a"] == pytest.approx(0.28 / 0.62) and fits["gelu"]["b"] == pytest.approx(0.34 / 0.62)
-    assert fits["gelu"]["r2"] > 0.999999 and fits["gelu"]["max_residual"] < 1e-6 and fits["gelu"]["warnings"] == []
+    assert fits["gelu"]["r2"] > 0.999999 and fits["gelu"]["max_residual"] < 1e-6
+    # these runs recorded no FLOPs per token: compute falls back to 6·N·D, and the summary says so
+    assert fits["gelu"]["warnings"] == ["compute is 6·N·D for 15 of 15 runs: they recorded no FLOPs per token"]
+    assert summary["estimated"] == 30 and summary["compute"].endswith("; 6·N·D for 30 of 30 runs, which recorded no FLOPs per token")
+    assert summary["points"]["compute"].tolist() == (6 * summary["points"]["params"] * summary["points"]["tokens"]).tolist()
     # the baseline's frontier at the largest trained budget, and at 100× it (an extrapolation)
     assert [(m["variant"], m["where"], m["compute"], m["extrapolated"]) for m in summary["multipliers"]] == [
         ("swiglu", "largest trained budget", pytest.approx(1e19), False),
@@ -321,6 +377,64 @@ def test_the_scaling_summary_recovers_known_laws_and_multipliers():
     compute, best = compute_envelope(6 * points["params"] * points["tokens"], points["val_loss"])
     assert laws["gelu"]["points"] == len(compute) >= 3 and laws["gelu"]["range"] == (compute.min(), compute.max())
     assert laws["gelu"]["E"] <= best.min() and laws["gelu"]["r2"] > 0.9
+
+
+def flops_budgeted_runs() -> pd.DataFrame:
+    """A train.flops IsoFLOP sweep (3 budgets × 7 sizes) as ``bench.results.load`` returns it: per run the
+    training FLOPs per token the trainer recorded (6N plus attention's, 10–35% more at these sizes), the
+    tokens of its whole steps and, in its config, the budget it was planned with. moe holds 4× the
+    parameters, of which the active quarter follows gelu's law at gelu's FLOPs; costly follows gelu's
+    law at twice the FLOPs per token (a variant that spends more per token for nothing)."""
+    from tests.test_scaling import TOKENS_PER_STEP, flops_budgeted_sweep, flops_per_token
+
+    n, _, _, planned = flops_budgeted_sweep()
+    rows = []
+    for variant, total, cost in (("gelu", 1, 1), ("moe", 4, 1), ("costly", 1, 2)):
+        for size, budget in zip(n, planned):
+            f = cost * flops_per_token(size)
+            d = np.ceil(budget / (f * TOKENS_PER_STEP)) * TOKENS_PER_STEP
+            rows.append(dict(variant=variant, status="finished", kind="train", params=total * size, active_params=size,
+                             flops_per_token=f, tokens=d, val_loss=GELU[0] + GELU[1] / size**0.34 + GELU[2] / d**0.28,
+                             config={"train": {"flops": budget, "batch_size": 16, "seq_len": 128}}, machine="m1"))
+    return pd.DataFrame(rows)
+
+
+def test_a_flops_budgeted_sweep_is_fitted_in_the_compute_it_spent_with_an_approach_2_optimum_per_variant(monkeypatch):
+    from bench import analysis
+    from tests.test_scaling import true_optimum
+
+    monkeypatch.setattr(analysis, "SCALING_BOOTSTRAP", 10)
+    runs = flops_budgeted_runs()
+    summary = scaling_summary(runs, "gelu")
+    # Approach 2: the runs of each train.flops budget form one IsoFLOP curve, whose minimum is the optimum
+    assert [r["variant"] for r in summary["approach2"]] == ["costly", "gelu", "moe"]
+    for row in summary["approach2"]:
+        assert row["error"] is None and row["budgets"] == 3, row
+        assert [o["budget"] for o in row["optima"]] == [2.5e11, 5e11, 1e12] and all(o["inside"] for o in row["optima"])
+        cost = 2 if row["variant"] == "costly" else 1  # twice the FLOPs: the optimum of half the budget
+        for o in row["optima"]:
+            assert o["n_opt"] == pytest.approx(true_optimum(o["budget"] / cost), rel=0.03)
+    fits = {r["variant"]: r for r in summary["fits"]}
+    for variant in ("gelu", "moe", "costly"):  # the law in active parameters, for the MoE too
+        assert [fits[variant][k] for k in ("E", "A", "B", "alpha", "beta")] == pytest.approx([*GELU, 0.34, 0.28], rel=1e-4)
+        assert fits[variant]["warnings"] == []
+    # multipliers at the largest compute spent (not 6ND): twice the FLOPs for the same loss is a multiplier of ½
+    largest = float((runs["flops_per_token"] * runs["tokens"]).max())
+    assert largest > 1.1 * float((6 * runs["active_params"] * runs["tokens"]).max())
+    multipliers = {(m["variant"], m["where"]): m for m in summary["multipliers"]}
+    assert set(multipliers) == {(v, w) for v in ("costly", "moe") for w in ("largest trained budget", "extrapolated to 100× that")}
+    for (variant, where), m in multipliers.items():
+        assert m["compute"] == pytest.approx(largest if where == "largest trained budget" else 100 * largest)
+        assert m["multiplier"] == pytest.approx(0.5 if variant == "costly" else 1.0, rel=1e-3)
+    gelu = summary["parametric"]["gelu"]
+    assert gelu.compute(*gelu.optimal(largest)) == pytest.approx(largest)
+    points = summary["points"]
+    assert summary["estimated"] == 0 and "6·N·D" not in summary["compute"] and not points["estimated"].any()
+    assert points["compute"].tolist() == (runs["flops_per_token"] * runs["tokens"]).tolist()
+    assert points["params"].tolist() == runs["active_params"].tolist()  # MoE: N is what a token uses
+    compute, _ = compute_envelope(points.loc[points["variant"] == "gelu", "compute"], points.loc[points["variant"] == "gelu", "val_loss"])
+    law = next(c for c in summary["compute_law"] if c["variant"] == "gelu")
+    assert law["range"] == (compute.min(), compute.max())
 
 
 def test_the_scaling_summary_needs_three_sizes_and_budgets_and_the_baseline_for_multipliers():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from models import build, build_model
 from models.accounting import count_params
-from models.mlp import gated_hidden
+from models.mlp import gated_hidden, gated_mlp_params, gelu_mlp_params
 from tests.conftest import tiny
 
 
@@ -20,10 +22,56 @@ def test_gated_mlp_defaults_match_the_gelu_mlps_parameters(name, width):
     assert abs(gated - gelu) / gelu < 0.02
 
 
-def test_gated_hidden_rounds_two_thirds_of_four_d_up_to_64():
-    assert gated_hidden(768) == 2048
-    assert gated_hidden(100) == 320  # 266.7 → 320
+def _mlp_params(name: str, n_embd: int, bias: bool) -> int:
+    with torch.device("meta"):  # counted, never allocated
+        return count_params(build("mlp", name, tiny(n_embd=n_embd, n_head=1, bias=bias)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_gated_mlps_match_the_gelu_mlps_parameters_within_1_percent_at_every_width(name, bias):
+    warned = set()
+    for width in [*range(8, 1025, 8), 128, 100, 4095]:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            gelu, gated = _mlp_params("gelu", width, bias), _mlp_params(name, width, bias)
+        if record:
+            warned.add(width)
+        else:
+            assert abs(gated - gelu) / gelu < 0.01, (width, gated, gelu)
+    # 8·8² = 512 weights: 3·h·8 is 504 or 528, no h within 1% (with biases, h = 21 gives 554 against 552)
+    assert warned == (set() if bias else {8})
+
+
+def test_n_embd_128_is_parameter_matched_now():
+    """2/3·4·128 rounded up to 64 was 384: 12.5% more MLP parameters than the 4·d MLP at a base width."""
+    for bias in (True, False):
+        gelu, swiglu = _mlp_params("gelu", 128, bias), _mlp_params("swiglu", 128, bias)
+        assert abs(swiglu - gelu) / gelu < 0.01, (bias, swiglu / gelu)
+        assert swiglu == gated_mlp_params(128, 344, bias) and gelu == gelu_mlp_params(128, bias)
+    assert gated_hidden(128, bias=False) == 344 and gated_hidden(128, bias=True) == 344  # 3·344·128 vs 8·128²
+
+
+def test_gated_hidden_is_a_multiple_of_8_where_that_keeps_within_1_percent_else_the_nearest_integer():
+    assert gated_hidden(768) == 2048 and gated_hidden(96) == 256 and gated_hidden(48) == 128  # exact as before
+    assert gated_hidden(384) == 1024 and gated_hidden(1024, bias=False) == 2728
+    assert gated_hidden(100, bias=False) == 267  # 264 is exactly 1% short; 267: 80100 against 80000
+    assert gated_hidden(20, bias=False) == 53  # no multiple of 8 within 1% of 3200: 53·60 = 3180
+
+
+@pytest.mark.parametrize("width,bias", [(8, False), (1, True), (15, True)])
+def test_a_width_no_hidden_size_matches_within_1_percent_warns_with_the_exact_ratio(width, bias):
+    with pytest.warns(UserWarning, match=rf"n_embd={width} .*ratio \d+/\d+ = ") as record:
+        hidden = gated_hidden(width, bias=bias)
+    gated, gelu = gated_mlp_params(width, hidden, bias), gelu_mlp_params(width, bias)
+    assert abs(gated - gelu) / gelu >= 0.01 and f"ratio {gated}/{gelu}" in str(record[0].message)
+    with pytest.warns(UserWarning, match="ratio 504/512"):
+        assert gated_hidden(8, bias=False) == 21  # the nearest integer, 1.6% short
+
+
+def test_the_hidden_option_overrides_the_matched_size():
     assert count_params(build("mlp", "swiglu", tiny(), hidden=40)) == 32 * 80 + 80 + 40 * 32 + 32
+    assert build("mlp", "geglu", tiny(n_embd=128), hidden=384).c_proj.in_features == 384
 
 
 def test_relu_squared_is_relu_then_square():

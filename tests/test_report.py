@@ -95,9 +95,10 @@ def test_json_summary_carries_every_field_and_nothing_else_on_stdout(study):
     assert set(summary["noise"]) >= {"baseline_sd", "paired_sd"} and summary["noise"]["baseline_sd"] > 0
     fields = {"variant", "reference", "metric", "n", "delta", "ci_low", "ci_high", "p", "p_adjusted", "test",
               "verdict", "margin", "mde"}
-    assert len(summary["comparisons"]) == 3  # three variants against mha
+    assert len(summary["comparisons"]) == 3  # two variants against mha; int8 against its own float checkpoint
     for c in summary["comparisons"]:
-        assert fields <= set(c) and c["reference"] == "mha" and c["n"] == 2
+        assert fields <= set(c) and c["reference"] == ("int8 (float)" if c["variant"] == "int8" else "mha")
+        assert c["n"] == 2
         assert c["test"] in ("paired t", "paired bootstrap", "welch") and c["test"] == "paired t"
         assert c["verdict"] in ("better", "worse", "equivalent", "inconclusive") and c["margin"] == 0.01
         assert c["ci_low"] <= c["delta"] <= c["ci_high"] and c["p"] <= c["p_adjusted"] <= 1
@@ -190,7 +191,7 @@ def test_the_report_renders_the_analysis_scaling_summary_as_it_is():
                        **{f"{k}_ci": f"{number(fit[k + '_ci'][0])} – {number(fit[k + '_ci'][1])}" for k in params},
                        "a": number(fit["a"], 3), "b": number(fit["b"], 3), "r2": number(fit["r2"], 4),
                        "max_residual": number(fit["max_residual"], 3), "objective": number(fit["objective"]),
-                       "warnings": []}
+                       "warnings": ["compute is 6·N·D for 15 of 15 runs: they recorded no FLOPs per token"]}
     assert shown["fits"][1]["E"] == "1.6900" and shown["fits"][1]["A"] == "371.7175" and shown["fits"][1]["a"] == "0.452"
     # the same rows the report showed before the summary moved into the analysis
     assert shown["multipliers"] == [
@@ -199,7 +200,8 @@ def test_the_report_renders_the_analysis_scaling_summary_as_it_is():
         {"variant": "swiglu", "where": "extrapolated to 100× that", "compute": "1e+21", "loss": "2.3289",
          "multiplier": "1.430", "ci": "1.430 – 1.430", "extrapolated": True}]
     assert shown["approach2"][0] == {"variant": "gelu", "a": "0.451", "b": "0.549",
-                                     "note": "3 compute budgets; R² of the N_opt line 1.0000, parabolas' R² ≥ 0.9989"}
+                                     "note": "3 compute budgets, N_opt 2.93e+07 at 1e+17 FLOPs, 8.38e+07 at 1e+18 FLOPs, "
+                                             "2.34e+08 at 1e+19 FLOPs; R² of the N_opt line 1.0000, parabolas' R² ≥ 0.9989"}
     for row, law in zip(shown["compute_law"], part["compute_law"], strict=True):
         assert row == {"variant": law["variant"], "E": number(law["E"]), "K": number(law["K"]),
                        "gamma": number(law["gamma"], 3), "r2": number(law["r2"], 4), "points": law["points"],

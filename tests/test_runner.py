@@ -113,6 +113,24 @@ def test_the_cli_exits_2_on_a_bad_spec_without_a_traceback(tmp_path, change):
     assert "Traceback" not in result.stderr + result.stdout and not (tmp_path / "out").exists()  # nothing trained
 
 
+def test_a_variant_on_other_data_needs_a_reference_of_its_own(tmp_path):
+    other = TINY.replace("  mqa: {model.attention: mqa}", "  other: {data.vocab_size: 24}")
+    message = spec_error(tmp_path, other)
+    assert ("compare: variant 'other' and its reference 'mha' train on different data (vocab_size 24 vs 16)"
+            in message) and "null to make it a reference of its own" in message
+    plan = expand(*load_spec(write_spec(tmp_path, other + "compare: {other: null}\n"), []))
+    assert {r.variant for r in plan.runs} == {"mha", "other"}
+    longer = TINY.replace("  mqa: {model.attention: mqa}", "  mqa: {model.attention: mqa, train.seq_len: 16}")
+    assert "train on different sequence length (seq_len 16 vs 32)" in spec_error(tmp_path, longer)
+
+
+def test_the_shipped_synthetic_study_compares_each_window_with_its_own_task():
+    spec, sources = load_spec(ROOT / "ablations" / "synthetic.yaml", [])
+    pairs = {v: spec.reference_of(v) for v in spec.variants}
+    assert pairs == {"mqar": None, "mqar_window": "mqar", "recall": None, "recall_window": "recall", "copying": None,
+                     "copying_window": "copying", "induction": None, "induction_window": "induction"}
+
+
 def test_a_batch_size_sweep_with_a_fixed_val_set_is_planned(tmp_path):
     text = TINY.replace("seeds: 2", "seeds: 2\nsweep: {train.batch_size: [4, 8]}").replace("eval_every: 5", "eval_every: 5, eval_sequences: 40")
     plan = expand(*load_spec(write_spec(tmp_path, text), []))
@@ -219,7 +237,8 @@ def test_end_to_end_tiny_study_writes_the_store_and_prints_the_summary(tmp_path,
     out = capsys.readouterr().out
     assert "Noise floor: the baseline's val loss varies across seeds" in out and "(baseline)" in out
     assert re.search(r"- (mqa is (better|worse) than mha|mqa is equivalent to mha|mqa vs mha is inconclusive)", out)
-    assert re.search(r"int8 (is|vs) .*mha", out) and "paired t over 2 seeds" in out
+    # a quantized variant is tested against its own float checkpoint, evaluated the same way
+    assert re.search(r"int8 (is|vs) .*int8 \(float\)", out) and "paired t over 2 seeds" in out
     results = load(tmp_path / "out")
     runs = results.runs
     assert len(runs) == 6 and set(runs["status"]) == {"finished"}
@@ -399,6 +418,8 @@ def test_every_shipped_spec_passes_dry_run_offline_with_an_empty_cache(spec, tmp
     result = run_cli(str(spec), "--dry-run", "--out", str(tmp_path / "out"), env=env)
     assert result.returncode == 0, result.stderr
     assert "nothing was trained or downloaded" in result.stdout
+    if "dtype:" not in spec.read_text():  # auto: the run table says what was picked and why
+        assert "dtype: auto on" in result.stdout and "speed-up threshold for bf16" in result.stdout
     written = {p.relative_to(root).parts[:2] for p in root.rglob("*") if p.is_file()}
     assert written <= {("site", "sitecustomize.py"), ("cache", "hardware")}  # no data, tokens, tokenizers
     if "source: shakespeare" in spec.read_text():
@@ -423,8 +444,10 @@ def test_the_default_ablation_is_shipped():
 def test_the_readmes_example_spec_is_valid(tmp_path):
     text = re.search(r"```yaml\n(name: attention\n.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     spec, sources = load_spec(write_spec(tmp_path, text), [])
-    plan = expand(spec, sources)
-    assert spec.compare == {"gqa_window": "gqa"} and len(plan.runs) == 3 * 2 * 2  # variants × lr sweep × seeds
+    tuning, plan = expand(spec, sources, tuning=True), expand(spec, sources)
+    assert spec.compare == {"gqa_window": "gqa"} and len(tuning.runs) == 3 * 2 * 1  # variants × lr × tuning seeds
+    assert {r.seed for r in tuning.runs} == {1000} and {r.role for r in tuning.runs} == {"tune"}
+    assert len(plan.runs) == 3 * 2 and {r.seed for r in plan.runs} == {0, 1}  # variants × evaluation seeds
 
 
 def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, capsys):
@@ -547,3 +570,38 @@ def test_a_plugin_attention_that_cannot_rotate_is_refused_with_the_spec_line(tmp
     assert "spec.yaml" in message and "variant 'linear'" in message
     assert "attention 'linear_plugin' does not rotate q and k by the positional encoding (rotate), needed by " \
            "positional 'rope'" in message
+
+
+def test_tuning_chooses_each_setting_on_held_out_seeds_and_only_eval_runs_are_judged(tmp_path):
+    import json
+
+    from bench.report import summary_json
+
+    # lr 1e6 diverges (a point with a diverged seed is not eligible); the choice is made on seed 1000
+    text = TINY + "tune: {train.lr: [3.0e-3, 1.0e+6], tune_seeds: 1}\n"
+    spec = write_spec(tmp_path, text.replace("device: cpu,", "device: cpu, diverge_above: 50,"), steps=6)
+    out = tmp_path / "out"
+    assert main([str(spec), "--out", str(out)]) == 0
+    runs = load(out).runs
+    tune, evals = runs[runs["role"] == "tune"], runs[runs["role"] == "eval"]
+    assert set(tune["seed"]) == {1000} and len(tune) == 4  # 2 variants × 2 points × 1 tuning seed
+    assert set(evals["seed"]) == {0, 1} and len(evals) == 4  # 2 variants × 2 eval seeds, at the chosen point
+    assert set(tune[tune["sweep"].map(lambda p: p["train.lr"]) == 1e6]["status"]) == {"diverged"}
+    assert all(p == {"train.lr": 3e-3} for p in evals["sweep"])
+    (c,) = summary_json([out])["comparisons"]
+    assert c["n"] == 2 and sorted(c["seeds"]) == [0, 1]  # tuning seeds never enter the verdict
+    assert c["tuned"] == {"mqa": {"train.lr": 3e-3}, "mha": {"train.lr": 3e-3}}
+    assert json.dumps(c)  # the JSON summary carries it
+    html = (out / "report.html").read_text()
+    assert "Tuning: sensitivity to the tuned setting" in html and "sensitivity to the tuned setting\"" in html
+    assert "train.lr=1000000.0" in html  # the diverged point is listed (not eligible)
+    # the same spec again: every run is found; nothing trains twice
+    assert main([str(spec), "--out", str(out)]) == 0
+    assert len(load(out).runs) == 8
+
+
+def test_tune_seeds_must_be_held_out(tmp_path):
+    message = spec_error(tmp_path, TINY + "tune: {train.lr: [1.0e-3, 2.0e-3], tune_seeds: [1, 7]}\n")
+    assert "tune_seeds [1] are also evaluation seeds" in message
+    assert "tune '" in spec_error(tmp_path, TINY + "tune: {train.lr: [1.0e-3]}\n")
+    assert "not both" in spec_error(tmp_path, TINY + "tune: {train.lr: [1.0e-3, 2.0e-3]}\nsweep: {train.lr: [1.0e-3]}\n")

@@ -158,3 +158,92 @@ def test_convergence_is_judged_by_the_gradient_not_the_optimisers_flag(monkeypat
     n, d = grid()
     fit = scaling.fit_parametric(n, d, surface(CHINCHILLA, n, d))
     assert not fit.converged and any("did not converge" in w for w in fit.warnings)
+
+
+# -- compute as the runs spent it: C = (training FLOPs per token) × D ------------------------------------
+
+TOKENS_PER_STEP = 16 * 128  # batch × seq_len of a small CPU study
+
+
+def flops_per_token(n):
+    """6N plus what 6N leaves out (attention's scores, ...): 10–35% more at these sizes, like real models."""
+    return 6 * n + 450 * np.sqrt(n)
+
+
+def true_optimum(compute: float) -> float:
+    """N minimising the CHINCHILLA loss at C = F(N)·D, by brute force."""
+    n = np.geomspace(1e3, 1e8, 400_001)
+    return float(n[np.argmin(surface(CHINCHILLA, n, compute / flops_per_token(n)))])
+
+
+def flops_budgeted_sweep(budgets=(2.5e11, 5e11, 1e12)):
+    """Seven sizes around the optimum per train.flops budget; each run's steps rounded up, as budget_steps does."""
+    n, d, planned = [], [], []
+    for budget in budgets:
+        for size in true_optimum(budget) * np.geomspace(1 / 4, 4, 7):
+            n.append(size)
+            d.append(np.ceil(budget / (flops_per_token(size) * TOKENS_PER_STEP)) * TOKENS_PER_STEP)
+            planned.append(budget)
+    n, d = np.array(n), np.array(d)
+    return n, d, surface(CHINCHILLA, n, d), np.array(planned)
+
+
+def test_isoflop_runs_are_grouped_by_their_planned_budget_not_by_the_compute_they_spent():
+    n, d, loss, planned = flops_budgeted_sweep()
+    spent = flops_per_token(n) * d
+    assert len({float(f"{c:.3g}") for c in spent}) > 3 and len({float(f"{c:.3g}") for c in 6 * n * d}) > 3
+    keys = scaling.budget_keys(spent)  # without the plan: compute to 3 digits, split by the rounding of steps
+    assert all(len(set(keys[planned == b])) > 1 for b in (2.5e11, 5e11, 1e12))
+    assert scaling.budget_keys(spent, planned).tolist() == planned.tolist()
+    fit = scaling.fit_isoflop(n, d, loss, compute=spent, budget=planned)
+    assert fit.budgets.tolist() == [2.5e11, 5e11, 1e12] and fit.inside == [True] * 3 and not fit.skipped
+    for budget, n_opt in zip(fit.budgets, fit.n_opt):
+        assert n_opt == pytest.approx(true_optimum(budget), rel=0.03)
+    truth = np.polyfit(np.log(fit.budgets), np.log([true_optimum(c) for c in fit.budgets]), 1)[0]
+    assert fit.exponent_a == pytest.approx(truth, abs=0.01)
+    k, p, _ = scaling.fit_flops_per_token(n, spent / d)
+    assert fit.d_opt == pytest.approx(fit.budgets / (k * fit.n_opt**p)) and fit.exponent_b == pytest.approx(1 - p * fit.exponent_a)
+    # runs without a planned FLOPs budget fall back to their compute, to 3 significant digits
+    mixed = np.where(planned == 1e12, np.nan, planned)
+    fallback = scaling.fit_isoflop(n, d, loss, compute=spent, budget=mixed)
+    assert fallback.budgets[:2].tolist() == [2.5e11, 5e11]
+    assert set(fallback.budgets[2:]) <= set(scaling.budget_keys(spent[planned == 1e12]))
+
+
+def test_flops_per_token_are_modelled_as_a_power_law_in_n():
+    n = np.geomspace(1e4, 1e6, 5)
+    assert scaling.fit_flops_per_token(n, 7 * n**0.9) == (pytest.approx(7), pytest.approx(0.9), pytest.approx(0, abs=1e-12))
+    k, p, miss = scaling.fit_flops_per_token(n, 6 * n)
+    assert (k, p, miss) == (pytest.approx(6), pytest.approx(1), pytest.approx(0, abs=1e-12))
+    n = flops_budgeted_sweep()[0]  # 23k–660k parameters: within 5% of a power law
+    k, p, miss = scaling.fit_flops_per_token(n, flops_per_token(n))
+    assert p < 1 and 0 < miss < scaling.FLOPS_LAW_TOLERANCE
+
+
+def test_the_frontier_under_measured_flops_per_token_equals_brute_force_minimisation():
+    fit = make_fit(**CHINCHILLA, flops_k=21.7, flops_p=0.908)  # F(N) = 21.7·N^0.908, not 6N
+    assert fit.exponent_a == pytest.approx(0.28 / (0.34 + 0.908 * 0.28)) and fit.exponent_b == pytest.approx(1 - 0.908 * fit.exponent_a)
+    for compute in (1e11, 1e12, 1e14):
+        n = np.geomspace(1e2, 1e9, 400_001)
+        losses = fit.loss(n, compute / fit.flops_per_token(n))
+        n_opt, d_opt = fit.optimal(compute)
+        assert n_opt == pytest.approx(n[np.argmin(losses)], rel=1e-3)
+        assert fit.compute(n_opt, d_opt) == pytest.approx(compute)
+        assert fit.frontier_loss(compute) == pytest.approx(losses.min(), rel=1e-9)
+    # Approach 3 takes F from the runs: the parameters of L(N, D) do not change, the frontier does
+    n, d, loss, _ = flops_budgeted_sweep()
+    plain, measured = (scaling.fit_parametric(n, d, loss, flops_per_token=f) for f in (None, flops_per_token(n)))
+    assert (plain.flops_k, plain.flops_p) == (6.0, 1.0) and measured.A == pytest.approx(plain.A, rel=1e-6)
+    assert (measured.flops_k, measured.flops_p) == scaling.fit_flops_per_token(n, flops_per_token(n))[:2]
+    n_opt, d_opt = measured.optimal(1e12)
+    assert n_opt == pytest.approx(true_optimum(1e12), rel=0.05) and measured.compute(n_opt, d_opt) == pytest.approx(1e12)
+    assert measured.compute_for_loss(float(measured.frontier_loss(1e12))) == pytest.approx(1e12, rel=1e-6)
+    assert not measured.warnings
+
+
+def test_a_variant_costing_twice_the_flops_per_token_for_the_same_loss_has_multiplier_one_half():
+    n, d, loss, _ = flops_budgeted_sweep()
+    base = scaling.fit_parametric(n, d, loss, flops_per_token=flops_per_token(n), n_bootstrap=5)
+    costly = scaling.fit_parametric(n, d, loss, flops_per_token=2 * flops_per_token(n), n_bootstrap=5)
+    estimate = scaling.multiplier_at(base, costly, 1e12)
+    assert estimate.multiplier == pytest.approx(0.5, rel=1e-6) and estimate.ci == (pytest.approx(0.5), pytest.approx(0.5))

@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _run(run_id: str) -> SimpleNamespace:
-    return SimpleNamespace(run_id=run_id, variant="v", sweep={}, seed=0, kind="train", parent_id=None,
+    return SimpleNamespace(run_id=run_id, variant="v", sweep={}, seed=0, kind="train", role="eval", parent_id=None,
                            config=SimpleNamespace(model_dump_json=lambda: "{}"))
 
 

@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 
 from bench import scaling
-from bench.analysis import QUALITY, SCALING_TABLES, StudySummary, scaling_per_machine, summarise
+from bench.analysis import (
+    QUALITY, SCALING_TABLES, StudySummary, choose_tuned, eligible_points, eval_runs, point_key, scaling_per_machine, summarise,
+)
 from bench.formatting import count, missing, number
 from bench.report import figures
 from bench.results import Results, load
@@ -81,6 +83,12 @@ def _cell(value):
     return number(value) if isinstance(value, float) else value
 
 
+def _optima(optima: list[dict]) -> str:
+    """Approach 2's optimum per budget: "1.2e+05 at 1e+12 FLOPs, …", "(outside the trained sizes)" where it is."""
+    return ", ".join(f"{o['n_opt']:.3g} at {o['budget']:.3g} FLOPs" + ("" if o["inside"] else " (outside the trained sizes)")
+                     for o in optima)
+
+
 def _scaling_rows(summary: dict) -> dict:
     """One machine's scaling summary (``analysis.scaling_summary``) as table rows and its figure."""
     fits = [{"variant": r["variant"], **{k: number(r[k]) for k in scaling.PARAMS},
@@ -94,7 +102,7 @@ def _scaling_rows(summary: dict) -> dict:
                     "extrapolated": m["extrapolated"]}
                    for m in summary["multipliers"]]
     approach2 = [{"variant": r["variant"], "a": number(r["a"], 3), "b": number(r["b"], 3),
-                  "note": f"{r['budgets']} compute budgets; R² of the N_opt line "
+                  "note": f"{r['budgets']} compute budgets, N_opt {_optima(r.get('optima', []))}; R² of the N_opt line "
                           f"{number(r['r2'], 4)}, parabolas' R² ≥ {number(r['parabola_r2'], 4)}"}
                  if r["error"] is None else {"variant": r["variant"], "a": None, "b": None, "note": r["error"]}
                  for r in summary["approach2"]]
@@ -116,6 +124,24 @@ def _scaling_section(parts: list[dict]) -> dict | None:
     merged = {key: [row for part in formatted for row in part[key]] for key in SCALING_TABLES}
     merged["figures"] = [f for part in formatted for f in part["figures"]]
     return merged
+
+
+def _tuning_section(tuning: pd.DataFrame, spec: dict) -> dict | None:
+    """Each variant's tune points: mean val loss over the tuning seeds, failures, eligibility, the
+    chosen one; and the sensitivity figure."""
+    if tuning.empty:
+        return None
+    chosen, _ = choose_tuned(tuning)
+    points = eligible_points(tuning).set_index(["variant", "point"])
+    rows = []
+    for (variant, point), group in tuning.groupby(["variant", tuning["sweep"].map(point_key)], sort=False):
+        stats = points.loc[(variant, point)]
+        rows.append({"variant": variant, "setting": ", ".join(f"{k}={v}" for k, v in group["sweep"].iloc[0].items()),
+                     "val_loss": number(group.loc[group["status"] == "finished", "val_loss"].mean()),
+                     "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
+                     "diverged": int(stats["diverged"]), "failed": int(stats["failed"]),
+                     "eligible": bool(stats["eligible"]), "chosen": chosen.get(variant) == group["sweep"].iloc[0]})
+    return {"rows": rows, "figure": figures.sensitivity_figure(tuning)}
 
 
 def _comparison_rows(summary: StudySummary) -> list[dict]:
@@ -178,6 +204,11 @@ def build_report(folders: list[str | Path]) -> str:
     baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
     summaries = study_summaries(results)
     runs, metrics, kernels = results.runs[results.runs["current"]].copy(), results.metrics, results.kernels
+    failed = [{"variant": r["variant"] + (" (tuning)" if r.get("role") == "tune" else ""), "seed": r["seed"],
+               "status": r["status"], "reason": r["reason"]}
+              for _, r in runs[runs["status"].isin(["failed", "diverged"])].iterrows()]
+    tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
+    runs = eval_runs(runs)  # what the verdicts, curves and tables are about; tuning has its own section
     if not metrics.empty:  # the current plan's steps (runs of an edited spec's earlier plan stay out)
         metrics = metrics.merge(runs[["run_id", "folder"]], on=["run_id", "folder"])
     runs["machine"] = runs["machine"].fillna("(not run)")
@@ -214,8 +245,8 @@ def build_report(folders: list[str | Path]) -> str:
                        ("variant", "seed", "val_loss_float", "val_loss", "val_loss_change", "model_bytes_float",
                         "model_bytes", "latency_ms_float", "latency_ms", "quantization_format")}
                       for _, r in quantized.iterrows()],
-        "failed": [{"variant": r["variant"], "seed": r["seed"], "status": r["status"], "reason": r["reason"]}
-                   for _, r in runs[runs["status"].isin(["failed", "diverged"])].iterrows()],
+        "failed": failed,
+        "tuning": _tuning_section(tuning, spec),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
                       "threads": r["hardware"].get("torch_threads"), "gpu": r["hardware"].get("gpu"),

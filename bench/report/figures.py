@@ -155,14 +155,17 @@ def scaling_figure(points: pd.DataFrame, fits: dict) -> str | None:
             tokens = np.geomspace(group["tokens"].min() / 2, group["tokens"].max() * 4, 50)
             axes[0].plot(tokens, fit.loss(n, tokens), color=palette[variant], alpha=0.6, linewidth=1)
             axes[0].scatter(group["tokens"], group["val_loss"], color=palette[variant], s=18)
-        compute = np.geomspace((6 * d["params"] * d["tokens"]).min() / 4, (6 * d["params"] * d["tokens"]).max() * 100, 80)
-        observed = (6 * d["params"] * d["tokens"]).max()
+        spent = d["compute"] if "compute" in d else 6 * d["params"] * d["tokens"]
+        compute = np.geomspace(spent.min() / 4, spent.max() * 100, 80)
         axes[1].plot(compute, fit.frontier_loss(compute), color=palette[variant], label=variant)
-        axes[1].axvline(observed, color=palette[variant], linestyle=":", linewidth=1)
-        axes[1].scatter(6 * d["params"] * d["tokens"], d["val_loss"], color=palette[variant], s=14, alpha=0.6)
+        axes[1].axvline(spent.max(), color=palette[variant], linestyle=":", linewidth=1)
+        axes[1].scatter(spent, d["val_loss"], color=palette[variant], s=14, alpha=0.6)
+    estimated = points["estimated"] if "estimated" in points else pd.Series(True, index=points.index)
+    axis = ("training compute C = 6ND" if estimated.all() else "training compute C = FLOPs/token × D"
+            + (" (6ND where not recorded)" if estimated.any() else ""))
     axes[0].set(xscale="log", xlabel="training tokens D", ylabel="val loss",
-                title="observed (dots) and fitted L(N, D) per model size")
-    axes[1].set(xscale="log", xlabel="training compute C = 6ND", ylabel="loss",
+                title="observed (dots) and fitted L(N, D) per model size (N: active parameters)")
+    axes[1].set(xscale="log", xlabel=axis, ylabel="loss",
                 title="compute-optimal frontier (dotted: largest trained; right of it: extrapolation)")
     axes[1].legend(fontsize=8)
     return to_data_uri(fig)
@@ -207,4 +210,30 @@ def quantization_figure(quantized: pd.DataFrame) -> str | None:
     axes[1].axhline(q["latency_ms_float"].median(), color="black", linestyle="--", label="float")
     axes[1].set(ylabel="forward latency (ms, median)", title="inference latency of one val batch")
     axes[1].legend(fontsize=8)
+    return to_data_uri(fig)
+
+
+def sensitivity_figure(tuning: pd.DataFrame) -> str | None:
+    """Each variant's val loss against its tuned setting (mean over tuning seeds; × where a seed
+    diverged or failed): a variant that only works at one setting shows it here."""
+    if tuning.empty:
+        return None
+    frame = tuning.assign(setting=tuning["sweep"].map(lambda p: ", ".join(f"{v}" for v in p.values())))
+    keys = sorted({k for p in tuning["sweep"] for k in p})
+    single = len(keys) == 1 and all(isinstance(p.get(keys[0]), int | float) for p in tuning["sweep"])
+    frame["x"] = frame["sweep"].map(lambda p: p[keys[0]]) if single else frame["setting"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = frame[frame["status"] == "finished"]
+    if not done.empty:
+        sns.lineplot(data=done, x="x", y="val_loss", hue="variant", marker="o", errorbar=("pi", 100), ax=ax)
+    bad = frame[frame["status"] != "finished"]
+    if not bad.empty:  # diverged or failed: no loss to plot, marked at the top of the axes
+        top = ax.get_ylim()[1] if not done.empty else 1.0
+        ax.scatter(bad["x"], [top] * len(bad), marker="x", color="red", s=60, label="diverged or failed", zorder=3)
+        ax.legend(fontsize=8)
+    if single and frame["x"].max() / max(frame["x"].min(), 1e-300) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(", ".join(keys))
+    ax.set_ylabel("val loss (tuning seeds)")
+    ax.set_title("sensitivity to the tuned setting (mean over tuning seeds)")
     return to_data_uri(fig)
