@@ -38,7 +38,7 @@ def test_two_configs_differing_in_one_module_share_every_other_parameter():
     mha = build_model(tiny(positional="rope"), seed=3).state_dict()
     for other, differs in ((dict(attention={"name": "gqa", "n_kv_head": 2}), ("attn.c_attn",)),
                            (dict(attention={"name": "mha", "qk_norm": True}), ("attn.q_norm", "attn.k_norm")),
-                           (dict(mlp="swiglu"), ("mlp.c_fc",)),
+                           (dict(mlp="swiglu"), ("mlp.c_fc", "mlp.c_proj")),  # its hidden width differs
                            (dict(attention={"name": "window", "window": 8}), ())):
         state = build_model(tiny(positional="rope", **other), seed=3).state_dict()
         rest = [k for k in state if not any(d in k for d in differs)]
