@@ -122,6 +122,16 @@ def _gate(got, expected, dtype: torch.dtype) -> tuple[bool, float]:
     return error <= tolerance(dtype) * scale, error
 
 
+def _check(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor, direction: Direction,
+           ref_out, ref_grads, dtype: torch.dtype) -> tuple[bool, float]:
+    """Gate a candidate before timing: its output (forward, run without a graph — FlexAttention on CPU
+    insists) or its gradients against the reference's."""
+    if direction == "forward":
+        with torch.no_grad():
+            return _gate(forward(), ref_out, dtype)
+    return _gate(_grads(forward(), inputs, grad), ref_grads, dtype)
+
+
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor, retain_graph: bool = False) -> list:
     """Gradients of out·grad with respect to inputs; zeros for an input the output does not use."""
     found = torch.autograd.grad(out, inputs, grad, retain_graph=retain_graph, allow_unused=True)
@@ -366,12 +376,7 @@ def _attention_variant(cfg: AttentionKernels, variant: Variant, n: int, backends
             try:
                 inputs = [x, *_trainable(module)]
                 forward = (lambda module=module: module(x, positions, pos))
-                if direction == "forward":  # inference: no graph (FlexAttention on CPU insists)
-                    with torch.no_grad():
-                        got = forward()
-                else:
-                    got = _grads(forward(), inputs, grad)
-                ok, error = _gate(got, ref_out if direction == "forward" else ref_grads, ctx.dtype)
+                ok, error = _check(forward, inputs, grad, direction, ref_out, ref_grads, ctx.dtype)
                 r["max_error"] = error
                 kernel = getattr(module, "kernel", None)
                 if getattr(kernel, "ran", None) or getattr(kernel, "name", None):
@@ -453,12 +458,7 @@ def _module_rows(component: str, cases: list[ModuleCase], directions: list[Direc
                 module, x = case.module, case.x
                 inputs = [x, *_trainable(module)]
                 forward = (lambda case=case: case.call(case.module, case.x))
-                if direction == "forward":
-                    with torch.no_grad():
-                        got = forward()
-                else:
-                    got = _grads(forward(), inputs, grad)
-                ok, error = _gate(got, ref_out if direction == "forward" else ref_grads, ctx.dtype)
+                ok, error = _check(forward, inputs, grad, direction, ref_out, ref_grads, ctx.dtype)
                 row["max_error"] = error
                 if not ok:
                     against = "the reference" if case.reference else "the same module in float32"
