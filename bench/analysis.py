@@ -41,6 +41,7 @@ import pandas as pd
 from scipy import optimize, special, stats
 
 from bench import scaling
+from bench.formatting import p_value, significant
 
 QUALITY = ("val_loss", "val_accuracy", "val_bpb")
 HIGHER_IS_BETTER = {"val_accuracy"}
@@ -220,7 +221,8 @@ def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | 
             ci = mean_ci(group[metric].tolist() if metric in group else [])
             row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.sd, f"{metric}_ci_low": ci.low,
                         f"{metric}_ci_high": ci.high})
-        for column in ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_memory_bytes", "mfu"):
+        for column in ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_memory_bytes", "mfu",
+                       "kv_cache_bytes_per_token"):
             row[column] = group[column].median() if column in group else float("nan")
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -405,35 +407,35 @@ class Comparison:
 
     def sentence(self) -> str:
         """The verdict in one sentence, with the numbers behind it (and the tuned settings)."""
-        if not self.tuned:
-            return self._verdict_sentence()
+        tuned = self.tuned_sentence()
+        return self.verdict_sentence() + (f" {tuned}" if tuned else "")
+
+    def tuned_sentence(self) -> str:
+        """The settings each side ran at, where the study tuned them ("" otherwise)."""
         at = "; ".join(f"{name} at " + ", ".join(f"{k}={v}" for k, v in point.items())
                        for name, point in self.tuned.items() if point)
-        return self._verdict_sentence() + (f" Each at its setting tuned on held-out seeds: {at}." if at else "")
+        return f"Each at its setting tuned on held-out seeds: {at}." if at else ""
 
-    def _verdict_sentence(self) -> str:
+    def verdict_sentence(self) -> str:
+        """The verdict with the numbers behind it: difference, CI, test, seeds, adjusted p."""
         unit = f" {self.unit}" if self.unit else ""
         over = (f"{self.test} over {self.n} seeds" if self.test != "welch"
                 else f"Welch over {self.n} and {self.n_reference} seeds")
-        ci = f"95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f}"
+        ci = f"95% CI {significant(self.ci_low, sign=True)} to {significant(self.ci_high, sign=True)}"
         if self.verdict in ("better", "worse"):
-            return (f"{self.variant} is {self.verdict} than {self.reference} by {abs(self.delta):.4f}{unit} "
-                    f"({ci}, {over}, Holm-adjusted p {_p(self.p_adjusted)}).")
+            return (f"{self.variant} is {self.verdict} than {self.reference} by {significant(abs(self.delta))}{unit} "
+                    f"({ci}, {over}, Holm-adjusted p {p_value(self.p_adjusted)}).")
         if self.verdict == "equivalent":
             return (f"{self.variant} is equivalent to {self.reference} within ±{self.margin:g}{unit} "
-                    f"(Δ {self.delta:+.4f}, {ci}, {over}).")
+                    f"(Δ {significant(self.delta, sign=True)}, {ci}, {over}).")
         if self.note:
             return f"{self.variant} vs {self.reference} is inconclusive: {self.note}."
-        return (f"{self.variant} vs {self.reference} is inconclusive: Δ {self.delta:+.4f}{unit} ({ci}, {over}, "
-                f"Holm-adjusted p {_p(self.p_adjusted)}); these seeds could detect a difference of "
-                f"±{self.mde:.4f} or more (80% power), and equivalence needs the CI inside ±{self.margin:g}.")
+        return (f"{self.variant} vs {self.reference} is inconclusive: Δ {significant(self.delta, sign=True)}{unit} "
+                f"({ci}, {over}, Holm-adjusted p {p_value(self.p_adjusted)}); these seeds could detect a difference of "
+                f"±{significant(self.mde)} or more (80% power), and equivalence needs the CI inside ±{self.margin:g}.")
 
     def to_dict(self) -> dict:
         return {k: v if k == "tuned" else _json_number(v) for k, v in asdict(self).items()}
-
-
-def _p(p: float) -> str:
-    return "–" if math.isnan(p) else "< 0.0001" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3g}"
 
 
 def _json_number(value):
@@ -452,9 +454,9 @@ class Noise:
     def sentence(self, metric: str) -> str:
         if self.baseline_n < 2:
             return "Noise floor: unknown until the baseline has two seeds."
-        text = f"Noise floor: the baseline's {metric} varies across seeds with sd {self.baseline_sd:.4f} (n = {self.baseline_n})"
+        text = f"Noise floor: the baseline's {metric} varies across seeds with sd {significant(self.baseline_sd)} (n = {self.baseline_n})"
         if self.paired_df:
-            text += f"; paired differences between variants vary with sd {self.paired_sd:.4f} (pooled, {self.paired_df} df)"
+            text += f"; paired differences between variants vary with sd {significant(self.paired_sd)} (pooled, {self.paired_df} df)"
         return text + "."
 
 

@@ -26,7 +26,7 @@ from bench import hardware, parallel
 from bench.analysis import StudySummary, choose_tuned, summarise
 from bench.config import budget_steps
 from bench.executor import EXECUTORS, ExecutorUnavailable
-from bench.formatting import count, number
+from bench.formatting import count, p_value, significant
 from bench.plan import Plan, expand, preparation
 from bench.progress import Progress
 from bench.report import write_report
@@ -169,11 +169,11 @@ def print_summary(summary: StudySummary, console: Console) -> None:
         own = "(baseline)" if variant == variants["variant"].iloc[0] else "(reference)"  # baseline first
         cells = [escape(variant), escape(c.reference) if c else own if not row["reference"] else "–",
                  f"[{style}]{c.verdict}[/{style}]" if c and style else (c.verdict if c else "–"),
-                 f"{c.delta:+.4f}" if c else "–",
-                 f"{number(c.ci_low)} – {number(c.ci_high)}" if c else "–", c.test if c else "–",
-                 str(c.n) if c else str(row["n"]), number(c.p, 3) if c else "–", number(c.p_adjusted, 3) if c else "–",
-                 number(c.mde) if c else "–",
-                 f"{number(row[f'{metric}_mean'])} ± {number(row[f'{metric}_sd'])}",
+                 significant(c.delta, sign=True) if c else "–",
+                 f"{significant(c.ci_low, sign=True)} to {significant(c.ci_high, sign=True)}" if c else "–",
+                 c.test if c else "–", str(c.n) if c else str(row["n"]), p_value(c.p) if c else "–",
+                 p_value(c.p_adjusted) if c else "–", significant(c.mde) if c else "–",
+                 f"{significant(row[f'{metric}_mean'], 4)} ± {significant(row[f'{metric}_sd'], 2)}",
                  count(row["params"]), count(row["tokens_per_s"]), f"{row['failed']}/{row['diverged']}"]
         table.add_row(*cells)
     console.print(table)

@@ -291,7 +291,9 @@ class Trainer:
             step_times.append(dt)
             train_losses.append(loss)
             tokens_per_s = self.tokens_per_step / dt
-            record = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
+            # "seconds": training time so far (evaluation and checkpoints excluded), for curves per second
+            record = {"step": step, "tokens": step * self.tokens_per_step,
+                      "seconds": time.perf_counter() - wall_start - paused, "train_loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                       "peak_memory_bytes": _peak_memory(self.device), **routing}
@@ -343,6 +345,7 @@ class Trainer:
             "peak_memory_bytes": _peak_memory(self.device),
             "params": param_counts(self.run_config.model),
             "flops_per_token": self.flops_per_token,
+            "kv_cache_bytes_per_token": _kv_cache_bytes_per_token(self.model),
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
@@ -352,6 +355,13 @@ class Trainer:
             "attention_kernel": getattr(kernel, "ran", None) or getattr(kernel, "name", None),
             "data": self.data.fingerprint,
         }
+
+
+def _kv_cache_bytes_per_token(model: torch.nn.Module) -> int | None:
+    """What serving this model caches per generated token, at 2 bytes per element (a bf16 or fp16
+    cache); None where an attention keeps no cache (or does not say)."""
+    sizes = [getattr(block.attn, "kv_cache_bytes_per_token", None) for block in model.blocks]
+    return sum(size(2) for size in sizes) if all(sizes) else None
 
 
 def train(run: RunConfig, out_dir: str | Path | None = None, *, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:

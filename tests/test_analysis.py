@@ -16,7 +16,6 @@ from scipy import stats
 
 from bench.analysis import (
     Design,
-    _p,
     best_of_sweep,
     choose_tuned,
     compare,
@@ -293,7 +292,9 @@ def test_inconclusive_comparisons_say_what_they_could_detect():
 
 
 def test_p_values_read_as_numbers_in_sentences():
-    assert [_p(p) for p in (1.0, 0.5, 0.168, 0.0123, 0.00072, 3e-5)] == ["1", "0.5", "0.168", "0.0123", "0.00072", "< 0.0001"]
+    from bench.formatting import p_value
+
+    assert [p_value(p) for p in (1.0, 0.5, 0.168, 0.0123, 0.00072, 3e-5)] == ["1", "0.5", "0.168", "0.0123", "0.00072", "< 0.0001"]
 
 
 def test_pareto_front():

@@ -57,7 +57,7 @@ def test_the_runner_writes_the_report_with_every_section(study):
     assert "python -m bench.run " in html and "entropy rate" in html
     assert re.search(r"(is (better|worse) than mha by|is equivalent to mha within|vs mha is inconclusive)", html)
     assert "Noise floor: the baseline" in html and "Holm across comparisons" in html
-    assert html.count("data:image/png;base64,") >= 6  # curves, final, cost, attention ×2, decode, MoE, quantization
+    assert html.count("data:image/png;base64,") >= 7  # forest, curves, final, cost, attention, decode, MoE, quantization
     assert "<script" not in html.replace("&lt;script&gt;", "")  # no scripts at all
     assert "http://" not in html and "https://" not in html  # nothing to fetch
 
@@ -104,8 +104,10 @@ def test_json_summary_carries_every_field_and_nothing_else_on_stdout(study):
         assert c["ci_low"] <= c["delta"] <= c["ci_high"] and c["p"] <= c["p_adjusted"] <= 1
     # the HTML report and the runner's table are rendered from the same objects
     html = (study / "report.html").read_text()
+    from bench.formatting import significant
+
     for c in summary["comparisons"]:
-        assert f"{c['delta']:+.4f}" in html
+        assert f'<td class="num">{significant(c["delta"], 3, sign=True)}</td>' in html
     missing = subprocess.run([sys.executable, "-m", "bench.report", str(study.parent / "nope"), "--json"],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and missing.stdout == "" and "no results store" in missing.stderr
@@ -124,7 +126,9 @@ def test_two_machines_merge_side_by_side(study, tmp_path):
     db.close()
     html = build_report([study, other])
     assert "NVIDIA H100 80GB HBM3" in html and "threads)" in html  # both machines' labels
-    assert html.count("<td>NVIDIA H100 80GB HBM3</td>") >= 4  # summary rows for the second machine
+    # each machine gets its own answer (headlines, forest, noise, settings) and its own verdict tables
+    assert "<h2>On NVIDIA H100 80GB HBM3</h2>" in html and html.count('<ul class="headlines">') == 2
+    assert html.count("<h3>NVIDIA H100 80GB HBM3</h3>") >= 1 and html.count('<dl class="settings">') == 2
     # both folders hold the same run ids: each step's metrics must join its own machine's run only
     from bench.report import _merge
     from bench.report.figures import with_runs
@@ -156,8 +160,8 @@ def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tm
     store.close()
     html = write_report([tmp_path]).read_text()
     assert "Chinchilla Approach 3" in html and "largest trained budget" in html
-    assert html.count("<td>1.430</td>") == 2  # m_N·m_D = 1.3 × 1.1, recovered at both scales
-    assert "extrapolate_to</td><td>1e+24</td>" in html
+    assert html.count("<td>1.43</td>") == 2  # m_N·m_D = 1.3 × 1.1, recovered at both scales
+    assert "extrapolate_to</td><td>1.00 YFLOP</td>" in html
     # the same grid from a second machine (10% higher losses) is fitted on its own, not pooled
     store = Store(tmp_path)
     for row in store.db.execute("SELECT * FROM runs").fetchall():
@@ -171,13 +175,13 @@ def test_the_scaling_section_fits_every_variant_with_enough_sizes_and_budgets(tm
     html = write_report([tmp_path]).read_text()
     for machine in ("test cpu (2 threads)", "other cpu (2 threads)"):
         assert f"<td>swiglu @ {machine}</td>" in html
-    assert html.count("<td>1.430</td>") == 4  # each machine's multipliers, recovered separately
+    assert html.count("<td>1.43</td>") == 4  # each machine's multipliers, recovered separately
 
 
 def test_the_report_renders_the_analysis_scaling_summary_as_it_is():
     """The report only formats ``analysis.scaling_per_machine``: every number it shows is the analysis's."""
     from bench.analysis import scaling_per_machine
-    from bench.formatting import number
+    from bench.formatting import significant
     from bench.report import _scaling_section
     from tests.test_analysis import isoflop_grid
 
@@ -187,26 +191,26 @@ def test_the_report_renders_the_analysis_scaling_summary_as_it_is():
     assert len(shown["figures"]) == 1 and shown["figures"][0].startswith("data:image/png;base64,")
     params = ("E", "A", "B", "alpha", "beta")
     for row, fit in zip(shown["fits"], part["fits"], strict=True):
-        assert row == {"variant": fit["variant"], **{k: number(fit[k]) for k in params},
-                       **{f"{k}_ci": f"{number(fit[k + '_ci'][0])} – {number(fit[k + '_ci'][1])}" for k in params},
-                       "a": number(fit["a"], 3), "b": number(fit["b"], 3), "r2": number(fit["r2"], 4),
-                       "max_residual": number(fit["max_residual"], 3), "objective": number(fit["objective"]),
+        assert row == {"variant": fit["variant"], **{k: significant(fit[k], 4) for k in params},
+                       **{f"{k}_ci": f"{significant(fit[k + '_ci'][0], 4)} – {significant(fit[k + '_ci'][1], 4)}" for k in params},
+                       "a": significant(fit["a"], 3), "b": significant(fit["b"], 3), "r2": significant(fit["r2"], 4),
+                       "max_residual": significant(fit["max_residual"], 3), "objective": significant(fit["objective"], 4),
                        "warnings": ["compute is 6·N·D for 15 of 15 runs: they recorded no FLOPs per token"]}
-    assert shown["fits"][1]["E"] == "1.6900" and shown["fits"][1]["A"] == "371.7175" and shown["fits"][1]["a"] == "0.452"
-    # the same rows the report showed before the summary moved into the analysis
+    assert shown["fits"][1]["E"] == "1.690" and shown["fits"][1]["A"] == "371.7" and shown["fits"][1]["a"] == "0.452"
+    # compute in FLOP units chosen by magnitude, never in scientific notation
     assert shown["multipliers"] == [
-        {"variant": "swiglu", "where": "largest trained budget", "compute": "1e+19", "loss": "2.9857",
-         "multiplier": "1.430", "ci": "1.430 – 1.430", "extrapolated": False},
-        {"variant": "swiglu", "where": "extrapolated to 100× that", "compute": "1e+21", "loss": "2.3289",
-         "multiplier": "1.430", "ci": "1.430 – 1.430", "extrapolated": True}]
+        {"variant": "swiglu", "where": "largest trained budget", "compute": "10.0 EFLOP", "loss": "2.986",
+         "multiplier": "1.43", "ci": "1.43 – 1.43", "extrapolated": False},
+        {"variant": "swiglu", "where": "extrapolated to 100× that", "compute": "1.00 ZFLOP", "loss": "2.329",
+         "multiplier": "1.43", "ci": "1.43 – 1.43", "extrapolated": True}]
     assert shown["approach2"][0] == {"variant": "gelu", "a": "0.451", "b": "0.549",
-                                     "note": "3 compute budgets, N_opt 2.93e+07 at 1e+17 FLOPs, 8.38e+07 at 1e+18 FLOPs, "
-                                             "2.34e+08 at 1e+19 FLOPs; R² of the N_opt line 1.0000, parabolas' R² ≥ 0.9989"}
+                                     "note": "3 compute budgets, N_opt 29.29M at 100 PFLOP, 83.78M at 1.00 EFLOP, "
+                                             "233.68M at 10.0 EFLOP; R² of the N_opt line 1.000, parabolas' R² ≥ 0.9989"}
     for row, law in zip(shown["compute_law"], part["compute_law"], strict=True):
-        assert row == {"variant": law["variant"], "E": number(law["E"]), "K": number(law["K"]),
-                       "gamma": number(law["gamma"], 3), "r2": number(law["r2"], 4), "points": law["points"],
-                       "range": "1e+17 – 1e+19 FLOPs (outside: extrapolation)",
-                       "max_residual": number(law["max_residual"], 3)}
+        assert row == {"variant": law["variant"], "E": significant(law["E"], 4), "K": significant(law["K"], 4),
+                       "gamma": significant(law["gamma"], 3), "r2": significant(law["r2"], 4), "points": law["points"],
+                       "range": "100 PFLOP – 10.0 EFLOP (outside: extrapolation)",
+                       "max_residual": significant(law["max_residual"], 3)}
     assert _scaling_section([]) is None
 
 
@@ -234,3 +238,104 @@ def test_the_report_renders_in_headless_chromium_with_no_errors_and_no_requests(
     assert len(sizes) >= 6 and all(complete and w > 0 and h > 0 for complete, w, h in sizes)
     assert (tmp_path / "report.png").stat().st_size > 10_000
     shutil.copy(tmp_path / "report.png", study / "report.png")  # kept beside the report
+
+
+def _text(html: str) -> str:
+    """The report's text without its inline images, tags, or the spec's JSON (printed as the user wrote it)."""
+    html = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)
+    html = re.sub(r"<details>.*?</details>|<style>.*?</style>", "", html, flags=re.S)
+    return re.sub(r"<[^>]+>", " ", html)
+
+
+def test_the_first_screen_answers_the_question_and_the_evidence_follows(study):
+    html = (study / "report.html").read_text()
+    headlines = html.index('<ul class="headlines">')
+    assert headlines < html.index("<table") and headlines < html.index("<h2>")
+    first = html[headlines:html.index("</ul>", headlines)]
+    # every comparison has a headline from the verdict engine, naming its test, with the costs from the store
+    assert first.count("<li>") == 3 and first.count("paired t over 2 seeds") == 3
+    mqa = next(li for li in first.split("<li>") if "&lt;script&gt;" in li)  # the variant with mqa attention
+    assert "cuts the KV cache 2.0×" in mqa and "per 20-token sequence" in mqa and "per token)" in mqa
+    assert "tokens/s" in mqa and re.search(r"on [^<]+ \(\d+ threads\)\.", mqa)
+    int8 = next(li for li in first.split("<li>") if "int8 is" in li or "int8 vs" in li)
+    assert "int8 (float)" in int8 and "the model" in int8 and "val batch" in int8
+    forest = html.index('alt="paired differences from each reference with 95% CIs"')
+    noise, settings = html.index('<p class="noise">'), html.index('<dl class="settings">')
+    assert headlines < forest < noise < settings < html.index("<h2>Summary against the baseline")
+    lines = re.findall(r"<dt>(\w+)</dt>", html)
+    assert lines[:5] == ["model", "data", "budget", "seeds", "tuning"]
+    assert "1 layers × 32 wide, 2 heads" in html and "15 steps per run, batch 4" in html
+    order = [html.index(f"<h2>{h}") for h in ("Summary against the baseline", "Quality against speed and memory",
+                                                "Kernels", "Loss curves", "Scaling laws", "Mixture of experts",
+                                                "Quantization", "Configuration differences", "Environment and hardware",
+                                                "Reproduce")]
+    assert order == sorted(order)
+
+
+def test_kernels_read_as_compact_tables_with_units_and_unavailable_backends_once(study):
+    html = (study / "report.html").read_text()
+    text = _text(html)
+    assert text.count("flash-attn not installed") == 1  # once, not per variant and length
+    table = html[html.index("attention: latency"):html.index("</table>", html.index("attention: latency"))]
+    assert re.search(r'<th class="num">32 tokens</th><th class="num">64 tokens</th></tr>', table)
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\w+)</td><td>([\w+]+)</td>", table)
+    assert rows and len(rows) == len(set(rows))  # one row per (variant, backend, direction)
+    assert {r[1] for r in rows} == {"math", "sdpa"} and {r[2] for r in rows} == {"forward"}
+    assert re.search(r'<td class="num">\d[\d.]* (µs|ms|s)( ~)?</td>', table)
+    assert re.search(r"\d[\d.]* [kMGT]?FLOP/s · [\d.]+%", html)
+    assert re.search(r'<td class="num">[\d.]+ (B|KiB|MiB)</td>', html)  # the KV cache in binary units
+
+
+def test_no_number_in_the_report_is_in_scientific_notation_or_padded_with_zeros(study):
+    text = _text((study / "report.html").read_text())
+    assert not re.findall(r"\d\.?\d*[eE][+-]?\d+", text)
+    assert not re.findall(r"\.0000\b", text)
+
+
+def test_text_tables_sort_by_verdict_then_size_of_the_difference():
+    from bench.analysis import summarise
+    from bench.report import _comparison_rows, _variant_rows
+    from tests.test_analysis import runs_frame
+
+    runs = runs_frame({"base": [2.0, 2.1, 2.2], "tiny": [2.001, 2.101, 2.201], "big": [1.5, 1.6, 1.7],
+                       "bad": [2.3, 2.4, 2.5], "small": [1.9, 2.0, 2.1]})
+    summary = summarise(runs, {"name": "s", "baseline": "base", "variants": dict.fromkeys(["base", "tiny", "big", "bad", "small"], {})})
+    assert [(r["variant"], r["verdict"]) for r in _comparison_rows(summary)] == [
+        ("big", "better"), ("small", "better"), ("bad", "worse"), ("tiny", "equivalent")]
+    _, rows = _variant_rows(summary, "base")
+    assert [r["variant"] for r in rows] == ["base", "big", "small", "bad", "tiny"]
+    assert rows[1]["metrics"][0] == "1.600 ± 0.10"
+
+
+ATTENTION_SMALL = ["--set", "budget.steps=20", "--set", "base.data.n_train=512", "--set", "kernels.min_time=0.002",
+                   "--set", "kernels.attention.seq_lens=[32,64]", "--set", "kernels.decode.prompt=16",
+                   "--set", "kernels.decode.new_tokens=4", "--seeds", "0", "1"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_the_attention_study_reads_at_1400_px_with_the_answer_first(tmp_path):
+    """ablations/attention.yaml (20 steps, two kernel lengths) rendered headless at 1400 px, checked on the DOM."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    out = tmp_path / "attention"
+    assert run_main([str(ROOT / "ablations" / "attention.yaml"), "--out", str(out), *ATTENTION_SMALL]) == 0
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto((out / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        scroll_width = page.evaluate("document.documentElement.scrollWidth")
+        headline_first = page.evaluate("""() => {
+            const first = document.querySelector('ul.headlines li'), table = document.querySelector('table');
+            return !!first && !!table && !!(first.compareDocumentPosition(table) & Node.DOCUMENT_POSITION_FOLLOWING)
+                && first.getBoundingClientRect().top < table.getBoundingClientRect().top; }""")
+        headlines = page.evaluate("Array.from(document.querySelectorAll('ul.headlines li')).map(li => li.innerText)")
+        text = page.evaluate("document.body.innerText")
+        page.screenshot(path=str(out / "first-screen.png"))
+        browser.close()
+    assert scroll_width <= 1400  # no horizontal scroll
+    assert headline_first and len(headlines) == 3
+    assert all(re.search(r"\b(better|worse|equivalent|inconclusive)\b", h) and "paired t over 2 seeds" in h for h in headlines)
+    assert not re.findall(r"\d\.?\d*[eE][+-]?\d+", text) and not re.findall(r"\.0000\b", text)
+    for reason in ("flash-attn not installed", "xformers not installed"):
+        assert text.count(reason) == 1  # once for this machine, not per shape
+    assert (out / "first-screen.png").stat().st_size > 10_000

@@ -398,12 +398,17 @@ def test_a_time_budget_counts_training_time_only(monkeypatch, tmp_path):
     lrs = [learning_rate(t * 1e6, 1e6, lr=run.train.lr, min_lr=run.train.lr / 10, warmup_steps=0,
                          schedule="cosine") for t in (0.0, 0.25, 0.5, 0.75)]
     assert [r["lr"] for r in curve(tmp_path / "whole")] == pytest.approx(lrs)
+    # each step's record carries the training time so far (curves against time), evaluations excluded
+    assert [r["seconds"] for r in curve(tmp_path / "whole")] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # and the run what serving it caches per token: k and v, 2 layers × 2 heads × 16 dims, 2 bytes each
+    assert whole["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 2
 
     train_until_killed(run, tmp_path / "resumed", at_step=2)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["elapsed"] == 0.25  # step 1's
     clock.now = 1e4  # a later attempt: the wall clock moved on, the training time did not
     resumed = train(run, tmp_path / "resumed")
     assert resumed["steps"] == 4 and [r["lr"] for r in curve(tmp_path / "resumed")] == pytest.approx(lrs)
+    assert curve(tmp_path / "resumed")[-1]["seconds"] == pytest.approx(1.0)  # training time, not the wall clock
 
 
 def test_evaluate_from_position_counts_only_the_later_targets():

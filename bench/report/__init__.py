@@ -18,11 +18,12 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from bench import scaling
+from bench import costs, scaling
 from bench.analysis import (
-    QUALITY, SCALING_TABLES, StudySummary, choose_tuned, eligible_points, eval_runs, point_key, scaling_per_machine, summarise,
+    QUALITY, SCALING_TABLES, VERDICTS, StudySummary, choose_tuned, eligible_points, eval_runs, point_key,
+    scaling_per_machine, summarise,
 )
-from bench.formatting import count, missing, number
+from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
 from bench.results import Results, load
 
@@ -54,6 +55,12 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+def _setting(value):
+    """A config value as the table shows it: floats in positional notation, as short as they round-trip
+    (1e-05 reads 0.00001)."""
+    return np.format_float_positional(value, trim="-") if isinstance(value, float) else value
+
+
 def _config_differences(runs: pd.DataFrame, baseline: str) -> list[dict]:
     """Each variant's resolved configuration keys that differ from the baseline's (seed aside)."""
     first = runs[runs["kind"] == "train"].drop_duplicates("variant").set_index("variant")
@@ -66,50 +73,95 @@ def _config_differences(runs: pd.DataFrame, baseline: str) -> list[dict]:
         if variant == baseline:
             continue
         mine = _flatten(row["config"])
-        diffs = [{"key": k, "baseline": base.get(k), "variant": mine.get(k)}
+        diffs = [{"key": k, "baseline": _setting(base.get(k)), "variant": _setting(mine.get(k))}
                  for k in sorted(set(base) | set(mine)) if k != "seed" and base.get(k) != mine.get(k)]
         out.append({"variant": variant, "differences": diffs})
     return out
 
 
-KERNEL_COLUMNS = ("machine", "component", "name", "backend", "kernel", "direction", "seq_len", "status", "reason",
-                  "median_s", "iqr_s", "noisy", "pct_peak_flops", "pct_peak_bandwidth")
+def _latency(row) -> str:
+    return duration(row["median_s"]) + (" ~" if row.get("noisy") is True else "")
 
 
-def _cell(value):
-    """A table cell: numbers formatted, missing values (None, NaN) empty."""
-    if missing(value):
-        return None
-    return number(value) if isinstance(value, float) else value
+def _throughput(row) -> str:
+    if missing(row.get("flops_per_s")):
+        return "–"
+    peak = row.get("pct_peak_flops")
+    return flop_rate(row["flops_per_s"]) + ("" if missing(peak) else f" · {significant(peak, 2)}%")
+
+
+def _pivot(rows: pd.DataFrame, cell) -> dict:
+    """One row per (variant, backend, direction), one column per sequence length (or one column)."""
+    lengths = sorted(int(n) for n in rows["seq_len"].dropna().unique()) if "seq_len" in rows else []
+    table = []
+    keys = ["name", "backend", "direction"]
+    for key, group in rows.groupby(keys, sort=False, dropna=False):  # in the order the spec named them
+        by_length = {int(r["seq_len"]): cell(r) for _, r in group.iterrows() if not missing(r.get("seq_len"))}
+        cells = [by_length.get(n, "") for n in lengths] if lengths else [cell(group.iloc[-1])]
+        table.append({"name": key[0], "backend": "" if missing(key[1]) else key[1], "direction": key[2].replace("_", "+"),
+                      "cells": cells})
+    return {"columns": [f"{n} tokens" for n in lengths] or ["median"], "rows": table}
+
+
+def _kernel_tables(kernels: pd.DataFrame) -> list[dict]:
+    """Per machine: each timed component's latencies (and attention's FLOP/s and % of peak) as compact
+    tables, decode costs per attention, and what could not run, once per backend and reason."""
+    if kernels.empty:
+        return []
+    out = []
+    for machine, rows in kernels.groupby("machine", sort=False):
+        ok = rows[rows["status"] == "ok"]
+        components = []
+        for component, group in ok[ok["component"] != "decode"].groupby("component", sort=False):
+            components.append({"component": component, "latency": _pivot(group, _latency),
+                               "throughput": _pivot(group, _throughput) if group["flops_per_s"].notna().any() else None})
+        decode = ok[ok["component"] == "decode"] if "phase" in ok else ok.iloc[:0]
+        decode_rows = []
+        for name, group in decode.groupby("name", sort=False):
+            step = group[group["phase"] == "decode"]
+            prefill = group[group["phase"] == "prefill"]
+            if step.empty:
+                continue
+            r = step.iloc[-1]
+            decode_rows.append({"name": name, "prefill": _latency(prefill.iloc[-1]) if not prefill.empty else "–",
+                                "per_token": duration(r["per_token_s"]), "tokens_per_s": significant(r["tokens_per_s"]),
+                                "kv_cache": size(r["kv_cache_bytes"]), "kv_per_token": size(r["kv_cache_bytes_per_token"]),
+                                "length": int(r["prompt"] + r["new_tokens"])})
+        skipped = rows[rows["status"] != "ok"]
+        not_run = [{"what": (r["backend"] if isinstance(r.get("backend"), str) else r["name"]),
+                    "component": r["component"], "status": r["status"], "reason": r["reason"]}
+                   for _, r in skipped.drop_duplicates(["component", "backend", "status", "reason"]).iterrows()]
+        out.append({"machine": machine, "components": components, "decode": decode_rows, "not_run": not_run})
+    return out
 
 
 def _optima(optima: list[dict]) -> str:
     """Approach 2's optimum per budget: "1.2e+05 at 1e+12 FLOPs, …", "(outside the trained sizes)" where it is."""
-    return ", ".join(f"{o['n_opt']:.3g} at {o['budget']:.3g} FLOPs" + ("" if o["inside"] else " (outside the trained sizes)")
+    return ", ".join(f"{count(o['n_opt'])} at {flops(o['budget'])}" + ("" if o["inside"] else " (outside the trained sizes)")
                      for o in optima)
 
 
 def _scaling_rows(summary: dict) -> dict:
     """One machine's scaling summary (``analysis.scaling_summary``) as table rows and its figure."""
-    fits = [{"variant": r["variant"], **{k: number(r[k]) for k in scaling.PARAMS},
-             **{f"{k}_ci": f"{number(r[f'{k}_ci'][0])} – {number(r[f'{k}_ci'][1])}" for k in scaling.PARAMS},
-             "a": number(r["a"], 3), "b": number(r["b"], 3), "r2": number(r["r2"], 4),
-             "max_residual": number(r["max_residual"], 3), "objective": number(r["objective"]), "warnings": r["warnings"]}
+    fits = [{"variant": r["variant"], **{k: significant(r[k], 4) for k in scaling.PARAMS},
+             **{f"{k}_ci": f"{significant(r[f'{k}_ci'][0], 4)} – {significant(r[f'{k}_ci'][1], 4)}" for k in scaling.PARAMS},
+             "a": significant(r["a"], 3), "b": significant(r["b"], 3), "r2": significant(r["r2"], 4),
+             "max_residual": significant(r["max_residual"], 3), "objective": significant(r["objective"], 4), "warnings": r["warnings"]}
             for r in summary["fits"]]
-    multipliers = [{"variant": m["variant"], "where": m["where"], "compute": f"{m['compute']:.3g}", "loss": number(m["loss"]),
-                    "multiplier": number(m["multiplier"], 3),
-                    "ci": f"{number(m['ci'][0], 3)} – {number(m['ci'][1], 3)}" if m["ci"] else "–",
+    multipliers = [{"variant": m["variant"], "where": m["where"], "compute": flops(m["compute"]), "loss": significant(m["loss"], 4),
+                    "multiplier": significant(m["multiplier"], 3),
+                    "ci": f"{significant(m['ci'][0], 3)} – {significant(m['ci'][1], 3)}" if m["ci"] else "–",
                     "extrapolated": m["extrapolated"]}
                    for m in summary["multipliers"]]
-    approach2 = [{"variant": r["variant"], "a": number(r["a"], 3), "b": number(r["b"], 3),
+    approach2 = [{"variant": r["variant"], "a": significant(r["a"], 3), "b": significant(r["b"], 3),
                   "note": f"{r['budgets']} compute budgets, N_opt {_optima(r.get('optima', []))}; R² of the N_opt line "
-                          f"{number(r['r2'], 4)}, parabolas' R² ≥ {number(r['parabola_r2'], 4)}"}
+                          f"{significant(r['r2'], 4)}, parabolas' R² ≥ {significant(r['parabola_r2'], 4)}"}
                  if r["error"] is None else {"variant": r["variant"], "a": None, "b": None, "note": r["error"]}
                  for r in summary["approach2"]]
-    compute_law = [{"variant": c["variant"], "E": number(c["E"]), "K": number(c["K"]), "gamma": number(c["gamma"], 3),
-                    "r2": number(c["r2"], 4), "points": c["points"],
-                    "range": f"{c['range'][0]:.3g} – {c['range'][1]:.3g} FLOPs (outside: extrapolation)",
-                    "max_residual": number(c["max_residual"], 3)}
+    compute_law = [{"variant": c["variant"], "E": significant(c["E"], 4), "K": significant(c["K"], 4), "gamma": significant(c["gamma"], 3),
+                    "r2": significant(c["r2"], 4), "points": c["points"],
+                    "range": f"{flops(c['range'][0])} – {flops(c['range'][1])} (outside: extrapolation)",
+                    "max_residual": significant(c["max_residual"], 3)}
                    for c in summary["compute_law"]]
     figure = figures.scaling_figure(summary["points"], summary["parametric"])
     return {"fits": fits, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
@@ -137,7 +189,7 @@ def _tuning_section(tuning: pd.DataFrame, spec: dict) -> dict | None:
     for (variant, point), group in tuning.groupby(["variant", tuning["sweep"].map(point_key)], sort=False):
         stats = points.loc[(variant, point)]
         rows.append({"variant": variant, "setting": ", ".join(f"{k}={v}" for k, v in group["sweep"].iloc[0].items()),
-                     "val_loss": number(group.loc[group["status"] == "finished", "val_loss"].mean()),
+                     "val_loss": significant(group.loc[group["status"] == "finished", "val_loss"].mean(), 4),
                      "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
                      "diverged": int(stats["diverged"]), "failed": int(stats["failed"]),
                      "eligible": bool(stats["eligible"]), "chosen": chosen.get(variant) == group["sweep"].iloc[0]})
@@ -145,28 +197,89 @@ def _tuning_section(tuning: pd.DataFrame, spec: dict) -> dict | None:
 
 
 def _comparison_rows(summary: StudySummary) -> list[dict]:
-    return [{"machine": summary.machine, "variant": c.variant, "reference": c.reference, "verdict": c.verdict,
-             "delta": f"{c.delta:+.4f}" if not np.isnan(c.delta) else "–",
-             "ci": f"{number(c.ci_low)} – {number(c.ci_high)}", "test": c.test, "n": c.n, "p": number(c.p, 3),
-             "p_adjusted": number(c.p_adjusted, 3), "mde": "–" if np.isnan(c.mde) else f"± {number(c.mde)}",
-             "sentence": c.sentence()}
+    """The verdict table, in the summary's order (verdict, then the size of the difference)."""
+    return [{"variant": c.variant, "reference": c.reference, "verdict": c.verdict,
+             "delta": significant(c.delta, 3, sign=True),
+             "ci": f"{significant(c.ci_low, 3, sign=True)} to {significant(c.ci_high, 3, sign=True)}", "test": c.test,
+             "n": c.n, "p": p_value(c.p), "p_adjusted": p_value(c.p_adjusted),
+             "mde": "–" if np.isnan(c.mde) else f"±{significant(c.mde, 3)}"}
             for c in summary.comparisons]
 
 
-def _variant_rows(summary: StudySummary, baseline: str) -> list[dict]:
+def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame) -> list[dict]:
+    """Each comparison's verdict in words, then what the variant costs against its reference here."""
+    mine = runs[runs["machine"] == summary.machine]
+    quantized = mine[(mine["kind"] == "quantize") & (mine["status"] == "finished")] if "kind" in mine else mine.iloc[:0]
+    out = []
+    for c in summary.comparisons:
+        if c.reference == f"{c.variant} (float)":
+            facts = costs.quantization_costs(quantized[quantized["variant"] == c.variant])
+        else:
+            facts = costs.costs(c.variant, c.reference, summary.variants, mine, kernels, summary.machine)
+        out.append({"verdict": c.verdict, "sentence": c.verdict_sentence(), "costs": costs.cost_sentence(facts, summary.machine),
+                    "tuned": c.tuned_sentence()})
+    return out
+
+
+def _variant_rows(summary: StudySummary, baseline: str) -> tuple[list[str], list[dict]]:
+    """Per variant (baseline first, then in the order of the verdicts): the quality metrics' mean ± sd
+    over seeds (the tested one first; the others shown, not tested), size, speed, setting, failures."""
+    metrics = [summary.metric] + [m for m in QUALITY if m != summary.metric
+                                  and summary.variants[f"{m}_mean"].notna().any()]
+    verdicts = {c.variant: (VERDICTS.index(c.verdict), -abs(c.delta) if np.isfinite(c.delta) else 0.0)
+                for c in summary.comparisons}  # as the verdicts are: by verdict, then the size of the difference
+    table = summary.variants.assign(
+        order=[(-1, 0.0) if v == baseline else verdicts.get(v, (len(VERDICTS), 0.0)) for v in summary.variants["variant"]])
     rows = []
-    for _, r in summary.variants.iterrows():
-        row = {"machine": summary.machine, "variant": r["variant"], "baseline": r["variant"] == baseline,
-               "n": int(r["n"]), "reference": r["reference"],
-               "sweep": ", ".join(f"{k}={v}" for k, v in (r["sweep"] or {}).items()),
-               "params": count(r["params"]), "tokens_per_s": count(r["tokens_per_s"]),
-               "failed": int(r["failed"]), "diverged": int(r["diverged"])}
-        for metric in QUALITY:
-            if not np.isnan(r[f"{metric}_mean"]):
-                row[metric] = {"mean": number(r[f"{metric}_mean"]), "sd": number(r[f"{metric}_sd"]),
-                               "ci": f"{number(r[f'{metric}_ci_low'])} – {number(r[f'{metric}_ci_high'])}"}
-        rows.append(row)
-    return rows
+    for _, r in table.sort_values("order", kind="stable").iterrows():
+        rows.append({"variant": r["variant"], "baseline": r["variant"] == baseline, "n": int(r["n"]),
+                     "metrics": [f"{significant(r[f'{m}_mean'], 4)} ± {significant(r[f'{m}_sd'], 2)}" for m in metrics],
+                     "setting": ", ".join(f"{k}={v}" for k, v in (r["sweep"] or {}).items()) or "–",
+                     "params": count(r["params"]), "tokens_per_s": count(r["tokens_per_s"]),
+                     "failed": f"{int(r['failed'])} / {int(r['diverged'])}"})
+    return [m.replace("_", " ") for m in metrics], rows
+
+
+def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tuple[str, str]]:
+    """The study's settings, one line each: model, data, budget, seeds, tuning, precision."""
+    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
+    train = runs[(runs["variant"] == baseline) & (runs["kind"] == "train")] if "kind" in runs else runs.iloc[:0]
+    config = next((c for c in train.get("config", []) if isinstance(c, dict)), None)
+    lines = []
+    if config:
+        m, d, t = config["model"], config["data"], config["train"]
+        parts = [f"{m['n_layer']} layers × {m['n_embd']} wide, {m['n_head']} heads"]
+        for family in ("attention", "positional", "norm", "mlp", "moe", "quantization"):
+            component = m.get(family)
+            if component:
+                parts.append(f"{family} {component.get('name') if isinstance(component, dict) else component}")
+        lines.append(("model", f"{baseline} (the baseline): " + ", ".join(parts)))
+        what = d.get("task") or d.get("name") or d.get("source")
+        seq_len = t.get("seq_len") or d.get("seq_len") or m.get("block_size")
+        tokenizer = f", {d['tokenizer']} tokenizer" if d.get("tokenizer") else ""
+        lines.append(("data", f"{d.get('source')}{f' ({what})' if what != d.get('source') else ''}{tokenizer}, "
+                              f"vocabulary {m.get('vocab_size')}, {seq_len}-token sequences"))
+        budget = next((f"{t[k]:,} {k}" if k != "flops" else flops(t[k]) for k in ("steps", "tokens", "flops", "seconds")
+                       if t.get(k)), "–")
+        tokens = train["tokens"].median() if "tokens" in train and train["tokens"].notna().any() else None
+        lines.append(("budget", f"{budget} per run, batch {t['batch_size']}"
+                                + (f" ({count(tokens)} tokens per run)" if tokens else "")))
+    for key, values in (spec.get("sweep") or {}).items():  # the model and budget lines show the first point
+        lines.append(("sweep", f"{key} in {{{', '.join(map(str, values))}}}"))
+    seeds = sorted({int(s) for s in eval_runs(runs)["seed"]})
+    lines.append(("seeds", f"{', '.join(map(str, seeds))}; {summary.design.describe()}"))
+    tune = spec.get("tune")
+    if tune:
+        keys = {k: v for k, v in tune.items() if k != "tune_seeds"}
+        tuning_seeds = sorted({int(s) for s in runs.loc[runs.get("role") == "tune", "seed"]}) if "role" in runs else []
+        lines.append(("tuning", "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in keys.items())
+                                + f", chosen per variant on tuning seed(s) {', '.join(map(str, tuning_seeds)) or '–'}"))
+    else:
+        lines.append(("tuning", "none: every variant at the spec's settings"))
+    precisions = sorted({f"{r['dtype']} on {r['device']}" for _, r in train.iterrows() if isinstance(r.get("dtype"), str)})
+    if precisions:
+        lines.append(("precision", ", ".join(precisions)))
+    return lines
 
 
 def study_summaries(results: Results) -> list[StudySummary]:
@@ -208,43 +321,50 @@ def build_report(folders: list[str | Path]) -> str:
                "status": r["status"], "reason": r["reason"]}
               for _, r in runs[runs["status"].isin(["failed", "diverged"])].iterrows()]
     tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
-    runs = eval_runs(runs)  # what the verdicts, curves and tables are about; tuning has its own section
+    all_runs = runs.assign(machine=runs["machine"].fillna("(not run)"))
+    runs = eval_runs(all_runs)  # what the verdicts, curves and tables are about; tuning has its own section
     if not metrics.empty:  # the current plan's steps (runs of an edited spec's earlier plan stay out)
         metrics = metrics.merge(runs[["run_id", "folder"]], on=["run_id", "folder"])
-    runs["machine"] = runs["machine"].fillna("(not run)")
-    variant_rows = [row for x in summaries for row in _variant_rows(x, baseline)]
     combined = (pd.concat([s.variants.assign(machine=s.machine) for s in summaries], ignore_index=True)
                 if summaries else pd.DataFrame())
     floor = runs["loss_floor"].dropna().median() if "loss_floor" in runs and runs["loss_floor"].notna().any() else None
     quantized = runs[(runs["kind"] == "quantize") & (runs["status"] == "finished")]
-    kernel_rows = kernels.to_dict("records") if not kernels.empty else []
     machines = runs.dropna(subset=["hardware"]).drop_duplicates("machine")
+    metric = summaries[0].metric if summaries else "val_loss"
+    higher = summaries[0].higher_is_better if summaries else False
     figs = {
         "curves": figures.loss_curves(metrics, runs, floor),
         "final": figures.final_metrics(combined, list(QUALITY)) if not combined.empty else None,
-        "cost": figures.quality_vs_cost(combined) if not combined.empty else None,
+        "cost": figures.quality_vs_cost(combined, metric, higher) if not combined.empty else None,
         "moe": figures.moe_figure(metrics, runs) if not metrics.empty else None,
         "quantization": figures.quantization_figure(quantized) if not quantized.empty else None,
     }
+    study_lines = []
+    for x in summaries:
+        columns, rows = _variant_rows(x, baseline)
+        study_lines.append({
+            "machine": x.machine, "metric": x.metric.replace("_", " "), "design": x.design.describe(),
+            "noise": x.noise.sentence(x.metric.replace("_", " ")), "headlines": _headlines(x, runs, kernels),
+            "forest": figures.forest(x.comparisons, x.metric, x.design.margin, x.higher_is_better),
+            "comparisons": _comparison_rows(x), "columns": columns, "variants": rows,
+            "settings": _settings(spec, all_runs[all_runs["machine"] == x.machine], x)})
     context = {
         "name": spec.get("name", ""),
         "description": spec.get("description", ""),
         "baseline": baseline,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "summaries": [{"machine": x.machine, "noise": x.noise.sentence(x.metric.replace("_", " ")),
-                       "design": x.design.describe(), "metric": x.metric,
-                       "comparisons": _comparison_rows(x)} for x in summaries],
-        "variant_rows": variant_rows,
-        "quality": [m for m in QUALITY if any(m in row for row in variant_rows)],
+        "summaries": study_lines,
         "figures": figs,
         "floor": floor,
         "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
-        "kernel_rows": [{k: _cell(r.get(k)) for k in KERNEL_COLUMNS} for r in kernel_rows],
+        "kernels": _kernel_tables(kernels),
         "scaling": _scaling_section(scaling_per_machine(runs, baseline, spec.get("extrapolate_to"))),
-        "quantized": [{k: number(r[k]) if isinstance(r[k], float) else r[k] for k in
-                       ("variant", "seed", "val_loss_float", "val_loss", "val_loss_change", "model_bytes_float",
-                        "model_bytes", "latency_ms_float", "latency_ms", "quantization_format")}
-                      for _, r in quantized.iterrows()],
+        "quantized": [{"variant": r["variant"], "seed": r["seed"], "val_loss_float": significant(r["val_loss_float"], 4),
+                       "val_loss": significant(r["val_loss"], 4), "change": percent(r["val_loss_change"]),
+                       "bytes_float": size(r["model_bytes_float"]), "bytes": size(r["model_bytes"]),
+                       "latency_float": duration(r["latency_ms_float"] / 1e3), "latency": duration(r["latency_ms"] / 1e3),
+                       "format": r["quantization_format"]}
+                      for _, r in quantized.sort_values(["variant", "seed"]).iterrows()],
         "failed": failed,
         "tuning": _tuning_section(tuning, spec),
         "diffs": _config_differences(runs, baseline),

@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench.analysis import pareto_front  # noqa: E402
+from bench.formatting import BYTE_UNITS, TIME_UNITS, count, flop_rate, flops, significant, size, unit_for  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
 
@@ -33,29 +34,98 @@ def with_runs(metrics: pd.DataFrame, runs: pd.DataFrame, columns: list[str]) -> 
     return metrics.merge(runs[keys + columns], on=keys)
 
 
+CURVE_AXES = (("tokens", "tokens seen", count), ("flops", "training FLOPs", flops),
+              ("seconds", "training time (s, evaluation excluded)", significant))
+
+
+def _humanise(axis, format_value) -> None:
+    """Tick labels in units chosen by magnitude (never 1e9): at most 5 ticks on a linear axis, the
+    decades on a log one."""
+    if axis.get_scale() == "log":
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        axis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=4))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: format_value(value)))
+
+
+def _in_unit(values: pd.Series, units) -> tuple[pd.Series, str]:
+    """Values divided by the unit their largest reaches (bars read 0, 128, 256 KiB, not 97.7 KiB)."""
+    unit, scale = unit_for(values.abs().max(), units)
+    return values / scale, unit
+
+
 def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) -> str | None:
-    """Val loss against tokens seen: mean over seeds per variant with a min–max band."""
+    """Val and training loss against tokens, training FLOPs and training time (a variant that wins per
+    step can lose per second): per variant the mean over seeds at each step, the band its min–max."""
     if metrics.empty or "val_loss" not in metrics:
         return None
-    evals = with_runs(metrics.dropna(subset=["val_loss"]), runs, ["variant", "machine"])
-    if evals.empty:
+    data = with_runs(metrics, runs, ["variant", "machine", "flops_per_token"])
+    if data["val_loss"].isna().all():
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, column, title in ((axes[0], "val_loss", "validation loss"), (axes[1], "train_loss", "training loss")):
-        data = evals if column == "val_loss" else with_runs(metrics, runs, ["variant", "machine"])
-        if column == "train_loss":  # a rolling mean per run: the raw per-step loss is noisy
-            data = data.sort_values("step").copy()
-            data[column] = data.groupby(["machine", "run_id"])[column].transform(lambda s: s.rolling(20, min_periods=1).mean())
-        sns.lineplot(data=data, x="tokens", y=column, hue="variant", style="machine" if data["machine"].nunique() > 1 else None,
-                     errorbar=("pi", 100), ax=ax)
-        tokens = data["tokens"]
-        if tokens.max() / max(tokens.min(), 1) > 20:
-            ax.set_xscale("log")
-        if floor is not None:
-            ax.axhline(floor, color="black", linestyle="--", linewidth=1, label="entropy rate (floor)")
-            ax.legend(fontsize=8)
-        ax.set_title(title + " (mean over seeds, band: min–max)")
-        ax.set_xlabel("tokens")
+    data = data.sort_values("step").assign(flops=lambda d: d["tokens"] * d["flops_per_token"])
+    # the raw per-step training loss is noisy: a rolling mean per run
+    data["train_loss"] = data.groupby(["machine", "run_id"])["train_loss"].transform(
+        lambda x: x.rolling(20, min_periods=1).mean())
+    axes_shown = [a for a in CURVE_AXES if a[0] in data and data[a[0]].notna().any()]
+    several = data["machine"].nunique() > 1
+    lines = data.assign(line=data["variant"] + (" · " + data["machine"] if several else ""))
+    order = {v: i for i, v in enumerate(runs["variant"].unique())}  # the baseline first, as the spec names them
+    names = sorted(lines["line"].unique(), key=lambda n: (order.get(n.split(" · ")[0], len(order)), n))
+    palette = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    log_x = {x: x != "seconds" and data[x].max() / max(data[x].min(), 1) > 20 for x, _, _ in axes_shown}
+    fig, grid = plt.subplots(2, len(axes_shown), figsize=(4.4 * len(axes_shown), 7), squeeze=False)
+    for row, (column, label) in enumerate((("val_loss", "validation loss"), ("train_loss", "training loss"))):
+        for ax, (x, x_label, format_x) in zip(grid[row], axes_shown):
+            points = lines.dropna(subset=[column, x])
+            for name in names:
+                group = points[points["line"] == name]
+                if group.empty:
+                    continue
+                band = group.groupby("step").agg(x=(x, "mean"), mean=(column, "mean"), low=(column, "min"),
+                                                 high=(column, "max"))
+                ax.plot(band["x"], band["mean"], color=palette[name], label=name, linewidth=1.4)
+                ax.fill_between(band["x"], band["low"], band["high"], color=palette[name], alpha=0.2, linewidth=0)
+            if floor is not None:
+                ax.axhline(floor, color="black", linestyle="--", linewidth=1, label="entropy rate (floor)")
+            if log_x[x]:
+                ax.set_xscale("log")
+            _humanise(ax.xaxis, format_x)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(label)
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False)
+    fig.suptitle("mean over seeds (band: min–max over seeds)", y=0.94, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return to_data_uri(fig)
+
+
+VERDICT_COLOURS = {"better": "#0a7b34", "worse": "#b42318", "equivalent": "#1d4ed8", "inconclusive": "#a58a00"}
+
+
+def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool) -> str | None:
+    """Each comparison's paired difference from its reference with its 95% CI, the ±margin band shaded
+    and the verdict as the marker's colour: the study in one picture."""
+    shown = [c for c in comparisons if np.isfinite(c.delta)]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(shown) + 1.1))
+    ax.axvspan(-margin, margin, color="#d6e4ff", label=f"equivalence margin ±{margin:g}")
+    ax.axvline(0, color="black", linewidth=0.8)
+    for i, c in enumerate(shown):
+        colour = VERDICT_COLOURS.get(c.verdict, "grey")
+        if np.isfinite(c.ci_low) and np.isfinite(c.ci_high):
+            ax.errorbar(c.delta, i, xerr=[[c.delta - c.ci_low], [c.ci_high - c.delta]], fmt="none", ecolor=colour,
+                        capsize=5, linewidth=2)
+        ax.plot(c.delta, i, "o", color=colour, markersize=9)
+    for verdict in dict.fromkeys(c.verdict for c in shown):
+        ax.plot([], [], "o", color=VERDICT_COLOURS.get(verdict, "grey"), label=verdict)
+    ax.set_yticks(range(len(shown)), [f"{c.variant} − {c.reference}" for c in shown])
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    _humanise(ax.xaxis, lambda v: np.format_float_positional(v, precision=6, trim="-"))
+    better = "right" if higher_is_better else "left"
+    ax.set_xlabel(f"Δ {metric.replace('_', ' ')} (variant − reference), paired, 95% CI; {better} is better")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, frameon=False, fontsize=8)
     return to_data_uri(fig)
 
 
@@ -78,67 +148,83 @@ def final_metrics(summary: pd.DataFrame, metrics: list[str]) -> str | None:
     return to_data_uri(fig)
 
 
-def quality_vs_cost(summary: pd.DataFrame) -> str | None:
-    """Val loss against tokens/s, peak memory, params and FLOPs/token; the Pareto front joined."""
-    panels = [("tokens_per_s", "tokens/s (higher is better)", True), ("peak_memory_bytes", "peak memory (bytes)", False),
-              ("params", "parameters", False), ("flops_per_token", "training FLOPs/token", False)]
-    panels = [p for p in panels if p[0] in summary and summary[p[0]].notna().sum() >= 2]
-    data = summary.dropna(subset=["val_loss_mean"])
+COST_PANELS = (("tokens_per_s", "training tokens/s (higher is better)", True, count),
+               ("peak_memory_bytes", "peak memory in training", False, size),
+               ("params", "parameters", False, count),
+               ("flops_per_token", "training FLOPs per token", False, flops),
+               ("kv_cache_bytes_per_token", "KV cache per token (bf16)", False, size))
+
+
+def quality_vs_cost(summary: pd.DataFrame, metric: str = "val_loss", higher_is_better: bool = False) -> str | None:
+    """The quality metric against each cost the runs recorded; the Pareto front joined."""
+    quality = f"{metric}_mean"
+    panels = [p for p in COST_PANELS if p[0] in summary and summary[p[0]].notna().sum() >= 2
+              and summary[p[0]].nunique() > 1]
+    data = summary.dropna(subset=[quality])
     if not panels or len(data) < 2:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     palette = dict(zip(data["variant"].unique(), sns.color_palette(n_colors=data["variant"].nunique())))
-    for ax, (column, label, higher_better) in zip(axes[0], panels):
+    for ax, (column, label, higher_better, format_x) in zip(axes[0], panels):
         d = data.dropna(subset=[column])
         cost = -d[column].to_numpy(float) if higher_better else d[column].to_numpy(float)
-        front = pareto_front(cost, d["val_loss_mean"].to_numpy(float))
-        sns.scatterplot(data=d, x=column, y="val_loss_mean", hue="variant", palette=palette, ax=ax, s=60,
-                        legend=ax is axes[0][0])
+        loss = -d[quality].to_numpy(float) if higher_is_better else d[quality].to_numpy(float)
+        front = pareto_front(cost, loss)
+        sns.scatterplot(data=d, x=column, y=quality, hue="variant", palette=palette, ax=ax, s=60, legend=False)
         f = d[front].sort_values(column)
-        ax.plot(f[column], f["val_loss_mean"], color="black", linewidth=1, label="Pareto front")
+        ax.plot(f[column], f[quality], color="black", linewidth=1)
+        _humanise(ax.xaxis, format_x)
         ax.set_xlabel(label)
-        ax.set_ylabel("val loss (mean)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("quality against cost (black: Pareto front)")
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (mean over seeds)")
+    handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=c, label=v) for v, c in palette.items()]
+    handles.append(matplotlib.lines.Line2D([], [], color="black", label="Pareto front"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return to_data_uri(fig)
 
 
 def kernel_figures(kernels: pd.DataFrame) -> list[tuple[str, str]]:
-    """Latency and achieved FLOP/s against sequence length per backend and machine; decode costs."""
+    """Achieved FLOP/s of attention against sequence length (one panel per direction, one legend);
+    decode costs per attention; latency of the other kernels."""
     figures = []
     ok = kernels[kernels["status"] == "ok"] if "status" in kernels else kernels.iloc[0:0]
     attention = ok[ok["component"] == "attention"] if not ok.empty else ok
-    if not attention.empty:
-        attention = attention.assign(latency_ms=1e3 * attention["median_s"], tflops=attention["flops_per_s"] / 1e12)
-        for column, label in (("latency_ms", "latency (ms, median)"), ("tflops", "achieved TFLOP/s")):
-            grid = sns.relplot(data=attention, x="seq_len", y=column, hue="backend", style="machine",
-                               col="direction", row="name", kind="line", markers=True, height=3, aspect=1.3,
-                               facet_kws={"sharey": False})
-            grid.set(xscale="log")
-            for ax in grid.axes.flat:
-                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            grid.set_axis_labels("sequence length", label)
-            figures.append((f"attention {label}", to_data_uri(grid.figure)))
+    if not attention.empty and attention["flops_per_s"].notna().any():
+        several = attention["machine"].nunique() > 1
+        grid = sns.relplot(data=attention, x="seq_len", y="flops_per_s", hue="backend", style="name",
+                           col="direction", row="machine" if several else None, kind="line", markers=True,
+                           height=3.2, aspect=1.4, facet_kws={"sharey": False})
+        grid.set(xscale="log")
+        lengths = sorted(attention["seq_len"].dropna().unique())
+        for ax in grid.axes.flat:
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(lengths))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0f}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            _humanise(ax.yaxis, flop_rate)
+        grid.set_axis_labels("sequence length", "achieved FLOP/s")
+        grid.figure.subplots_adjust(wspace=0.35)
+        figures.append(("attention: achieved FLOP/s", to_data_uri(grid.figure)))
     decode = ok[ok["component"] == "decode"] if not ok.empty else ok
     if not decode.empty:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        steps = decode[decode["phase"] == "decode"].assign(per_token_ms=lambda d: 1e3 * d["per_token_s"])
-        sns.barplot(data=steps, x="name", y="per_token_ms", hue="machine", ax=axes[0])
-        axes[0].set_title("per-token decode latency (ms)")
-        prefill = decode[decode["phase"] == "prefill"].assign(ms=lambda d: 1e3 * d["median_s"])
-        sns.barplot(data=prefill, x="name", y="ms", hue="machine", ax=axes[1])
-        axes[1].set_title("prefill latency (ms)")
-        sns.barplot(data=steps, x="name", y="kv_cache_bytes_per_token", hue="machine", ax=axes[2])
-        axes[2].set_title("KV-cache bytes per token")
-        for ax in axes:
-            ax.set_xlabel("attention")
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        steps = decode[decode["phase"] == "decode"]
+        prefill = decode[decode["phase"] == "prefill"]
+        for ax, data, column, title, units in (
+                (axes[0], steps, "per_token_s", "per-token decode latency", TIME_UNITS),
+                (axes[1], prefill, "median_s", "prefill latency", TIME_UNITS),
+                (axes[2], steps, "kv_cache_bytes", "KV cache after decoding", BYTE_UNITS)):
+            values, unit = _in_unit(data[column], units)
+            sns.barplot(data=data.assign(value=values), x="name", y="value", hue="machine", ax=ax,
+                        legend=ax is axes[0] and data["machine"].nunique() > 1)
+            ax.set(title=title, xlabel="attention", ylabel=unit)
         figures.append(("decode", to_data_uri(fig)))
     other = ok[ok["component"].isin(["mlp", "norm", "moe", "quantization"])] if not ok.empty else ok
     if not other.empty:
-        other = other.assign(latency_ms=1e3 * other["median_s"])
-        grid = sns.catplot(data=other, x="latency_ms", y="name", hue="machine", col="component", row="direction",
-                           kind="bar", sharex=False, sharey=False, height=2.6, aspect=1.4)
-        grid.set_axis_labels("latency (ms, median)", "")
+        values, unit = _in_unit(other["median_s"], TIME_UNITS)
+        grid = sns.catplot(data=other.assign(latency=values), x="latency", y="name", hue="machine", col="component",
+                           row="direction", kind="bar", sharex=False, sharey=False, height=2.6, aspect=1.4,
+                           legend=other["machine"].nunique() > 1)
+        grid.set_axis_labels(f"latency ({unit}, median)", "")
         figures.append(("other kernels", to_data_uri(grid.figure)))
     return figures
 

@@ -1,0 +1,148 @@
+"""What a variant costs next to its reference, read from the store: the second half of a headline
+("... and it cuts the KV cache 4× and decodes 1.1× faster here").
+
+Training costs come from the variant's runs (parameters, tokens/s, peak memory); serving costs from
+the study's decode timings on the same machine, matched to the variant by its attention's name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from bench.formatting import count, duration, size
+
+SAME = 0.05  # ratios within ±5% read as "the same": single timings on shared machines move that much
+SAME_PARAMS = 0.005  # parameter counts are exact; below 0.5% a difference is not worth a word
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One cost of a variant and of its reference, with what it means in words."""
+
+    what: str  # "parameters", "training speed", ...
+    variant: float
+    reference: float
+    unit: str = ""  # after both values, e.g. " tokens/s", " per token"
+
+    @property
+    def ratio(self) -> float:
+        return self.variant / self.reference
+
+    def phrase(self) -> str | None:
+        """The comparison in words with both values and their unit, or None where there is nothing to say."""
+        r = self.ratio
+        both = f"{self._value(self.variant)} against {self._value(self.reference)}{self.unit}"
+        if self.what == "parameters":
+            if abs(r - 1) < SAME_PARAMS:
+                return None
+            return f"has {abs(1 - r):.0%} {'fewer' if r < 1 else 'more'} parameters ({both})"
+        if abs(r - 1) < SAME:
+            return {"training speed": f"trains at the same speed within 5% ({both})",
+                    "decode latency": f"decodes at the same speed within 5% ({both})",
+                    "inference latency": f"runs a val batch at the same speed within 5% ({both})"}.get(self.what)
+        if self.what == "KV cache":
+            return f"{'cuts the KV cache' if r < 1 else 'grows the KV cache'} {max(r, 1 / r):.1f}× ({both})"
+        if self.what == "training speed":
+            return f"trains {max(r, 1 / r):.2f}× {'faster' if r > 1 else 'slower'} ({both})"
+        if self.what == "decode latency":
+            return f"decodes {max(r, 1 / r):.2f}× {'faster' if r < 1 else 'slower'} ({both})"
+        if self.what == "peak memory":
+            return f"peaks at {r:.2f}× the memory in training ({both})"
+        if self.what == "model size":
+            return f"{'shrinks' if r < 1 else 'grows'} the model {max(r, 1 / r):.1f}× ({both})"
+        if self.what == "inference latency":
+            return f"runs a val batch {max(r, 1 / r):.2f}× {'faster' if r < 1 else 'slower'} ({both})"
+        return None
+
+    def _value(self, value: float) -> str:
+        return {"parameters": count, "training speed": count, "KV cache": size, "decode latency": duration,
+                "peak memory": size, "model size": size, "inference latency": duration}[self.what](value)
+
+
+def attention_name(config) -> str | None:
+    """The registry name of a run's attention (None where the config does not say)."""
+    attention = (config or {}).get("model", {}).get("attention") if isinstance(config, dict) else None
+    return attention.get("name") if isinstance(attention, dict) else attention
+
+
+def decode_costs(kernels: pd.DataFrame, machine: str) -> pd.DataFrame:
+    """Per attention name on `machine`: per-token decode latency, KV-cache bytes at the end of decoding and
+    the decode setting's length; names timed in more than one configuration are left out (ambiguous)."""
+    columns = ["name", "per_token_s", "kv_cache_bytes", "tokens"]
+    if kernels.empty or not {"component", "phase"} <= set(kernels):  # no decode timings in this study
+        return pd.DataFrame(columns=columns)
+    rows = kernels[(kernels["component"] == "decode") & (kernels["status"] == "ok") & (kernels["machine"] == machine)
+                   & (kernels["phase"] == "decode")]
+    out = []
+    for name, group in rows.groupby("name"):
+        if group["spec_hash"].nunique() > 1 or len(group.drop_duplicates(["n_kv_head", "window", "positional"])) > 1:
+            continue
+        last = group.iloc[-1]
+        out.append({"name": name, "per_token_s": float(last["per_token_s"]), "kv_cache_bytes": float(last["kv_cache_bytes"]),
+                    "tokens": int(last["prompt"] + last["new_tokens"])})
+    return pd.DataFrame(out, columns=columns)
+
+
+def _finite(*values) -> bool:
+    return all(v is not None and isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in values)
+
+
+def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFrame, kernels: pd.DataFrame,
+          machine: str) -> list[Cost]:
+    """The costs of `variant` against `reference` on `machine`: parameters, training tokens/s and peak
+    memory (medians over the runs ``variants`` summarises), KV cache and per-token decode latency (the
+    study's decode timings of their attentions; else the trained model's KV bytes per token)."""
+    table = variants.set_index("variant")
+    if variant not in table.index or reference not in table.index:
+        return []
+    mine, theirs = table.loc[variant], table.loc[reference]
+    # on a CPU the peak is the process's resident set (libraries, data and all): no cost of the variant
+    on_gpu = "device" in runs and runs.loc[runs["variant"].isin([variant, reference]), "device"].eq("cuda").all()
+
+    def measured(column: str, what: str, unit: str = "") -> list[Cost]:
+        if column in table and _finite(mine[column], theirs[column]):
+            return [Cost(what, float(mine[column]), float(theirs[column]), unit)]
+        return []
+
+    # parameters first, then what serving costs, then what training costs
+    out = measured("params", "parameters")
+    training = measured("tokens_per_s", "training speed", " tokens/s")
+    if on_gpu:
+        training += measured("peak_memory_bytes", "peak memory")
+    names = {}
+    for name in (variant, reference):
+        configs = runs.loc[runs["variant"] == name, "config"] if "config" in runs else []
+        names[name] = next((attention_name(c) for c in configs if attention_name(c)), None)
+    decode = decode_costs(kernels, machine).set_index("name")
+    if names[variant] != names[reference] and {names[variant], names[reference]} <= set(decode.index):
+        a, b = decode.loc[names[variant]], decode.loc[names[reference]]
+        tokens = int(a["tokens"])
+        out.append(Cost("KV cache", a["kv_cache_bytes"], b["kv_cache_bytes"], f" per {tokens}-token sequence"))
+        out.append(Cost("decode latency", a["per_token_s"], b["per_token_s"], " per token"))
+    else:
+        out += measured("kv_cache_bytes_per_token", "KV cache", " per token")
+    return out + training
+
+
+def quantization_costs(runs: pd.DataFrame) -> list[Cost]:
+    """A post-training quantized variant against its own float checkpoint (medians over seeds): the
+    serialized model's bytes and the latency of one val batch."""
+    out = []
+    for column, what, scale in (("model_bytes", "model size", 1.0), ("latency_ms", "inference latency", 1e-3)):
+        if {column, f"{column}_float"} <= set(runs) and not runs.empty:
+            mine, theirs = runs[column].median(), runs[f"{column}_float"].median()
+            if _finite(mine, theirs):
+                out.append(Cost(what, float(mine) * scale, float(theirs) * scale))
+    return out
+
+
+def cost_sentence(costs: list[Cost], machine: str) -> str:
+    """The costs that differ, as the second sentence of a headline ("It has ..., and ... on <machine>.")."""
+    phrases = [p for c in costs if (p := c.phrase())]
+    if not phrases:
+        return ""
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"It {listed} on {machine}."

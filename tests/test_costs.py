@@ -1,0 +1,73 @@
+"""The cost half of a headline: what a variant costs against its reference, read from the store."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from bench.costs import Cost, cost_sentence, costs, decode_costs, quantization_costs
+
+MACHINE = "test cpu (2 threads)"
+
+
+def _variants() -> pd.DataFrame:
+    return pd.DataFrame([
+        {"variant": "mha", "params": 104_190.0, "tokens_per_s": 45_830.0, "peak_memory_bytes": 2.0e9, "kv_cache_bytes_per_token": 1024.0},
+        {"variant": "mqa", "params": 91_710.0, "tokens_per_s": 50_390.0, "peak_memory_bytes": 2.0e9, "kv_cache_bytes_per_token": 256.0},
+        {"variant": "norm", "params": 104_190.0, "tokens_per_s": 46_000.0, "peak_memory_bytes": 2.0e9, "kv_cache_bytes_per_token": 1024.0},
+    ])
+
+
+def _runs(device: str = "cpu") -> pd.DataFrame:
+    attention = {"mha": "mha", "mqa": "mqa", "norm": "mha"}
+    return pd.DataFrame([{"variant": v, "device": device, "config": {"model": {"attention": {"name": a}}}}
+                         for v, a in attention.items()])
+
+
+def _decode(name: str, kv_heads: int, per_token_s: float) -> list[dict]:
+    common = {"component": "decode", "status": "ok", "machine": MACHINE, "name": name, "spec_hash": "h", "n_kv_head": kv_heads,
+              "window": None, "positional": "rope", "prompt": 128, "new_tokens": 32,
+              "kv_cache_bytes": 160 * 4096.0 * kv_heads / 4}
+    return [{**common, "phase": "prefill", "per_token_s": None}, {**common, "phase": "decode", "per_token_s": per_token_s}]
+
+
+KERNELS = pd.DataFrame(_decode("mha", 4, 4.04e-3) + _decode("mqa", 1, 3.42e-3))
+
+
+def test_a_variant_with_another_attention_gets_kv_cache_and_decode_costs_from_the_decode_timings():
+    facts = {c.what: c for c in costs("mqa", "mha", _variants(), _runs(), KERNELS, MACHINE)}
+    assert set(facts) == {"parameters", "training speed", "KV cache", "decode latency"}  # no CPU peak memory
+    assert facts["KV cache"].ratio == 0.25 and facts["KV cache"].unit == " per 160-token sequence"
+    sentence = cost_sentence(list(facts.values()), MACHINE)
+    assert sentence == ("It has 12% fewer parameters (91.71k against 104.19k), cuts the KV cache 4.0× (160 KiB against "
+                        "640 KiB per 160-token sequence), decodes 1.18× faster (3.42 ms against 4.04 ms per token) and "
+                        "trains 1.10× faster (50.39k against 45.83k tokens/s) on test cpu (2 threads).")
+
+
+def test_a_variant_with_the_same_attention_says_nothing_about_decoding_and_same_speed_within_noise():
+    facts = costs("norm", "mha", _variants(), _runs(), KERNELS, MACHINE)
+    assert [c.what for c in facts] == ["parameters", "KV cache", "training speed"]  # the trained models' KV: equal
+    assert cost_sentence(facts, MACHINE) == ("It trains at the same speed within 5% (46.00k against 45.83k tokens/s) "
+                                             "on test cpu (2 threads).")  # equal parameters: not worth a word
+
+
+def test_without_decode_timings_the_kv_cache_comes_from_the_trained_model_and_gpu_memory_counts():
+    facts = {c.what: c for c in costs("mqa", "mha", _variants().assign(peak_memory_bytes=[2e9, 1.5e9, 2e9]),
+                                      _runs("cuda"), KERNELS.iloc[:0], MACHINE)}
+    assert facts["KV cache"].phrase() == "cuts the KV cache 4.0× (256 B against 1.00 KiB per token)"
+    assert facts["peak memory"].phrase() == "peaks at 0.75× the memory in training (1.40 GiB against 1.86 GiB)"
+
+
+def test_decode_timings_of_one_name_in_two_configurations_are_ambiguous_and_left_out():
+    other = pd.DataFrame(_decode("mha", 2, 1e-3)).assign(spec_hash="other")
+    assert list(decode_costs(pd.concat([KERNELS, other]), MACHINE)["name"]) == ["mqa"]
+    assert decode_costs(KERNELS, "another machine").empty
+    assert decode_costs(pd.DataFrame([{"component": "mlp", "status": "ok", "machine": MACHINE}]), MACHINE).empty  # none timed
+
+
+def test_a_quantized_variant_costs_bytes_and_latency_against_its_float_checkpoint():
+    runs = pd.DataFrame({"model_bytes": [1.0e6, 1.0e6], "model_bytes_float": [4.0e6, 4.0e6],
+                         "latency_ms": [12.0, 14.0], "latency_ms_float": [10.0, 10.0]})
+    facts = quantization_costs(runs)
+    assert [c.phrase() for c in facts] == ["shrinks the model 4.0× (977 KiB against 3.81 MiB)",
+                                           "runs a val batch 1.30× slower (13.0 ms against 10.0 ms)"]
+    assert Cost("parameters", 100.0, 100.2).phrase() is None
