@@ -35,10 +35,11 @@ class Cost:
         """The comparison in words with both values and their unit, or None where there is nothing to say."""
         r = self.ratio
         both = f"{self._value(self.variant)} against {self._value(self.reference)}{self.unit}"
-        if self.what == "parameters":
-            if abs(r - 1) < SAME_PARAMS:
-                return None
-            return f"has {abs(1 - r):.0%} {'fewer' if r < 1 else 'more'} parameters ({both})"
+        if self.what in ("parameters", "active parameters"):
+            what = "active parameters per token" if self.what == "active parameters" else "parameters"
+            if abs(r - 1) < SAME_PARAMS:  # the same active count is news (a MoE); the same total is not
+                return f"has the same {what} ({both})" if self.what == "active parameters" else None
+            return f"has {abs(1 - r):.0%} {'fewer' if r < 1 else 'more'} {what} ({both})"
         if abs(r - 1) < SAME:
             return {"training speed": f"trains at the same speed within 5% ({both})",
                     "decode latency": f"decodes at the same speed within 5% ({both})",
@@ -58,7 +59,7 @@ class Cost:
         return None
 
     def _value(self, value: float) -> str:
-        return {"parameters": count, "training speed": count, "KV cache": size, "decode latency": duration,
+        return {"parameters": count, "active parameters": count, "training speed": count, "KV cache": size, "decode latency": duration,
                 "peak memory": size, "model size": size, "inference latency": duration}[self.what](value)
 
 
@@ -109,6 +110,9 @@ def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFra
 
     # parameters first, then what serving costs, then what training costs
     out = measured("params", "parameters")
+    if "active_params" in table and any(_finite(row.get("active_params")) and row["active_params"] != row["params"]
+                                        for row in (mine, theirs)):  # a MoE: active parameters first
+        out = measured("active_params", "active parameters") + out
     training = measured("tokens_per_s", "training speed", " tokens/s")
     if on_gpu:
         training += measured("peak_memory_bytes", "peak memory")

@@ -71,3 +71,12 @@ def test_a_quantized_variant_costs_bytes_and_latency_against_its_float_checkpoin
     assert [c.phrase() for c in facts] == ["shrinks the model 4.0× (977 KiB against 3.81 MiB)",
                                            "runs a val batch 1.30× slower (13.0 ms against 10.0 ms)"]
     assert Cost("parameters", 100.0, 100.2).phrase() is None
+
+
+def test_a_moe_states_its_active_parameters_before_its_total():
+    variants = pd.DataFrame([{"variant": "dense", "params": 924_420.0, "active_params": 924_420.0},
+                             {"variant": "top2", "params": 2_510_000.0, "active_params": 925_000.0}])
+    facts = costs("top2", "dense", variants, _runs().iloc[:0], KERNELS.iloc[:0], MACHINE)
+    assert [c.phrase() for c in facts] == [
+        "has the same active parameters per token (925.00k against 924.42k)",
+        "has 172% more parameters (2.51M against 924.42k)"]

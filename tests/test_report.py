@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.report import build_report, write_report
@@ -339,3 +340,19 @@ def test_the_attention_study_reads_at_1400_px_with_the_answer_first(tmp_path):
     for reason in ("flash-attn not installed", "xformers not installed"):
         assert text.count(reason) == 1  # once for this machine, not per shape
     assert (out / "first-screen.png").stat().st_size > 10_000
+
+
+def test_kernel_tables_of_components_timed_without_flops_or_lengths():
+    """A norm study's kernels (one token count, no FLOP/s, no decode) still read as a latency table."""
+    from bench.report import _kernel_tables
+
+    kernels = pd.DataFrame([{"machine": "m", "component": "norm", "name": name, "backend": "eager", "direction": d,
+                             "status": "ok", "reason": None, "median_s": t, "noisy": False}
+                            for name, t in (("layernorm", 2e-3), ("rmsnorm", 1.5e-3)) for d in ("forward", "forward_backward")])
+    (machine,) = _kernel_tables(kernels)
+    (norm,) = machine["components"]
+    assert norm["throughput"] is None and machine["decode"] == [] and machine["not_run"] == []
+    assert norm["latency"]["columns"] == ["median"]
+    assert [(r["name"], r["direction"], r["cells"]) for r in norm["latency"]["rows"]] == [
+        ("layernorm", "forward", ["2.00 ms"]), ("layernorm", "forward+backward", ["2.00 ms"]),
+        ("rmsnorm", "forward", ["1.50 ms"]), ("rmsnorm", "forward+backward", ["1.50 ms"])]

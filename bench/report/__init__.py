@@ -114,7 +114,8 @@ def _kernel_tables(kernels: pd.DataFrame) -> list[dict]:
         components = []
         for component, group in ok[ok["component"] != "decode"].groupby("component", sort=False):
             components.append({"component": component, "latency": _pivot(group, _latency),
-                               "throughput": _pivot(group, _throughput) if group["flops_per_s"].notna().any() else None})
+                               "throughput": _pivot(group, _throughput)
+                               if "flops_per_s" in group and group["flops_per_s"].notna().any() else None})
         decode = ok[ok["component"] == "decode"] if "phase" in ok else ok.iloc[:0]
         decode_rows = []
         for name, group in decode.groupby("name", sort=False):
