@@ -266,7 +266,8 @@ def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tup
         lines.append(("budget", f"{budget} per run, batch {t['batch_size']}"
                                 + (f" ({count(tokens)} tokens per run)" if tokens else "")))
     for key, values in (spec.get("sweep") or {}).items():  # the model and budget lines show the first point
-        lines.append(("sweep", f"{key} in {{{', '.join(map(str, values))}}}"))
+        show = flops if key == "train.flops" else count if key == "train.tokens" else _setting
+        lines.append(("sweep", f"{key} in {{{', '.join(str(show(v)) for v in values)}}}"))
     seeds = sorted({int(s) for s in eval_runs(runs)["seed"]})
     lines.append(("seeds", f"{', '.join(map(str, seeds))}; {summary.design.describe()}"))
     tune = spec.get("tune")
