@@ -260,11 +260,14 @@ def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tup
         tokenizer = f", {d['tokenizer']} tokenizer" if d.get("tokenizer") else ""
         lines.append(("data", f"{d.get('source')}{f' ({what})' if what != d.get('source') else ''}{tokenizer}, "
                               f"vocabulary {m.get('vocab_size')}, {seq_len}-token sequences"))
-        budget = next((f"{t[k]:,} {k}" if k != "flops" else flops(t[k]) for k in ("steps", "tokens", "flops", "seconds")
-                       if t.get(k)), "–")
-        tokens = train["tokens"].median() if "tokens" in train and train["tokens"].notna().any() else None
-        lines.append(("budget", f"{budget} per run, batch {t['batch_size']}"
-                                + (f" ({count(tokens)} tokens per run)" if tokens else "")))
+        kinds = ("steps", "tokens", "flops", "seconds")
+        if any(f"train.{k}" in (spec.get("sweep") or {}) for k in kinds):  # one budget per sweep point
+            lines.append(("budget", f"per sweep point (below), batch {t['batch_size']}"))
+        else:
+            budget = next((f"{t[k]:,} {k}" if k != "flops" else flops(t[k]) for k in kinds if t.get(k)), "–")
+            tokens = train["tokens"].median() if "tokens" in train and train["tokens"].notna().any() else None
+            lines.append(("budget", f"{budget} per run, batch {t['batch_size']}"
+                                    + (f" ({count(tokens)} tokens per run)" if tokens else "")))
     for key, values in (spec.get("sweep") or {}).items():  # the model and budget lines show the first point
         show = flops if key == "train.flops" else count if key == "train.tokens" else _setting
         lines.append(("sweep", f"{key} in {{{', '.join(str(show(v)) for v in values)}}}"))
