@@ -356,3 +356,16 @@ def test_kernel_tables_of_components_timed_without_flops_or_lengths():
     assert [(r["name"], r["direction"], r["cells"]) for r in norm["latency"]["rows"]] == [
         ("layernorm", "forward", ["2.00 ms"]), ("layernorm", "forward+backward", ["2.00 ms"]),
         ("rmsnorm", "forward", ["1.50 ms"]), ("rmsnorm", "forward+backward", ["1.50 ms"])]
+
+
+def test_a_study_of_one_model_states_its_result_as_the_headline():
+    from bench.analysis import summarise
+    from bench.report import _headlines
+    from tests.test_analysis import runs_frame
+
+    runs = runs_frame({"nanogpt": [1.87, 1.89]}, params=804_100.0, tokens_per_s=9_990.0, machine="m")
+    summary = summarise(runs, {"name": "s", "variants": {"nanogpt": {}}}, "m")
+    (headline,) = _headlines(summary, runs, pd.DataFrame())
+    assert headline["verdict"] == "result"
+    assert headline["sentence"].startswith("nanogpt reaches val loss 1.880 (sd 0.014 over 2 seeds; 95% CI 1.753 to 2.007)")
+    assert headline["sentence"].endswith("with 804.10k parameters at 9.99k tokens/s on m.")

@@ -212,6 +212,15 @@ def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame)
     mine = runs[runs["machine"] == summary.machine]
     quantized = mine[(mine["kind"] == "quantize") & (mine["status"] == "finished")] if "kind" in mine else mine.iloc[:0]
     out = []
+    if not summary.comparisons:  # a study of one model (a baseline to reproduce): its result is the answer
+        metric = summary.metric.replace("_", " ")
+        for _, r in summary.variants.iterrows():
+            m = summary.metric
+            out.append({"verdict": "result", "costs": "", "tuned": "", "sentence":
+                        f"{r['variant']} reaches {metric} {significant(r[f'{m}_mean'], 4)} (sd {significant(r[f'{m}_sd'], 2)} "
+                        f"over {int(r['n'])} seeds; 95% CI {significant(r[f'{m}_ci_low'], 4)} to "
+                        f"{significant(r[f'{m}_ci_high'], 4)}), with {count(r['params'])} parameters at "
+                        f"{count(r['tokens_per_s'])} tokens/s on {summary.machine}."})
     for c in summary.comparisons:
         if c.reference == f"{c.variant} (float)":
             facts = costs.quantization_costs(quantized[quantized["variant"] == c.variant])
