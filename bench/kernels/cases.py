@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bench import hardware
+from bench.formatting import significant
 from bench.kernels.config import (
     AttentionKernels, DecodeKernels, Direction, MLPKernels, MoEKernels, NormKernels, QuantizationKernels,
     split_variant, variant_label, with_required,
@@ -382,7 +383,7 @@ def _attention_variant(cfg: AttentionKernels, variant: Variant, n: int, backends
                 if getattr(kernel, "ran", None) or getattr(kernel, "name", None):
                     r["kernel"] = getattr(kernel, "ran", None) or kernel.name
                 if not ok:
-                    rows.append({**r, "status": "mismatch", "reason": f"max error {error:.3g} against {against}"})
+                    rows.append({**r, "status": "mismatch", "reason": f"max error {significant(error)} against {against}"})
                     continue
                 fn = _directions(forward, inputs, grad, direction)
                 r["peak_memory_bytes"], r["peak_memory_method"] = peak_memory(fn, ctx.device)
@@ -462,7 +463,7 @@ def _module_rows(component: str, cases: list[ModuleCase], directions: list[Direc
                 row["max_error"] = error
                 if not ok:
                     against = "the reference" if case.reference else "the same module in float32"
-                    rows.append({**row, "status": "mismatch", "reason": f"max error {error:.3g} against {against}"})
+                    rows.append({**row, "status": "mismatch", "reason": f"max error {significant(error)} against {against}"})
                     continue
                 fn = _directions(forward, inputs, grad, direction)
                 row["peak_memory_bytes"], row["peak_memory_method"] = peak_memory(fn, ctx.device)
@@ -592,7 +593,7 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
             relative = error / float(reference.abs().max())
             row["max_error"] = error
             if relative > (0.05 if "int8" in name else 0.25):  # quantization error bounds, not fp32 ones
-                rows.append({**row, "status": "mismatch", "reason": f"relative error {relative:.3g}"})
+                rows.append({**row, "status": "mismatch", "reason": f"relative error {significant(relative)}"})
                 continue
         except Exception as e:  # noqa: BLE001 - e.g. no int4 kernel on this device
             rows.append(_failure(row, e))
@@ -654,7 +655,7 @@ def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row
         ok, error = _gate(torch.cat(steps, 1), full, ctx.dtype)
         row["max_error"] = error
         if not ok:  # decode with the cache must give the full forward's logits
-            return [{**row, "status": "mismatch", "reason": f"cached decode differs from full recompute by {error:.3g}"}]
+            return [{**row, "status": "mismatch", "reason": f"cached decode differs from full recompute by {significant(error)}"}]
         prefilled = model.new_cache()
         model(prompt, cache=prefilled)
         row["kv_cache_bytes"] = prefilled.nbytes()
