@@ -34,33 +34,31 @@ class Cost:
     def phrase(self) -> str | None:
         """The comparison in words with both values and their unit, or None where there is nothing to say."""
         r = self.ratio
-        both = f"{self._value(self.variant)} against {self._value(self.reference)}{self.unit}"
+        show = FORMATS[self.what]
+        both = f"{show(self.variant)} against {show(self.reference)}{self.unit}"
         if self.what in ("parameters", "active parameters"):
             what = "active parameters per token" if self.what == "active parameters" else "parameters"
             if abs(r - 1) < SAME_PARAMS:  # the same active count is news (a MoE); the same total is not
                 return f"has the same {what} ({both})" if self.what == "active parameters" else None
             return f"has {abs(1 - r):.0%} {'fewer' if r < 1 else 'more'} {what} ({both})"
+        if self.what in SPEEDS:
+            verb, higher_is_faster = SPEEDS[self.what]
+            if abs(r - 1) < SAME:
+                return f"{verb} at the same speed within 5% ({both})"
+            return f"{verb} {max(r, 1 / r):.2f}× {'faster' if (r > 1) == higher_is_faster else 'slower'} ({both})"
         if abs(r - 1) < SAME:
-            return {"training speed": f"trains at the same speed within 5% ({both})",
-                    "decode latency": f"decodes at the same speed within 5% ({both})",
-                    "inference latency": f"runs a val batch at the same speed within 5% ({both})"}.get(self.what)
-        if self.what == "KV cache":
-            return f"{'cuts the KV cache' if r < 1 else 'grows the KV cache'} {max(r, 1 / r):.1f}× ({both})"
-        if self.what == "training speed":
-            return f"trains {max(r, 1 / r):.2f}× {'faster' if r > 1 else 'slower'} ({both})"
-        if self.what == "decode latency":
-            return f"decodes {max(r, 1 / r):.2f}× {'faster' if r < 1 else 'slower'} ({both})"
+            return None
         if self.what == "peak memory":
             return f"peaks at {r:.2f}× the memory in training ({both})"
-        if self.what == "model size":
-            return f"{'shrinks' if r < 1 else 'grows'} the model {max(r, 1 / r):.1f}× ({both})"
-        if self.what == "inference latency":
-            return f"runs a val batch {max(r, 1 / r):.2f}× {'faster' if r < 1 else 'slower'} ({both})"
-        return None
+        smaller, larger = SIZES[self.what]
+        return f"{smaller if r < 1 else larger} {max(r, 1 / r):.1f}× ({both})"
 
-    def _value(self, value: float) -> str:
-        return {"parameters": count, "active parameters": count, "training speed": count, "KV cache": size, "decode latency": duration,
-                "peak memory": size, "model size": size, "inference latency": duration}[self.what](value)
+
+FORMATS = {"parameters": count, "active parameters": count, "training speed": count, "KV cache": size,
+           "decode latency": duration, "peak memory": size, "model size": size, "inference latency": duration}
+SPEEDS = {"training speed": ("trains", True), "decode latency": ("decodes", False),  # verb, higher value is faster
+          "inference latency": ("runs a val batch", False)}
+SIZES = {"KV cache": ("cuts the KV cache", "grows the KV cache"), "model size": ("shrinks the model", "grows the model")}
 
 
 def attention_name(config) -> str | None:

@@ -291,9 +291,10 @@ class Trainer:
             step_times.append(dt)
             train_losses.append(loss)
             tokens_per_s = self.tokens_per_step / dt
-            # "seconds": training time so far (evaluation and checkpoints excluded), for curves per second
+            # "seconds": training time at the end of this step (evaluation and checkpoints excluded), for
+            # curves per second; from the step's own timing, so the loop reads the clock no more often
             record = {"step": step, "tokens": step * self.tokens_per_step,
-                      "seconds": time.perf_counter() - wall_start - paused, "train_loss": loss, "lr": lr,
+                      "seconds": t0 + dt - wall_start - paused, "train_loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                       "peak_memory_bytes": _peak_memory(self.device), **routing}
