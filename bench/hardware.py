@@ -138,7 +138,9 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return best
 
 
-def _cached(key: str, measure, device: torch.device | None = None) -> float | dict:
+def cached(key: str, measure, device: torch.device | None = None) -> float | dict:
+    """measure()'s result under key in this machine's cache, measuring it first if absent (on a forked
+    RNG; when processes race, the first one written wins, so every process on a machine agrees)."""
     path = cache_dir("hardware") / f"{machine_id()}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if key not in data:
@@ -166,7 +168,7 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
         return best
 
     threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""  # a CPU peak depends on the threads
-    return _cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}{threads}", measure, device)
+    return cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}{threads}", measure, device)
 
 
 def peak_copy_bandwidth(device: torch.device) -> float:
@@ -178,7 +180,7 @@ def peak_copy_bandwidth(device: torch.device) -> float:
         return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), 5, device)
 
     threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
-    return _cached(f"copy:{device.type}{threads}", measure, device)
+    return cached(f"copy:{device.type}{threads}", measure, device)
 
 
 # `dtype: auto` on CPU: bf16 only where a bf16-autocast training step is clearly faster, decided once per
@@ -257,7 +259,7 @@ def cpu_dtype_decision() -> tuple[torch.dtype, str]:
     thread count) and cached with the module's peaks, so every run on a machine trains in the same
     precision."""
     threads = torch.get_num_threads()
-    record = _cached(f"cpu_dtype:step:bf16>={BF16_MIN_SPEEDUP:g}x:{threads}t", _measure_cpu_dtype)
+    record = cached(f"cpu_dtype:step:bf16>={BF16_MIN_SPEEDUP:g}x:{threads}t", _measure_cpu_dtype)
     return getattr(torch, record["dtype"]), record["reason"]
 
 

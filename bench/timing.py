@@ -114,6 +114,15 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 2e-2
 
 
+def agrees(got, expected, dtype: torch.dtype) -> tuple[bool, float]:
+    """The correctness gate: (whether got matches expected within ``tolerance(dtype)`` relative to
+    the expected values' magnitude (at least 1), the largest absolute error)."""
+    error = max_error(got, expected)
+    scale = max(1.0, max_error(expected, torch.zeros(())) if isinstance(expected, torch.Tensor) else
+                max(max_error(e, torch.zeros(())) for e in expected))
+    return error <= tolerance(dtype) * scale, error
+
+
 class cuda_settings:
     """TF32 off for the duration (unless it is what is being measured)."""
 

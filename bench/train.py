@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench import hardware, parallel
+from bench import autotune, hardware, parallel
 from bench.config import RunConfig, budget_steps
 from bench.data import Dataset, load_dataset
 from bench.schedules import learning_rate
@@ -132,6 +132,7 @@ class Trainer:
         self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
 
+        autotune.install()  # `backend: auto` measures on this machine
         torch.manual_seed(run.seed)  # dropout's stream, the same on every rank
         self.model = build_model(run.model, seed=run.seed).to(self.device)  # weights keyed by (seed, name)
         self.strategy = parallel.make_strategy(self.cfg.distributed, self.world, self.device)
@@ -354,6 +355,8 @@ class Trainer:
             "strategy": self.strategy.name,
             "resumed_from": self._resumed.get("step", 0),  # the checkpoint's step, 0 for a fresh start
             "attention_kernel": getattr(kernel, "ran", None) or getattr(kernel, "name", None),
+            # backend auto: every choice this run made (call shape, direction) with the medians behind it
+            "attention_choices": list(getattr(kernel, "choices", {}).values()) or None,
             "data": self.data.fingerprint,
         }
 

@@ -7,6 +7,10 @@ config that needs something a backend lacks is rejected when it is built.
 
 Capabilities: causal, window (sliding window), bias (ALiBi-style additive score bias), dropout,
 decode (queries that start after cached keys).
+
+``auto`` picks, per call shape, dtype, direction and device, the fastest backend that passes the
+correctness gate against ``math``. The measuring lives in bench (bench.autotune, installed by the
+trainer and the kernel timer): model code stays free of timing; a model used outside bench runs sdpa.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +177,66 @@ class SDPAttention:
             return SDPBackend(choice).name.lower()
         except Exception:  # noqa: BLE001 - recording is best effort, never a failure
             return "auto"
+
+
+def needed_capabilities(q: Tensor, k: Tensor, mask: Mask, dropout_p: float) -> frozenset[str]:
+    """What a backend must be able to do for this call."""
+    needs = {"causal"} if mask.kind != "none" else set()
+    if mask.window is not None and mask.kind == "general":
+        needs.add("window")
+    if mask.slopes is not None:
+        needs.add("bias")
+    if q.shape[2] < k.shape[2]:  # queries after cached keys
+        needs.add("decode")
+    if dropout_p:
+        needs.add("dropout")
+    return frozenset(needs)
+
+
+@register("attention_backend", "auto")
+class AutoAttention:
+    """The fastest backend that passes the correctness gate, chosen per call shape, dtype, direction
+    and device (measured once per machine by bench.autotune and cached); without it installed: sdpa."""
+
+    # (q, k, v, mask, dropout_p, direction) -> the chosen backend's spec and the measurement behind it
+    chooser: ClassVar[Callable[..., tuple[dict, dict]] | None] = None
+
+    def __init__(self):
+        self.name = "auto"
+        self.ran: str | None = None  # the training choice (else the first), for the run's record
+        self.choices: dict[tuple, dict] = {}  # call signature -> the chooser's record
+        self._backends: dict[tuple, object] = {}
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        return ALL  # math, always a candidate, does everything
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        direction = "forward_backward" if torch.is_grad_enabled() and q.requires_grad else "forward"
+        # decode steps grow the cache by one key per call: bucket their key count to a power of two
+        tk = k.shape[2] if q.shape[2] > 1 else 1 << (k.shape[2] - 1).bit_length()
+        key = (q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], tk, q.shape[3],
+               mask.kind, mask.window, mask.slopes is not None, dropout_p > 0, direction)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._choose(key, q, k, v, mask, dropout_p, direction)
+        return backend(q, k, v, mask, dropout_p)
+
+    @torch.compiler.disable  # measuring is eager work: a compiled model breaks its graph here once
+    def _choose(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float, direction: str):
+        from models.registry import build_spec
+
+        if AutoAttention.chooser is None:
+            spec, record = {"name": "sdpa"}, {"backend": "sdpa", "reason": "no chooser installed (outside bench)"}
+        else:
+            spec, record = AutoAttention.chooser(q, k, v, mask, dropout_p, direction)
+        self._backends[key] = backend = build_spec("attention_backend", spec)
+        self.choices[key] = record
+        if self.ran is None or direction == "forward_backward" and not self._trained:
+            self.ran, self._trained = record["backend"], direction == "forward_backward"
+        return backend
+
+    _trained = False  # whether `ran` is a training choice
 
 
 def _flex_probe() -> str | None:

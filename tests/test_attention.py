@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from bench import autotune
 from models import available, build_model
 from models.attention_backends import Mask
 from models.positional import alibi_slopes
@@ -27,9 +28,15 @@ BACKENDS = {
     "math": "math",
     "sdpa": "sdpa",
     "flex": {"name": "flex", "compile": False},  # eager flex: no 20 s compile per shape in tests
+    "auto": "auto",  # the measured choice (bench.autotune, installed below)
 }
 HERE = [b for b in BACKENDS if b in RUNNABLE]
 COMBOS = list(itertools.product(ATTENTIONS, POSITIONALS, HERE))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _measuring_auto():
+    autotune.install()
 
 
 def model_for(attention: str, positional: str, backend: str, **overrides):

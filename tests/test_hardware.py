@@ -153,7 +153,7 @@ def test_a_decision_another_process_wrote_first_wins(fresh_cache, monkeypatch):
         path.write_text(json.dumps({"test:key": "theirs"}))
         return "ours"
 
-    assert hardware._cached("test:key", measure_while_another_process_finishes_first) == "theirs"
+    assert hardware.cached("test:key", measure_while_another_process_finishes_first) == "theirs"
     assert json.loads(path.read_text()) == {"test:key": "theirs"}
 
 

@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_every_family_has_its_built_in_members():
     assert list_components("attention") == ["gqa", "mha", "mqa", "window"]
-    assert list_components("attention_backend") == ["flash_attn", "flex", "math", "sdpa", "xformers"]
+    assert list_components("attention_backend") == ["auto", "flash_attn", "flex", "math", "sdpa", "xformers"]
     assert list_components("positional") == ["alibi", "learned", "none", "rope", "sinusoidal"]
     assert list_components("norm") == ["layernorm", "rmsnorm"]
     assert list_components("mlp") == ["geglu", "gelu", "relu2", "swiglu"]
@@ -94,10 +94,10 @@ def test_the_readme_plugin_example_registers_and_trains(tmp_path, monkeypatch):
     assert len([line for line in code.splitlines() if line.strip()]) <= 22  # "a new attention in 20 lines"
     (tmp_path / "my_attention.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    load_plugins(["my_attention"])
     from models.registry import _REGISTRY
 
-    monkeypatch.setitem(_REGISTRY["attention"], "linear", _REGISTRY["attention"]["linear"])  # removed after the test
+    monkeypatch.setitem(_REGISTRY, "attention", dict(_REGISTRY["attention"]))  # the family as it was, after the test
+    load_plugins(["my_attention"])
     model = build_model(tiny(attention="linear"))
     idx = torch.randint(0, 50, (2, 16))
     logits, loss, _ = model(idx, idx)

@@ -248,7 +248,7 @@ def test_measuring_this_machine_leaves_the_random_stream_alone():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    hardware._cached("test:rng", lambda: float(torch.randn(1000).sum()))  # a first measurement draws numbers
+    hardware.cached("test:rng", lambda: float(torch.randn(1000).sum()))  # a first measurement draws numbers
     assert torch.equal(torch.rand(3), expected)
 
 

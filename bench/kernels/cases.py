@@ -32,7 +32,7 @@ from bench.kernels.config import (
     AttentionKernels, DecodeKernels, Direction, MLPKernels, MoEKernels, NormKernels, QuantizationKernels,
     split_variant, variant_label, with_required,
 )
-from bench.timing import max_error, time_interleaved, tolerance
+from bench.timing import agrees, max_error, time_interleaved
 from models import ModelConfig, build_model, quantize
 from models.accounting import ATTENTION_BACKWARD, matmul_flops_per_token
 from models.config import attention_features, missing_features
@@ -115,22 +115,14 @@ def _failure(row: Row, error: Exception) -> Row:
     return {**row, "status": "oom" if oom else "failed", "reason": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
 
 
-def _gate(got, expected, dtype: torch.dtype) -> tuple[bool, float]:
-    """Correctness first: the candidate's output (or gradients) must match the reference's."""
-    error = max_error(got, expected)
-    scale = max(1.0, max_error(expected, torch.zeros(())) if isinstance(expected, torch.Tensor) else
-                max(max_error(e, torch.zeros(())) for e in expected))
-    return error <= tolerance(dtype) * scale, error
-
-
 def _check(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor, direction: Direction,
            ref_out, ref_grads, dtype: torch.dtype) -> tuple[bool, float]:
     """Gate a candidate before timing: its output (forward, run without a graph — FlexAttention on CPU
     insists) or its gradients against the reference's."""
     if direction == "forward":
         with torch.no_grad():
-            return _gate(forward(), ref_out, dtype)
-    return _gate(_grads(forward(), inputs, grad), ref_grads, dtype)
+            return agrees(forward(), ref_out, dtype)
+    return agrees(_grads(forward(), inputs, grad), ref_grads, dtype)
 
 
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor, retain_graph: bool = False) -> list:
@@ -652,7 +644,7 @@ def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row
         cache = model.new_cache()
         steps = [model(prompt, cache=cache).logits]
         steps += [model(idx[:, t : t + 1], cache=cache).logits for t in range(cfg.prompt, idx.shape[1])]
-        ok, error = _gate(torch.cat(steps, 1), full, ctx.dtype)
+        ok, error = agrees(torch.cat(steps, 1), full, ctx.dtype)
         row["max_error"] = error
         if not ok:  # decode with the cache must give the full forward's logits
             return [{**row, "status": "mismatch", "reason": f"cached decode differs from full recompute by {significant(error)}"}]

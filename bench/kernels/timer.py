@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench import hardware
+from bench import autotune, hardware
 from bench.kernels import cases
 from bench.kernels.config import SECTION_NAMES, KernelSpec
 from bench.timing import cuda_settings
@@ -24,6 +24,7 @@ assert tuple(SECTIONS) == SECTION_NAMES
 
 def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Time every section the spec names; each row carries this machine's label."""
+    autotune.install()  # a variant or backend list naming `auto` times the choice it makes here
     device = hardware.resolve_device(spec.device)
     dtype = cases.machine_dtype(spec.dtype, device)
     previous_threads = torch.get_num_threads()
