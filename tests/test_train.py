@@ -214,7 +214,7 @@ def test_auto_dtype_follows_the_measured_bf16_speed(monkeypatch, fp32_s, bf16_s,
     # ~300× slower on CPUs without bf16 units; 2.5× faster where bf16 pays (the decision's own tests:
     # tests/test_hardware.py)
     decision = hardware.decide_cpu_dtype(fp32_s, bf16_s, repeats=7)
-    monkeypatch.setattr(hardware, "_cached", lambda key, measure: decision)
+    monkeypatch.setattr(hardware, "cached", lambda key, measure: decision)
     assert hardware.training_dtype(torch.device("cpu"), "auto") == expected
     assert hardware.training_dtype(torch.device("cpu"), "float32") == torch.float32
 
