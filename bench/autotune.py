@@ -1,4 +1,5 @@
-"""Choices made by measurement on this machine: the attention kernel behind ``backend: auto``.
+"""Choices made by measurement on this machine: the attention kernel behind ``backend: auto``,
+whether ``train.compile: auto`` compiles the model, and how many processes ``--workers auto`` runs.
 
 Each choice is measured once per machine (bench.hardware's cache: machine id, torch version, thread
 count) and kept with the numbers behind it, so every run on a machine makes the same choice and its
@@ -8,14 +9,27 @@ its gradients) matched the ``math`` backend in float32 within the dtype's tolera
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
 import torch
+from torch import nn
 
 from bench import hardware
+from bench.config import RunConfig
 from bench.timing import agrees, time_interleaved
 from models.attention_backends import AutoAttention, Mask, MathAttention, needed_capabilities
 from models.registry import build_spec, get, list_components
 
 CHOICE_MIN_TIME = 0.05  # seconds of calls per candidate: enough to order kernels that differ by >10%
+COMPILE_MIN_SPEEDUP = 1.1  # compile only where clearly faster: its numerics differ from eager's in the last bits
+COMPILE_MIN_TIME = 0.5  # seconds of training steps per side
+WORKERS_PROBE_TIME = 4.0  # seconds of concurrent training per process layout
 
 
 def attention_candidates(device: torch.device) -> tuple[list[tuple[str, dict]], dict[str, str]]:
@@ -99,13 +113,144 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
             timed[label] = (spec, backend)
         timings = time_interleaved({label: (lambda b=b: _run(b, x, mask, dropout_p, direction))
                                     for label, (_, b) in timed.items()}, device, min_time=CHOICE_MIN_TIME)
-        best = min(timings, key=lambda label: timings[label].median)
-        return {"backend": best, "spec": timed[best][0], "direction": direction,
-                "median_s": {label: t.median for label, t in timings.items()}, "rejected": rejected}
+        ranked = sorted(timings, key=lambda label: timings[label].median)
+        measured = ", ".join(f"{label} {timings[label].median * 1e3:.3g} ms" for label in ranked)
+        return {"backend": ranked[0], "spec": timed[ranked[0]][0], "direction": direction,
+                "median_s": {label: t.median for label, t in timings.items()}, "rejected": rejected,
+                "reason": f"fastest that passed the correctness gate, per call of B{B}×H{H}×T{Tq}×D{D} "
+                          f"{str(dtype).removeprefix('torch.')} {direction.replace('_', '+')}: {measured}"}
 
     with torch.autocast(device.type, enabled=False):  # measure the kernels as called, not re-cast
         record = hardware.cached(key, measure, device)
     return record["spec"], record
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _step(model: nn.Module, x: torch.Tensor, autocast: Callable) -> None:
+    """One forward and backward of a training step (the optimizer's work is the same either way)."""
+    with autocast():
+        loss = model(x, x).loss
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def make_choices(model: nn.Module, x: torch.Tensor, autocast: Callable) -> None:
+    """One eager forward and backward on x, its gradients discarded and the random stream restored:
+    `backend: auto` layers choose their kernels now, so that a compiled model traces the chosen
+    kernel rather than breaking its graph at the choice (and recompiling after it)."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        _step(model, x, autocast)
+
+
+def compile_speed(model: nn.Module, micro_batch: int, seq_len: int, dtype: torch.dtype, autocast: Callable) -> dict:
+    """A training step (forward + backward of one micro-batch) eager and compiled (torch.compile,
+    dynamic=False) timed interleaved, and the time the first compiled step took to compile; once per
+    machine, model config, batch shape and dtype. A model that fails to compile: the error."""
+    device = next(model.parameters()).device
+    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
+    key = (f"compile-speed:{device.type}:{str(dtype).removeprefix('torch.')}{threads}:B{micro_batch}:T{seq_len}:"
+           f"{_config_hash(model.config.to_dict())}")
+
+    def measure() -> dict:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len), generator=gen).to(device)
+        eager = copy.deepcopy(model)  # the run's own model keeps its state
+        make_choices(eager, x, autocast)
+        compiled = torch.compile(copy.deepcopy(eager), dynamic=False)
+        start = time.perf_counter()
+        try:
+            _step(compiled, x, autocast)  # compiles: outside the timing
+        except Exception as e:  # noqa: BLE001 - no compiler, an op inductor lacks: eager, with the reason
+            return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        compile_s = time.perf_counter() - start
+        timings = time_interleaved({"eager": lambda: _step(eager, x, autocast), "compiled": lambda: _step(compiled, x, autocast)},
+                                   device, min_time=COMPILE_MIN_TIME)
+        return {"eager_s": timings["eager"].median, "compiled_s": timings["compiled"].median, "compile_s": compile_s}
+
+    return hardware.cached(key, measure, device)
+
+
+def compile_decision(speed: dict, micro_steps: int | None) -> dict:
+    """Whether to compile a run of `micro_steps` forward/backward passes (None: a time budget, long
+    enough) given compile_speed's measurement: only where a step is ≥ COMPILE_MIN_SPEEDUP× faster
+    compiled and the run saves more time than compiling costs."""
+    if "error" in speed:
+        return {"compile": False, "reason": f"does not compile here: {speed['error']}", **speed}
+    eager_s, compiled_s, compile_s = speed["eager_s"], speed["compiled_s"], speed["compile_s"]
+    speedup = eager_s / compiled_s
+    measured = (f"a training step (forward + backward of a micro-batch) takes {eager_s * 1e3:.3g} ms eager, "
+                f"{compiled_s * 1e3:.3g} ms compiled ({speedup:.2f}×), after {compile_s:.3g} s compiling")
+    saved = None if micro_steps is None else micro_steps * (eager_s - compiled_s)
+    if speedup < COMPILE_MIN_SPEEDUP:
+        verdict = f"eager: {measured}; below the {COMPILE_MIN_SPEEDUP:g}× threshold"
+    elif saved is not None and saved < compile_s:
+        verdict = f"eager: {measured}; the run's {micro_steps} steps would save {saved:.3g} s, less than compiling costs"
+    else:
+        verdict = f"compiled: {measured}"
+    return {"compile": verdict.startswith("compiled"), "reason": verdict, "speedup": speedup, **speed}
+
+
+def _probe_steps(run_json: str, threads: int, start, seconds: float) -> float:
+    """In a fresh process: train the run on `threads` threads, from the moment every probe is ready,
+    for `seconds`; its optimizer steps per second."""
+    from bench.train import Trainer  # bench.train imports this module
+
+    torch.set_num_threads(threads)
+    trainer = Trainer(RunConfig.model_validate_json(run_json), None)  # validation loads the run's plugins
+    steps = trainer.steps(0)
+    for _ in range(3):  # allocator, first calls, `backend: auto`'s choice
+        next(steps)
+    start.wait()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        next(steps)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def measure_layouts(run: RunConfig, layouts: list[int], cores: int, seconds: float = WORKERS_PROBE_TIME) -> dict[int, float]:
+    """Training steps per second of the whole machine with w processes × cores // w threads each, for
+    each w in layouts: w copies of the run train side by side, as the local executor's workers would."""
+    probe = run.model_copy(update={"train": run.train.model_copy(update=dict(
+        steps=10**9, tokens=None, flops=None, seconds=None, eval_every=10**9, checkpoint_every=None,
+        compile=False, distributed=None))})
+    context = multiprocessing.get_context("spawn")  # as the executor's workers: no forked torch state
+    rates = {}
+    with context.Manager() as manager:
+        for w in layouts:
+            start = manager.Barrier(w)
+            with ProcessPoolExecutor(w, mp_context=context) as pool:
+                futures = [pool.submit(_probe_steps, probe.model_dump_json(), cores // w, start, seconds) for _ in range(w)]
+                rates[w] = sum(f.result() for f in futures)
+    return rates
+
+
+def workers_decision(run: RunConfig) -> dict:
+    """How many local processes (each with cores // workers threads) train the most runs per hour of
+    this run's kind here: measured once per machine, core count and model/batch shape; runs on a GPU
+    use one process (the GPU, not the cores, sets their pace)."""
+    cores = hardware.cpu_cores()
+    if hardware.resolve_device(run.train.device).type != "cpu":
+        return {"workers": 1, "reason": "runs train on the GPU: one process"}
+    layouts = [w for w in (1, 2, 4, 8, 16, 32) if w <= cores]
+    if len(layouts) == 1:
+        return {"workers": 1, "reason": "one CPU core"}
+    shape = dict(model=run.model.to_dict(), batch=run.train.batch_size, micro=run.train.micro_batch_size,
+                 seq_len=run.seq_len, dtype=run.train.dtype)
+    key = f"workers:cpu:{cores}c:{_config_hash(shape)}"
+
+    def measure() -> dict:
+        rates = measure_layouts(run, layouts, cores)
+        best = max(rates, key=rates.get)
+        described = ", ".join(f"{w}×{cores // w} threads {r:.3g} steps/s" for w, r in rates.items())
+        return {"workers": best, "steps_per_s": {str(w): r for w, r in rates.items()},
+                "reason": f"measured processes × threads per process: {described}"}
+
+    return hardware.cached(key, measure)
 
 
 def install() -> None:

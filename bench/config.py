@@ -53,7 +53,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(False, description="torch.compile the model (dynamic=False); auto: where "
+                                            "a measured training step on this machine is ≥1.1× faster compiled")
     distributed: DistributedConfig | None = Field(
         None, description="one run on several processes: {strategy: ddp | fsdp | deepspeed, zero_stage, nproc}")
 

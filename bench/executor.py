@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from bench import parallel
-from bench.hardware import environment
+from bench.hardware import cpu_cores, environment
 from bench.plan import Plan, PlannedRun
 from bench.posttrain import evaluate_quantized
 from bench.store import Store, owner_id
@@ -236,15 +236,16 @@ class LocalExecutor:
         in_phases(plan, lambda runs: self._run_all(runs, folder, events))
 
     def _run_all(self, runs: list[PlannedRun], folder: Path, events: Events) -> dict[str, str]:
-        if self.workers <= 1:
+        workers = min(self.workers, len(runs))  # fewer runs than workers: more threads for each
+        if workers <= 1:
             return {r.run_id: execute_run(r, folder, events=events) for r in runs}
         context = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        threads = max(1, cpu_cores() // workers)
         with context.Manager() as manager:
             queue = manager.Queue()
             forward = threading.Thread(target=_forward, args=(queue, events), daemon=True)
             forward.start()
-            with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                      initargs=(threads,)) as pool:
                 futures = {r.run_id: pool.submit(_worker, r, folder, queue) for r in runs}
                 outcomes = {run_id: f.result() for run_id, f in futures.items()}

@@ -138,6 +138,11 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return best
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cached(key: str, measure, device: torch.device | None = None) -> float | dict:
     """measure()'s result under key in this machine's cache, measuring it first if absent (on a forked
     RNG; when processes race, the first one written wins, so every process on a machine agrees)."""

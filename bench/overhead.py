@@ -3,6 +3,7 @@
     python -m bench.overhead factory   # factory-built GPT vs a hand-written nanoGPT, one training step
     python -m bench.overhead loop      # bench.train's loop vs a bare forward/backward/step loop, + MFU
     python -m bench.overhead distributed   # tokens/s from 1 to 2 processes: DDP, FSDP, ZeRO-1/2/3
+    python -m bench.overhead step      # attention.yaml's training step: tokens/s, MFU, choices made here
 
 Both compare side by side in one run, interleaved so machine noise hits both alike, and print the
 ratio of medians. Targets: factory/hand-written < 1.05; loop/bare < 1.05 (eval and checkpoint
@@ -195,13 +196,113 @@ def distributed_scaling(steps: int = 10, batch: int = 16) -> list[dict]:
     return rows
 
 
+def model_shape_matmul_peak(model: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """FLOP/s of the matmuls a training step of `model` does, at its own shapes: every linear layer's
+    forward (x·Wᵀ), input gradient (g·W) and weight gradient (gᵀ·x) for `tokens` rows, timed
+    interleaved and weighted by how often each shape occurs. The best a step of this model could do
+    if nothing but its matmuls took time."""
+    from collections import Counter
+
+    from bench.timing import time_interleaved
+
+    shapes = Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
+    calls, flops = {}, {}
+    for (k, n), count in shapes.items():
+        x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((tokens, k), (n, k), (tokens, n)))
+        for name, fn in (("forward", lambda x=x, w=w: x @ w.T), ("input grad", lambda g=g, w=w: g @ w),
+                         ("weight grad", lambda g=g, x=x: g.T @ x)):
+            calls[f"{name} {tokens}×{k}×{n}"] = fn
+            flops[f"{name} {tokens}×{k}×{n}"] = (2 * tokens * k * n, count)
+    timings = time_interleaved(calls, device, min_time=0.1, flush_l2=False)  # warm cache: as in the step
+    total_flops = sum(f * c for f, c in flops.values())
+    total_s = sum(timings[label].median * flops[label][1] for label in calls)
+    return {"flops_per_s": total_flops / total_s,
+            "per_shape": {label: flops[label][0] / timings[label].median for label in calls}}
+
+
+def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30) -> dict:
+    """The spec baseline's training step (seed 0) as the default trains it (the spec's attention
+    backend, eager), with ``backend: auto``, and with auto compiled: interleaved step by step on the
+    same data; warm-up (compilation included) excluded as in the runs' tokens/s. Also what
+    ``compile: auto`` decides for a run of the spec's own budget."""
+    from bench import autotune, hardware
+    from bench.config import RunConfig, budget_steps
+    from bench.plan import expand
+    from bench.spec import load_spec
+    from bench.train import Trainer, _autocast, steady_state
+
+    spec, sources = load_spec(spec_path, [])
+    base = expand(spec, sources, only=[spec.baseline], seeds=[0]).train_runs[0].config
+    budget = dict(steps=steps + 1, tokens=None, flops=None, seconds=None, eval_every=10**6, checkpoint_every=None)
+    model = base.model.to_dict()
+    auto = {**model, "attention": {**model["attention"], "backend": "auto"}}
+
+    def trainer(model_fields: dict, compile_setting: bool) -> Trainer:
+        return Trainer(RunConfig.model_validate({**base.model_dump(), "model": model_fields,
+                                                 "train": {**base.train.model_dump(), **budget, "compile": compile_setting}}), None)
+
+    trainers = {"default": trainer(model, False), "auto": trainer(auto, False), "auto compiled": trainer(auto, True)}
+    loops = {name: t.steps() for name, t in trainers.items()}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    losses: dict[str, list[float]] = {name: [] for name in trainers}
+    for i in range(steps):  # the last (evaluating) step is not taken
+        order = list(loops)[i % len(loops):] + list(loops)[:i % len(loops)]  # rotate who goes first
+        for name in order:
+            start = time.perf_counter()
+            losses[name].append(next(loops[name])["train_loss"])
+            times[name].append(time.perf_counter() - start)
+    tuned = trainers["auto"]
+    autocast = lambda: _autocast(tuned.device, tuned.dtype)  # noqa: E731
+    speed = autotune.compile_speed(tuned.model, tuned.micro, tuned.seq_len, tuned.dtype, autocast)
+    micro_steps = budget_steps(base) and budget_steps(base) * (tuned.per_rank // tuned.micro)
+    shape_peak = model_shape_matmul_peak(tuned.model, tuned.micro * base.seq_len, tuned.device, tuned.dtype)
+    tokens_per_step = base.train.batch_size * base.seq_len
+    return {"dtype": str(tuned.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "flops_per_token": tuned.flops_per_token, "square_peak": hardware.peak_matmul_flops(tuned.device, tuned.dtype),
+            "shape_peak": shape_peak["flops_per_s"], "per_shape": shape_peak["per_shape"],
+            "tokens_per_s": {name: tokens_per_step / statistics.median(steady_state(t)) for name, t in times.items()},
+            "warmup_steps": {name: len(t) - len(steady_state(t)) for name, t in times.items()},
+            "max_loss_difference": {name: max(abs(a - b) for a, b in zip(losses["default"], run_losses))
+                                    for name, run_losses in losses.items() if name != "default"},
+            "compile_auto": autotune.compile_decision(speed, micro_steps)["reason"], "spec_steps": budget_steps(base),
+            "attention_choices": list(tuned.model.blocks[0].attn.kernel.choices.values()),
+            "model": base.model, "batch": (base.train.batch_size, base.seq_len)}
+
+
+def print_step_throughput(r: dict) -> None:
+    m = r["model"]
+    print(f"training step of attention.yaml's baseline ({m.n_layer}×{m.n_embd}, {m.n_head} heads, vocab {m.vocab_size}), "
+          f"batch {r['batch'][0]}×{r['batch'][1]}, {r['dtype']}, {r['threads']} threads, "
+          f"{r['flops_per_token'] / 1e3:.0f} kFLOP/token:")
+    for choice in r["attention_choices"]:
+        print(f"  backend auto ({choice['direction']}): {choice['backend']}, {choice['reason']}")
+    print(f"  compile auto for the spec's {r['spec_steps']} steps: {r['compile_auto']}")
+    default = r["tokens_per_s"]["default"]
+    for name, label in (("default", "default (spec's backend, eager)"), ("auto", "backend auto, eager"),
+                        ("auto compiled", "backend auto, compiled")):
+        tps = r["tokens_per_s"][name]
+        flops = tps * r["flops_per_token"]
+        compared = (f"  {tps / default:.2f}× default, train loss within {r['max_loss_difference'][name]:.1g} of it"
+                    if name != "default" else "")
+        print(f"  {label:32s} {tps:8.0f} tokens/s {flops / 1e9:6.1f} GFLOP/s  MFU {100 * flops / r['shape_peak']:4.1f}% "
+              f"(model shapes), {100 * flops / r['square_peak']:4.1f}% (square){compared}"
+              f"  [{r['warmup_steps'][name]} warm-up steps excluded]")
+    print(f"  matmul peak at the model's own shapes {r['shape_peak'] / 1e9:.1f} GFLOP/s "
+          f"(square matmuls 1024–4096: {r['square_peak'] / 1e9:.1f} GFLOP/s); per shape:")
+    for label, flops in r["per_shape"].items():
+        print(f"    {label:28s} {flops / 1e9:6.1f} GFLOP/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["factory", "loop", "distributed"])
+    parser.add_argument("what", choices=["factory", "loop", "distributed", "step"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 distributed, else 4)")
     args = parser.parse_args(argv)
+    if args.what == "step":
+        print_step_throughput(step_throughput(steps=max(args.steps, 30)))
+        return 0
     if args.what == "distributed":
         batch = args.batch or 16
         rows = distributed_scaling(steps=args.steps, batch=batch)

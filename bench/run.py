@@ -47,11 +47,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="these seeds instead of the spec's")
     p.add_argument("--out", help="results folder (default results/<name>)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="train on this device")
-    p.add_argument("--workers", type=int, default=1, help="local processes sharing the store")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                   help="local processes sharing the store (each with cores/N threads); auto: the number that "
+                        "trains the most steps per second here, measured once per machine and model shape")
     p.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
                    help="local processes, or ray (a local Ray instance, or a cluster with --ray-address)")
     p.add_argument("--ray-address", help="with --executor ray: auto (a running cluster) or HOST:PORT")
     return p.parse_args(argv)
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of processes or auto, got {text!r}")
+    return int(text)
+
+
+def resolve_workers(args: argparse.Namespace, plan: Plan, world, console: Console) -> int:
+    """--workers as a number: `auto` measured on the plan's first training run (one process under
+    torchrun, with Ray, or when nothing trains)."""
+    if args.workers != "auto":
+        return args.workers
+    if world.size > 1 or args.executor != "local" or not plan.train_runs:
+        return 1
+    from bench.autotune import workers_decision  # torch: not needed to plan or dry-run
+
+    decision = workers_decision(plan.train_runs[0].config)
+    console.print(f"workers: {decision['workers']} ({decision['reason']})", markup=False, highlight=False)
+    return decision["workers"]
 
 
 def estimated_seconds(plan: Plan, store: Store | None) -> list[float | None]:
@@ -251,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     world = parallel.world()  # under torchrun: rank 0 plans, claims, prints and stores; every rank trains
     console = Console(width=None if sys.stdout.isatty() else 160, quiet=not world.main)  # logs and pipes: wide
     try:
-        if world.size > 1 and (args.workers > 1 or args.executor != "local"):
+        if world.size > 1 and (args.workers != 1 or args.executor != "local"):
             raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
         spec, sources = load_spec(args.spec, args.set)
         # a dry run reads, downloads and tokenizes nothing; a real one prepares the data to plan
@@ -277,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     kernel_error = None
     planned: set[str] = set()
     try:
-        executor = EXECUTORS[args.executor](workers=args.workers, address=args.ray_address)
+        executor = EXECUTORS[args.executor](workers=resolve_workers(args, plan, world, console), address=args.ray_address)
         for round_plan in rounds(plan, spec, sources, args, folder, world, console):
             planned |= {r.run_id for r in round_plan.runs}
             if store:

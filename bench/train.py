@@ -102,6 +102,19 @@ def moe_record(routing: list[tuple[float, list]]) -> dict[str, Any]:
     }
 
 
+def steady_state(step_times: list[float], slower: float = 1.2) -> list[float]:
+    """The step times after warm-up, for tokens/s: the first 2 steps (allocator, first calls) and every
+    leading step still > `slower`× the median of the later half (compilation, autotuning,
+    recompiles) are dropped, but never more than half the steps."""
+    if not step_times:
+        return []
+    settled = statistics.median(step_times[len(step_times) // 2:])
+    skip = min(len(step_times) - 1, 2)
+    while skip < len(step_times) // 2 and step_times[skip] > slower * settled:
+        skip += 1
+    return step_times[skip:]
+
+
 class Trainer:
     """One run's state; ``run()`` trains to the budget and returns the final metrics."""
 
@@ -135,14 +148,28 @@ class Trainer:
         autotune.install()  # `backend: auto` measures on this machine
         torch.manual_seed(run.seed)  # dropout's stream, the same on every rank
         self.model = build_model(run.model, seed=run.seed).to(self.device)  # weights keyed by (seed, name)
+        self.compiled, self.compile_reason = self._compile_choice()  # measured on the unwrapped model
+        if self.compiled:  # kernels chosen before tracing, on the unwrapped model
+            x, _ = self.data.train_batch(0, run.seed, self.micro, self.seq_len)
+            autotune.make_choices(self.model, x.to(self.device), lambda: _autocast(self.device, self.dtype))
         self.strategy = parallel.make_strategy(self.cfg.distributed, self.world, self.device)
         self.strategy.setup(self.model, self.cfg, self.micro, self.per_rank // self.micro)
-        self.forward = torch.compile(self.strategy.module) if self.cfg.compile else self.strategy.module
+        self.forward = torch.compile(self.strategy.module, dynamic=False) if self.compiled else self.strategy.module
         self.val = self.data.val_batches(self.cfg.val_sequences, self.seq_len, self.micro)
         self.extra_val = {n: self.data.val_batches(self.cfg.val_sequences, n, self.micro) for n in self.cfg.eval_lengths}
         self.peak_flops = hardware.peak_matmul_flops(self.device, self.dtype) * self.world.size  # every process's share
         self._metrics_file = None
         self._resumed: dict = {}  # the checkpoint's state when this run resumed
+
+    def _compile_choice(self) -> tuple[bool, str]:
+        """Whether to train the compiled model, and why (`compile: auto` measures it on this machine)."""
+        if self.cfg.compile != "auto":
+            return self.cfg.compile, f"compile: {str(self.cfg.compile).lower()} in the spec"
+        speed = autotune.compile_speed(self.model, self.micro, self.seq_len, self.dtype,
+                                       lambda: _autocast(self.device, self.dtype))
+        micro_steps = budget_steps(self.run_config) and budget_steps(self.run_config) * (self.per_rank // self.micro)
+        decision = autotune.compile_decision(speed, micro_steps)
+        return decision["compile"], decision["reason"]
 
     # -- files --------------------------------------------------------------------------------
 
@@ -327,7 +354,7 @@ class Trainer:
         return self._final(status, step, diverged_at, record, step_times, train_losses)
 
     def _final(self, status, step, diverged_at, record, step_times, train_losses) -> dict[str, Any]:
-        steady = step_times[min(len(step_times) - 1, 2):] if step_times else []  # skip warm-up steps
+        steady = steady_state(step_times)
         tokens_per_s = self.tokens_per_step / statistics.median(steady) if steady else None
         kernel = getattr(self.model.blocks[0].attn, "kernel", None)
         return {
@@ -339,6 +366,7 @@ class Trainer:
             **{k: v for k, v in record.items() if k.startswith(("val_", "moe_"))},
             "loss_floor": self.data.loss_floor,
             "tokens_per_s": tokens_per_s,
+            "warmup_steps_excluded": len(step_times) - len(steady),  # from tokens_per_s and mfu
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s else None,
             "peak_flops": self.peak_flops,
             # on known GPUs, also against the datasheet's dense bf16 peak (A100 312, H100 SXM 989 TFLOP/s)
@@ -351,6 +379,8 @@ class Trainer:
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
+            "compiled": self.compiled,
+            "compile_reason": self.compile_reason,
             "world_size": self.world.size,
             "strategy": self.strategy.name,
             "resumed_from": self._resumed.get("step", 0),  # the checkpoint's step, 0 for a fresh start

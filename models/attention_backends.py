@@ -49,7 +49,9 @@ class Mask:
     window: int | None = None  # a query sees itself and window − 1 earlier tokens
     slopes: Tensor | None = None  # (Hq,): score − slope·(i − j)
 
-    @functools.cached_property
+    # plain properties, not cached_property: its lock stops torch.compile's tracing (a graph break
+    # per layer); each is a few (Tq, Tk) ops
+    @property
     def kind(self) -> Literal["causal", "none", "general"]:
         """'causal': plain causal over the same tokens; 'none': every key visible; else 'general'."""
         if self.slopes is not None:
@@ -61,12 +63,12 @@ class Mask:
             return "none"
         return "general"
 
-    @functools.cached_property
+    @property
     def distance(self) -> Tensor:
         """(Tq, Tk) query position minus key position."""
         return self.q_pos[:, None] - self.k_pos[None, :]
 
-    @functools.cached_property
+    @property
     def allowed(self) -> Tensor:
         """(Tq, Tk) bool: key visible to query."""
         visible = self.distance >= 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -141,3 +143,108 @@ def test_without_the_chooser_auto_runs_sdpa(monkeypatch):
     assert torch.equal(auto(q, k, v, Mask.causal(9)),
                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert auto.ran == "sdpa" and "no chooser" in next(iter(auto.choices.values()))["reason"]
+
+
+# -- compile: auto ------------------------------------------------------------------------------
+
+TINY_RUN = (dict(n_layer=1, n_head=2, n_embd=16),
+            dict(source="task", task="induction", vocab_size=16, seq_len=16, n_train=200))
+
+
+def fp32_train(**train) -> dict:
+    return dict(steps=6, batch_size=4, eval_every=6, checkpoint_every=None, device="cpu", dtype="float32", **train)
+
+
+@pytest.fixture
+def uncached(monkeypatch):
+    """Measure every time (the decision's cache has its own test in test_hardware); keep the keys."""
+    keys = []
+    monkeypatch.setattr(hardware, "cached", lambda key, measure, device=None: keys.append(key) or measure())
+    return keys
+
+
+def test_compile_speed_times_both_steps_and_the_compilation(monkeypatch, uncached):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the compiler's cost is not the point
+    seconds = {"eager": 1.0, "compiled": 0.8}  # the attention kernels' own choice: any
+    monkeypatch.setattr(autotune, "time_interleaved",
+                        lambda c, *a, **kw: {label: Timing([seconds.get(label, 1.0)]) for label in c})
+    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}), seed=0)
+    speed = autotune.compile_speed(model, 2, 16, torch.float32, contextlib.nullcontext)
+    assert (speed["eager_s"], speed["compiled_s"]) == (1.0, 0.8) and 0 < speed["compile_s"] < 60
+    assert uncached[0].startswith(f"compile-speed:cpu:float32:{torch.get_num_threads()}t:B2:T16:")
+    assert all(p.grad is None for p in model.parameters())  # the run's own model is left as it was
+    assert not model.blocks[0].attn.kernel.choices  # choices were made on a copy
+
+
+@pytest.mark.parametrize("speed,micro_steps,compiled,why", [
+    (dict(eager_s=0.025, compiled_s=0.020, compile_s=20.0), 10_000, True, "compiled: a training step"),
+    (dict(eager_s=0.025, compiled_s=0.020, compile_s=20.0), None, True, "compiled: a training step"),  # a time budget
+    (dict(eager_s=0.025, compiled_s=0.024, compile_s=20.0), 10_000, False, "below the 1.1× threshold"),
+    (dict(eager_s=0.025, compiled_s=0.020, compile_s=20.0), 1_200, False,
+     "the run's 1200 steps would save 6 s, less than compiling costs"),
+    (dict(error="RuntimeError: no C++ compiler"), 10_000, False, "does not compile here: RuntimeError: no C++ compiler"),
+])
+def test_compile_auto_compiles_where_it_pays_for_itself(speed, micro_steps, compiled, why):
+    decision = autotune.compile_decision(speed, micro_steps)
+    assert decision["compile"] is compiled and why in decision["reason"]
+    if "error" not in speed:
+        assert "takes 25 ms eager" in decision["reason"] and f"after {speed['compile_s']:.3g} s compiling" in decision["reason"]
+
+
+def test_auto_chooses_before_compiling_so_the_graph_does_not_break():
+    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}, positional="rope", dropout=0.1), seed=0)
+    x = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    autotune.make_choices(model, x, contextlib.nullcontext)  # dropout draws, on a forked stream
+    assert torch.equal(torch.rand(3), expected) and all(p.grad is None for p in model.parameters())
+    assert {r["direction"] for r in model.blocks[0].attn.kernel.choices.values()} == {"forward_backward"}
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+def test_a_model_that_does_not_compile_trains_eagerly_with_the_reason(monkeypatch, uncached):
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("inductor: no working C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken())
+    run = resolve_run(*TINY_RUN, fp32_train(compile="auto"))
+    metrics = train(run)
+    assert metrics["status"] == "finished" and metrics["compiled"] is False
+    assert metrics["compile_reason"] == "does not compile here: RuntimeError: inductor: no working C++ compiler"
+
+
+def test_compiled_training_matches_eager_and_records_why():
+    eager = train(resolve_run(*TINY_RUN, fp32_train(compile=False)))
+    compiled = train(resolve_run(*TINY_RUN, fp32_train(compile=True)))  # a real torch.compile (~30 s here)
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    assert compiled["compile_reason"] == "compile: true in the spec"
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-5)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-5)
+
+
+# -- --workers auto -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rates,expected", [({1: 16.3, 2: 28.4}, 2), ({1: 20.0, 2: 15.0}, 1)])
+def test_workers_auto_takes_the_layout_that_trains_most_steps(monkeypatch, uncached, rates, expected):
+    monkeypatch.setattr(hardware, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(autotune, "measure_layouts", lambda run, layouts, cores: {w: rates[w] for w in layouts})
+    decision = autotune.workers_decision(resolve_run(*TINY_RUN, fp32_train()))
+    assert decision["workers"] == expected
+    assert decision["reason"] == (f"measured processes × threads per process: 1×2 threads {rates[1]:.3g} steps/s, "
+                                  f"2×1 threads {rates[2]:.3g} steps/s")
+    assert uncached[0].startswith("workers:cpu:2c:")
+
+
+def test_one_core_means_one_worker(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_cores", lambda: 1)
+    assert autotune.workers_decision(resolve_run(*TINY_RUN, fp32_train()))["workers"] == 1
+
+
+def test_layouts_are_measured_by_training_side_by_side():
+    # real processes: each layout's copies of the run train at once, and each counts its steps
+    rates = autotune.measure_layouts(resolve_run(*TINY_RUN, fp32_train()), [1, 2], 2, seconds=0.3)
+    assert set(rates) == {1, 2} and all(r > 1 for r in rates.values())

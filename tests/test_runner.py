@@ -605,3 +605,23 @@ def test_tune_seeds_must_be_held_out(tmp_path):
     assert "tune_seeds [1] are also evaluation seeds" in message
     assert "tune '" in spec_error(tmp_path, TINY + "tune: {train.lr: [1.0e-3]}\n")
     assert "not both" in spec_error(tmp_path, TINY + "tune: {train.lr: [1.0e-3, 2.0e-3]}\nsweep: {train.lr: [1.0e-3]}\n")
+
+
+def test_workers_auto_runs_the_measured_number_of_processes(tmp_path, capsys, monkeypatch):
+    from bench import autotune, hardware
+
+    seen = []
+    monkeypatch.setattr(autotune, "workers_decision",
+                        lambda run: seen.append(run) or {"workers": 2, "reason": "2×1 threads trains most here"})
+    out = tmp_path / "out"
+    assert main([str(write_spec(tmp_path, steps=3)), "--out", str(out), "--workers", "auto"]) == 0
+    assert "workers: 2 (2×1 threads trains most here)" in capsys.readouterr().out
+    assert seen[0].train.batch_size == 4  # measured on the plan's first training run
+    runs = load(out).runs
+    assert len(runs) == 4 and set(runs["threads"]) == {max(1, hardware.cpu_cores() // 2)}  # trained in 2 processes
+
+
+def test_workers_must_be_a_positive_number_or_auto(tmp_path):
+    result = run_cli(str(write_spec(tmp_path)), "--workers", "0", "--dry-run")
+    assert result.returncode == 2 and "expected a positive number of processes or auto, got '0'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -443,3 +443,14 @@ def test_extrapolation_evals_report_the_positions_past_the_training_length(tmp_p
     assert result["val_loss@64"] != beyond
     assert "val_loss@16_beyond" not in result and "val_loss@16" in result  # nothing past the training length
     assert curve(tmp_path)[-1]["val_loss@64_beyond"] == beyond
+
+
+@pytest.mark.parametrize("times,kept", [
+    ([9.0, 5.0, 3.0, 2.0, 1.0, 1.1, 1.0, 0.9, 1.0, 1.0], 6),  # compiling, then settling: from the 5th step
+    ([1.0] * 10, 8),  # eager: the first two steps only
+    ([9.0] * 6 + [1.0] * 4, 5),  # never more than half
+    ([1.0, 1.0, 1.0, 5.0, 1.0, 1.0], 4),  # a slow step later on is kept: it is part of the run
+    ([3.0], 1),
+])
+def test_tokens_per_second_excludes_warm_up(times, kept):
+    assert bench.train.steady_state(times) == times[len(times) - kept:]
