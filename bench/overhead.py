@@ -3,7 +3,8 @@
     python -m bench.overhead factory   # factory-built GPT vs a hand-written nanoGPT, one training step
     python -m bench.overhead loop      # bench.train's loop vs a bare forward/backward/step loop, + MFU
     python -m bench.overhead distributed   # tokens/s from 1 to 2 processes: DDP, FSDP, ZeRO-1/2/3
-    python -m bench.overhead step      # attention.yaml's training step: tokens/s, MFU, choices made here
+    python -m bench.overhead step      # attention.yaml's training step: tokens/s, MFU, the choices made here
+                                       # (--spec ablations/shakespeare-gpu.yaml on a GPU)
 
 Both compare side by side in one run, interleaved so machine noise hits both alike, and print the
 ratio of medians. Targets: factory/hand-written < 1.05; loop/bare < 1.05 (eval and checkpoint
@@ -221,8 +222,8 @@ def model_shape_matmul_peak(model: nn.Module, tokens: int, device: torch.device,
 
 
 def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30) -> dict:
-    """The spec baseline's training step (seed 0) as the default trains it (the spec's attention
-    backend, eager), with ``backend: auto``, and with auto compiled: interleaved step by step on the
+    """The spec baseline's training step (seed 0) with the sdpa backend, eager (the default before
+    ``backend: auto``), with ``backend: auto``, and with auto compiled: interleaved step by step on the
     same data; warm-up (compilation included) excluded as in the runs' tokens/s. Also what
     ``compile: auto`` decides for a run of the spec's own budget."""
     from bench import autotune, hardware
@@ -235,13 +236,13 @@ def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30
     base = expand(spec, sources, only=[spec.baseline], seeds=[0]).train_runs[0].config
     budget = dict(steps=steps + 1, tokens=None, flops=None, seconds=None, eval_every=10**6, checkpoint_every=None)
     model = base.model.to_dict()
-    auto = {**model, "attention": {**model["attention"], "backend": "auto"}}
+    sdpa, auto = ({**model, "attention": {**model["attention"], "backend": name}} for name in ("sdpa", "auto"))
 
     def trainer(model_fields: dict, compile_setting: bool) -> Trainer:
         return Trainer(RunConfig.model_validate({**base.model_dump(), "model": model_fields,
                                                  "train": {**base.train.model_dump(), **budget, "compile": compile_setting}}), None)
 
-    trainers = {"default": trainer(model, False), "auto": trainer(auto, False), "auto compiled": trainer(auto, True)}
+    trainers = {"sdpa": trainer(sdpa, False), "auto": trainer(auto, False), "auto compiled": trainer(auto, True)}
     loops = {name: t.steps() for name, t in trainers.items()}
     times: dict[str, list[float]] = {name: [] for name in trainers}
     losses: dict[str, list[float]] = {name: [] for name in trainers}
@@ -257,36 +258,44 @@ def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30
     micro_steps = budget_steps(base) and budget_steps(base) * (tuned.per_rank // tuned.micro)
     shape_peak = model_shape_matmul_peak(tuned.model, tuned.micro * base.seq_len, tuned.device, tuned.dtype)
     tokens_per_step = base.train.batch_size * base.seq_len
-    return {"dtype": str(tuned.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+    layouts = autotune.workers_decision(tuned.run_config)  # the whole machine, as --workers auto runs a sweep
+    return {"workers": layouts["workers"], "workers_reason": layouts["reason"],
+            "machine_tokens_per_s": layouts.get("steps_per_s", {}).get(str(layouts["workers"]), 0) * tokens_per_step,
+            "dtype": str(tuned.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "flops_per_token": tuned.flops_per_token, "square_peak": hardware.peak_matmul_flops(tuned.device, tuned.dtype),
             "shape_peak": shape_peak["flops_per_s"], "per_shape": shape_peak["per_shape"],
             "tokens_per_s": {name: tokens_per_step / statistics.median(steady_state(t)) for name, t in times.items()},
             "warmup_steps": {name: len(t) - len(steady_state(t)) for name, t in times.items()},
-            "max_loss_difference": {name: max(abs(a - b) for a, b in zip(losses["default"], run_losses))
-                                    for name, run_losses in losses.items() if name != "default"},
+            "max_loss_difference": {name: max(abs(a - b) for a, b in zip(losses["sdpa"], run_losses))
+                                    for name, run_losses in losses.items() if name != "sdpa"},
             "compile_auto": autotune.compile_decision(speed, micro_steps)["reason"], "spec_steps": budget_steps(base),
             "attention_choices": list(tuned.model.blocks[0].attn.kernel.choices.values()),
-            "model": base.model, "batch": (base.train.batch_size, base.seq_len)}
+            "model": base.model, "batch": (base.train.batch_size, base.seq_len), "spec": spec.name, "variant": spec.baseline}
 
 
 def print_step_throughput(r: dict) -> None:
     m = r["model"]
-    print(f"training step of attention.yaml's baseline ({m.n_layer}×{m.n_embd}, {m.n_head} heads, vocab {m.vocab_size}), "
+    print(f"training step of {r['spec']}'s baseline {r['variant']} ({m.n_layer}×{m.n_embd}, {m.n_head} heads, vocab {m.vocab_size}), "
           f"batch {r['batch'][0]}×{r['batch'][1]}, {r['dtype']}, {r['threads']} threads, "
           f"{r['flops_per_token'] / 1e3:.0f} kFLOP/token:")
     for choice in r["attention_choices"]:
         print(f"  backend auto ({choice['direction']}): {choice['backend']}, {choice['reason']}")
     print(f"  compile auto for the spec's {r['spec_steps']} steps: {r['compile_auto']}")
-    default = r["tokens_per_s"]["default"]
-    for name, label in (("default", "default (spec's backend, eager)"), ("auto", "backend auto, eager"),
+    sdpa_tps = r["tokens_per_s"]["sdpa"]
+    for name, label in (("sdpa", "sdpa, eager (the old default)"), ("auto", "backend auto, eager"),
                         ("auto compiled", "backend auto, compiled")):
         tps = r["tokens_per_s"][name]
         flops = tps * r["flops_per_token"]
-        compared = (f"  {tps / default:.2f}× default, train loss within {r['max_loss_difference'][name]:.1g} of it"
-                    if name != "default" else "")
+        compared = (f"  {tps / sdpa_tps:.2f}× sdpa, train loss within {r['max_loss_difference'][name]:.1g} of it"
+                    if name != "sdpa" else "")
         print(f"  {label:32s} {tps:8.0f} tokens/s {flops / 1e9:6.1f} GFLOP/s  MFU {100 * flops / r['shape_peak']:4.1f}% "
               f"(model shapes), {100 * flops / r['square_peak']:4.1f}% (square){compared}"
               f"  [{r['warmup_steps'][name]} warm-up steps excluded]")
+    if r["machine_tokens_per_s"]:
+        flops = r["machine_tokens_per_s"] * r["flops_per_token"]
+        print(f"  --workers auto runs {r['workers']} process(es) ({r['workers_reason']}): the machine trains "
+              f"{r['machine_tokens_per_s']:.0f} tokens/s, {flops / 1e9:.1f} GFLOP/s, MFU {100 * flops / r['shape_peak']:.1f}% "
+              f"(model shapes), {100 * flops / r['square_peak']:.1f}% (square) with backend auto, eager")
     print(f"  matmul peak at the model's own shapes {r['shape_peak'] / 1e9:.1f} GFLOP/s "
           f"(square matmuls 1024–4096: {r['square_peak'] / 1e9:.1f} GFLOP/s); per shape:")
     for label, flops in r["per_shape"].items():
@@ -299,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["factory", "loop", "distributed", "step"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 distributed, else 4)")
+    parser.add_argument("--spec", default="ablations/attention.yaml", help="step: whose baseline (default attention.yaml)")
     args = parser.parse_args(argv)
     if args.what == "step":
-        print_step_throughput(step_throughput(steps=max(args.steps, 30)))
+        print_step_throughput(step_throughput(args.spec, steps=max(args.steps, 30)))
         return 0
     if args.what == "distributed":
         batch = args.batch or 16

@@ -50,7 +50,7 @@ class Attention(nn.Module):
         *,
         n_kv_head: int | None = None,
         window: int | None = None,
-        backend: ref("attention_backend") = "sdpa",
+        backend: ref("attention_backend") = "auto",
         qk_norm: bool = False,
     ):
         super().__init__()

@@ -52,7 +52,7 @@ def test_available_reports_description_options_and_availability():
     assert set(f for f, _ in rows) == set(FAMILIES)
     gqa = rows[("attention", "gqa")]
     assert gqa.description.startswith("grouped-query attention")
-    assert gqa.options["backend"] == "sdpa" and gqa.options["window"] is None
+    assert gqa.options["backend"] == "auto" and gqa.options["window"] is None
     assert "n_kv_head" in gqa.options and gqa.available and gqa.reason is None
     assert rows[("positional", "rope")].options == {"base": 10000.0}
     for row in rows.values():
