@@ -125,9 +125,9 @@ class Trainer:
         device = hardware.resolve_device(self.cfg.device)
         self.world = parallel.init_process_group(device)
         self.device = parallel.device_for(device, self.world)
-        self.dtype = hardware.training_dtype(self.device, self.cfg.dtype)
-        if self.device.type == "cpu" and self.cfg.threads:
+        if self.device.type == "cpu" and self.cfg.threads:  # first: the dtype decision depends on it
             torch.set_num_threads(self.cfg.threads)
+        self.dtype = hardware.training_dtype(self.device, self.cfg.dtype)
         self.data: Dataset = load_dataset(run.data)
         if self.data.vocab_size > run.model.vocab_size:
             raise ValueError(f"the data has {self.data.vocab_size} tokens but model.vocab_size is {run.model.vocab_size}")

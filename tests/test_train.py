@@ -454,3 +454,15 @@ def test_extrapolation_evals_report_the_positions_past_the_training_length(tmp_p
 ])
 def test_tokens_per_second_excludes_warm_up(times, kept):
     assert bench.train.steady_state(times) == times[len(times) - kept:]
+
+
+def test_the_dtype_is_decided_at_the_runs_own_thread_count(monkeypatch):
+    # the bf16 speed-up depends on the threads (cached per count): decide with the run's, not the caller's
+    seen = []
+    real = bench.train.hardware.training_dtype
+    monkeypatch.setattr(bench.train.hardware, "training_dtype",
+                        lambda device, requested: seen.append(torch.get_num_threads()) or real(device, "float32"))
+    run = resolve_run(TINY, INDUCTION, {**fp32(steps=1, batch_size=4, eval_every=1), "dtype": "auto", "threads": 1})
+    before = torch.get_num_threads()
+    train(run)
+    assert seen == [1] and torch.get_num_threads() == before
