@@ -79,8 +79,7 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     mask_label = f"{mask.kind}:w{mask.window}:{'bias' if mask.slopes is not None else 'nobias'}"
-    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
-    key = (f"attention:{device.type}:{str(dtype).removeprefix('torch.')}{threads}:B{B}:H{H}/{Hkv}:T{Tq}x{Tk}:"
+    key = (f"attention:{hardware.device_key(device, dtype)}:B{B}:H{H}/{Hkv}:T{Tq}x{Tk}:"
            f"D{D}:{mask_label}:dropout{dropout_p > 0}:{direction}")
     needs = needed_capabilities(q, k, mask, dropout_p)
     candidates, skipped = attention_candidates(device)
@@ -151,8 +150,7 @@ def compile_speed(model: nn.Module, micro_batch: int, seq_len: int, dtype: torch
     dynamic=False) timed interleaved, and the time the first compiled step took to compile; once per
     machine, model config, batch shape and dtype. A model that fails to compile: the error."""
     device = next(model.parameters()).device
-    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
-    key = (f"compile-speed:{device.type}:{str(dtype).removeprefix('torch.')}{threads}:B{micro_batch}:T{seq_len}:"
+    key = (f"compile-speed:{hardware.device_key(device, dtype)}:B{micro_batch}:T{seq_len}:"
            f"{_config_hash(model.config.to_dict())}")
 
     def measure() -> dict:

@@ -143,6 +143,14 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def device_key(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The part of a cache key that says what a measurement ran on: "cpu:bfloat16:2t", "cuda:float32";
+    on CPU the thread count, which every CPU timing depends on."""
+    dtype_part = f":{str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
+    return f"{device.type}{dtype_part}{threads}"
+
+
 def cached(key: str, measure, device: torch.device | None = None) -> float | dict:
     """measure()'s result under key in this machine's cache, measuring it first if absent (on a forked
     RNG; when processes race, the first one written wins, so every process on a machine agrees)."""
@@ -172,8 +180,7 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
             best = max(best, 2 * n**3 / _timed(lambda: a @ b, 3, device))
         return best
 
-    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""  # a CPU peak depends on the threads
-    return cached(f"matmul:{device.type}:{str(dtype).removeprefix('torch.')}{threads}", measure, device)
+    return cached(f"matmul:{device_key(device, dtype)}", measure, device)
 
 
 def peak_copy_bandwidth(device: torch.device) -> float:
@@ -184,8 +191,7 @@ def peak_copy_bandwidth(device: torch.device) -> float:
         dst = torch.empty_like(src)
         return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), 5, device)
 
-    threads = f":{torch.get_num_threads()}t" if device.type == "cpu" else ""
-    return cached(f"copy:{device.type}{threads}", measure, device)
+    return cached(f"copy:{device_key(device)}", measure, device)
 
 
 # `dtype: auto` on CPU: bf16 only where a bf16-autocast training step is clearly faster, decided once per

@@ -255,20 +255,22 @@ def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30
     tuned = trainers["auto"]
     autocast = lambda: _autocast(tuned.device, tuned.dtype)  # noqa: E731
     speed = autotune.compile_speed(tuned.model, tuned.micro, tuned.seq_len, tuned.dtype, autocast)
-    micro_steps = budget_steps(base) and budget_steps(base) * (tuned.per_rank // tuned.micro)
+    spec_steps = budget_steps(base)  # None: a time budget
+    micro_steps = spec_steps and spec_steps * (tuned.per_rank // tuned.micro)
     shape_peak = model_shape_matmul_peak(tuned.model, tuned.micro * base.seq_len, tuned.device, tuned.dtype)
-    tokens_per_step = base.train.batch_size * base.seq_len
+    tokens_per_step = tuned.tokens_per_step
+    steady = {name: steady_state(t) for name, t in times.items()}
     layouts = autotune.workers_decision(tuned.run_config)  # the whole machine, as --workers auto runs a sweep
     return {"workers": layouts["workers"], "workers_reason": layouts["reason"],
             "machine_tokens_per_s": layouts.get("steps_per_s", {}).get(str(layouts["workers"]), 0) * tokens_per_step,
             "dtype": str(tuned.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "flops_per_token": tuned.flops_per_token, "square_peak": hardware.peak_matmul_flops(tuned.device, tuned.dtype),
             "shape_peak": shape_peak["flops_per_s"], "per_shape": shape_peak["per_shape"],
-            "tokens_per_s": {name: tokens_per_step / statistics.median(steady_state(t)) for name, t in times.items()},
-            "warmup_steps": {name: len(t) - len(steady_state(t)) for name, t in times.items()},
+            "tokens_per_s": {name: tokens_per_step / statistics.median(t) for name, t in steady.items()},
+            "warmup_steps": {name: len(times[name]) - len(t) for name, t in steady.items()},
             "max_loss_difference": {name: max(abs(a - b) for a, b in zip(losses["sdpa"], run_losses))
                                     for name, run_losses in losses.items() if name != "sdpa"},
-            "compile_auto": autotune.compile_decision(speed, micro_steps)["reason"], "spec_steps": budget_steps(base),
+            "compile_auto": autotune.compile_decision(speed, micro_steps)["reason"], "spec_steps": spec_steps,
             "attention_choices": list(tuned.model.blocks[0].attn.kernel.choices.values()),
             "model": base.model, "batch": (base.train.batch_size, base.seq_len), "spec": spec.name, "variant": spec.baseline}
 

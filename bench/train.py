@@ -167,8 +167,8 @@ class Trainer:
             return self.cfg.compile, f"compile: {str(self.cfg.compile).lower()} in the spec"
         speed = autotune.compile_speed(self.model, self.micro, self.seq_len, self.dtype,
                                        lambda: _autocast(self.device, self.dtype))
-        micro_steps = budget_steps(self.run_config) and budget_steps(self.run_config) * (self.per_rank // self.micro)
-        decision = autotune.compile_decision(speed, micro_steps)
+        # a time budget's total_steps is unbounded: long enough to repay compiling
+        decision = autotune.compile_decision(speed, self.total_steps * (self.per_rank // self.micro))
         return decision["compile"], decision["reason"]
 
     # -- files --------------------------------------------------------------------------------

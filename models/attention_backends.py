@@ -19,7 +19,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -49,8 +49,11 @@ class Mask:
     window: int | None = None  # a query sees itself and window − 1 earlier tokens
     slopes: Tensor | None = None  # (Hq,): score − slope·(i − j)
 
-    # plain properties, not cached_property: its lock stops torch.compile's tracing (a graph break
-    # per layer); each is a few (Tq, Tk) ops
+    # computed once per mask (every layer of a forward shares it), memoised in plain fields:
+    # functools.cached_property takes a lock that torch.compile cannot trace (a graph break per layer)
+    _distance: Tensor | None = field(default=None, init=False, repr=False)
+    _allowed: Tensor | None = field(default=None, init=False, repr=False)
+
     @property
     def kind(self) -> Literal["causal", "none", "general"]:
         """'causal': plain causal over the same tokens; 'none': every key visible; else 'general'."""
@@ -66,15 +69,19 @@ class Mask:
     @property
     def distance(self) -> Tensor:
         """(Tq, Tk) query position minus key position."""
-        return self.q_pos[:, None] - self.k_pos[None, :]
+        if self._distance is None:
+            self._distance = self.q_pos[:, None] - self.k_pos[None, :]
+        return self._distance
 
     @property
     def allowed(self) -> Tensor:
         """(Tq, Tk) bool: key visible to query."""
-        visible = self.distance >= 0
-        if self.window is not None:
-            visible &= self.distance < self.window
-        return visible
+        if self._allowed is None:
+            visible = self.distance >= 0
+            if self.window is not None:
+                visible &= self.distance < self.window
+            self._allowed = visible
+        return self._allowed
 
     def bias(self, dtype: torch.dtype) -> Tensor:
         """(Hq or 1, Tq, Tk) additive mask: −inf where hidden, −slope·distance where visible."""

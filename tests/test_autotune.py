@@ -201,6 +201,8 @@ def test_auto_chooses_before_compiling_so_the_graph_does_not_break():
     assert torch.equal(torch.rand(3), expected) and all(p.grad is None for p in model.parameters())
     assert {r["direction"] for r in model.blocks[0].attn.kernel.choices.values()} == {"forward_backward"}
     explanation = torch._dynamo.explain(model)(x, x)
+    mask = Mask(torch.arange(9), torch.arange(9), window=4)
+    assert mask.allowed is mask.allowed and mask.distance is mask.distance  # once per mask, shared by every layer
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
