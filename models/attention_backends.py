@@ -127,6 +127,34 @@ class MathAttention:
         return probs @ v
 
 
+@register("attention_backend", "baddbmm")
+class BaddbmmAttention:
+    """``math`` with the 1/√d scale and the additive mask folded into one batched matmul
+    (torch.baddbmm: scores = bias + scale·q·kᵀ). Two passes over the (B, H, Tq, Tk) scores fewer than
+    math's matmul, scale and mask; on CPU at short sequences often the fastest training kernel."""
+
+    name = "baddbmm"
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        return ALL
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+        k, v = repeat_kv(k, v, q.shape[1])
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        if mask.kind == "none":
+            bias = q.new_zeros(1, 1, Tk)
+        else:  # (1 or H, Tq, Tk), to one bias per batch·head matrix only when it differs per head
+            bias = mask.bias(q.dtype)
+            if bias.shape[0] != 1:
+                bias = bias.expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk)
+        scores = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2),
+                               alpha=1.0 / math.sqrt(D))  # (B·H, Tq, Tk)
+        probs = F.dropout(F.softmax(scores, dim=-1), dropout_p)
+        return torch.bmm(probs, v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
+
+
 _SDPA_KERNELS = {
     "flash": "FLASH_ATTENTION",
     "efficient": "EFFICIENT_ATTENTION",

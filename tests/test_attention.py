@@ -26,6 +26,7 @@ POSITIONALS = ["learned", "sinusoidal", "rope", "alibi", "none"]
 RUNNABLE = {row.name: row for row in available("attention_backend") if row.available}
 BACKENDS = {
     "math": "math",
+    "baddbmm": "baddbmm",
     "sdpa": "sdpa",
     "flex": {"name": "flex", "compile": False},  # eager flex: no 20 s compile per shape in tests
     "auto": "auto",  # the measured choice (bench.autotune, installed below)
@@ -93,6 +94,27 @@ def test_kernels_agree_with_math_on_masks(kind, backend):
     expected = build("attention_backend", "math")(q, k, v, mask)
     got = build("attention_backend", backend, **({"compile": False} if backend == "flex" else {}))(q, k, v, mask)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "alibi", "decode-chunk"])
+@pytest.mark.parametrize("backend", ["baddbmm", "sdpa"])
+def test_training_backends_give_maths_gradients(kind, backend):
+    """What a training step uses: q, k and v gradients (grouped kv heads included) equal math's."""
+    B, H, Hkv, D, Tk = 2, 6, 3, 16, 24
+    Tq = 5 if kind.startswith("decode") else Tk
+    k_pos = torch.arange(Tk)
+    mask = Mask(k_pos if Tq == Tk else k_pos[-Tq:].clone(), k_pos, 7 if kind == "window" else None,
+                alibi_slopes(H) if kind == "alibi" else None)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=gen) for shape in ((B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D))]
+    grad = torch.randn(B, H, Tq, D, generator=gen)
+
+    def grads(name: str) -> tuple[torch.Tensor, ...]:
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        return torch.autograd.grad(build("attention_backend", name)(q, k, v, mask), (q, k, v), grad)
+
+    for got, expected in zip(grads(backend), grads("math")):
+        assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_math_backend_matches_hand_written_softmax_attention():

@@ -93,7 +93,7 @@ def test_a_choice_is_measured_once_per_machine_and_shape(monkeypatch):
     with torch.no_grad():
         first(q, k, v, Mask.causal(23))  # inference: its own direction, its own measurement
     assert len(calls) == 2
-    assert calls[0] == ["math", "sdpa", "sdpa.math"]  # every CPU candidate; flex is left out on CPU
+    assert calls[0] == ["baddbmm", "math", "sdpa", "sdpa.math"]  # every CPU candidate; flex is left out on CPU
     assert first.choices[next(iter(first.choices))] == second.choices[next(iter(second.choices))]
     key = [k for k in hardware_cache() if k.startswith("attention:cpu:float32") and ":B1:H2/2:T23x23:" in k]
     assert len(key) == 2 and {hardware_cache()[k]["direction"] for k in key} == {"forward_backward", "forward"}

@@ -68,7 +68,7 @@ def test_incompatible_pairs_name_both_sides_and_what_would_work():
     message = error_of(positional="alibi", attention={"name": "mha", "backend": {"name": "sdpa", "kernel": "flash"}})
     assert ("attention 'mha' with backend 'sdpa kernel=flash' cannot add the positional encoding's score bias "
             "(bias), needed by positional 'alibi'") in message
-    assert "auto, flash_attn, flex, math, sdpa, xformers" in message
+    assert "auto, baddbmm, flash_attn, flex, math, sdpa, xformers" in message
     message = error_of(attention={"name": "window", "window": 8, "backend": {"name": "sdpa", "kernel": "flash"}})
     assert "cannot restrict queries to a sliding window (window), needed by attention 'window' (its own options)" in message
     message = error_of(dropout=0.1, attention={"name": "mha", "backend": "flex"})

@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_every_family_has_its_built_in_members():
     assert list_components("attention") == ["gqa", "mha", "mqa", "window"]
-    assert list_components("attention_backend") == ["auto", "flash_attn", "flex", "math", "sdpa", "xformers"]
+    assert list_components("attention_backend") == ["auto", "baddbmm", "flash_attn", "flex", "math", "sdpa", "xformers"]
     assert list_components("positional") == ["alibi", "learned", "none", "rope", "sinusoidal"]
     assert list_components("norm") == ["layernorm", "rmsnorm"]
     assert list_components("mlp") == ["geglu", "gelu", "relu2", "swiglu"]
