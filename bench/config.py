@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from bench.data import DataConfig, load_dataset
 from bench.parallel import DistributedConfig
 from models import ModelConfig, flops_per_token, load_plugins, shapes_only
+from models.registry import get, resolve
 
 DATA: TypeAdapter = TypeAdapter(DataConfig)
+DEFAULT_OPTIMIZER = {"name": "adamw"}  # train.optimizer resolved when a spec names none
 
 
 class TrainConfig(BaseModel):
@@ -53,10 +55,17 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
+    optimizer: str | dict = Field("adamw", validate_default=True, description="an optimizer spec: adamw | muon | lion or a plugin's, with "
+                                  "its options (python -m models optimizer)")
     compile: bool | Literal["auto"] = Field(False, description="torch.compile the model (dynamic=False); auto: where "
                                             "a measured training step on this machine is ≥1.1× faster compiled")
     distributed: DistributedConfig | None = Field(
         None, description="one run on several processes: {strategy: ddp | fsdp | deepspeed, zero_stage, nproc}")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, spec: str | dict) -> dict:
+        return resolve("optimizer", spec)  # {"name": ..., every option with its default}
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -65,6 +74,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"give one budget, not {' and '.join(given)}")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
+        check = getattr(get("optimizer", self.optimizer["name"]).factory, "check", None)
+        reason = check(self, {k: v for k, v in self.optimizer.items() if k != "name"}) if check else None
+        if reason:
+            raise ValueError(f"optimizer: {reason}")
         if self.distributed and self.batch_size % self.distributed.nproc:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by distributed.nproc={self.distributed.nproc}")
         return self

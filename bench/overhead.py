@@ -128,7 +128,7 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
     """Per-step wall time of bench.train's loop and of a bare loop on the same model and batches,
     interleaved step by step; eval and checkpoint steps excluded."""
     from bench.data import load_dataset
-    from bench.parallel import adamw, param_groups
+    from bench.parallel import make_optimizers
     from bench.config import resolve_run
     from bench.train import Trainer, _autocast
 
@@ -138,7 +138,7 @@ def loop_vs_bare(steps: int = 16, batch: int = 4) -> dict[str, float]:
     ours = Trainer(run, None)
     bare = Trainer(run, None)  # the same model, device and dtype, built the same way
     m = bare.model
-    opt = adamw(param_groups(m, run.train.weight_decay), run.train.lr, (run.train.beta1, run.train.beta2))
+    (opt,) = make_optimizers(m, run.train)  # AdamW, as the loop's
     batches = [load_dataset(run.data).train_batch(s, run.seed, batch, run.seq_len) for s in range(steps)]
     loop = ours.steps()
     times: dict[str, list[float]] = {"loop": [], "bare": []}

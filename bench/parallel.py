@@ -25,6 +25,9 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from models.optimizers import decay_groups, trainable
+from models.registry import build
+
 
 class DistributedConfig(BaseModel):
     """train.distributed: {strategy: ddp | fsdp | deepspeed, zero_stage: 1 | 2 | 3, nproc: N}."""
@@ -109,18 +112,10 @@ def all_reduce_sum(t: torch.Tensor, w: World) -> float:
     return float(t.item())
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's grouping: weight decay on matrices (≥ 2-D), none on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+def make_optimizers(model: nn.Module, train) -> list[torch.optim.Optimizer]:
+    """The run's optimizers (``train.optimizer``, an optimizer-family spec) over the model's parameters."""
+    spec = dict(train.optimizer)
+    return build("optimizer", spec.pop("name"), model, train, **spec)
 
 
 class Strategy:
@@ -137,7 +132,7 @@ class Strategy:
         """Wrap the model and make the optimizer; `micro` sequences per forward, `accumulation` forwards per step."""
         self.model = model
         self.module = model  # what the loop calls forward on
-        self.optimizer = adamw(param_groups(model, train.weight_decay), train.lr, (train.beta1, train.beta2))
+        self.optimizers = make_optimizers(model, train)
         self.grad_clip = train.grad_clip
         if train.dtype == "float16":
             # fp16's 5 exponent bits flush small gradients to zero: scale the loss up, unscale the
@@ -154,22 +149,27 @@ class Strategy:
         loss.backward()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """The schedule's learning rate, times each param group's ``lr_scale`` (1 unless its optimizer set one)."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self) -> float:
         """Clip, update, zero; returns the gradient norm before clipping (of the unscaled gradients).
 
         Under float16 a step whose gradients overflowed is skipped and the scale backs off."""
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+        for optimizer in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     # -- checkpoints: one full copy written by rank 0, loadable at any world size ------------------
@@ -199,12 +199,18 @@ class Strategy:
             self.scaler.load_state_dict(scaler)
         return state
 
-    def _full_state(self) -> tuple[dict, dict]:
-        return self.model.state_dict(), self.optimizer.state_dict()
+    def _full_state(self) -> tuple[dict, dict | list[dict]]:
+        states = [optimizer.state_dict() for optimizer in self.optimizers]
+        return self.model.state_dict(), states[0] if len(states) == 1 else states  # one: the format before Muon
 
-    def _restore(self, model: dict, optimizer: dict) -> None:
+    def _restore(self, model: dict, optimizer: dict | list[dict]) -> None:
         self.model.load_state_dict(model)
-        self.optimizer.load_state_dict(optimizer)
+        states = optimizer if isinstance(optimizer, list) else [optimizer]
+        if len(states) != len(self.optimizers):
+            raise RuntimeError(f"this checkpoint holds {len(states)} optimizer state(s), the run's optimizer has "
+                               f"{len(self.optimizers)}: it was written with another train.optimizer")
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
 
     def _can_resume(self, written: str) -> bool:
         return not {written, self.name} - {"single", "ddp"}  # single and DDP share one format
@@ -247,12 +253,12 @@ class FSDPStrategy(Strategy):
     def _full_state(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_state_dict(self.model, self.optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _restore(self, model, optimizer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optimizer,
+        set_state_dict(self.model, self.optimizers, model_state_dict=model, optim_state_dict=optimizer,
                        options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
 
     def _can_resume(self, written):
@@ -260,7 +266,9 @@ class FSDPStrategy(Strategy):
 
 
 class DeepSpeedStrategy(Strategy):
-    """DeepSpeed's engine with ZeRO stage 1, 2 or 3, its optimizer (torch AdamW), accumulation and clipping."""
+    """DeepSpeed's engine with ZeRO stage 1, 2 or 3, accumulation and clipping; its own optimizer (torch
+    AdamW) for adamw, the run's torch optimizer otherwise (elementwise ones such as Lion: ZeRO partitions
+    their state like AdamW's; Muon is refused when the config is validated)."""
 
     def __init__(self, world, device, zero_stage: int):
         super().__init__(world, device)
@@ -275,8 +283,9 @@ class DeepSpeedStrategy(Strategy):
             "gradient_accumulation_steps": accumulation,
             "gradient_clipping": train.grad_clip or 0.0,
             "zero_optimization": {"stage": self.zero_stage},
-            "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [train.beta1, train.beta2],
-                                                      "weight_decay": train.weight_decay, "torch_adam": True}},
+            **({"optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [train.beta1, train.beta2],
+                                                          "weight_decay": train.weight_decay, "torch_adam": True}}}
+               if train.optimizer["name"] == "adamw" else {"zero_allow_untested_optimizer": True}),
             "bf16": {"enabled": False},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -293,9 +302,14 @@ class DeepSpeedStrategy(Strategy):
 
         self.model = model
         self.loss_factor = float(self.world.size * accumulation)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, train.weight_decay),
-            config=self.config(train, micro, accumulation))
+        if train.optimizer["name"] == "adamw":
+            client = {"model_parameters": decay_groups(trainable(model), train.weight_decay)}
+        else:
+            (optimizer,) = make_optimizers(model, train)  # one optimizer over every parameter
+            client = {"optimizer": optimizer}
+        self.engine, optimizer, _, _ = deepspeed.initialize(model=model, config=self.config(train, micro, accumulation),
+                                                            **client)
+        self.optimizers = [optimizer]  # ZeRO's wrapper: its param groups are the ones the schedule sets
         self.module = self.engine
 
     def backward(self, loss, last):

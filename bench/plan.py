@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from bench.config import DATA, RunConfig, resolve_run, vocab_pending
+from bench.config import DATA, DEFAULT_OPTIMIZER, RunConfig, resolve_run, vocab_pending
 from bench.data import DataUnavailable
 from bench.spec import SourceMap, Spec, SpecError, problems, set_dotted
 from models import ComponentError, load_plugins
@@ -77,7 +77,8 @@ def run_id(config: RunConfig, kind: str = "train") -> str:
         "model": config.model.to_dict(),
         "data": config.data.identity(),  # reads the data: its content hash
         # how many processes train it is not part of the experiment: the global batch is fixed
-        "train": config.train.model_dump(exclude={"distributed"}),
+        # nor is the optimizer when it is the default AdamW: runs from before the optimizer family keep their ids
+        "train": config.train.model_dump(exclude={"distributed"} | ({"optimizer"} if config.train.optimizer == DEFAULT_OPTIMIZER else set())),
         "seed": config.seed,
     }
     if config.plugins:  # an edited plugin is new code: its runs train again
@@ -112,11 +113,11 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
     if unknown:
         raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
     resolved = []  # (variant, sweep point, seed, RunConfig, what is pending)
-    grid = spec.tune_points if tuning else spec.sweep
-    keys = list(grid)
     for variant in only or list(spec.variants):
         if tuned is not None and variant not in tuned:
             continue  # no eligible tune point: nothing to evaluate
+        grid = spec.tune_grid(variant) if tuning else spec.sweep
+        keys = list(grid)
         variant_base = spec.variant_base(variant)
         points = [tuned[variant]] if tuned is not None else [
             dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
@@ -247,9 +248,9 @@ def _resolve(config: dict, seed: int, variant: str, sources: SourceMap, plugins:
 
 
 def used_plugins(run: RunConfig, plugins: dict[str, str]) -> dict[str, str]:
-    """The spec's plugins (module -> source hash) that define a component this run's model uses: an
-    edit to one retrains the runs that use it, and only those."""
-    modules = set()
+    """The spec's plugins (module -> source hash) that define a component this run's model or optimizer
+    uses: an edit to one retrains the runs that use it, and only those."""
+    modules = {get("optimizer", run.train.optimizer["name"]).factory.__module__}
     for family in COMPONENT_FIELDS:
         spec = getattr(run.model, family)
         if spec is not None:

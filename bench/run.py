@@ -146,7 +146,8 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
         console.print(f"then times kernels: {', '.join(sections)}")
     if plan.spec.tune and plan.runs and plan.runs[0].role == "tune":
         variants = {r.variant for r in plan.runs}
-        points = math.prod(len(v) for v in plan.spec.tune_points.values())
+        counts = sorted({math.prod(len(v) for v in plan.spec.tune_grid(variant).values()) for variant in variants})
+        points = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"  # grids per variant may differ
         per_run = total / len(plan.runs)
         more = len(variants) * len(plan.spec.seed_list)
         total += more * per_run

@@ -229,8 +229,11 @@ class Spec(BaseModel):
         if not keys:
             raise ValueError("tune: names no key to tune, e.g. tune: {train.lr: [1e-3, 2e-3, 4e-3], tune_seeds: 1}")
         for key, values in keys.items():
-            if not isinstance(values, list) or len(values) < 2:
-                raise ValueError(f"tune '{key}' needs a list of at least two values to choose from, got {values!r}")
+            # one grid for every variant, or a grid per variant (e.g. learning rates of different optimizers)
+            for grid in values.values() if isinstance(values, dict) else [values]:
+                if not isinstance(grid, list) or len(grid) < 2:
+                    raise ValueError(f"tune '{key}' needs a list of at least two values to choose from (or one "
+                                     f"such list per variant), got {grid!r}")
         return value
 
     @model_validator(mode="after")
@@ -240,6 +243,12 @@ class Spec(BaseModel):
         if self.sweep:
             raise ValueError("give tune: or sweep:, not both (tune chooses each variant's setting on held-out seeds; "
                              "sweep trains every point on the eval seeds)")
+        for key, values in self.tune.items():
+            if isinstance(values, dict) and set(values) != set(self.variants):
+                missing, extra = sorted(set(self.variants) - set(values)), sorted(set(values) - set(self.variants))
+                raise ValueError(f"tune '{key}' gives a grid per variant: " + "; ".join(
+                    ([f"no grid for {', '.join(missing)}"] if missing else [])
+                    + ([f"no variant named {', '.join(extra)}"] if extra else [])))
         evaluated = set(range(self.seeds.max)) if isinstance(self.seeds, SeedRange) else set(self.seed_list)
         shared = sorted(evaluated & set(self.tune_seed_list))
         if shared:
@@ -247,10 +256,9 @@ class Spec(BaseModel):
                              "it wins by chance (choose tuning seeds outside the evaluation seeds, e.g. from 1000)")
         return self
 
-    @property
-    def tune_points(self) -> dict[str, list[Any]]:
-        """The tuned keys and their candidate values (crossed)."""
-        return {k: v for k, v in (self.tune or {}).items() if k != "tune_seeds"}
+    def tune_grid(self, variant: str) -> dict[str, list[Any]]:
+        """The keys tuned for `variant` and their candidate values (crossed)."""
+        return {k: v[variant] if isinstance(v, dict) else v for k, v in (self.tune or {}).items() if k != "tune_seeds"}
 
     @property
     def tune_seed_list(self) -> list[int]:

@@ -210,6 +210,22 @@ class Quantization(Protocol):
         """Why these options cannot quantize this config (e.g. a group size), or None."""
 
 
+class Optimizer(Protocol):
+    """(model, train, **options) -> list of torch optimizers that together update every trainable parameter once.
+
+    ``train`` is the run's TrainConfig: lr (the schedule's peak), beta1, beta2, weight_decay. A param
+    group may set ``lr_scale``, its learning rate relative to train.lr: each step the trainer sets
+    every group's lr to schedule(step)·lr_scale. Gradients are clipped over all optimizers together;
+    each one's state_dict is checkpointed, so a resumed run continues bitwise on CPU.
+    """
+
+    @optional
+    @factory_hook
+    @staticmethod
+    def check(train: Any, options: dict) -> str | None:
+        """Why these options cannot train with these settings (e.g. a distributed strategy), or None."""
+
+
 PROTOCOLS: dict[str, type] = {
     "attention": Attention,
     "attention_backend": AttentionBackend,
@@ -218,6 +234,7 @@ PROTOCOLS: dict[str, type] = {
     "mlp": MLP,
     "moe": MoE,
     "quantization": Quantization,
+    "optimizer": Optimizer,
 }
 
 

@@ -29,10 +29,11 @@ STRATEGIES = [
 ]
 
 
-def write_run(folder: Path, distributed: dict | None, steps: int = 20, checkpoint_every: int | None = None) -> Path:
+def write_run(folder: Path, distributed: dict | None, steps: int = 20, checkpoint_every: int | None = None,
+              **train) -> Path:
     run = resolve_run(dict(n_layer=2, n_head=2, n_embd=32), MARKOV,
                       dict(steps=steps, batch_size=8, micro_batch_size=2, seq_len=32, eval_every=10, device="cpu",
-                           dtype="float32", checkpoint_every=checkpoint_every, distributed=distributed))
+                           dtype="float32", checkpoint_every=checkpoint_every, distributed=distributed, **train))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(run.model_dump_json())
     return folder
@@ -71,6 +72,41 @@ def test_two_processes_follow_the_one_process_trajectory(one_process, tmp_path, 
     final = json.loads((folder / "final.json").read_text())
     assert final["world_size"] == 2 and final["strategy"].startswith(name if name in ("ddp", "fsdp") else "deepspeed")
     assert final["val_loss"] == pytest.approx(json.loads((one_process / "final.json").read_text())["val_loss"], rel=1e-4)
+
+
+OPTIMIZERS = {"muon": {"lr": 0.02, "optimizer": {"name": "muon", "adamw_lr": 3e-3}}, "lion": {"lr": 3e-4, "optimizer": "lion"}}
+ZERO = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+
+
+@pytest.fixture(scope="module")
+def one_process_with(tmp_path_factory):
+    """The one-process run per optimizer, trained once for the module."""
+    done: dict[str, Path] = {}
+
+    def run(optimizer: str) -> Path:
+        if optimizer not in done:
+            folder = write_run(tmp_path_factory.mktemp(optimizer) / "run", None, **OPTIMIZERS[optimizer])
+            subprocess.run([sys.executable, "-m", "bench.worker", str(folder)], cwd=ROOT, check=True, capture_output=True)
+            done[optimizer] = folder
+        return done[optimizer]
+
+    return run
+
+
+@pytest.mark.parametrize("optimizer,name,distributed", [
+    ("muon", "ddp", {"strategy": "ddp", "nproc": 2}),
+    ("muon", "fsdp", {"strategy": "fsdp", "nproc": 2}),
+    ("lion", "fsdp", {"strategy": "fsdp", "nproc": 2}),
+    *[pytest.param("lion", f"zero{k}", {"strategy": "deepspeed", "zero_stage": k, "nproc": 2}, marks=ZERO) for k in (1, 2, 3)],
+])
+def test_muon_and_lion_on_two_processes_follow_their_one_process_trajectory(one_process_with, tmp_path, optimizer,
+                                                                            name, distributed):
+    folder = write_run(tmp_path / name, distributed, **OPTIMIZERS[optimizer])
+    code, output = torchrun(folder, 2)
+    assert code == 0, output[-3000:]
+    single = losses(one_process_with(optimizer))
+    assert losses(folder) == pytest.approx(single, rel=1e-4)
+    assert losses(folder) != pytest.approx(losses(one_process_with("lion" if optimizer == "muon" else "muon")), rel=1e-2)
 
 
 def _kill_after_checkpoint(process, folder: Path, step: int) -> None:

@@ -607,6 +607,21 @@ def test_tune_seeds_must_be_held_out(tmp_path):
     assert "not both" in spec_error(tmp_path, TINY + "tune: {train.lr: [1.0e-3, 2.0e-3]}\nsweep: {train.lr: [1.0e-3]}\n")
 
 
+def test_a_tune_grid_per_variant_tunes_each_variant_over_its_own_values(tmp_path):
+    # e.g. optimizers whose good learning rates lie an order of magnitude apart
+    text = TINY + "tune: {train.lr: {mha: [1.0e-3, 2.0e-3], mqa: [1.0e-4, 2.0e-4, 4.0e-4]}, tune_seeds: 1}\n"
+    spec, sources = load_spec(write_spec(tmp_path, text), [])
+    plan = expand(spec, sources, tuning=True)
+    grids = {v: sorted(r.config.train.lr for r in plan.runs if r.variant == v) for v in spec.variants}
+    assert grids == {"mha": [1e-3, 2e-3], "mqa": [1e-4, 2e-4, 4e-4]}
+    assert {r.seed for r in plan.runs} == {1000}
+    missing = spec_error(tmp_path, TINY + "tune: {train.lr: {mha: [1.0e-3, 2.0e-3]}}\n")
+    assert "tune 'train.lr' gives a grid per variant: no grid for mqa" in missing
+    extra = spec_error(tmp_path, TINY + "tune: {train.lr: {mha: [1.0e-3, 2.0e-3], mqa: [1.0e-3, 2.0e-3], gqa: [1.0, 2.0]}}\n")
+    assert "no variant named gqa" in extra
+    assert "one such list per variant" in spec_error(tmp_path, TINY + "tune: {train.lr: {mha: [1.0e-3], mqa: [1.0e-3, 2.0e-3]}}\n")
+
+
 def test_workers_auto_runs_the_measured_number_of_processes(tmp_path, capsys, monkeypatch):
     from bench import autotune, hardware
 

@@ -295,9 +295,9 @@ def test_the_grad_scaler_keeps_fp16_gradients_that_would_underflow(cpu_fp16_peak
             loss = trainer.forward(x, y).loss * tiny
         strategy.backward(strategy.scale(loss) if scaled else loss, last=True)
         if scaled:
-            strategy.scaler.unscale_(strategy.optimizer)
+            strategy.scaler.unscale_(strategy.optimizers[0])  # AdamW: one optimizer
         g = torch.cat([p.grad.flatten() for p in params])
-        strategy.optimizer.zero_grad(set_to_none=True)
+        strategy.optimizers[0].zero_grad(set_to_none=True)
         return g
 
     reference = grads(torch.float32, scaled=False)

@@ -1,0 +1,99 @@
+"""Optimizers, a component family like the model's parts: ``train.optimizer: {name: ..., options}``.
+
+A factory takes the model and the run's ``TrainConfig`` (lr, beta1/beta2, weight_decay) and returns
+the torch optimizers that together update every trainable parameter exactly once. Each param group
+may carry ``lr_scale``: its learning rate relative to ``train.lr``; the trainer's schedule sets
+``lr = schedule(step) · lr_scale`` on every group of every optimizer each step, clips the gradients of
+all of them together and checkpoints each one's state.
+
+    adamw  torch AdamW (fused where available); weight decay on matrices, none on biases and gains
+    muon   Muon on the blocks' 2-D weight matrices, AdamW on embeddings, head, norms and biases
+    lion   Lion (sign of interpolated momentum), decoupled weight decay as in the paper
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from models.registry import register
+
+
+def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, **extra) -> list[dict]:
+    """nanoGPT's grouping: weight decay on matrices (≥ 2-D), none on biases and norm gains.
+    Empty groups are left out."""
+    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay, **extra},
+              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+@register("optimizer", "adamw", description="AdamW (Loshchilov & Hutter 2019), fused where the platform has it; "
+          "betas (train.beta1, train.beta2), decay on matrices only")
+def adamw(model: nn.Module, train) -> list[torch.optim.Optimizer]:
+    groups = decay_groups(trainable(model), train.weight_decay)
+    betas = (train.beta1, train.beta2)
+    try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
+        return [torch.optim.AdamW(groups, lr=train.lr, betas=betas, fused=True)]
+    except (RuntimeError, TypeError):
+        return [torch.optim.AdamW(groups, lr=train.lr, betas=betas)]
+
+
+def muon_matrices(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(what Muon updates, what AdamW updates): the 2-D weight matrices inside the transformer blocks,
+    and everything else: embeddings and the (possibly tied) LM head, norms, biases, and tensors of
+    other ranks such as stacked MoE experts (Muon orthogonalises one matrix at a time)."""
+    hidden, rest = [], []
+    for name, p in trainable(model):
+        (hidden if p.dim() == 2 and name.startswith("blocks.") else rest).append((name, p))
+    return hidden, rest
+
+
+def _muon_probe() -> str | None:
+    return None if hasattr(torch.optim, "Muon") else f"needs torch.optim.Muon (torch ≥ 2.9; this is {torch.__version__})"
+
+
+def _muon_check(train, options: dict) -> str | None:
+    distributed = getattr(train, "distributed", None)
+    if distributed is not None and distributed.strategy == "deepspeed":
+        return ("muon cannot train under DeepSpeed ZeRO: ZeRO flattens and partitions the parameters, and "
+                "Newton–Schulz needs each weight matrix whole; use strategy ddp or fsdp")
+    return None
+
+
+def muon(model: nn.Module, train, *, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+         adjust_lr: Literal["original", "match_rms_adamw"] = "original",
+         adamw_lr: float | None = None) -> list[torch.optim.Optimizer]:
+    """train.lr is Muon's learning rate; the AdamW part follows the same schedule at `adamw_lr`
+    (default: train.lr). `adjust_lr`: 'original' scales by √max(1, rows/cols) (Keller Jordan's),
+    'match_rms_adamw' by 0.2·√max(rows, cols) (Moonshot's, for AdamW's learning rates)."""
+    hidden, rest = muon_matrices(model)
+    optimizers = []
+    if hidden:
+        optimizers.append(torch.optim.Muon([p for _, p in hidden], lr=train.lr, weight_decay=train.weight_decay,
+                                           momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                           adjust_lr_fn=adjust_lr))
+    if rest:
+        scale = (adamw_lr or train.lr) / train.lr
+        optimizers.append(torch.optim.AdamW(decay_groups(rest, train.weight_decay, lr_scale=scale),
+                                            lr=train.lr * scale, betas=(train.beta1, train.beta2)))
+    return optimizers
+
+
+muon.check = _muon_check
+register("optimizer", "muon", probe=_muon_probe,
+         description="Muon (Jordan et al. 2024): momentum, then Newton–Schulz orthogonalisation (quintic "
+         "3.4445, −4.7750, 2.0315) of each 2-D block matrix, lr scaled by √max(1, rows/cols); AdamW for the rest")(muon)
+
+
+@register("optimizer", "lion", description="Lion (Chen et al. 2023): the sign of interpolated momentum, "
+          "decoupled weight decay; use a 3–10× smaller lr and larger weight_decay than AdamW's")
+def lion(model: nn.Module, train, *, beta1: float = 0.9, beta2: float = 0.99) -> list[torch.optim.Optimizer]:
+    from lion_pytorch import Lion
+
+    return [Lion(decay_groups(trainable(model), train.weight_decay), lr=train.lr, betas=(beta1, beta2))]
