@@ -203,6 +203,21 @@ def choose_tuned(runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
     return chosen, none
 
 
+def grid_edges(grid: dict[str, list], point: dict) -> list[str]:
+    """The tuned keys whose chosen value is the smallest or largest of a numeric grid of three or more
+    values: the optimum was not bracketed and may lie beyond the grid (with two values every choice is
+    an edge, and nothing is said)."""
+    edges = []
+    for key, values in grid.items():
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(numbers) < 3 or len(numbers) != len(values) or key not in point:
+            continue
+        if point[key] in (min(numbers), max(numbers)):
+            side = "largest" if point[key] == max(numbers) else "smallest"
+            edges.append(f"{key}={point[key]} is the {side} value tried: the best may lie beyond {values}")
+    return edges
+
+
 def quality_metric(runs: pd.DataFrame) -> str:
     """The metric a study's verdicts test: accuracy for tasks (runs that record it), else val loss."""
     done = runs[runs["status"] == "finished"]

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import hardware, parallel
-from bench.analysis import StudySummary, choose_tuned, summarise
+from bench.analysis import StudySummary, choose_tuned, grid_edges, summarise
 from bench.config import budget_steps
 from bench.executor import EXECUTORS, ExecutorUnavailable
 from bench.formatting import count, p_value, significant
@@ -248,6 +248,8 @@ def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace,
             for variant, point in chosen.items():
                 console.print(f"tuned {variant} on seeds {spec.tune_seed_list}: "
                               + ", ".join(f"{k}={v}" for k, v in point.items()), markup=False, highlight=False)
+                for edge in grid_edges(spec.tune_grid(variant), point):
+                    console.print(f"  warning: {variant}: {edge} (widen the tune grid)", markup=False, highlight=False)
             for variant, why in none.items():
                 console.print(f"{variant}: {why}; it is not evaluated", markup=False, highlight=False)
         tuned = parallel.broadcast_object(chosen, world)

@@ -21,6 +21,7 @@ from bench.analysis import (
     compare,
     compute_envelope,
     eval_runs,
+    grid_edges,
     holm,
     judge,
     mean_ci,
@@ -472,3 +473,11 @@ def test_scaling_is_fitted_per_machine_not_pooled():
 def test_the_analysis_does_not_depend_on_the_report():
     code = "import sys, bench.analysis; assert not [m for m in sys.modules if m.startswith('bench.report')]"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_tuned_value_at_the_edge_of_its_grid_is_named():
+    grid = {"train.lr": [1e-3, 2e-3, 4e-3], "train.warmup_steps": [10, 20, 40], "model.norm": ["a", "b", "c"]}
+    edges = grid_edges(grid, {"train.lr": 4e-3, "train.warmup_steps": 20, "model.norm": "c"})
+    assert edges == ["train.lr=0.004 is the largest value tried: the best may lie beyond [0.001, 0.002, 0.004]"]
+    assert grid_edges(grid, {"train.lr": 1e-3})[0].startswith("train.lr=0.001 is the smallest value tried")
+    assert grid_edges({"train.lr": [1e-3, 2e-3]}, {"train.lr": 2e-3}) == []  # two values: every choice is an edge
