@@ -87,9 +87,10 @@ class Attention(nn.Module):
         """Rotation always; score bias, dropout, window and KV-cache decoding as far as its kernel can."""
         backend = resolve("attention_backend", options["backend"])
         can = get("attention_backend", backend["name"]).factory.capabilities(backend)
-        return frozenset({"rotate"} | (can & {"bias", "dropout", "window"}) | ({"cache"} if "decode" in can else set()))
+        return frozenset({"rotate", "value_residual"} | (can & {"bias", "dropout", "window"})
+                         | ({"cache"} if "decode" in can else set()))
 
-    def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None, values=None) -> Tensor:
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
@@ -100,6 +101,8 @@ class Attention(nn.Module):
             # CUDA autocast runs norms in fp32: back to v's dtype, as every kernel wants one dtype
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         q, k = positional.rotate(q, pos), positional.rotate(k, pos)
+        if values is not None:  # value residual: mixed with the first layer's before caching
+            v = values(v)
         k_pos = pos
         if cache is not None:
             k, v, k_pos = cache.update(k, v, pos)  # (B, Hkv, Tk, D)

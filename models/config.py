@@ -18,6 +18,7 @@ from models.contract import FEATURES
 from models.registry import ComponentError, get, list_components, resolve
 
 COMPONENT_FIELDS = ("attention", "positional", "norm", "mlp", "moe", "quantization")
+LATER_FIELDS = {"value_residual": False, "logit_softcap": None}  # field -> its default
 
 
 class ModelConfig(BaseModel):
@@ -40,6 +41,12 @@ class ModelConfig(BaseModel):
     mlp: Any = "gelu"
     moe: Any = None  # a moe spec replaces the MLP in every block
     quantization: Any = None
+
+    # options of the modern recipes, off by default (exact no-ops when off)
+    value_residual: bool = Field(False, description="mix the first layer's attention values into every later "
+                                 "layer's, v = a·v + b·v₁ with learnable (a, b) per layer from (0.5, 0.5) (Zhou et al. 2024)")
+    logit_softcap: float | None = Field(None, gt=0, description="cap the LM head's logits: c·tanh(logits / c) "
+                                        "(Gemma 2; modded-nanoGPT uses 15–30)")
 
     @field_validator(*COMPONENT_FIELDS, mode="before")
     @classmethod
@@ -64,8 +71,9 @@ class ModelConfig(BaseModel):
     # -- serialisation ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field with every option resolved: the canonical form that runs are hashed by."""
-        return self.model_dump()
+        """Every field with every option resolved: the canonical form that runs are hashed by. Fields
+        added since runs were first hashed are left out at their defaults, so those runs keep their ids."""
+        return {k: v for k, v in self.model_dump().items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -109,6 +117,8 @@ def needed_features(config: ModelConfig) -> dict[str, str]:
             needs.setdefault(feature, f"{family} '{label}'" + (" (its own options)" if family == "attention" else ""))
     if config.dropout > 0:
         needs.setdefault("dropout", f"dropout={config.dropout}")
+    if config.value_residual:
+        needs.setdefault("value_residual", "value_residual: true")
     return needs
 
 

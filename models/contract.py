@@ -17,6 +17,8 @@ handles (``handles``); a config that needs a feature its attention does not hand
     dropout  apply attention dropout (the model's dropout > 0)
     window   restrict each query to a sliding window of keys
     cache    decode incrementally with a KV cache (new_cache())
+    value_residual  pass its values v through forward's ``values`` (a models.gpt.ValueResidual):
+             v = values(v) before attending and caching
 
 Conventions every module family follows: a residual output projection is an ``nn.Linear`` named
 ``c_proj`` (the GPT scales its initial weights by 1/sqrt(2·n_layer), as GPT-2 does); every
@@ -38,6 +40,7 @@ FEATURES: dict[str, str] = {
     "dropout": "apply attention dropout",
     "window": "restrict queries to a sliding window",
     "cache": "decode with a KV cache",
+    "value_residual": "mix the first layer's values into its own (model.value_residual)",
 }
 
 
@@ -100,7 +103,8 @@ class Attention(ModuleComponent, Protocol):
     attention that handles ``rotate`` calls ``positional.rotate(q, pos)`` and ``positional.rotate(k,
     pos)``; one that handles ``bias`` adds ``-slope·(i − j)`` from ``positional.bias_slopes()`` to
     its scores. ``cache`` is None or what ``new_cache()`` made; pos are the absolute positions of
-    x's tokens.
+    x's tokens. One that handles ``value_residual`` takes ``values`` (passed only when the model
+    mixes values) and attends to, and caches, ``values(v)`` instead of its own v.
     """
 
     @factory_hook

@@ -33,11 +33,33 @@ class Block(nn.Module):
         else:
             self.mlp = build_spec("mlp", config.mlp, config)
 
-    def forward(self, x: Tensor, positional, pos: Tensor, cache=None) -> tuple[Tensor, Any]:
-        """(B, T, C) -> ((B, T, C), the MoE layer's MoEAux or None)."""
-        x = x + self.attn(self.norm_1(x), positional, pos, cache)
+    def forward(self, x: Tensor, positional, pos: Tensor, cache=None, values=None) -> tuple[Tensor, Any]:
+        """(B, T, C) -> ((B, T, C), the MoE layer's MoEAux or None). values: the forward pass's
+        ValueResidual, handed to the attention only when the model mixes values."""
+        mixing = {"values": values} if values is not None else {}  # an attention without the feature never sees it
+        x = x + self.attn(self.norm_1(x), positional, pos, cache, **mixing)
         out, aux = self.mlp(self.norm_2(x)) if self.routed else (self.mlp(self.norm_2(x)), None)
         return x + out, aux
+
+
+class ValueResidual:
+    """Value residual learning (Zhou et al. 2024), one per forward pass: the first layer's attention
+    values v₁ (B, Hkv, T, D) are kept, and every later layer i attends to a_i·v_i + b_i·v₁ instead of
+    v_i, with (a_i, b_i) learnable (the GPT's ``value_mix``, from (0.5, 0.5) as in modded-nanoGPT)."""
+
+    def __init__(self, mix: Tensor):
+        self.mix = mix.view(-1, 2)  # (n_layer − 1, 2)
+        self.first: Tensor | None = None
+        self.layer = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """The values layer `self.layer` attends to (and caches); call once per layer, in order."""
+        if self.first is None:
+            self.first, self.layer = v, 1
+            return v
+        a, b = self.mix[self.layer - 1].to(v.dtype)
+        self.layer += 1
+        return a * v + b * self.first
 
 
 class Output(NamedTuple):
@@ -80,6 +102,8 @@ class GPT(nn.Module):
             self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
             self.norm_f = build_spec("norm", config.norm, config.n_embd, config)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            # 1-D so that no optimizer decays it like a weight matrix; layer 0's values are v₁ itself
+            self.value_mix = nn.Parameter(torch.full((2 * (config.n_layer - 1),), 0.5)) if config.value_residual else None
             if config.tie_embeddings:
                 self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
             self.init_weights(seed)
@@ -140,13 +164,17 @@ class GPT(nn.Module):
             x = x + pos_emb
         x = self.drop(x)
         positions = self.positional.at(pos)  # what rotating needs, computed once for every layer
+        values = ValueResidual(self.value_mix) if self.value_mix is not None else None
         aux = []
         for i, block in enumerate(self.blocks):
-            x, block_aux = block(x, positions, pos, cache.layers[i] if cache is not None else None)
+            x, block_aux = block(x, positions, pos, cache.layers[i] if cache is not None else None, values)
             if block_aux is not None:
                 aux.append(block_aux)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:  # tanh in fp32: bf16's 8 bits would coarsen the cap
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
         if cache is not None:
             cache.length += T
 

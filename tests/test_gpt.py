@@ -84,3 +84,91 @@ def test_sampling_respects_top_k_and_is_seeded():
     b = model.generate(prompt, 8, temperature=1.5, top_k=10)
     torch.manual_seed(5)
     assert torch.equal(b, model.generate(prompt, 8, temperature=1.5, top_k=10))
+
+
+# -- modern-recipe options: value residual and logit soft-capping ------------------------------------
+
+
+def test_value_residual_and_softcap_are_exact_no_ops_when_off():
+    off = tiny()
+    explicit = tiny(value_residual=False, logit_softcap=None)
+    assert explicit.to_dict() == off.to_dict() and "value_residual" not in off.to_dict()  # run ids as before
+    a, b = build_model(off, seed=3), build_model(explicit, seed=3)
+    assert list(a.state_dict()) == list(b.state_dict()) and a.value_mix is None  # no new parameter
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(a(idx).logits, b(idx).logits)
+
+
+def test_logit_softcap_is_cap_times_tanh_of_the_uncapped_logits():
+    capped = build_model(tiny(logit_softcap=2.0), seed=0)
+    plain = build_model(tiny(), seed=0)
+    assert capped.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(capped.state_dict())
+    with torch.no_grad():  # large logits, so that the cap bites
+        plain.lm_head.weight.mul_(50)
+        capped.lm_head.weight.mul_(50)
+    idx = torch.randint(0, 50, (2, 16))
+    raw, logits = plain(idx).logits, capped(idx).logits
+    assert raw.abs().max() > 4.0 and logits.abs().max() <= 2.0
+    assert torch.allclose(logits, 2.0 * torch.tanh(raw / 2.0), atol=1e-6)
+    targets = torch.randint(0, 50, (2, 16))
+    assert torch.allclose(capped(idx, targets).loss, torch.nn.functional.cross_entropy(logits.view(-1, 50), targets.view(-1)))
+
+
+def test_value_residual_mixes_the_first_layers_values_and_learns_the_mix():
+    config = tiny(n_layer=3, value_residual=True)
+    mixed = build_model(config, seed=0)
+    plain = build_model(tiny(n_layer=3), seed=0)
+    assert mixed.value_mix.shape == (4,) and torch.equal(mixed.value_mix, torch.full((4,), 0.5))
+    weights = {k: v for k, v in mixed.state_dict().items() if k != "value_mix"}
+    assert weights.keys() == plain.state_dict().keys()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        mixed.value_mix.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))  # a = 1, b = 0: each layer's own values
+        assert torch.equal(mixed(idx).logits, plain(idx).logits)
+        mixed.value_mix.copy_(torch.tensor([0.0, 1.0, 0.0, 1.0]))  # every layer attends to layer 0's values
+        seen = []
+        for block in mixed.blocks:  # the values each layer attends to, recorded at its kernel
+            kernel = block.attn.kernel
+            block.attn.kernel = lambda q, k, v, mask, p, kernel=kernel: seen.append(v) or kernel(q, k, v, mask, p)
+        mixed(idx)
+        assert torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0])
+    mixed.value_mix.data.fill_(0.5)
+    mixed(idx, torch.randint(0, 50, (2, 16))).loss.backward()
+    assert mixed.value_mix.grad is not None and mixed.value_mix.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_value_residual_decodes_with_the_kv_cache_as_the_full_forward():
+    model = build_model(tiny(attention={"name": "gqa", "n_kv_head": 2}, positional="rope", value_residual=True,
+                             logit_softcap=15.0), seed=1).eval()
+    model.value_mix.copy_(torch.tensor([0.3, 0.9]))
+    idx = torch.randint(0, 50, (2, 20))
+    full = model(idx).logits
+    cache = model.new_cache()
+    steps = [model(idx[:, :9], cache=cache).logits] + [model(idx[:, t: t + 1], cache=cache).logits for t in range(9, 20)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_value_residual_needs_an_attention_that_handles_it():
+    import pytest
+
+    from tests.conftest import registered
+
+    class OwnValues(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.c_proj = torch.nn.Linear(config.n_embd, config.n_embd)
+
+        @staticmethod
+        def handles(config, options):
+            return frozenset({"rotate"})
+
+        def forward(self, x, positional, pos, cache=None):
+            return self.c_proj(x)
+
+    with registered("attention", "own_values", OwnValues):
+        build_model(tiny(attention="own_values"))  # fine without value residual
+        with pytest.raises(ValueError, match=r"attention 'own_values' does not mix the first layer's values into "
+                                             r"its own \(model.value_residual\) \(value_residual\), needed by value_residual: true"):
+            tiny(attention="own_values", value_residual=True)
