@@ -605,6 +605,25 @@ def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> Stu
                         table, machine)
 
 
+def ladder_climb(runs: pd.DataFrame, ladder: list[str], metric: str) -> pd.DataFrame:
+    """A recipe ladder step by step: the paired difference in `metric` from the step before (what the
+    step's verdict tests) and the cumulative paired difference from the first step, each per seed
+    with its mean and 95% CI (paired t; the cumulative ones are not in the verdicts' Holm family)."""
+    chosen = best_of_sweep(eval_runs(runs))
+    values = {v: _per_seed(g, metric) for v, g in chosen.groupby("variant")}
+    first, before, rows = values.get(ladder[0], {}), values.get(ladder[0], {}), []
+    for step in ladder:
+        own = values.get(step, {})
+        row = {"step": step}
+        for label, reference in (("change", before), ("cumulative", first)):
+            shared = sorted(set(own) & set(reference))
+            test = paired_t([own[s] - reference[s] for s in shared])
+            row.update({label: test.delta, f"{label}_low": test.ci_low, f"{label}_high": test.ci_high, f"{label}_n": test.n})
+        rows.append(row)
+        before = own
+    return pd.DataFrame(rows)
+
+
 # -- scaling laws over a study's runs ---------------------------------------------------------------
 
 SCALING_MIN_SIZES = 3  # a variant is fitted when its runs span at least this many model sizes

@@ -8,6 +8,9 @@
     variants:                       # named overrides of base (nested or dotted keys)
       mha: {}
       gqa: {model.attention: {name: gqa, n_kv_head: 2}}
+    ladder:                         # instead of variants: a recipe ladder, each step on top of the one
+      - gpt2: {}                    #   before and compared with it (and, in the report, with the first)
+      - rope: {model.positional: rope}
     baseline: mha                   # default: the first variant
     compare: {gqa_window: gqa}      # optional: a variant's own reference (default: the baseline);
                                     # null: a reference itself, compared with nothing (another task)
@@ -171,6 +174,8 @@ class Spec(BaseModel):
     description: str = ""
     base: Base
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    ladder: list[str] | None = Field(None, description="a recipe ladder: ordered named changes, each applied on top "
+                                     "of the previous step and compared with it (the first step is the baseline)")
     baseline: str | None = None
     compare: dict[str, str | None] = Field(default_factory=dict, description="variant -> the variant it is compared "
                                            "with (default: the baseline); null: it is a reference, compared with none")
@@ -186,6 +191,32 @@ class Spec(BaseModel):
     budget: dict[str, Any] | None = None
     kernels: KernelSpec | None = None
     plugins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _climb_ladder(cls, data: Any) -> Any:
+        """ladder: [{name: overrides}, ...] becomes one variant per step holding every change up to it,
+        each compared with the step before (unless compare says otherwise), the first the baseline."""
+        if not isinstance(data, dict) or data.get("ladder") is None:
+            return data
+        steps = data["ladder"]
+        if "variants" in data:
+            raise ValueError("give ladder: or variants:, not both (a ladder's steps are its variants)")
+        if not isinstance(steps, list) or len(steps) < 2 or not all(
+                isinstance(step, dict) and len(step) == 1 and isinstance(next(iter(step.values())), dict | None)
+                for step in steps):
+            raise ValueError("ladder: expected a list of at least two steps, each {name: overrides}, e.g. "
+                             "[{gpt2: {}}, {rope: {model.positional: rope}}, {rmsnorm: {model.norm: rmsnorm}}]")
+        names = [next(iter(step)) for step in steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ladder: step names repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        variants, climbed = {}, {}
+        for step, name in zip(steps, names):
+            climbed = deep_merge(climbed, expand_dotted(step[name] or {}))
+            variants[name] = copy.deepcopy(climbed)
+        compare = {later: earlier for earlier, later in zip(names, names[1:])}
+        return {**data, "ladder": names, "variants": variants, "baseline": data.get("baseline") or names[0],
+                "compare": {**compare, **(data.get("compare") or {})}}
 
     @field_validator("variants", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from bench.analysis import (
     compute_envelope,
     eval_runs,
     grid_edges,
+    ladder_climb,
     holm,
     judge,
     mean_ci,
@@ -481,3 +482,15 @@ def test_a_tuned_value_at_the_edge_of_its_grid_is_named():
     assert edges == ["train.lr=0.004 is the largest value tried: the best may lie beyond [0.001, 0.002, 0.004]"]
     assert grid_edges(grid, {"train.lr": 1e-3})[0].startswith("train.lr=0.001 is the smallest value tried")
     assert grid_edges({"train.lr": [1e-3, 2e-3]}, {"train.lr": 2e-3}) == []  # two values: every choice is an edge
+
+
+def test_a_ladder_climb_gives_each_steps_paired_change_and_the_cumulative_one_from_the_first():
+    runs = runs_frame({"gpt2": [3.0, 3.1, 2.9], "rope": [2.9, 3.05, 2.8], "rmsnorm": [2.85, 2.95, 2.8]})
+    climb = ladder_climb(runs, ["gpt2", "rope", "rmsnorm"], "val_loss").set_index("step")
+    assert climb.loc["rope", "change"] == pytest.approx(np.mean([-0.1, -0.05, -0.1]))
+    assert climb.loc["rmsnorm", "change"] == pytest.approx(np.mean([-0.05, -0.1, 0.0]))
+    # paired on the same seeds, the steps telescope: the cumulative change is their sum
+    assert climb.loc["rmsnorm", "cumulative"] == pytest.approx(climb.loc["rope", "change"] + climb.loc["rmsnorm", "change"])
+    assert climb.loc["rmsnorm", "cumulative"] == pytest.approx(np.mean([-0.15, -0.15, -0.1]))
+    assert climb.loc["rmsnorm", "cumulative_low"] < climb.loc["rmsnorm", "cumulative"] < climb.loc["rmsnorm", "cumulative_high"]
+    assert climb.loc["gpt2", "cumulative"] == 0 and climb.loc["rope", "cumulative_n"] == 3

@@ -622,6 +622,38 @@ def test_a_tune_grid_per_variant_tunes_each_variant_over_its_own_values(tmp_path
     assert "one such list per variant" in spec_error(tmp_path, TINY + "tune: {train.lr: {mha: [1.0e-3], mqa: [1.0e-3, 2.0e-3]}}\n")
 
 
+
+LADDER = TINY.replace("""variants:
+  mha: {}
+  mqa: {model.attention: mqa}
+""", """ladder:
+  - gpt2: {}
+  - rope: {model.positional: rope}
+  - rmsnorm: {model.norm: rmsnorm}
+""")
+
+
+def test_a_ladder_climbs_each_step_on_the_one_before_and_compares_it_with_it(tmp_path):
+    spec, sources = load_spec(write_spec(tmp_path, LADDER), [])
+    assert spec.ladder == ["gpt2", "rope", "rmsnorm"] and spec.baseline == "gpt2"
+    assert spec.variants["rmsnorm"] == {"model": {"positional": "rope", "norm": "rmsnorm"}}  # every change so far
+    assert [spec.reference_of(v) for v in spec.ladder] == [None, "gpt2", "rope"]
+    plan = expand(spec, sources)
+    configs = {r.variant: r.config.model for r in plan.runs if r.seed == 0}
+    assert configs["rmsnorm"].positional["name"] == "rope" and configs["rmsnorm"].norm["name"] == "rmsnorm"
+    assert configs["rope"].norm["name"] == "layernorm" and configs["gpt2"].positional["name"] == "learned"
+    assert "not both" in spec_error(tmp_path, LADDER + "variants: {x: {}}\n")
+    assert "at least two steps" in spec_error(tmp_path, LADDER.replace("  - rope: {model.positional: rope}\n  - rmsnorm: {model.norm: rmsnorm}\n", ""))
+
+
+def test_a_ladder_study_reports_each_steps_change_and_the_climb_from_the_first(tmp_path):
+    out = tmp_path / "out"
+    assert main([str(write_spec(tmp_path, LADDER, steps=6)), "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Recipe ladder" in html and 'alt="recipe ladder: each step\'s paired change"' in html
+    assert "vs the first step" in html and html.count("n = 2") >= 4  # two later steps × (step, cumulative)
+
+
 def test_workers_auto_runs_the_measured_number_of_processes(tmp_path, capsys, monkeypatch):
     from bench import autotune, hardware
 

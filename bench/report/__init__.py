@@ -20,8 +20,8 @@ import pandas as pd
 
 from bench import costs, scaling
 from bench.analysis import (
-    QUALITY, SCALING_TABLES, VERDICTS, StudySummary, choose_tuned, eligible_points, eval_runs, point_key,
-    scaling_per_machine, summarise,
+    QUALITY, SCALING_TABLES, VERDICTS, StudySummary, choose_tuned, eligible_points, eval_runs, ladder_climb,
+    point_key, scaling_per_machine, summarise,
 )
 from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
@@ -195,6 +195,26 @@ def _tuning_section(tuning: pd.DataFrame, spec: dict) -> dict | None:
                      "diverged": int(stats["diverged"]), "failed": int(stats["failed"]),
                      "eligible": bool(stats["eligible"]), "chosen": chosen.get(variant) == group["sweep"].iloc[0]})
     return {"rows": rows, "figure": figures.sensitivity_figure(tuning)}
+
+
+def _ladder_section(runs: pd.DataFrame, ladder: list[str] | None, summary: StudySummary | None) -> dict | None:
+    """A recipe ladder: each step's paired change from the step before (with its verdict) and from the
+    first step, as a table and a waterfall figure."""
+    if not ladder or summary is None:
+        return None
+    climb = ladder_climb(runs[runs["machine"] == summary.machine] if summary.machine else runs, ladder, summary.metric)
+    verdicts = {c.variant: c.verdict for c in summary.comparisons}
+
+    def change(row, label: str) -> str:
+        if row[f"{label}_n"] < 2:
+            return "–"
+        return (f"{significant(row[label], 3, sign=True)} ({significant(row[f'{label}_low'], 3, sign=True)} to "
+                f"{significant(row[f'{label}_high'], 3, sign=True)}, n = {row[f'{label}_n']})")
+
+    rows = [{"step": r["step"], "verdict": verdicts.get(r["step"], "–" if i == 0 else "not compared"),
+             "step_change": change(r, "change") if i else "–", "cumulative": change(r, "cumulative") if i else "–"}
+            for i, (_, r) in enumerate(climb.iterrows())]
+    return {"rows": rows, "metric": summary.metric.replace("_", " "), "figure": figures.ladder_figure(climb, summary.metric)}
 
 
 def _comparison_rows(summary: StudySummary) -> list[dict]:
@@ -381,6 +401,7 @@ def build_report(folders: list[str | Path]) -> str:
                       for _, r in quantized.sort_values(["variant", "seed"]).iterrows()],
         "failed": failed,
         "tuning": _tuning_section(tuning, spec),
+        "ladder": _ladder_section(runs, spec.get("ladder"), summaries[0] if summaries else None),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
                       "threads": r["hardware"].get("torch_threads"), "gpu": r["hardware"].get("gpu"),

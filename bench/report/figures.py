@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.analysis import pareto_front  # noqa: E402
+from bench.analysis import HIGHER_IS_BETTER, pareto_front  # noqa: E402
 from bench.formatting import BYTE_UNITS, TIME_UNITS, count, flop_rate, flops, significant, size, unit_for  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
@@ -322,4 +322,29 @@ def sensitivity_figure(tuning: pd.DataFrame) -> str | None:
     ax.set_xlabel(", ".join(keys))
     ax.set_ylabel("val loss (tuning seeds)")
     ax.set_title("sensitivity to the tuned setting (mean over tuning seeds)")
+    return to_data_uri(fig)
+
+
+def ladder_figure(climb: pd.DataFrame, metric: str) -> str | None:
+    """A recipe ladder as a waterfall: each step's bar runs from the cumulative difference before it to
+    the one after it (its paired difference from the step before); the dots are the cumulative paired
+    difference from the first step with its 95% CI."""
+    if climb.empty or climb["cumulative"].isna().all():
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(climb) + 2), 4))
+    x = np.arange(len(climb))
+    after = climb["cumulative"].to_numpy(dtype=float)
+    start = np.concatenate([[0.0], after[:-1]])
+    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    colours = ["#2a9d8f" if sign * d > 0 else "#e76f51" for d in (after - start)]  # green: the step helped
+    ax.bar(x, after - start, bottom=start, color=colours, alpha=0.6, width=0.6, label="this step vs the one before")
+    low, high = climb["cumulative_low"].to_numpy(dtype=float), climb["cumulative_high"].to_numpy(dtype=float)
+    ax.errorbar(x, after, yerr=[after - low, high - after], fmt="o", color="black", capsize=3,
+                label=f"cumulative vs {climb['step'].iloc[0]} (95% CI)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [f"+{s}" if i else s for i, s in enumerate(climb["step"])], rotation=30, ha="right")
+    ax.set_ylabel(f"paired Δ {metric.replace('_', ' ')}")
+    ax.set_title("recipe ladder: each step's paired change, cumulative from the first")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return to_data_uri(fig)
