@@ -53,14 +53,16 @@ def attention_candidates(device: torch.device) -> tuple[list[tuple[str, dict]], 
     return candidates, skipped
 
 
-def _inputs(q, k, dropout_p: float, direction: str) -> dict[str, torch.Tensor]:
+def _inputs(q, k, v, dropout_p: float, direction: str) -> dict[str, torch.Tensor]:
     """Random q, k, v (and an output gradient) of the call's shapes and dtype, from a private generator."""
     gen = torch.Generator().manual_seed(0)
 
     def draw(shape):
         return torch.randn(shape, generator=gen).to(q.device, q.dtype).requires_grad_(direction != "forward")
 
-    return {"q": draw(q.shape), "k": draw(k.shape), "v": draw(k.shape), "grad": torch.randn(q.shape, generator=gen).to(q.device, q.dtype)}
+    out_shape = (*q.shape[:-1], v.shape[-1])  # v's head dim may differ from q's (MLA, differential attention)
+    return {"q": draw(q.shape), "k": draw(k.shape), "v": draw(v.shape),
+            "grad": torch.randn(out_shape, generator=gen).to(q.device, q.dtype)}
 
 
 def _run(backend, x: dict, mask: Mask, dropout_p: float, direction: str):
@@ -77,17 +79,17 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     """The fastest correct backend for this call: (its spec, the record of the choice). Cached per machine."""
     device, dtype = q.device, q.dtype
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask_label = f"{mask.kind}:w{mask.window}:{'bias' if mask.slopes is not None else 'nobias'}"
     key = (f"attention:{hardware.device_key(device, dtype)}:B{B}:H{H}/{Hkv}:T{Tq}x{Tk}:"
-           f"D{D}:{mask_label}:dropout{dropout_p > 0}:{direction}")
+           f"D{D}{f'v{Dv}' if Dv != D else ''}:{mask_label}:dropout{dropout_p > 0}:{direction}")
     needs = needed_capabilities(q, k, mask, dropout_p)
     candidates, skipped = attention_candidates(device)
     key += ":" + ",".join(label for label, _ in candidates)  # a newly registered backend is considered
 
     def measure() -> dict:
         rejected = dict(skipped)
-        x = _inputs(q, k, dropout_p, direction)
+        x = _inputs(q, k, v, dropout_p, direction)
         x32 = {n: t.detach().float().requires_grad_(t.requires_grad) for n, t in x.items()}
         reference = _run(MathAttention(), x32, mask, 0.0, direction)  # the gate runs without dropout
         timed = {}

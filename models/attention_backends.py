@@ -1,7 +1,9 @@
 """Attention kernels: interchangeable implementations of softmax(q·kᵀ/√d + bias)·v under a mask.
 
-Every backend takes q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hkv dividing Hq (grouped-query
-attention), a ``Mask`` and a dropout probability, and returns (B, Hq, Tq, D). ``math`` is the
+Every backend takes q and k (B, Hq or Hkv, T, D), v (B, Hkv, Tk, Dv) with Hkv dividing Hq (grouped-query
+attention), a ``Mask`` and a dropout probability, and returns (B, Hq, Tq, Dv). v's head dim may differ
+from q's and k's (multi-head latent and differential attention); kernels that need one head dim
+(flash) get zero-padded inputs from their backend (``one_head_dim``). ``math`` is the
 reference that every other backend is tested against. Each declares what it supports, so a model
 config that needs something a backend lacks is rejected when it is built.
 
@@ -98,6 +100,22 @@ class Mask:
         return Mask(pos, pos, **kwargs)
 
 
+def one_head_dim(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """q, k and v zero-padded to one head dim, for kernels that need q, k and v to share it (flash
+    attention), and the softmax scale of the unpadded scores, 1/√(q's head dim).
+
+    Zeros appended to q and k leave q·kᵀ unchanged; zeros appended to v add output channels that the
+    caller slices off (out[..., :v's head dim]). Equal head dims pass through untouched.
+    """
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    width = max(d_qk, d_v)
+    if d_qk < width:
+        q, k = F.pad(q, (0, width - d_qk)), F.pad(k, (0, width - d_qk))
+    if d_v < width:
+        v = F.pad(v, (0, width - d_v))
+    return q, k, v, 1.0 / math.sqrt(d_qk)
+
+
 def repeat_kv(k: Tensor, v: Tensor, n_head: int) -> tuple[Tensor, Tensor]:
     """Expand Hkv key/value heads to n_head (each kv head serves n_head/Hkv query heads)."""
     groups = n_head // k.shape[1]
@@ -142,7 +160,7 @@ class BaddbmmAttention:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         k, v = repeat_kv(k, v, q.shape[1])
         B, H, Tq, D = q.shape
-        Tk = k.shape[2]
+        Tk, Dv = k.shape[2], v.shape[-1]  # v's head dim may differ from q's (MLA, differential attention)
         if mask.kind == "none":
             bias = q.new_zeros(1, 1, Tk)
         else:  # (1 or H, Tq, Tk), to one bias per batch·head matrix only when it differs per head
@@ -152,7 +170,7 @@ class BaddbmmAttention:
         scores = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2),
                                alpha=1.0 / math.sqrt(D))  # (B·H, Tq, Tk)
         probs = F.dropout(F.softmax(scores, dim=-1), dropout_p)
-        return torch.bmm(probs, v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
+        return torch.bmm(probs, v.reshape(B * H, Tk, Dv)).view(B, H, Tq, Dv)
 
 
 _SDPA_KERNELS = {
@@ -194,12 +212,15 @@ class SDPAttention:
             kwargs["attn_mask"] = mask.bias(q.dtype) if mask.slopes is not None else mask.allowed
         if self.ran is None:
             self.ran = self._which(q, k, v, kwargs)
-        if self.kernel == "auto":
+        if self.kernel == "auto":  # the dispatcher passes over flash when v's head dim differs from q's
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        d_v = v.shape[-1]
+        if self.kernel == "flash" and d_v != q.shape[-1]:  # flash needs one head dim for q, k and v
+            q, k, v, kwargs["scale"] = one_head_dim(q, k, v)
         with sdpa_kernel(getattr(SDPBackend, _SDPA_KERNELS[self.kernel])):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)[..., :d_v]
 
     def _which(self, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> str:
         if self.kernel != "auto":
@@ -252,7 +273,7 @@ class AutoAttention:
         direction = "forward_backward" if torch.is_grad_enabled() and q.requires_grad else "forward"
         # decode steps grow the cache by one key per call: bucket their key count to a power of two
         tk = k.shape[2] if q.shape[2] > 1 else 1 << (k.shape[2] - 1).bit_length()
-        key = (q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], tk, q.shape[3],
+        key = (q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], tk, q.shape[3], v.shape[3],
                mask.kind, mask.window, mask.slopes is not None, dropout_p > 0, direction)
         backend = self._backends.get(key)
         if backend is None:
@@ -379,7 +400,10 @@ class FlashAttn:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         from flash_attn import flash_attn_func  # imported here: a config naming it builds anywhere
 
-        dtype = q.dtype
+        dtype, d_v = q.dtype, v.shape[-1]
+        scale = {}
+        if d_v != q.shape[-1]:  # flash-attn 2 needs one head dim for q, k and v: zero-pad, keep q's scale
+            q, k, v, scale["softmax_scale"] = one_head_dim(q, k, v)
         if {q.dtype, k.dtype, v.dtype} - {torch.float16, torch.bfloat16}:
             # fp16/bf16 kernels only: an fp32 evaluation runs in bf16, and its output returns in fp32
             q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
@@ -388,9 +412,9 @@ class FlashAttn:
         slopes = mask.slopes.float() if mask.slopes is not None else None
         out = flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, T, H, D) layout
-            dropout_p=dropout_p, causal=mask.kind != "none", window_size=window, alibi_slopes=slopes,
+            dropout_p=dropout_p, causal=mask.kind != "none", window_size=window, alibi_slopes=slopes, **scale,
         )
-        return out.transpose(1, 2).to(dtype)
+        return out.transpose(1, 2)[..., :d_v].to(dtype)
 
 
 @register(

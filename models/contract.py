@@ -126,9 +126,10 @@ class Attention(ModuleComponent, Protocol):
 
 
 class AttentionBackend(Protocol):
-    """(**options) -> callable(q (B,Hq,Tq,D), k, v (B,Hkv,Tk,D), mask: Mask, dropout_p) -> (B,Hq,Tq,D).
+    """(**options) -> callable(q (B,Hq,Tq,D), k (B,Hkv,Tk,D), v (B,Hkv,Tk,Dv), mask: Mask, dropout_p) -> (B,Hq,Tq,Dv).
 
-    Hkv divides Hq (grouped-query attention). Every backend is tested against ``math``.
+    Hkv divides Hq (grouped-query attention); v's head dim Dv may differ from D (multi-head latent and
+    differential attention). Every backend is tested against ``math``.
     Capabilities: causal, window, bias, dropout, decode (queries after cached keys).
     """
 

@@ -36,7 +36,7 @@ def test_round_trips_through_dict_and_yaml():
 def test_unknown_names_list_the_valid_ones_and_the_closest():
     message = error_of(attention="gqq")
     assert "unknown attention 'gqq'" in message and "did you mean 'gqa'" in message
-    assert "valid: gqa, mha, mqa, window" in message
+    assert "valid: diff, gqa, mha, mla, mqa, window" in message
     assert "did you mean 'rope'" in error_of(positional="rop")
     assert "did you mean 'flash_attn'" in error_of(attention={"name": "mha", "backend": "flash_atn"})
 
@@ -73,7 +73,7 @@ def test_incompatible_pairs_name_both_sides_and_what_would_work():
     assert "cannot restrict queries to a sliding window (window), needed by attention 'window' (its own options)" in message
     message = error_of(dropout=0.1, attention={"name": "mha", "backend": "flex"})
     assert "with backend 'flex compile=True' cannot apply attention dropout (dropout), needed by dropout=0.1" in message
-    assert "backends that can do everything this config needs: auto, flash_attn, math, sdpa, xformers" in message
+    assert "backends that can do everything this config needs: auto, baddbmm, flash_attn, math, sdpa, xformers" in message
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def test_a_function_factory_is_checked_when_it_builds():
 
 
 MODULE_FAMILIES = ("attention", "positional", "norm", "mlp", "moe")
-OPTIONS = {("attention", "gqa"): {"n_kv_head": 2}, ("attention", "window"): {"window": 4}}
+OPTIONS = {("attention", "gqa"): {"n_kv_head": 2}, ("attention", "window"): {"window": 4}, ("attention", "mla"): {"kv_rank": 16}}
 
 
 @pytest.mark.parametrize("family,name", [(f, n) for f in MODULE_FAMILIES for n in list_components(f)])

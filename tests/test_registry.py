@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_every_family_has_its_built_in_members():
-    assert list_components("attention") == ["gqa", "mha", "mqa", "window"]
+    assert list_components("attention") == ["diff", "gqa", "mha", "mla", "mqa", "window"]
     assert list_components("attention_backend") == ["auto", "baddbmm", "flash_attn", "flex", "math", "sdpa", "xformers"]
     assert list_components("positional") == ["alibi", "learned", "none", "rope", "sinusoidal"]
     assert list_components("norm") == ["layernorm", "rmsnorm"]
@@ -28,7 +28,7 @@ def test_every_family_has_its_built_in_members():
 
 
 def test_wildcards_and_unknown_family():
-    assert list_components("attention", "m*") == ["mha", "mqa"]
+    assert list_components("attention", "m*") == ["mha", "mla", "mqa"]
     assert list_components("quantization", "int8_*") == ["int8_dynamic", "int8_weight_only"]
     with pytest.raises(ComponentError, match="unknown family 'mpl' \\(did you mean 'mlp'\\?\\)"):
         list_components("mpl")

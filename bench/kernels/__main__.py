@@ -43,6 +43,7 @@ def parse_args(argv):
     p.add_argument("--kv-heads", type=int, help="key/value heads of variants that require n_kv_head (gqa)")
     p.add_argument("--head-dim", type=int)
     p.add_argument("--window", type=int, help="window of variants that require one")
+    p.add_argument("--kv-rank", type=int, help="latent rank of variants that require kv_rank (mla)")
     p.add_argument("--directions", nargs="+", choices=["forward", "backward", "forward_backward"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -70,7 +71,8 @@ def _given(**values) -> dict:
 
 
 def spec_from_args(args) -> KernelSpec:
-    members = _given(variants=args.variants, positional=args.positional, n_kv_head=args.kv_heads, window=args.window)
+    members = _given(variants=args.variants, positional=args.positional, n_kv_head=args.kv_heads, window=args.window,
+                     kv_rank=args.kv_rank)
     sections = {}
     for component in args.component:
         if component == "attention":

@@ -6,8 +6,8 @@ plus options. An attention variant may also carry the positional encoding it run
     attention: {variants: [mha, {name: gqa, n_kv_head: 2}, {name: mha, positional: alibi}], ...}
 
 A list left out means every registered member of the family (plugins included), each with the
-options it *requires* (no default) taken from the section's settings: ``n_kv_head`` and ``window``,
-or any other option by name under ``options``. Names are not checked here — parsing a spec imports
+options it *requires* (no default) taken from the section's settings: ``n_kv_head``, ``window`` and
+``kv_rank``, or any other option by name under ``options``. Names are not checked here — parsing a spec imports
 this module, and the registry imports torch — but by ``KernelSpec.component_errors()`` (for a planner
 to call before anything trains) and when timing, where one that does not resolve is a 'failed' row
 carrying the registry's message.
@@ -52,6 +52,7 @@ class _AttentionMembers(_Members):
         None, description="attention specs (a name, or {name, **options, positional?}); default: every registered")
     n_kv_head: int = Field(2, ge=1, description="for members that require n_kv_head (gqa)")
     window: int = Field(64, ge=1, description="for members that require window")
+    kv_rank: int = Field(64, ge=1, description="for members that require kv_rank (mla's cached latent)")
 
     @field_validator("variants")
     @classmethod
@@ -68,7 +69,7 @@ class _AttentionMembers(_Members):
         return _spec_shape(value, "a positional encoding")
 
     def required_fills(self) -> dict[str, Any]:
-        return {"n_kv_head": self.n_kv_head, "window": self.window, **self.options}
+        return {"n_kv_head": self.n_kv_head, "window": self.window, "kv_rank": self.kv_rank, **self.options}
 
 
 class AttentionKernels(_AttentionMembers):
