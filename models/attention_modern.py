@@ -30,6 +30,12 @@ def _rotates(config) -> bool:
     return requires is not None and "rotate" in requires(config, spec)
 
 
+def _kernel_features(config, options: dict) -> frozenset[str]:
+    """What the kernel lets it do, as for the built-in attention; neither mixes in the first layer's
+    values (no value_residual: their forward takes no ``values``)."""
+    return Attention.handles(config, options) - {"value_residual"}
+
+
 def _check_window(options: dict) -> str | None:
     window = options.get("window")
     return f"window={window} must be at least 1" if window is not None and window < 1 else None
@@ -131,9 +137,9 @@ class MultiHeadLatentAttention(nn.Module):
                     f"e.g. rope_dim={head_dim // 2}")
         return _check_window(options)
 
-    # what the kernel can do decides the features, exactly as for the built-in attention
+    # what the kernel can do decides the features, as for the built-in attention
     requires = staticmethod(Attention.requires)
-    handles = staticmethod(Attention.handles)
+    handles = staticmethod(_kernel_features)
 
     def forward(self, x: Tensor, positional, pos: Tensor, cache: LatentCache | None = None) -> Tensor:
         B, T, C = x.shape
@@ -233,7 +239,7 @@ class DifferentialAttention(nn.Module):
         return _check_window(options)
 
     requires = staticmethod(Attention.requires)
-    handles = staticmethod(Attention.handles)
+    handles = staticmethod(_kernel_features)
 
     def reset_parameters(self) -> None:
         """λ_q1, λ_k1, λ_q2, λ_k2 from N(0, 0.1), as the paper's code draws them."""

@@ -143,9 +143,10 @@ def _check_features(config: ModelConfig) -> None:
         factory, options = _component(config, "attention")
         can = [b for b in list_components("attention_backend")
                if set(needs) <= factory.handles(config, {**options, "backend": resolve("attention_backend", b)})]
-        raise ValueError(f"attention '{name}' with backend '{label}' cannot {FEATURES[feature]} ({feature}), "
-                         f"needed by {needs[feature]}; backends that can do everything this config needs: "
-                         f"{', '.join(can) or 'none'}")
+        if can:  # else no kernel would do: the attention itself does not, said below
+            raise ValueError(f"attention '{name}' with backend '{label}' cannot {FEATURES[feature]} ({feature}), "
+                             f"needed by {needs[feature]}; backends that can do everything this config needs: "
+                             f"{', '.join(can)}")
     raise ValueError(f"attention '{name}' does not {FEATURES[feature]} ({feature}), needed by {needs[feature]}: "
                      f"'{name}' handles {', '.join(sorted(attention_features(config))) or 'none of the attention features'}; "
                      "choose a positional encoding or settings it handles, or another attention")

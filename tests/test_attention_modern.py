@@ -93,6 +93,8 @@ def test_features_follow_the_kernel(name):
     flash = tiny(attention={**spec, "backend": {"name": "sdpa", "kernel": "flash"}})
     assert attention_features(flash) == {"rotate", "dropout"}
     assert build_model(tiny(attention={**spec, "backend": "flex"}), seed=0).new_cache() is not None
+    with pytest.raises(ValueError, match=f"attention '{name}' does not mix the first layer's values"):
+        tiny(attention=spec, value_residual=True)  # their forward takes no values to mix
 
 
 # -- causality, backends, KV cache --------------------------------------------------------------------
