@@ -146,16 +146,12 @@ class MathAttention:
 
 
 @register("attention_backend", "baddbmm")
-class BaddbmmAttention:
+class BaddbmmAttention(MathAttention):
     """``math`` with the 1/√d scale and the additive mask folded into one batched matmul
     (torch.baddbmm: scores = bias + scale·q·kᵀ). Two passes over the (B, H, Tq, Tk) scores fewer than
     math's matmul, scale and mask; on CPU at short sequences often the fastest training kernel."""
 
     name = "baddbmm"
-
-    @staticmethod
-    def capabilities(options: dict) -> frozenset[str]:
-        return ALL
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         k, v = repeat_kv(k, v, q.shape[1])

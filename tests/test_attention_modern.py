@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import autotune
 from bench.kernels import KernelSpec, run_kernels
 from models import REQUIRED, available, build_model, check_flops
 from models.accounting import attention_flops, matmul_flops_per_token
 from models.attention_backends import Mask
 from models.registry import build
 from tests.conftest import tiny
+from tests.test_attention import BACKENDS, HERE, _measuring_auto  # noqa: F401  (the fixture installs auto's chooser)
 
 VARIANTS = {
     "mla": {"name": "mla", "kv_rank": 16},  # rope_dim 4 of head_dim 8
@@ -27,21 +27,7 @@ VARIANTS = {
     "diff+window": {"name": "diff", "lambda_init": 0.5, "window": 5},
 }
 POSITIONALS = ["rope", "alibi", "learned"]
-RUNNABLE = {row.name for row in available("attention_backend") if row.available}
-BACKENDS = {
-    "math": "math",
-    "baddbmm": "baddbmm",
-    "sdpa": "sdpa",
-    "flex": {"name": "flex", "compile": False},  # eager flex: no compile per shape in tests
-    "auto": "auto",  # the measured choice (bench.autotune, installed below)
-}
-HERE = [b for b in BACKENDS if b in RUNNABLE]
 COMBOS = list(itertools.product(VARIANTS, POSITIONALS, HERE))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _measuring_auto():
-    autotune.install()
 
 
 def model_for(variant: str, positional: str, backend: str, **overrides):

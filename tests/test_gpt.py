@@ -93,10 +93,9 @@ def test_value_residual_and_softcap_are_exact_no_ops_when_off():
     off = tiny()
     explicit = tiny(value_residual=False, logit_softcap=None)
     assert explicit.to_dict() == off.to_dict() and "value_residual" not in off.to_dict()  # run ids as before
-    a, b = build_model(off, seed=3), build_model(explicit, seed=3)
-    assert list(a.state_dict()) == list(b.state_dict()) and a.value_mix is None  # no new parameter
-    idx = torch.randint(0, 50, (2, 16))
-    assert torch.equal(a(idx).logits, b(idx).logits)
+    # no new parameter; the outputs are nanoGPT's (test_default_config_computes_what_a_hand_written_nanogpt_computes)
+    model = build_model(off, seed=3)
+    assert model.value_mix is None and "value_mix" not in model.state_dict()
 
 
 def test_logit_softcap_is_cap_times_tanh_of_the_uncapped_logits():
