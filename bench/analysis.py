@@ -576,6 +576,11 @@ def _same_data(runs: pd.DataFrame, variant: str, reference: str) -> bool:
     return not (data[variant] and data[reference]) or data[variant] == data[reference]
 
 
+def _post_training(runs: pd.DataFrame) -> bool:
+    """Whether these runs are post-training quantized copies of float checkpoints (not trained)."""
+    return "kind" in runs and not runs.empty and bool((runs["kind"] == "quantize").all())
+
+
 def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> StudySummary:
     """The verdicts of a study (its spec, as stored) from its runs on one machine: each variant at its
     chosen sweep point against its reference."""
@@ -590,10 +595,13 @@ def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> Stu
     pairs = []
     for v in table["variant"] if not table.empty else []:
         runs_of = chosen[chosen["variant"] == v]
-        if "kind" in runs_of and (runs_of["kind"] == "quantize").all() and f"{metric}_float" in runs_of:
-            # post-training quantization: against its own float checkpoint, evaluated the same way
+        if _post_training(runs_of) and f"{metric}_float" in runs_of:
+            # post-training quantization: against its own float checkpoint, evaluated the same way, and
+            # against another post-training method the spec names (the same checkpoint per seed)
             values[f"{v} (float)"] = _per_seed(runs_of, f"{metric}_float")
             pairs.append((v, f"{v} (float)"))
+            if (ref := references.get(v)) in values and _post_training(chosen[chosen["variant"] == ref]):
+                pairs.append((v, ref))
         elif v != baseline and (ref := references.get(v, baseline)) in values and _same_data(chosen, v, ref):
             pairs.append((v, ref))
     comparisons = judge(values, pairs, metric, design, machine)

@@ -55,9 +55,10 @@ class Cost:
 
 
 FORMATS = {"parameters": count, "active parameters": count, "training speed": count, "KV cache": size,
-           "decode latency": duration, "peak memory": size, "model size": size, "inference latency": duration}
+           "decode latency": duration, "peak memory": size, "model size": size, "inference latency": duration,
+           "quantization time": duration}
 SPEEDS = {"training speed": ("trains", True), "decode latency": ("decodes", False),  # verb, higher value is faster
-          "inference latency": ("runs a val batch", False)}
+          "inference latency": ("runs a val batch", False), "quantization time": ("quantizes", False)}
 SIZES = {"KV cache": ("cuts the KV cache", "grows the KV cache"), "model size": ("shrinks the model", "grows the model")}
 
 
@@ -129,15 +130,23 @@ def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFra
     return out + training
 
 
-def quantization_costs(runs: pd.DataFrame) -> list[Cost]:
-    """A post-training quantized variant against its own float checkpoint (medians over seeds): the
-    serialized model's bytes and the latency of one val batch."""
+def quantization_costs(runs: pd.DataFrame, reference: pd.DataFrame | None = None) -> list[Cost]:
+    """A post-training quantized variant against its own float checkpoint, or against another method's
+    runs (medians over seeds): the serialized model's bytes, the latency of one val batch, the
+    per-token decode latency and, between two methods, the time each took to quantize."""
+    columns = [("model_bytes", "model size", 1.0), ("latency_ms", "inference latency", 1e-3),
+               ("decode_ms_per_token", "decode latency", 1e-3)]
+    if reference is not None:
+        columns.append(("quantize_seconds", "quantization time", 1.0))
     out = []
-    for column, what, scale in (("model_bytes", "model size", 1.0), ("latency_ms", "inference latency", 1e-3)):
-        if {column, f"{column}_float"} <= set(runs) and not runs.empty:
-            mine, theirs = runs[column].median(), runs[f"{column}_float"].median()
+    for column, what, scale in columns:
+        theirs_column = column if reference is not None else f"{column}_float"
+        other = reference if reference is not None else runs
+        if column in runs and theirs_column in other and not runs.empty and not other.empty:
+            mine, theirs = runs[column].median(), other[theirs_column].median()
             if _finite(mine, theirs):
-                out.append(Cost(what, float(mine) * scale, float(theirs) * scale))
+                out.append(Cost(what, float(mine) * scale, float(theirs) * scale,
+                                " per token" if column.startswith("decode") else ""))
     return out
 
 

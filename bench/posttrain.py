@@ -21,7 +21,7 @@ from bench.data import load_dataset
 from bench.hardware import resolve_device, training_dtype
 from bench.config import RunConfig
 from bench.train import _autocast, evaluate  # the training run's eval setting
-from models import build_model, flops_per_token, model_bytes, param_counts, quantize
+from models import build_model, build_spec, flops_per_token, model_bytes, param_counts, quantize
 from models.quantization import linear_weight_bytes
 
 
@@ -43,6 +43,40 @@ def forward_latency(model: torch.nn.Module, x: torch.Tensor, repeats: int = 7,
     return statistics.median(times)
 
 
+@torch.no_grad()
+def decode_latency(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32,
+                   dtype: torch.dtype = torch.float32) -> float | None:
+    """Median seconds per generated token of greedy decoding over the KV cache from prompt (1, T),
+    after one warm-up generation; None when the model cannot decode incrementally."""
+    limit = model.positional.max_positions
+    new_tokens = min(new_tokens, limit - prompt.shape[1]) if limit else new_tokens
+    if model.new_cache() is None or new_tokens < 1:
+        return None
+    with _autocast(prompt.device, dtype):
+        model.generate(prompt, 2, temperature=0)
+        cache = model.new_cache()
+        model(prompt, cache=cache)  # prefill, not timed
+        idx, times = prompt[:, -1:], []
+        for _ in range(new_tokens):
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            idx = model(idx, cache=cache).logits[:, -1:].argmax(-1)
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _calibration(run: RunConfig, data, quantizer) -> dict[str, Any] | None:
+    """The training-split windows a calibrated quantizer asks for (fixed by the run's seed), or None."""
+    if not hasattr(quantizer, "calibration_size"):
+        return None
+    sequences, seq_len = quantizer.calibration_size()
+    seq_len = seq_len or run.seq_len
+    return {"tokens": data.calibration_batch(run.seed, sequences, seq_len), "sequences": sequences, "seq_len": seq_len}
+
+
 def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     """Quantize the float run's trained model as `run.model.quantization` says; compare with float."""
     state = load_checkpoint(Path(float_run_dir) / "checkpoint.pt")
@@ -62,9 +96,14 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     dtype = training_dtype(device, run.train.dtype)
     before = evaluate(float_model, val, device, dtype, data.token_bytes)
     quantized = copy.deepcopy(float_model)
-    quantizer = quantize(quantized, run.model.quantization)
+    calibration = _calibration(run, data, build_spec("quantization", run.model.quantization))
+    start = time.perf_counter()
+    quantizer = quantize(quantized, run.model.quantization, calibration and calibration["tokens"].to(device))
+    quantize_seconds = time.perf_counter() - start
     after = evaluate(quantized, val, device, dtype, data.token_bytes)
     x = val[0][0].to(device)
+    prompt = x[:1, : max(1, run.seq_len // 2)]
+    decode, decode_float = decode_latency(quantized, prompt, dtype=dtype), decode_latency(float_model, prompt, dtype=dtype)
     result = {
         "status": "finished",
         "steps": state["step"],
@@ -80,12 +119,21 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
         "latency_ms": 1e3 * forward_latency(quantized, x, dtype=dtype),
         "latency_ms_float": 1e3 * forward_latency(float_model, x, dtype=dtype),
         "latency_batch": list(x.shape),
+        "decode_ms_per_token": None if decode is None else 1e3 * decode,  # greedy, KV cache, batch 1
+        "decode_ms_per_token_float": None if decode_float is None else 1e3 * decode_float,
+        "quantize_seconds": quantize_seconds,  # the method's own time (calibration included)
         "quantization_format": quantizer.format,
         "params": param_counts(run.model),
         "flops_per_token": flops_per_token(run.model, seq_len=run.seq_len),
         "device": device.type,
         "data": data.fingerprint,
     }
+    if calibration:
+        result.update(calibration_sequences=calibration["sequences"], calibration_seq_len=calibration["seq_len"],
+                      calibration_seed=run.seed, calibration_split="train")
+    if getattr(quantizer, "layers", None):  # per layer: output error on calibration inputs, method vs round-to-nearest
+        result["layer_errors"] = {name: {"error": r.error, "error_rtn": r.error_rtn, **r.detail}
+                                  for name, r in quantizer.layers.items()}
     if run.data.source == "task":
         result.update(val_accuracy=after["accuracy"], val_accuracy_float=before["accuracy"],
                       val_accuracy_delta=after["accuracy"] - before["accuracy"])

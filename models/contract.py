@@ -173,7 +173,10 @@ class Positional(ModuleComponent, Protocol):
 
 
 class Norm(ModuleComponent, Protocol):
-    """(dim, config, **options) -> module (..., dim) -> (..., dim)."""
+    """(dim, config, **options) -> module (..., dim) -> (..., dim).
+
+    A norm whose output is ``weight ⊙ n(x) (+ bias)`` with 1-D ``weight`` and ``bias`` may say so with
+    the class attribute ``affine_output = True``: AWQ then folds per-channel scales into them."""
 
     def forward(self, x: Any) -> Any:
         """Normalise over the last dimension."""
@@ -206,7 +209,12 @@ class Quantization(Protocol):
     format: str  # how weights are stored after apply, for reports
 
     def apply(self, model: Any) -> Any:
-        """Transform the model in place and return it."""
+        """Transform the model in place and return it (a calibrated one: apply(model, calibration))."""
+
+    @optional
+    def calibration_size(self) -> tuple[int, int | None]:
+        """(sequences, tokens each; None: the run's seq_len) of training-split windows the method
+        calibrates on (GPTQ, AWQ); they are passed as apply(model, calibration=(N, T) token ids)."""
 
     @optional
     @factory_hook

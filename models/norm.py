@@ -14,6 +14,8 @@ from models.registry import register
 class LayerNorm(nn.Module):
     """LayerNorm (Ba et al. 2016) with an optional bias (default: the model's `bias`)."""
 
+    affine_output = True  # output = weight ⊙ n(x) (+ bias): AWQ folds per-channel scales into them
+
     def __init__(self, dim: int, config=None, *, bias: bool | None = None, eps: float = 1e-5):
         super().__init__()
         bias = getattr(config, "bias", True) if bias is None else bias
@@ -28,6 +30,8 @@ class LayerNorm(nn.Module):
 @register("norm", "rmsnorm")
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): rescale by the root mean square, no centring, no bias."""
+
+    affine_output = True  # output = weight ⊙ n(x) (+ bias): AWQ folds per-channel scales into them
 
     def __init__(self, dim: int, config=None, *, eps: float = 1e-6):
         super().__init__()

@@ -47,12 +47,17 @@ def cast_quantizable(model: nn.Module, dtype: torch.dtype) -> list[str]:
     cast = []
     for fqn, module in model.named_modules():
         if quantizable(module, fqn) and not hasattr(module, "_run_dtype"):
-            module.to(dtype)
-            module._run_dtype = dtype
-            module.register_forward_pre_hook(_cast_input)
-            module.register_forward_hook(_restore_output)
+            run_in_dtype(module, dtype)
             cast.append(fqn)
     return cast
+
+
+def run_in_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast one layer to `dtype` and run it in it, its output returned in its input's dtype."""
+    module.to(dtype)
+    module._run_dtype = dtype
+    module.register_forward_pre_hook(_cast_input)
+    module.register_forward_hook(_restore_output)
 
 
 def _torchao_probe() -> str | None:
@@ -256,10 +261,14 @@ class FakeQuant(Quantizer):
         return model
 
 
-def quantize(model: nn.Module, spec) -> Quantizer:
-    """Apply a post-training quantization spec (a name or mapping) to a trained model in place."""
+def quantize(model: nn.Module, spec, calibration: Tensor | None = None) -> Quantizer:
+    """Apply a post-training quantization spec (a name or mapping) to a trained model in place;
+    `calibration`: training-split token windows for the methods that need them (GPTQ, AWQ)."""
     from models.registry import build_spec
 
     quantizer = build_spec("quantization", spec)
-    quantizer.apply(model)
+    if hasattr(quantizer, "calibration_size"):
+        quantizer.apply(model, calibration)
+    else:
+        quantizer.apply(model)
     return quantizer

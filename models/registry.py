@@ -95,7 +95,7 @@ class Option:
             return resolve(self.family, value)
         try:
             # strict: YAML already gives typed scalars; "2" for an int is a mistake worth reporting
-            return self._adapter.validate_python(value, strict=True)
+            return _plain(self._adapter.validate_python(value, strict=True))
         except pydantic.ValidationError:
             if isinstance(value, int) and not isinstance(value, bool) and self._accepts_float():
                 return float(value)  # 1 for a float option is fine
@@ -149,7 +149,7 @@ class Component:
                     f"{self.family} '{self.name}' needs option '{name}' ({opt.type_name})"
                 )
             else:  # a default that names a component resolves like a given one: one canonical form
-                resolved[name] = resolve(opt.family, opt.default) if opt.family else opt.default
+                resolved[name] = resolve(opt.family, opt.default) if opt.family else _plain(opt.default)
         return resolved
 
     def build(self, *context: Any, **options: Any) -> Any:
@@ -241,7 +241,7 @@ def available(family: str | None = None, pattern: str = "*") -> list[Availabilit
         for name in list_components(fam, pattern):
             comp = _REGISTRY[fam][name]
             reason = comp.unavailable_reason()
-            defaults = {o.name: o.default for o in comp.options.values()}
+            defaults = {o.name: _plain(o.default) for o in comp.options.values()}
             note = comp.limitation() if reason is None else None
             rows.append(Availability(fam, name, comp.description, defaults, reason is None, reason, note))
     return rows
@@ -336,6 +336,12 @@ def _options_of(factory: Any, fixed: Mapping[str, Any], defaults: Mapping[str, A
         if key not in options and key not in inspect.signature(factory).parameters:
             raise ComponentError(f"{factory.__name__} has no keyword-only option '{key}'")
     return options
+
+
+def _plain(value: Any) -> Any:
+    """An option's value as plain data (a pydantic model option as its dict, defaults filled in), so
+    specs hash and serialise the same whichever way they were written."""
+    return value.model_dump() if isinstance(value, pydantic.BaseModel) else value
 
 
 @functools.cache

@@ -273,6 +273,20 @@ def test_a_quantized_variant_is_tested_against_its_own_checkpoint_evaluated_the_
     assert c.verdict == "equivalent"
 
 
+def test_two_post_training_methods_are_compared_on_the_same_checkpoints_when_the_spec_says_so():
+    runs = runs_frame({"mha": [2.00, 2.10, 1.95]}, kind="train")
+    rtn = runs_frame({"rtn": [2.060, 2.170, 2.000]}, kind="quantize")
+    gptq = runs_frame({"gptq": [2.030, 2.141, 1.972]}, kind="quantize")
+    for frame in (rtn, gptq):
+        frame["val_loss_float"] = [2.010, 2.109, 1.961]
+    spec = {"name": "q", "baseline": "mha", "variants": {"mha": {}, "rtn": {}, "gptq": {}}, "compare": {"gptq": "rtn"}}
+    summary = summarise(pd.concat([runs, rtn, gptq], ignore_index=True), spec)
+    pairs = {(c.variant, c.reference): c for c in summary.comparisons}
+    assert set(pairs) == {("rtn", "rtn (float)"), ("gptq", "gptq (float)"), ("gptq", "rtn")}
+    direct = pairs[("gptq", "rtn")]
+    assert direct.delta == pytest.approx(-0.029) and direct.test == "paired t" and direct.n == 3
+
+
 def test_tasks_are_judged_on_accuracy_and_bits_per_byte_are_not_tested_again():
     runs = runs_frame({"full": [0.9, 0.95, 0.92], "window": [0.5, 0.52, 0.55]}, metric="val_accuracy")
     summary = summarise(runs, {"name": "t", "variants": {"full": {}, "window": {}}})

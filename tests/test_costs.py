@@ -71,6 +71,17 @@ def test_a_quantized_variant_costs_bytes_and_latency_against_its_float_checkpoin
     assert [c.phrase() for c in facts] == ["shrinks the model 4.0× (977 KiB against 3.81 MiB)",
                                            "runs a val batch 1.30× slower (13.0 ms against 10.0 ms)"]
     assert Cost("parameters", 100.0, 100.2).phrase() is None
+    decoding = runs.assign(decode_ms_per_token=[2.0, 2.0], decode_ms_per_token_float=[1.0, 1.0])
+    assert quantization_costs(decoding)[-1].phrase() == "decodes 2.00× slower (2.00 ms against 1.00 ms per token)"
+
+
+def test_two_quantization_methods_cost_what_each_took_besides_bytes_and_latency():
+    gptq = pd.DataFrame({"model_bytes": [1.0e6], "latency_ms": [12.0], "decode_ms_per_token": [2.0], "quantize_seconds": [3.0]})
+    rtn = pd.DataFrame({"model_bytes": [1.0e6], "latency_ms": [12.0], "decode_ms_per_token": [2.0], "quantize_seconds": [0.03]})
+    assert [c.phrase() for c in quantization_costs(gptq, rtn)] == [
+        None, "runs a val batch at the same speed within 5% (12.0 ms against 12.0 ms)",
+        "decodes at the same speed within 5% (2.00 ms against 2.00 ms per token)",
+        "quantizes 100.00× slower (3.00 s against 30.0 ms)"]
 
 
 def test_a_moe_states_its_active_parameters_before_its_total():

@@ -194,7 +194,7 @@ def test_rows_carry_flops_bandwidth_and_peaks():
         norm={"names": ["rmsnorm"], "tokens": 256, "dim": 256},
         mlp={"names": ["swiglu"], "tokens": 64, "n_embd": 64, "directions": ["forward"]},
         moe={"n_experts": [4], "top_k": [2], "tokens": 64, "n_embd": 32, "expert_hidden": 64},
-        quantization={"names": ["int8_weight_only"], "tokens": 8, "in_features": 128, "out_features": 128},
+        quantization={"names": ["int8_weight_only", "gptq", "awq"], "tokens": 8, "in_features": 128, "out_features": 128},
         **QUICK))
     attention = {r["direction"]: r for r in rows if r["component"] == "attention"}
     # the whole module: its projections (q, k, v: 32 -> 96; out: 32 -> 32) and the attention core,
@@ -210,6 +210,8 @@ def test_rows_carry_flops_bandwidth_and_peaks():
         assert r["status"] == "ok", r
         assert r["median_s"] > 0 and r["threads"] == 1 and r["machine"]  # the fixed thread count, recorded
     assert {r["component"] for r in rows} == {"attention", "norm", "mlp", "moe", "quantization"}
+    formats = {r["name"]: r.get("format", "") for r in rows if r["component"] == "quantization"}
+    assert formats["gptq"].startswith("GPTQ") and formats["awq"].startswith("AWQ")  # calibrated on the timed input
 
 
 def test_decode_with_the_kv_cache_equals_full_recompute_for_every_variant_timed():

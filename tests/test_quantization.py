@@ -26,6 +26,11 @@ def batches(n: int, seed: int):
 
 @pytest.fixture(scope="module")
 def trained():
+    return train_tiny()
+
+
+def train_tiny():
+    """A tiny model trained briefly on the toy language (the same weights every call)."""
     torch.manual_seed(0)
     model = build_model(tiny(n_embd=64, block_size=32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

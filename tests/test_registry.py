@@ -24,7 +24,7 @@ def test_every_family_has_its_built_in_members():
     assert list_components("norm") == ["layernorm", "rmsnorm"]
     assert list_components("mlp") == ["geglu", "gelu", "relu2", "swiglu"]
     assert list_components("moe") == ["switch", "topk"]
-    assert list_components("quantization") == ["fake_quant", "int4_weight_only", "int8_dynamic", "int8_weight_only"]
+    assert list_components("quantization") == ["awq", "fake_quant", "gptq", "int4_weight_only", "int8_dynamic", "int8_weight_only"]
 
 
 def test_wildcards_and_unknown_family():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), targets (B, T) with -1 = no loss
+CALIBRATION_STREAM = 1  # (seed, 0, 1) seeds calibration windows; training batches are seeded by (seed, step)
 
 
 @dataclass
@@ -25,13 +26,22 @@ class Dataset:
     loss_floor: float | None = None  # the best achievable loss in nats (Markov entropy rate)
     token_bytes: np.ndarray | None = None  # UTF-8 bytes of each token id, for bits per byte
 
-    def train_batch(self, step: int, seed: int, batch_size: int, seq_len: int) -> Batch:
-        raise NotImplementedError
-
     def val_batches(self, n_sequences: int | None, seq_len: int, chunk: int) -> list[Batch]:
         """The fixed validation set: n_sequences windows (None: all there are, or a default), in
         batches of `chunk` sequences. Chunking never changes which tokens are evaluated."""
         raise NotImplementedError
+
+    def calibration_batch(self, seed: int, n_sequences: int, seq_len: int) -> torch.Tensor:
+        """(n_sequences, seq_len) token ids from the training split, fixed by `seed` and drawn from a
+        stream of their own (no training step's batch), for calibrating post-training quantization."""
+        return self._draw(np.random.default_rng([seed, 0, CALIBRATION_STREAM]), n_sequences, seq_len)[0]
+
+    def _draw(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> Batch:
+        raise NotImplementedError
+
+    def train_batch(self, step: int, seed: int, batch_size: int, seq_len: int) -> Batch:
+        """Training step `step`'s batch for `seed`: the same for every run with that seed."""
+        return self._draw(_rng(seed, step), batch_size, seq_len)
 
     def check_seq_len(self, seq_len: int) -> None:
         if self.seq_len is not None and seq_len != self.seq_len:
@@ -55,9 +65,9 @@ class ExampleDataset(Dataset):
     train: tuple[np.ndarray, np.ndarray] = None
     test: tuple[np.ndarray, np.ndarray] = None
 
-    def train_batch(self, step, seed, batch_size, seq_len):
+    def _draw(self, rng, batch_size, seq_len):
         self.check_seq_len(seq_len)
-        rows = _rng(seed, step).integers(0, len(self.train[0]), batch_size)
+        rows = rng.integers(0, len(self.train[0]), batch_size)
         return _tensors(self.train[0][rows], self.train[1][rows])
 
     def val_batches(self, n_sequences, seq_len, chunk):
@@ -94,8 +104,8 @@ class StreamDataset(Dataset):
         windows = np.stack([np.asarray(tokens[o : o + seq_len + 1]) for o in offsets])
         return _tensors(windows[:, :-1], windows[:, 1:])
 
-    def train_batch(self, step, seed, batch_size, seq_len):
-        return self._windows(self.train_tokens, self._offsets(self.train_tokens, seq_len, batch_size, _rng(seed, step)), seq_len)
+    def _draw(self, rng, batch_size, seq_len):
+        return self._windows(self.train_tokens, self._offsets(self.train_tokens, seq_len, batch_size, rng), seq_len)
 
     def val_batches(self, n_sequences, seq_len, chunk):
         offsets = self._offsets(self.val_tokens, seq_len, n_sequences or 256, None)

@@ -580,7 +580,7 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
         try:
             quantized = copy.deepcopy(layer)
             with torch.no_grad():
-                row["format"] = quantize(quantized, name).format
+                row["format"] = quantize(quantized, name, calibration=x).format  # GPTQ/AWQ calibrate on x
                 error = max_error(quantized(x), reference)
             relative = error / float(reference.abs().max())
             row["max_error"] = error

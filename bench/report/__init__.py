@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,15 @@ def _config_differences(runs: pd.DataFrame, baseline: str) -> list[dict]:
                  for k in sorted(set(base) | set(mine)) if k != "seed" and base.get(k) != mine.get(k)]
         out.append({"variant": variant, "differences": diffs})
     return out
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _ms(value) -> str:
+    """A latency stored in milliseconds, in words ("–" where it was not measured)."""
+    return "–" if _missing(value) else duration(value / 1e3)
 
 
 def _latency(row) -> str:
@@ -244,6 +254,9 @@ def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame)
     for c in summary.comparisons:
         if c.reference == f"{c.variant} (float)":
             facts = costs.quantization_costs(quantized[quantized["variant"] == c.variant])
+        elif not quantized.empty and c.reference in set(quantized["variant"]):  # two post-training methods
+            facts = costs.quantization_costs(quantized[quantized["variant"] == c.variant],
+                                             quantized[quantized["variant"] == c.reference])
         else:
             facts = costs.costs(c.variant, c.reference, summary.variants, mine, kernels, summary.machine)
         out.append({"verdict": c.verdict, "sentence": c.verdict_sentence(), "costs": costs.cost_sentence(facts, summary.machine),
@@ -397,6 +410,8 @@ def build_report(folders: list[str | Path]) -> str:
                        "val_loss": significant(r["val_loss"], 4), "change": percent(r["val_loss_change"]),
                        "bytes_float": size(r["model_bytes_float"]), "bytes": size(r["model_bytes"]),
                        "latency_float": duration(r["latency_ms_float"] / 1e3), "latency": duration(r["latency_ms"] / 1e3),
+                       "decode_float": _ms(r.get("decode_ms_per_token_float")), "decode": _ms(r.get("decode_ms_per_token")),
+                       "seconds": "–" if _missing(r.get("quantize_seconds")) else duration(r["quantize_seconds"]),
                        "format": r["quantization_format"]}
                       for _, r in quantized.sort_values(["variant", "seed"]).iterrows()],
         "failed": failed,
