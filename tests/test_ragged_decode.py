@@ -41,7 +41,11 @@ SWAP_AT = 3  # after this many steps the 7-token request leaves and the joiner j
 
 @pytest.fixture(autouse=True, scope="module")
 def _measuring_auto():
+    """auto measures its choices, briefly: what these tests check is among which backends it chooses."""
     autotune.install()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autotune, "CHOICE_MIN_TIME", 0.002)
+        yield
 
 
 def model_for(attention: str, positional: str, backend: str = "math", **overrides):
