@@ -80,7 +80,9 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     device, dtype = q.device, q.dtype
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    mask_label = f"{mask.kind}:w{mask.window}:{'bias' if mask.slopes is not None else 'nobias'}"
+    # a batched mask (rows at their own positions) needs 'ragged': a choice of its own
+    mask_label = (f"{mask.kind}{':ragged' if mask.batched else ''}:w{mask.window}:"
+                  f"{'bias' if mask.slopes is not None else 'nobias'}")
     key = (f"attention:{hardware.device_key(device, dtype)}:B{B}:H{H}/{Hkv}:T{Tq}x{Tk}:"
            f"D{D}{f'v{Dv}' if Dv != D else ''}:{mask_label}:dropout{dropout_p > 0}:{direction}")
     needs = needed_capabilities(q, k, mask, dropout_p)

@@ -12,8 +12,33 @@ import torch
 from torch import Tensor, nn
 
 from models.accounting import attention_flops
-from models.attention_backends import Mask
+from models.attention_backends import PADDING_POSITION, Mask
 from models.registry import REQUIRED, build_spec, get, ref, register, resolve
+
+
+def merge_rows(parts: list[Tensor], dim: int, fill: float = 0) -> Tensor:
+    """Several caches' tensors (rows in dim 0, tokens in `dim`) as one: each left-padded with `fill`
+    to the most tokens, then stacked row after row, so that every row's newest token is in the last column."""
+    width = max(part.shape[dim] for part in parts)
+    padded = []
+    for part in parts:
+        shape = list(part.shape)
+        shape[dim] = width - part.shape[dim]
+        padded.append(torch.cat([part.new_full(shape, fill), part], dim))
+    return torch.cat(padded, 0)
+
+
+def row_positions(pos: Tensor, rows: int) -> Tensor:
+    """A cache's key positions (T,) shared by its rows, or already (B, T), as (rows, T)."""
+    return pos.expand(rows, -1) if pos.dim() == 1 else pos
+
+
+def trim_padding(pos: Tensor) -> tuple[int, Tensor]:
+    """Key positions (B, T) of right-aligned rows -> (the first column that is not padding in every row,
+    the positions from there on: (T',) when the rows now agree, as rows of one length do, else (B, T'))."""
+    start = int((pos != PADDING_POSITION).any(0).nonzero()[0])  # padding is leading: left-padded rows
+    pos = pos[:, start:]
+    return start, pos[0] if bool((pos == pos[:1]).all()) else pos
 
 
 class KVCache:
@@ -21,24 +46,50 @@ class KVCache:
 
     With a sliding window only the last window − 1 tokens are kept (a rolling cache), so the next
     token attends to exactly `window` keys without a mask.
+
+    Rows at different positions (``merge``): the rows are right-aligned, shorter ones left-padded
+    with zero keys and values at PADDING_POSITION, which no query sees; the rolling cache keeps each
+    row's last window − 1 columns, which are its newest tokens.
     """
 
     def __init__(self, window: int | None = None):
         self.keep = None if window is None else window - 1
         self.k: Tensor | None = None  # (B, Hkv, T, D)
         self.v: Tensor | None = None
-        self.pos: Tensor | None = None  # (T,)
+        self.pos: Tensor | None = None  # (T,), or (B, T) when the rows are at different positions
 
     def update(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Append this step's keys/values; return all that the step's queries may attend to."""
-        if self.k is not None:
-            k, v, pos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, pos])
+        """Append this step's keys/values at positions pos (T,) or (B, T); return all that the step's
+        queries may attend to."""
+        if self.k is not None:  # new tensors, never in-place: a shallow copy of the cache stays valid
+            k, v, pos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, pos], -1)
         start = 0 if self.keep is None else max(0, k.shape[2] - self.keep)
-        self.k, self.v, self.pos = k[:, :, start:], v[:, :, start:], pos[start:]
+        self.k, self.v, self.pos = k[:, :, start:], v[:, :, start:], pos[..., start:]
         return k, v, pos
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        """Bytes of the keys and values held (padding included)."""
+        return 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @classmethod
+    def merge(cls, caches: list[KVCache]) -> KVCache:
+        """The rows of several filled caches (of one model's layer) in one, right-aligned and left-padded."""
+        merged = cls()
+        merged.keep = caches[0].keep
+        k, v = merge_rows([c.k for c in caches], 2), merge_rows([c.v for c in caches], 2)
+        pos = merge_rows([row_positions(c.pos, c.k.shape[0]) for c in caches], 1, PADDING_POSITION)
+        merged._keep_rows(k, v, pos)
+        return merged
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (indices (B',)), dropping the columns that are padding in all of them."""
+        rows = rows.to(self.k.device)
+        self._keep_rows(self.k[rows], self.v[rows], row_positions(self.pos, self.k.shape[0])[rows])
+
+    def _keep_rows(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Hold k, v (B, Hkv, T, D) at pos (B, T) without the leading columns that no row uses."""
+        start, self.pos = trim_padding(pos)
+        self.k, self.v = k[:, :, start:], v[:, :, start:]
 
 
 class Attention(nn.Module):
@@ -84,13 +135,16 @@ class Attention(nn.Module):
 
     @staticmethod
     def handles(config, options: dict) -> frozenset[str]:
-        """Rotation always; score bias, dropout, window and KV-cache decoding as far as its kernel can."""
+        """Rotation always; score bias, dropout, window, KV-cache decoding and decoding rows at
+        different positions (ragged) as far as its kernel can."""
         backend = resolve("attention_backend", options["backend"])
         can = get("attention_backend", backend["name"]).factory.capabilities(backend)
         return frozenset({"rotate", "value_residual"} | (can & {"bias", "dropout", "window"})
-                         | ({"cache"} if "decode" in can else set()))
+                         | ({"cache"} if "decode" in can else set())
+                         | ({"ragged"} if {"decode", "ragged"} <= can else set()))
 
     def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None, values=None) -> Tensor:
+        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)

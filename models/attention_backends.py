@@ -8,7 +8,8 @@ reference that every other backend is tested against. Each declares what it supp
 config that needs something a backend lacks is rejected when it is built.
 
 Capabilities: causal, window (sliding window), bias (ALiBi-style additive score bias), dropout,
-decode (queries that start after cached keys).
+decode (queries that start after cached keys), ragged (rows at their own positions: a batched mask,
+q_pos (B, Tq) and k_pos (B, Tk), as decoding a merged cache of sequences of different lengths gives).
 
 ``auto`` picks, per call shape, dtype, direction and device, the fastest backend that passes the
 correctness gate against ``math``. The measuring lives in bench (bench.autotune, installed by the
@@ -30,7 +31,11 @@ from torch import Tensor
 
 from models.registry import register
 
-ALL = frozenset({"causal", "window", "bias", "dropout", "decode"})
+ALL = frozenset({"causal", "window", "bias", "dropout", "decode", "ragged"})
+
+# the key position of a merged cache's left padding: after every query's position, so that causality
+# hides it from every query (and no real position can reach it)
+PADDING_POSITION = 2**62
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,10 +49,15 @@ class Mask:
 
     Invariant kept by the KV cache: the keys are the most recent Tk positions ending at the last
     query, so a single new query with Tk ≤ window sees every key.
+
+    Positions are shared by every row of the batch, (Tq,) and (Tk,), or batched, (B, Tq) and (B, Tk):
+    each row at its own positions (decoding a merged cache, models.gpt.Cache.merge), its keys
+    right-aligned and left-padded with PADDING_POSITION. A batched mask is always 'general' and needs
+    the 'ragged' capability.
     """
 
-    q_pos: Tensor  # (Tq,)
-    k_pos: Tensor  # (Tk,)
+    q_pos: Tensor  # (Tq,) or (B, Tq)
+    k_pos: Tensor  # (Tk,) or (B, Tk)
     window: int | None = None  # a query sees itself and window − 1 earlier tokens
     slopes: Tensor | None = None  # (Hq,): score − slope·(i − j)
 
@@ -57,9 +67,14 @@ class Mask:
     _allowed: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
+    def batched(self) -> bool:
+        """Whether each row has its own positions (B, T)."""
+        return self.q_pos.dim() == 2
+
+    @property
     def kind(self) -> Literal["causal", "none", "general"]:
         """'causal': plain causal over the same tokens; 'none': every key visible; else 'general'."""
-        if self.slopes is not None:
+        if self.slopes is not None or self.batched:
             return "general"
         tq, tk = self.q_pos.shape[0], self.k_pos.shape[0]
         if self.q_pos is self.k_pos and (self.window is None or self.window >= tq):
@@ -70,14 +85,14 @@ class Mask:
 
     @property
     def distance(self) -> Tensor:
-        """(Tq, Tk) query position minus key position."""
+        """(Tq, Tk), or (B, Tq, Tk) when batched: query position minus key position."""
         if self._distance is None:
-            self._distance = self.q_pos[:, None] - self.k_pos[None, :]
+            self._distance = self.q_pos[..., :, None] - self.k_pos[..., None, :]
         return self._distance
 
     @property
     def allowed(self) -> Tensor:
-        """(Tq, Tk) bool: key visible to query."""
+        """(Tq, Tk), or (B, Tq, Tk) when batched, bool: key visible to query."""
         if self._allowed is None:
             visible = self.distance >= 0
             if self.window is not None:
@@ -86,18 +101,38 @@ class Mask:
         return self._allowed
 
     def bias(self, dtype: torch.dtype) -> Tensor:
-        """(Hq or 1, Tq, Tk) additive mask: −inf where hidden, −slope·distance where visible."""
+        """(Hq or 1, Tq, Tk) additive mask, (B, Hq or 1, Tq, Tk) when batched: −inf where hidden,
+        −slope·distance where visible."""
+        if self.batched:
+            return self._batched_bias(dtype)
         hidden = torch.zeros(self.allowed.shape, dtype=dtype, device=self.q_pos.device)
         hidden.masked_fill_(~self.allowed, float("-inf"))
         if self.slopes is None:
             return hidden[None]
         return hidden[None] - self.slopes.to(dtype)[:, None, None] * self.distance.to(dtype)[None]
 
+    def _batched_bias(self, dtype: torch.dtype) -> Tensor:
+        """(B, Hq or 1, Tq, Tk). Hidden scores are filled with −inf last: padding's distance is huge
+        (−inf in half precision), and −inf − slope·distance could make a NaN."""
+        hidden = ~self.allowed[:, None]  # (B, 1, Tq, Tk)
+        if self.slopes is None:
+            return torch.zeros(hidden.shape, dtype=dtype, device=self.q_pos.device).masked_fill_(hidden, float("-inf"))
+        scaled = self.slopes.to(dtype)[None, :, None, None] * self.distance.to(dtype)[:, None]  # (B, Hq, Tq, Tk)
+        return (-scaled).masked_fill_(hidden, float("-inf"))
+
     @staticmethod
     def causal(seq_len: int, device: torch.device | str = "cpu", **kwargs) -> Mask:
         """The training-time mask over seq_len tokens at positions 0..seq_len−1."""
         pos = _arange(seq_len, torch.device(device))
         return Mask(pos, pos, **kwargs)
+
+
+def refuse_batched(mask: Mask, backend: str) -> None:
+    """Raise for a batched mask in a backend without the 'ragged' capability: it would read one row's
+    positions for all (wrong, silently), so it says so instead."""
+    if mask.batched:
+        raise ValueError(f"attention backend '{backend}' cannot attend with rows at different positions "
+                         "(ragged); use math, baddbmm or sdpa")
 
 
 def one_head_dim(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
@@ -159,9 +194,9 @@ class BaddbmmAttention(MathAttention):
         Tk, Dv = k.shape[2], v.shape[-1]  # v's head dim may differ from q's (MLA, differential attention)
         if mask.kind == "none":
             bias = q.new_zeros(1, 1, Tk)
-        else:  # (1 or H, Tq, Tk), to one bias per batch·head matrix only when it differs per head
+        else:  # (1 or H, Tq, Tk), to one bias per batch·head matrix only when it differs per head (or row)
             bias = mask.bias(q.dtype)
-            if bias.shape[0] != 1:
+            if bias.dim() == 4 or bias.shape[0] != 1:
                 bias = bias.expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk)
         scores = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2),
                                alpha=1.0 / math.sqrt(D))  # (B·H, Tq, Tk)
@@ -188,7 +223,8 @@ class SDPAttention:
 
     @staticmethod
     def capabilities(options: dict) -> frozenset[str]:
-        # SDPA's flash kernel takes no mask tensor: only plain causal (and unmasked decode)
+        # SDPA's flash kernel takes no mask tensor: only plain causal (and unmasked decode); the others
+        # take a mask per row (ragged)
         return frozenset({"causal", "dropout"}) if options.get("kernel") == "flash" else ALL
 
     @staticmethod
@@ -205,7 +241,10 @@ class SDPAttention:
             kwargs["is_causal"] = True
         elif mask.kind == "general":
             # boolean masks when no bias: cheaper; cuDNN needs the bias in q's dtype
-            kwargs["attn_mask"] = mask.bias(q.dtype) if mask.slopes is not None else mask.allowed
+            if mask.slopes is not None:
+                kwargs["attn_mask"] = mask.bias(q.dtype)
+            else:  # a batched mask (B, Tq, Tk) gets its head dim: (B, 1, Tq, Tk)
+                kwargs["attn_mask"] = mask.allowed[:, None] if mask.batched else mask.allowed
         if self.ran is None:
             self.ran = self._which(q, k, v, kwargs)
         if self.kernel == "auto":  # the dispatcher passes over flash when v's head dim differs from q's
@@ -244,6 +283,8 @@ def needed_capabilities(q: Tensor, k: Tensor, mask: Mask, dropout_p: float) -> f
         needs.add("decode")
     if dropout_p:
         needs.add("dropout")
+    if mask.batched:  # rows at their own positions
+        needs.add("ragged")
     return frozenset(needs)
 
 
@@ -270,7 +311,7 @@ class AutoAttention:
         # decode steps grow the cache by one key per call: bucket their key count to a power of two
         tk = k.shape[2] if q.shape[2] > 1 else 1 << (k.shape[2] - 1).bit_length()
         key = (q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], tk, q.shape[3], v.shape[3],
-               mask.kind, mask.window, mask.slopes is not None, dropout_p > 0, direction)
+               mask.kind, mask.batched, mask.window, mask.slopes is not None, dropout_p > 0, direction)
         backend = self._backends.get(key)
         if backend is None:
             backend = self._choose(key, q, k, v, mask, dropout_p, direction)
@@ -330,7 +371,8 @@ class FlexAttention:
 
     @staticmethod
     def capabilities(options: dict) -> frozenset[str]:
-        return ALL - {"dropout"}  # FlexAttention has no attention dropout
+        # FlexAttention has no attention dropout; its mask functions here read one row of positions
+        return ALL - {"dropout", "ragged"}
 
     def __init__(self, *, compile: bool = True):
         self.compile = compile
@@ -342,6 +384,7 @@ class FlexAttention:
 
         if dropout_p:
             raise ValueError("flex attention has no dropout; set dropout: 0 or use sdpa/math")
+        refuse_batched(mask, self.name)
         if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad and _flex_cpu_backward_missing():
             raise RuntimeError(f"flex: {_flex_cpu_backward_missing()}; train with backend sdpa or math")
         if self._kernel is None:
@@ -391,11 +434,15 @@ class FlashAttn:
     """Dao's flash-attn 2 kernels (CUDA, fp16/bf16): causal, sliding window, ALiBi, GQA native."""
 
     name = "flash_attn"
-    capabilities = MathAttention.capabilities
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        return ALL - {"ragged"}  # one bottom-right causal alignment for every row: no per-row positions
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         from flash_attn import flash_attn_func  # imported here: a config naming it builds anywhere
 
+        refuse_batched(mask, self.name)
         dtype, d_v = q.dtype, v.shape[-1]
         scale = {}
         if d_v != q.shape[-1]:  # flash-attn 2 needs one head dim for q, k and v: zero-pad, keep q's scale
@@ -421,11 +468,15 @@ class XFormersAttention:
     """xformers memory_efficient_attention (CUDA; it has no CPU kernel)."""
 
     name = "xformers"
-    capabilities = MathAttention.capabilities
+
+    @staticmethod
+    def capabilities(options: dict) -> frozenset[str]:
+        return ALL - {"ragged"}  # its masks are bottom-right aligned on one position for every row
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         import xformers.ops as xops  # imported here: a config naming it builds anywhere
 
+        refuse_batched(mask, self.name)
         fmha = xops.fmha.attn_bias
         k, v = repeat_kv(k, v, q.shape[1])
         if mask.kind == "none":

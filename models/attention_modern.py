@@ -6,7 +6,8 @@ difference of two softmax maps, so that attention noise common to both cancels (
 arXiv 2410.05258).
 
 Both delegate to a kernel of the ``attention_backend`` family, like the built-in attention, so every
-backend, the KV cache, dropout, sliding windows and ALiBi's score bias work as far as the kernel can.
+backend, the KV cache, dropout, sliding windows, ALiBi's score bias and decoding rows at different
+positions (a merged, ragged cache) work as far as the kernel can.
 Their q/k head dim differs from v's (MLA: head_dim + rope_dim against head_dim; diff: head_dim against
 2·head_dim): math, baddbmm, sdpa, flex and xformers take a separate value head dim; flash kernels
 (sdpa's ``flash``, flash-attn) need one head dim and get zero-padded inputs from their backend.
@@ -18,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from models.accounting import attention_flops
-from models.attention import Attention, KVCache, visible_keys
-from models.attention_backends import Mask
+from models.attention import Attention, KVCache, merge_rows, row_positions, trim_padding, visible_keys
+from models.attention_backends import PADDING_POSITION, Mask
 from models.registry import build_spec, get, ref, register
 
 
@@ -46,28 +47,52 @@ class LatentCache:
 
     Keys and values are up-projected from the latent at every step (no weight absorption): the cache
     costs kv_rank + rope_dim elements per token, against 2·n_head·head_dim for multi-head attention.
-    With a sliding window only the last window − 1 tokens are kept, as ``KVCache`` does.
+    With a sliding window only the last window − 1 tokens are kept, as ``KVCache`` does; rows at
+    different positions (``merge``) are right-aligned and left-padded, as ``KVCache``'s are.
     """
 
     def __init__(self, window: int | None = None):
         self.keep = None if window is None else window - 1
         self.c_kv: Tensor | None = None  # (B, T, kv_rank)
         self.k_rope: Tensor | None = None  # (B, T, rope_dim)
-        self.pos: Tensor | None = None  # (T,)
+        self.pos: Tensor | None = None  # (T,), or (B, T) when the rows are at different positions
 
     def update(self, c_kv: Tensor, k_rope: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Append this step's latents and rope keys; return all that the step's queries may attend to."""
+        """Append this step's latents and rope keys at positions pos (T,) or (B, T); return all that
+        the step's queries may attend to."""
         if self.c_kv is not None:  # new tensors, never in-place: a shallow copy of the cache stays valid
             c_kv, k_rope = torch.cat([self.c_kv, c_kv], 1), torch.cat([self.k_rope, k_rope], 1)
-            pos = torch.cat([self.pos, pos])
+            pos = torch.cat([self.pos, pos], -1)
         start = 0 if self.keep is None else max(0, c_kv.shape[1] - self.keep)
-        self.c_kv, self.k_rope, self.pos = c_kv[:, start:], k_rope[:, start:], pos[start:]
+        self.c_kv, self.k_rope, self.pos = c_kv[:, start:], k_rope[:, start:], pos[..., start:]
         return c_kv, k_rope, pos
 
     def nbytes(self) -> int:
+        """Bytes of the latents and rope keys held (padding included)."""
         if self.c_kv is None:
             return 0
         return self.c_kv.numel() * self.c_kv.element_size() + self.k_rope.numel() * self.k_rope.element_size()
+
+    @classmethod
+    def merge(cls, caches: list[LatentCache]) -> LatentCache:
+        """The rows of several filled caches (of one model's layer) in one, right-aligned and left-padded
+        with zero latents at PADDING_POSITION, which no query sees."""
+        merged = cls()
+        merged.keep = caches[0].keep
+        c_kv, k_rope = merge_rows([c.c_kv for c in caches], 1), merge_rows([c.k_rope for c in caches], 1)
+        pos = merge_rows([row_positions(c.pos, c.c_kv.shape[0]) for c in caches], 1, PADDING_POSITION)
+        merged._keep_rows(c_kv, k_rope, pos)
+        return merged
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (indices (B',)), dropping the columns that are padding in all of them."""
+        rows = rows.to(self.c_kv.device)
+        self._keep_rows(self.c_kv[rows], self.k_rope[rows], row_positions(self.pos, self.c_kv.shape[0])[rows])
+
+    def _keep_rows(self, c_kv: Tensor, k_rope: Tensor, pos: Tensor) -> None:
+        """Hold c_kv, k_rope (B, T, ·) at pos (B, T) without the leading columns that no row uses."""
+        start, self.pos = trim_padding(pos)
+        self.c_kv, self.k_rope = c_kv[:, start:], k_rope[:, start:]
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -142,6 +167,7 @@ class MultiHeadLatentAttention(nn.Module):
     handles = staticmethod(_kernel_features)
 
     def forward(self, x: Tensor, positional, pos: Tensor, cache: LatentCache | None = None) -> Tensor:
+        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
         B, T, C = x.shape
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         q = self.q_proj(x) if self.q_rank is None else self.q_up(self.q_norm(self.q_down(x)))
@@ -252,6 +278,7 @@ class DifferentialAttention(nn.Module):
                 + self.lambda_init)
 
     def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
         B, T, C = x.shape
         D = self.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)

@@ -106,6 +106,13 @@ def attention_features(config: ModelConfig) -> frozenset[str]:
     return frozenset(factory.handles(config, options))
 
 
+def backends_handling(config: ModelConfig, features: set[str]) -> list[str]:
+    """The attention backends with which the config's attention would handle every one of `features`."""
+    factory, options = _component(config, "attention")
+    return [b for b in list_components("attention_backend")
+            if features <= factory.handles(config, {**options, "backend": resolve("attention_backend", b)})]
+
+
 def needed_features(config: ModelConfig) -> dict[str, str]:
     """feature -> what in the config needs it of the attention (the first component that asks)."""
     needs: dict[str, str] = {}

@@ -17,6 +17,11 @@ handles (``handles``); a config that needs a feature its attention does not hand
     dropout  apply attention dropout (the model's dropout > 0)
     window   restrict each query to a sliding window of keys
     cache    decode incrementally with a KV cache (new_cache())
+    ragged   decode a batch whose rows are at different positions (models.gpt.Cache.merge, refused
+             without it): forward gets pos (B, T), and new_cache()'s object also offers
+             ``merge(caches)``, a classmethod (the caches' rows in one, right-aligned, left-padded with
+             keys at attention_backends.PADDING_POSITION), and ``select(rows)`` (keep those rows, given
+             as a LongTensor of indices; drop the leading columns that are padding in all of them)
     value_residual  pass its values v through forward's ``values`` (a models.gpt.ValueResidual):
              v = values(v) before attending and caching
 
@@ -40,6 +45,7 @@ FEATURES: dict[str, str] = {
     "dropout": "apply attention dropout",
     "window": "restrict queries to a sliding window",
     "cache": "decode with a KV cache",
+    "ragged": "decode rows at different positions in one batch",
     "value_residual": "mix the first layer's values into its own (model.value_residual)",
 }
 
@@ -97,13 +103,14 @@ class ModuleComponent(Protocol):
 
 
 class Attention(ModuleComponent, Protocol):
-    """(config, **options) -> module; forward(x (B,T,C), positional, pos (T,), cache) -> (B,T,C).
+    """(config, **options) -> module; forward(x (B,T,C), positional, pos (T,) or (B,T), cache) -> (B,T,C).
 
     ``positional`` is the model's positional encoding bound to this forward pass's positions: an
     attention that handles ``rotate`` calls ``positional.rotate(q, pos)`` and ``positional.rotate(k,
     pos)``; one that handles ``bias`` adds ``-slope·(i − j)`` from ``positional.bias_slopes()`` to
     its scores. ``cache`` is None or what ``new_cache()`` made; pos are the absolute positions of
-    x's tokens. One that handles ``value_residual`` takes ``values`` (passed only when the model
+    x's tokens: (T,) shared by every row, or (B, T) for one that handles ``ragged`` decoding a merged
+    cache (a ``Mask`` built from batched positions is batched: the kernel needs ``ragged``). One that handles ``value_residual`` takes ``values`` (passed only when the model
     mixes values) and attends to, and caches, ``values(v)`` instead of its own v.
     """
 
@@ -118,7 +125,8 @@ class Attention(ModuleComponent, Protocol):
 
     @optional
     def new_cache(self) -> Any:
-        """An empty per-layer KV cache (needed when handles() includes 'cache')."""
+        """An empty per-layer KV cache (needed when handles() includes 'cache'; with 'ragged' it also
+        offers merge(caches) and select(rows))."""
 
     @optional
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
@@ -130,13 +138,15 @@ class AttentionBackend(Protocol):
 
     Hkv divides Hq (grouped-query attention); v's head dim Dv may differ from D (multi-head latent and
     differential attention). Every backend is tested against ``math``.
-    Capabilities: causal, window, bias, dropout, decode (queries after cached keys).
+    Capabilities: causal, window, bias, dropout, decode (queries after cached keys), ragged (a batched
+    mask: positions (B, Tq) and (B, Tk), each row at its own). A backend without ``ragged`` raises on
+    a batched mask rather than read one row's positions for all.
     """
 
     @factory_hook
     @staticmethod
     def capabilities(options: dict) -> frozenset[str]:
-        """What these options can do: causal, window, bias, dropout, decode."""
+        """What these options can do: causal, window, bias, dropout, decode, ragged."""
 
     def __call__(self, q: Any, k: Any, v: Any, mask: Any, dropout_p: float = 0.0) -> Any:
         """softmax(q·kᵀ/√d + bias)·v under the mask."""
@@ -154,16 +164,18 @@ class Positional(ModuleComponent, Protocol):
     Subclass ``models.positional.Positional``, whose defaults do nothing (NoPE); the attention
     features an encoding needs come from ``requires`` (rope: rotate; alibi: bias). Each forward pass
     binds the encoding to its positions once (``Positional.at(pos)``, which calls ``rotation``) and
-    hands that to every layer's attention.
+    hands that to every layer's attention. Positions are (T,), or (B, T) when the rows of a merged
+    cache are at different positions; every hook takes both.
     """
 
     max_positions: int | None  # positions it can encode; None: any length
 
     def embed(self, pos: Any) -> Any:
-        """(T,) positions -> (T, C) vectors added to the token embeddings, or None."""
+        """(T,) or (B, T) positions -> (T, C) or (B, T, C) vectors added to the token embeddings, or None."""
 
     def rotation(self, pos: Any) -> Any:
-        """What rotating at pos needs, computed once per forward pass (RoPE: cos and sin), or None."""
+        """What rotating at pos (T,) or (B, T) needs, computed once per forward pass (RoPE: cos and
+        sin), or None."""
 
     def rotate(self, x: Any, rotation: Any) -> Any:
         """Rotate queries or keys x (B, H, T, D) with what rotation(pos) gave; identity by default."""

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelConfig, attention_features
+from models.config import ModelConfig, attention_features, backends_handling
+from models.contract import FEATURES
 from models.registry import build_spec
 
 
@@ -71,14 +73,93 @@ class Output(NamedTuple):
 
 
 class Cache:
-    """KV caches of every layer plus the number of tokens they hold."""
+    """KV caches of every layer plus the number of tokens each row holds.
 
-    def __init__(self, layers: list):
+    A batch prefilled together has every row at one position: ``length`` counts its tokens. A
+    continuous-batching server prefills each request alone and ``merge`` s the caches into one whose
+    rows are at their own positions (``lengths``): right-aligned, every row's newest token in the last
+    column, shorter rows left-padded with keys that no query sees. The model then decodes all rows in
+    one forward pass, each at its own positions; ``select`` lets finished rows leave.
+    """
+
+    def __init__(self, layers: list, refusal: Callable[[], str] | None = None):
+        """layers: each layer's cache (the attention's new_cache()); refusal: None when the model can
+        decode rows at different positions, else what says why not (called only when merging)."""
         self.layers = layers
-        self.length = 0
+        self.refusal = refusal
+        self.rows: int | None = None  # the batch size, set by the first forward pass
+        self._length = 0  # tokens every row holds, while they are at one position
+        self._lengths: Tensor | None = None  # (B,) tokens of each row, once rows are at different positions
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the rows are at different positions."""
+        return self._lengths is not None
+
+    @property
+    def length(self) -> int:
+        """The number of tokens every row holds; only while the rows are at one position."""
+        if self._lengths is not None:
+            raise ValueError(f"the rows of this cache are at different positions ({self._lengths.tolist()}): "
+                             "use cache.lengths")
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if self._lengths is not None:
+            raise ValueError("the rows of this cache are at different positions: they have no one length")
+        self._length = value
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) int64: the number of tokens each row holds."""
+        if self._lengths is not None:
+            return self._lengths
+        if self.rows is None:
+            raise ValueError("an empty cache has no rows yet: run a forward pass with it first")
+        return torch.full((self.rows,), self._length, dtype=torch.long)
 
     def nbytes(self) -> int:
+        """Bytes the layers' caches hold (left padding included)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    @classmethod
+    def merge(cls, caches: Sequence[Cache]) -> Cache:
+        """One cache holding the rows of `caches` (one model's, each filled; rows in their order),
+        right-aligned and left-padded. The caches themselves are left as they were."""
+        for cache in caches:
+            if cache.refusal is not None:
+                raise ValueError(cache.refusal())
+            if cache.rows is None:
+                raise ValueError("cannot merge an empty cache: prefill it first")
+        if len({len(cache.layers) for cache in caches}) != 1:
+            raise ValueError("cannot merge caches of models with different numbers of layers")
+        kinds = {type(layer) for cache in caches for layer in cache.layers}
+        if not all(hasattr(kind, "merge") and hasattr(kind, "select") for kind in kinds):
+            raise ValueError(f"layer caches {sorted(k.__name__ for k in kinds)} cannot merge rows (they lack merge/select)")
+        layers = [type(parts[0]).merge(list(parts)) for parts in zip(*(cache.layers for cache in caches))]
+        merged = cls(layers)
+        merged._set_lengths(torch.cat([cache.lengths.cpu() for cache in caches]))
+        return merged
+
+    def select(self, rows: Sequence[int] | Tensor) -> None:
+        """Keep only these rows (indices, in the order given) and drop the leading columns that are
+        padding in every one of them."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"select takes a non-empty list of row indices, not {rows!r}")
+        lengths = self.lengths[index.to(self.lengths.device)]  # an empty cache raises here
+        for layer in self.layers:
+            layer.select(index)
+        self._set_lengths(lengths)
+
+    def _set_lengths(self, lengths: Tensor) -> None:
+        """Rows of one length are at one position again (the layers' caches then share their positions too)."""
+        self.rows = lengths.numel()
+        if bool((lengths == lengths[0]).all()):
+            self._length, self._lengths = int(lengths[0]), None
+        else:
+            self._lengths = lengths
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -149,17 +230,24 @@ class GPT(nn.Module):
         tokens. With MoE the loss includes the weighted auxiliary losses, returned in ``aux`` too.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
         limit = self.positional.max_positions
-        if limit is not None and start + T > limit:
+        ragged = cache is not None and cache.ragged  # rows at different positions (merged caches)
+        if ragged:  # each row continues from its own length: positions (B, T) all the way down
+            lengths = cache.lengths.to(idx.device)  # (B,)
+            pos = lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            end = int(lengths.max()) + T if limit is not None else 0  # a device sync: only when bounded
+        else:
+            start = cache.length if cache is not None else 0
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+            end = start + T
+        if limit is not None and end > limit:
             raise ValueError(
-                f"positions up to {start + T} but this positional encoding covers {limit} "
+                f"positions up to {end} but this positional encoding covers {limit} "
                 "(learned positions stop at block_size; use rope, alibi, sinusoidal or none to go longer)"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
 
         x = self.wte(idx)  # (B, T, C)
-        pos_emb = self.positional.embed(pos)  # (T, C) or None
+        pos_emb = self.positional.embed(pos)  # (T, C), (B, T, C) when ragged, or None
         if pos_emb is not None:
             x = x + pos_emb
         x = self.drop(x)
@@ -175,8 +263,11 @@ class GPT(nn.Module):
         if self.config.logit_softcap is not None:  # tanh in fp32: bf16's 8 bits would coarsen the cap
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)
-        if cache is not None:
+        if ragged:
+            cache._lengths = lengths + T
+        elif cache is not None:
             cache.length += T
+            cache.rows = B
 
         if targets is None:
             return Output(logits, None, aux)
@@ -187,9 +278,19 @@ class GPT(nn.Module):
 
     def new_cache(self) -> Cache | None:
         """An empty KV cache, or None when some layer's attention cannot decode incrementally."""
-        if "cache" not in attention_features(self.config):
+        features = attention_features(self.config)
+        if "cache" not in features:
             return None
-        return Cache([b.attn.new_cache() for b in self.blocks])
+        return Cache([b.attn.new_cache() for b in self.blocks], None if "ragged" in features else self._ragged_refusal)
+
+    def _ragged_refusal(self) -> str:
+        """Why this model cannot decode rows at different positions, naming the backends that could."""
+        name, backend = self.config.attention["name"], self.config.attention.get("backend")
+        message = f"attention '{name}' cannot {FEATURES['ragged']} (ragged)"
+        if not isinstance(backend, dict):  # an attention with no kernel backend
+            return message
+        can = backends_handling(self.config, {"ragged"})
+        return f"{message} with backend '{backend['name']}'; backends that can: {', '.join(can) or 'none'}"
 
     @torch.no_grad()
     def generate(

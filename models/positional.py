@@ -5,6 +5,9 @@ rotates q and k; ALiBi adds a per-head linear bias to the scores). Attention mod
 positional object what it does through ``rotate`` and ``bias_slopes``; none of them knows an
 encoding by name. What an encoding needs of the attention is declared by ``requires`` (the contract:
 models/contract.py).
+
+Positions are (T,), shared by every row of the batch, or (B, T) when rows are at different positions
+(decoding a merged cache: models.gpt.Cache.merge); every method takes either.
 """
 
 from __future__ import annotations
@@ -20,21 +23,21 @@ from models.registry import register
 
 
 def position_angles(pos: Tensor, dim: int, base: float) -> Tensor:
-    """(T,) positions -> (T, dim/2) angles pos·base^(-2i/dim), in float64.
+    """(T,) or (B, T) positions -> (T, dim/2) or (B, T, dim/2) angles pos·base^(-2i/dim), in float64.
 
     In float32 the angle at position 5000 is off by ~3e-4 rad, enough to break RoPE's dependence on
     the offset alone when evaluating beyond the trained context; float64 keeps it to ~1e-12.
     """
     wide = torch.float32 if pos.device.type == "mps" else torch.float64  # MPS has no float64
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=wide, device=pos.device) / dim)
-    return pos.to(wide)[:, None] * inv_freq[None, :]
+    return pos.to(wide)[..., None] * inv_freq
 
 
 class Positions(NamedTuple):
     """An encoding bound to one forward pass's positions: what every layer's attention is handed, so
     that what rotating needs (RoPE's cos and sin) is computed once per forward pass, not per layer."""
 
-    pos: Tensor  # (T,)
+    pos: Tensor  # (T,) or (B, T)
     encoding: Positional
     rotation: Any
 
@@ -62,11 +65,11 @@ class Positional(nn.Module):
         return Positions(pos, self, self.rotation(pos))
 
     def embed(self, pos: Tensor) -> Tensor | None:
-        """(T,) positions -> (T, C) vectors added to the token embeddings, or None."""
+        """(T,) or (B, T) positions -> (T, C) or (B, T, C) vectors added to the token embeddings, or None."""
         return None
 
     def rotation(self, pos: Tensor) -> Any:
-        """What rotating q and k at positions pos (T,) needs, computed once per forward pass; None."""
+        """What rotating q and k at positions pos (T,) or (B, T) needs, computed once per forward pass; None."""
         return None
 
     def rotate(self, x: Tensor, rotation: Any) -> Tensor:
@@ -113,9 +116,9 @@ class SinusoidalPositional(Positional):
         self.dim, self.base, self.scale = config.n_embd, base, scale
 
     def embed(self, pos: Tensor) -> Tensor:
-        angles = position_angles(pos, self.dim, self.base)  # (T, C/2)
-        pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()  # (T, C): sin, cos interleaved
-        return self.scale * pe[:, : self.dim]
+        angles = position_angles(pos, self.dim, self.base)  # (T, C/2) or (B, T, C/2)
+        pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()  # (T, C): sin, cos interleaved
+        return self.scale * pe[..., : self.dim]
 
 
 @register("positional", "rope")
@@ -131,9 +134,11 @@ class RotaryPositional(Positional):
         return frozenset({"rotate"})
 
     def rotation(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each (T, D) in float32."""
-        angles = position_angles(pos, self.head_dim, self.base)  # (T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        """(cos, sin), each (T, D) in float32; (B, 1, T, D) for positions (B, T), one per row for every head."""
+        angles = position_angles(pos, self.head_dim, self.base)  # (T, D/2) or (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, D) or (B, T, D)
+        if pos.dim() == 2:
+            angles = angles[:, None]  # (B, 1, T, D): broadcasts over the heads of x (B, H, T, D)
         return angles.cos().float(), angles.sin().float()
 
     def rotate(self, x: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:

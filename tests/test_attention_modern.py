@@ -75,7 +75,7 @@ def test_features_follow_the_kernel(name):
     from models.config import attention_features
 
     spec = {"name": name, **({"kv_rank": 8} if name == "mla" else {})}
-    assert attention_features(tiny(attention=spec)) == {"rotate", "bias", "dropout", "window", "cache"}
+    assert attention_features(tiny(attention=spec)) == {"rotate", "bias", "dropout", "window", "cache", "ragged"}
     flash = tiny(attention={**spec, "backend": {"name": "sdpa", "kernel": "flash"}})
     assert attention_features(flash) == {"rotate", "dropout"}
     assert build_model(tiny(attention={**spec, "backend": "flex"}), seed=0).new_cache() is not None

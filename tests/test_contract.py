@@ -62,10 +62,11 @@ def test_an_attention_that_does_not_rotate_is_refused_rope_and_alibi_and_dropout
 def test_built_in_attentions_declare_what_their_kernel_can_do():
     from models.config import attention_features
 
-    assert attention_features(tiny()) == {"rotate", "bias", "dropout", "window", "cache", "value_residual"}
+    assert attention_features(tiny()) == {"rotate", "bias", "dropout", "window", "cache", "ragged", "value_residual"}
     flash = tiny(attention={"name": "mha", "backend": {"name": "sdpa", "kernel": "flash"}})
     assert attention_features(flash) == {"rotate", "dropout", "value_residual"}  # no masks: neither bias, window nor decode
-    assert "dropout" not in attention_features(tiny(attention={"name": "mha", "backend": "flex"}))
+    flex = attention_features(tiny(attention={"name": "mha", "backend": "flex"}))
+    assert "dropout" not in flex and "ragged" not in flex and "cache" in flex  # decodes, rows at one position
 
 
 def test_register_names_what_a_component_lacks():
