@@ -4,6 +4,7 @@
     results.runs      # one row per run: run_id, variant, seed, status, val_loss, params, current, ...
     results.metrics   # one row per run and step: run_id, step, train_loss, val_loss, lr, mfu, ...
     results.kernels   # one row per kernel measurement, with the machine it ran on
+    results.serving   # one row per run served under load and concurrency level (bench.serve bench)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Results:
     metrics: pd.DataFrame
     kernels: pd.DataFrame
     studies: pd.DataFrame
+    serving: pd.DataFrame
 
 
 def _json(text):
@@ -46,9 +48,12 @@ def load(folder: str | Path) -> Results:
         metrics = pd.read_sql_query("SELECT * FROM metrics ORDER BY run_id, step", db)
         kernels = pd.read_sql_query("SELECT * FROM kernels ORDER BY id", db)
         studies = pd.read_sql_query("SELECT * FROM studies", db)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        serving = (pd.read_sql_query("SELECT * FROM serving ORDER BY id", db) if "serving" in tables
+                   else pd.DataFrame())  # a store written before the table existed
     finally:
         db.close()
-    return Results(_runs_frame(runs), _metrics_frame(metrics), _kernels_frame(kernels), studies)
+    return Results(_runs_frame(runs), _metrics_frame(metrics), _kernels_frame(kernels), studies, _serving_frame(serving))
 
 
 def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -88,4 +93,15 @@ def _kernels_frame(kernels: pd.DataFrame) -> pd.DataFrame:
     rows["hardware"] = kernels["hardware"].map(_json).values
     if "machine" not in rows:
         rows["machine"] = rows["hardware"].map(lambda fp: machine_label(fp) if fp else None)
+    return rows
+
+
+def _serving_frame(serving: pd.DataFrame) -> pd.DataFrame:
+    if serving.empty:
+        return pd.DataFrame(columns=["study", "run_id", "variant", "machine"])
+    rows = pd.DataFrame([_json(d) for d in serving["data"]])
+    for column in ("variant", "run_id", "study", "machine_id"):
+        rows.insert(0, column, serving[column].values)
+    rows["hardware"] = serving["hardware"].map(_json).values
+    rows["machine"] = rows["hardware"].map(lambda fp: machine_label(fp) if fp else None)
     return rows

@@ -226,6 +226,19 @@ def time_kernels(spec, store: Store, console: Console) -> None:
     console.print(f"stored {len(rows)} kernel rows ({len(timed)} timed, {len(rows) - len(timed)} with a reason)")
 
 
+def serve_under_load(spec, folder: Path, store: Store, console: Console) -> None:
+    """The spec's serving section: each variant's run served under load (after training and kernels,
+    alone on the machine), once per machine and settings."""
+    from bench.serve.benchmark import LoadSettings, benchmark_study
+
+    settings = LoadSettings(**spec.serving.model_dump())
+    if store.serving_measured(spec.name, hardware.machine_id(), settings.key()):
+        console.print("serving measurements for this machine are already stored")
+        return
+    console.print("serving each variant under load ...")
+    benchmark_study(folder, settings)
+
+
 def plan_identity(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace) -> str:
     """The identity of the whole study's plan, whichever variants and seeds this invocation runs."""
     whole = expand(spec, sources, seeds=plan.spec.seed_list[:1], device=args.device, tuning=spec.tune is not None)
@@ -323,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - the trained runs are stored; summary and report still follow
                 kernel_error = f"{type(e).__name__}: {e}"
                 print(f"error: kernel timing failed ({kernel_error}); the trained runs are stored", file=sys.stderr)
+        if world.main and spec.serving is not None:
+            try:
+                serve_under_load(spec, folder, store, console)
+            except Exception as e:  # noqa: BLE001 - the trained runs are stored; summary and report still follow
+                print(f"error: serving under load failed ({type(e).__name__}: {e}); the trained runs are stored; "
+                      f"retry with: python -m bench.serve bench {folder}", file=sys.stderr)
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume from the last checkpoints")
         return 130

@@ -24,6 +24,7 @@
     paired_test: t                  # or bootstrap: how paired per-seed differences are tested
     budget: {steps: 300}            # shorthand for base.train's budget
     kernels: {attention: {...}}     # components to time as kernels here (bench.kernels.config)
+    serving: {concurrency: [1, 4]}  # serve each variant's run under load after training (bench.serve)
 
 Merging (extends, variants, sweep, --set) is a deep merge, except that a mapping of another kind —
 a component with a different ``name``, data with a different ``source`` or ``task`` — replaces the
@@ -39,7 +40,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from bench.kernels.config import KernelSpec
 
@@ -165,6 +167,17 @@ class Base(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
 
 
+class ServingSpec(BaseModel):
+    """Each variant's first finished run served under load after training (``python -m bench.serve bench``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    requests: PositiveInt = Field(32, description="streamed requests per concurrency level")
+    prompt_len: PositiveInt = Field(32, description="prompt tokens (validation windows)")
+    new_tokens: PositiveInt = Field(32, description="tokens generated per request, greedy")
+    max_batch: PositiveInt | None = Field(None, description="the service's batch limit (default: the largest concurrency)")
+
+
 class Spec(BaseModel):
     """A validated ablation study; ``file`` and ``sources`` are where it came from."""
 
@@ -190,6 +203,7 @@ class Spec(BaseModel):
     paired_test: Literal["t", "bootstrap"] = "t"
     budget: dict[str, Any] | None = None
     kernels: KernelSpec | None = None
+    serving: ServingSpec | None = None
     plugins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")

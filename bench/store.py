@@ -5,7 +5,8 @@ Tables: ``studies`` (the spec, the command that ran it and the identity of its c
 tuning seeds, ``eval`` for those that enter verdicts — status, final metrics, hardware fingerprint,
 git commit, library versions), ``planned`` (which runs each plan of a study holds: runs of an edited spec's old plan stay
 in the store but are not compared with the new ones), ``metrics`` (one row per run and step) and
-``kernels`` (kernel timings). Several runner processes, on one machine or on
+``kernels`` (kernel timings) and ``serving`` (a run served under load: one row per concurrency
+level, from ``python -m bench.serve bench``). Several runner processes, on one machine or on
 several sharing the folder, claim runs through the store, so each run is trained once.
 """
 
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS kernels (
     id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, machine_id TEXT, hardware TEXT, data TEXT NOT NULL,
     recorded_at REAL
+);
+CREATE TABLE IF NOT EXISTS serving (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, run_id TEXT, variant TEXT, machine_id TEXT, hardware TEXT,
+    data TEXT NOT NULL, recorded_at REAL
 );
 """
 
@@ -213,5 +218,22 @@ class Store:
             db.executemany(
                 "INSERT INTO kernels (study, machine_id, hardware, data, recorded_at) VALUES (?, ?, ?, ?, ?)",
                 [(study, environment.get("machine_id"), json.dumps(environment.get("hardware")),
+                  json.dumps(row, default=str), time.time()) for row in rows],
+            )
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def serving_measured(self, study: str, machine_id: str, key: str) -> bool:
+        """Whether serving rows with these settings (their key) are stored for `study` on `machine_id`."""
+        rows = self.db.execute("SELECT data FROM serving WHERE study=? AND machine_id=?", (study, machine_id))
+        return any(json.loads(row["data"]).get("settings_key") == key for row in rows)
+
+    def add_serving(self, study: str, run_id: str, variant: str, rows: Iterable[dict], environment: dict[str, Any]) -> None:
+        """One row per concurrency level of a run served under load."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO serving (study, run_id, variant, machine_id, hardware, data, recorded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(study, run_id, variant, environment.get("machine_id"), json.dumps(environment.get("hardware")),
                   json.dumps(row, default=str), time.time()) for row in rows],
             )

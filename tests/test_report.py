@@ -317,7 +317,8 @@ def test_text_tables_sort_by_verdict_then_size_of_the_difference():
 
 ATTENTION_SMALL = ["--set", "budget.steps=20", "--set", "base.data.n_train=512", "--set", "kernels.min_time=0.002",
                    "--set", "kernels.attention.seq_lens=[32,64]", "--set", "kernels.decode.prompt=16",
-                   "--set", "kernels.decode.new_tokens=4", "--seeds", "0", "1"]
+                   "--set", "kernels.decode.new_tokens=4", "--set", "serving.concurrency=[2]",
+                   "--set", "serving.requests=4", "--set", "serving.new_tokens=4", "--seeds", "0", "1"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")

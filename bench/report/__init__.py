@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ def _merge(folders: list[Path]) -> Results:
     """Several results folders as one: every row keeps its folder; studies carry their parsed spec."""
     loaded = [(folder, load(folder)) for folder in folders]
     frames = {}
-    for part in ("runs", "metrics", "kernels"):
+    for part in ("runs", "metrics", "kernels", "serving"):
         frames[part] = pd.concat([getattr(r, part).assign(folder=str(f)) for f, r in loaded], ignore_index=True)
     studies = []
     for folder, r in loaded:
@@ -44,7 +43,7 @@ def _merge(folders: list[Path]) -> Results:
                             "command": row["command"]})
     if not studies:
         raise ValueError(f"no study recorded in {', '.join(map(str, folders))}")
-    return Results(frames["runs"], frames["metrics"], frames["kernels"], pd.DataFrame(studies))
+    return Results(frames["runs"], frames["metrics"], frames["kernels"], pd.DataFrame(studies), frames["serving"])
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,13 +79,33 @@ def _config_differences(runs: pd.DataFrame, baseline: str) -> list[dict]:
     return out
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def latest_serving(serving: pd.DataFrame) -> pd.DataFrame:
+    """The serving rows of the last benchmark of each variant, concurrency and machine (a rerun appends)."""
+    if serving.empty:
+        return serving
+    return (serving.drop_duplicates(["variant", "concurrency", "machine"], keep="last")
+            .sort_values(["variant", "concurrency"]).reset_index(drop=True))
+
+
+def _serving_settings(serving: pd.DataFrame) -> str:
+    if serving.empty:
+        return ""
+    r = serving.iloc[0]
+    batching = ", ".join(f"{v}: {b}" for v, b in serving.drop_duplicates("variant")[["variant", "batching"]].values
+                         if b != "continuous")
+    return (f"{int(r['requests'])} streamed requests per level, prompts of {int(r['prompt_len'])} tokens "
+            f"(validation windows), {int(r['new_tokens'])} new tokens each, greedy; the service batches up to "
+            f"{int(r['max_batch'])} sequences (continuous batching{'; ' + batching if batching else ''}); a fresh "
+            f"service per level, on the loopback interface.")
+
+
+def _seconds(value) -> str:
+    return "–" if missing(value) else duration(value)
 
 
 def _ms(value) -> str:
     """A latency stored in milliseconds, in words ("–" where it was not measured)."""
-    return "–" if _missing(value) else duration(value / 1e3)
+    return "–" if missing(value) else duration(value / 1e3)
 
 
 def _latency(row) -> str:
@@ -376,6 +395,7 @@ def build_report(folders: list[str | Path]) -> str:
                 if summaries else pd.DataFrame())
     floor = runs["loss_floor"].dropna().median() if "loss_floor" in runs and runs["loss_floor"].notna().any() else None
     quantized = runs[(runs["kind"] == "quantize") & (runs["status"] == "finished")]
+    serving = latest_serving(results.serving)
     machines = runs.dropna(subset=["hardware"]).drop_duplicates("machine")
     metric = summaries[0].metric if summaries else "val_loss"
     higher = summaries[0].higher_is_better if summaries else False
@@ -385,6 +405,7 @@ def build_report(folders: list[str | Path]) -> str:
         "cost": figures.quality_vs_cost(combined, metric, higher) if not combined.empty else None,
         "moe": figures.moe_figure(metrics, runs) if not metrics.empty else None,
         "quantization": figures.quantization_figure(quantized) if not quantized.empty else None,
+        "serving": figures.serving_figure(serving) if not serving.empty else None,
     }
     study_lines = []
     for x in summaries:
@@ -411,9 +432,18 @@ def build_report(folders: list[str | Path]) -> str:
                        "bytes_float": size(r["model_bytes_float"]), "bytes": size(r["model_bytes"]),
                        "latency_float": duration(r["latency_ms_float"] / 1e3), "latency": duration(r["latency_ms"] / 1e3),
                        "decode_float": _ms(r.get("decode_ms_per_token_float")), "decode": _ms(r.get("decode_ms_per_token")),
-                       "seconds": "–" if _missing(r.get("quantize_seconds")) else duration(r["quantize_seconds"]),
+                       "seconds": "–" if missing(r.get("quantize_seconds")) else duration(r["quantize_seconds"]),
                        "format": r["quantization_format"]}
                       for _, r in quantized.sort_values(["variant", "seed"]).iterrows()],
+        "serving": [{"variant": r["variant"], "machine": r["machine"], "concurrency": int(r["concurrency"]),
+                     "requests_per_s": significant(r["requests_per_s"], 3), "tokens_per_s": count(r["tokens_per_s"]),
+                     "ttft_p50": _seconds(r["ttft_p50_s"]), "ttft_p99": _seconds(r["ttft_p99_s"]),
+                     "itl_p50": _seconds(r["itl_p50_s"]), "itl_p99": _seconds(r["itl_p99_s"]),
+                     "kv_peak": "–" if missing(r["kv_cache_bytes_peak"]) else size(r["kv_cache_bytes_peak"]),
+                     "batched": "–" if missing(r["max_batched"]) else int(r["max_batched"]),
+                     "errors": int(r["errors"]), "machine_note": serving["machine"].nunique() > 1}
+                    for _, r in serving.iterrows()],
+        "serving_settings": _serving_settings(serving),
         "failed": failed,
         "tuning": _tuning_section(tuning, spec),
         "ladder": _ladder_section(runs, spec.get("ladder"), summaries[0] if summaries else None),

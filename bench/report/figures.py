@@ -348,3 +348,21 @@ def ladder_figure(climb: pd.DataFrame, metric: str) -> str | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return to_data_uri(fig)
+
+
+def serving_figure(serving: pd.DataFrame) -> str | None:
+    """Each variant served under load: generated tokens/s against concurrency, and p99 inter-token
+    latency against tokens/s (lower right is better: more throughput at the same tail latency)."""
+    if serving.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    sns.lineplot(data=serving, x="concurrency", y="tokens_per_s", hue="variant", marker="o", ax=axes[0])
+    axes[0].set(xscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
+                title="throughput against concurrency")
+    axes[0].set_xticks(sorted(serving["concurrency"].unique()), labels=[str(c) for c in sorted(serving["concurrency"].unique())])
+    latency, unit = _in_unit(serving["itl_p99_s"], TIME_UNITS)
+    sns.lineplot(data=serving.assign(latency=latency), x="tokens_per_s", y="latency", hue="variant", marker="o",
+                 sort=False, ax=axes[1], legend=False)
+    axes[1].set(xlabel="generated tokens/s", ylabel=f"p99 inter-token latency ({unit})",
+                title="tail latency against throughput")
+    return to_data_uri(fig)

@@ -1,0 +1,84 @@
+"""Serve a trained run over HTTP, or benchmark a study's runs as services under load.
+
+    python -m bench.serve RUN_DIR [--port 8000] [--max-batch 8] [--kv-budget-mb M]
+    python -m bench.serve bench RESULTS_DIR [--variants mha gqa] [--concurrency 1 4 16] [--requests 32]
+                                            [--prompt-len 32] [--new-tokens 32]
+
+The first starts the service (POST /generate, GET /health, GET /metrics) on the loopback interface
+unless --host says otherwise. The second starts each variant's service on the loopback interface in
+turn, drives it with a bounded load generator at each concurrency, and stores the results in the
+study's store (the ``serving`` table, ``bench.results.load(dir).serving``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description="Serve a trained run over HTTP.")
+    parser.add_argument("run_dir", help="a finished run's folder: results/<study>/runs/<run id>")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
+    parser.add_argument("--kv-budget-mb", type=float, default=None,
+                        help="most MiB the batch's KV cache may hold at its longest (default: no limit)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be at least 1, got {args.max_batch}")
+
+    import uvicorn
+
+    from bench.serve.service import build_service
+
+    try:
+        app = build_service(args.run_dir, device=args.device, max_batch=args.max_batch,
+                            kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve bench",
+                                     description="Benchmark a study's runs as services under concurrent load.")
+    parser.add_argument("results_dir", help="a study's results folder (results/<name>)")
+    parser.add_argument("--variants", nargs="+", help="these variants only (default: every trained one)")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--max-batch", type=int, default=None, help="the service's --max-batch (default: the largest concurrency)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it counts as an error")
+    args = parser.parse_args(argv)
+    for name in ("requests", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency levels must be at least 1")
+
+    from bench.serve.benchmark import LoadSettings, benchmark_study
+
+    settings = LoadSettings(concurrency=args.concurrency, requests=args.requests, prompt_len=args.prompt_len,
+                            new_tokens=args.new_tokens, timeout=args.timeout, max_batch=args.max_batch)
+    try:
+        benchmark_study(args.results_dir, settings, variants=args.variants)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        return bench_main(argv[1:])
+    return serve_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The HTTP service over an engine: ``POST /generate``, ``GET /health``, ``GET /metrics`` (FastAPI).
+
+A request gives a prompt as text (encoded with the run's tokenizer) or as token ids, and gets the
+generated tokens (and text) back whole, or as server-sent events token by token (``stream``). A
+request the model cannot serve gets a 4xx JSON ``{"error": ...}`` naming what is wrong; the service
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bench.data.tokenizers import Tokenizer
+from bench.serve.engine import Engine, Sequence
+
+
+class GenerateRequest(pydantic.BaseModel):
+    """The body of POST /generate."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    prompt: str | None = None  # text, encoded with the run's tokenizer
+    tokens: list[int] | None = None  # or token ids
+    max_new_tokens: int = pydantic.Field(32, ge=1)
+    temperature: float = pydantic.Field(0.0, ge=0)  # 0: greedy
+    top_k: int | None = pydantic.Field(None, ge=1)
+    seed: int | None = None  # the sampling seed (temperature > 0)
+    stream: bool = False  # server-sent events, one per token
+
+
+class BadRequest(ValueError):
+    """A request the service refuses (400), with the reason."""
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, name: str = "") -> FastAPI:
+    """The service: `engine` (started and stopped with the app), `tokenizer` for text prompts (None:
+    token ids only), `max_tokens` the longest prompt + generation a request may ask for."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="archbench serve", lifespan=lifespan)
+    metrics = engine.metrics
+    vocab = engine.model.config.vocab_size
+
+    def refuse(status: int, message: str) -> JSONResponse:
+        metrics.requests.labels(status="bad_request").inc()
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                             for e in exc.errors())
+        return refuse(422, problems)
+
+    def prompt_ids(body: GenerateRequest) -> list[int]:
+        if (body.prompt is None) == (body.tokens is None):
+            raise BadRequest("give the prompt as 'prompt' (text) or 'tokens' (ids), one of the two")
+        if body.tokens is not None:
+            ids = body.tokens
+            unknown = [t for t in ids if not 0 <= t < vocab]
+            if unknown:
+                raise BadRequest(f"token ids must be in [0, {vocab}): {unknown[:5]} are not")
+        elif tokenizer is None:
+            raise BadRequest("this run's data has no text tokenizer: give the prompt as 'tokens'")
+        else:
+            try:
+                ids = [int(t) for t in tokenizer.encode(body.prompt)]
+            except ValueError as e:  # a character outside a char tokenizer's alphabet
+                raise BadRequest(f"prompt: {e}") from None
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        if len(ids) + body.max_new_tokens > max_tokens:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}) exceeds "
+                             f"this model's {max_tokens} tokens")
+        return ids
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest) -> Response:
+        if engine.error is not None:
+            return JSONResponse({"error": f"the engine stopped: {engine.error!r}"}, status_code=503)
+        try:
+            ids = prompt_ids(body)
+        except BadRequest as e:
+            return refuse(400, str(e))
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        sequence = Sequence(ids, body.max_new_tokens, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t),
+                            temperature=body.temperature, top_k=body.top_k, seed=body.seed)
+        start = time.perf_counter()
+        engine.submit(sequence)
+        if body.stream:
+            return StreamingResponse(_events(sequence, tokens, tokenizer, engine), media_type="text/event-stream")
+        generated = []
+        while (token := await tokens.get()) is not None:
+            generated.append(token)
+        if engine.error is not None:
+            return JSONResponse({"error": f"the engine stopped: {engine.error!r}"}, status_code=503)
+        metrics.requests.labels(status="ok").inc()
+        return JSONResponse({"tokens": generated, "text": _text(tokenizer, generated), "prompt_tokens": len(ids),
+                             "seconds": time.perf_counter() - start})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = {"status": "ok" if engine.error is None else "error", "model": name, "batching": engine.batching,
+                  "max_batch": engine.max_batch, "running": len(engine.running), "waiting": engine.waiting.qsize()}
+        return JSONResponse(status, status_code=200 if engine.error is None else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def _events(sequence: Sequence, tokens: asyncio.Queue, tokenizer: Tokenizer | None,
+                  engine: Engine) -> AsyncIterator[str]:
+    """Server-sent events: one per token, then one with done: true (or an error)."""
+    generated: list[int] = []
+    try:
+        while (token := await tokens.get()) is not None:
+            generated.append(token)
+            yield _event({"token": token, "text": _text(tokenizer, [token])})
+        if engine.error is not None:
+            yield _event({"error": f"the engine stopped: {engine.error!r}"})
+            return
+        engine.metrics.requests.labels(status="ok").inc()
+        yield _event({"done": True, "tokens": generated, "text": _text(tokenizer, generated)})
+    finally:
+        sequence.cancelled = True  # a client that went away frees its place in the batch
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _text(tokenizer: Tokenizer | None, ids: list[int]) -> str | None:
+    return tokenizer.decode(ids) if tokenizer is not None else None

@@ -1,0 +1,229 @@
+"""Continuous batching over a GPT's KV cache.
+
+One engine thread owns the model. Requests wait in a queue; between decode steps the engine admits
+waiting requests while the batch has room (``max_batch`` sequences, and the KV cache the batch would
+hold at its longest within ``kv_budget_bytes``): each is prefilled alone, its first token sampled,
+and its cache merged into the running batch (``Cache.merge``: rows right-aligned, each at its own
+positions). Each decode step runs every running sequence's last token through the model in one
+forward pass; a sequence that is done leaves the batch (``cache.select``) without stalling the
+others. Tokens go back to the caller through a callback as they are sampled.
+
+A model whose attention cannot decode rows at different positions, or has no KV cache, is served
+one sequence at a time (``batching`` says why).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from bench.serve.metrics import ServingMetrics
+from models.gpt import GPT, Cache
+
+Emit = Callable[[int | None], None]  # a sampled token id; None once the sequence is done
+
+
+@dataclass
+class Sequence:
+    """One request being served: its prompt, sampling settings and what it has produced."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    emit: Emit
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int | None = None
+    generated: list[int] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
+    generator: torch.Generator | None = None
+    cancelled: bool = False  # the caller went away: the sequence leaves at the next step
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or len(self.generated) >= self.max_new_tokens
+
+
+class Engine:
+    """Serves sequences from a model with continuous batching (see the module docstring)."""
+
+    def __init__(self, model: GPT, *, max_batch: int = 8, kv_budget_bytes: int | None = None,
+                 metrics: ServingMetrics | None = None):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.kv_budget_bytes = kv_budget_bytes
+        self.metrics = metrics or ServingMetrics()
+        self.batching = _batching(model)  # "continuous", or why sequences are served one at a time
+        if self.batching != "continuous":
+            self.max_batch = 1
+        self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self.running: list[Sequence] = []
+        self.cache: Cache | None = None
+        self.max_batched = 0  # the most sequences one decode step has run
+        self.peak_kv_bytes = 0  # the most bytes the batch's KV cache has held
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="archbench-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence (thread-safe); its tokens come back through sequence.emit."""
+        if sequence.temperature > 0:
+            sequence.generator = torch.Generator(device=self.device)
+            sequence.generator.manual_seed(sequence.seed if sequence.seed is not None else int(time.time_ns()))
+        self.waiting.put(sequence)
+        self.metrics.queue_depth.set(self.waiting.qsize())
+        self._wake.set()
+
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.no_grad():
+                while not self._stop.is_set():
+                    self._admit()
+                    if self.running:
+                        self._step()
+                    else:
+                        self._wake.wait(0.1)
+                        self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - reported by /health; every waiting caller is released
+            self.error = e
+            for sequence in [*self.running, *self._drain()]:
+                sequence.emit(None)
+
+    def _drain(self) -> list[Sequence]:
+        out = []
+        while not self.waiting.empty():
+            out.append(self.waiting.get_nowait())
+        return out
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences, one at a time, while the batch has room for them."""
+        joining: list[tuple[Sequence, Cache | None]] = []
+        while len(self.running) + len(joining) < self.max_batch and not self.waiting.empty():
+            # an empty batch always takes one (the service refuses a request that alone exceeds the budget)
+            if (self.running or joining) and not self._fits([s for s, _ in joining], self.waiting.queue[0]):
+                break
+            sequence = self.waiting.get_nowait()
+            self.metrics.queue_depth.set(self.waiting.qsize())
+            cache = self.model.new_cache()
+            idx = torch.tensor([sequence.prompt], device=self.device)
+            logits = self.model(idx, cache=cache).logits[:, -1]  # (1, vocab)
+            self._emit(sequence, int(self._sample(logits, [sequence])[0]))
+            if sequence.done:
+                self._finish(sequence)
+            else:
+                joining.append((sequence, cache))
+        if joining:
+            caches = ([self.cache] if self.cache is not None else []) + [c for _, c in joining]
+            self.cache = Cache.merge(caches) if self.batching == "continuous" else joining[0][1]
+            self.running += [s for s, _ in joining]
+            self._observe_batch()
+
+    def _fits(self, joining: list[Sequence], candidate: Sequence) -> bool:
+        """Whether the batch's KV cache, with `candidate` in, stays within the budget at its longest:
+        rows are right-aligned, so every row costs as much as the longest one."""
+        if self.kv_budget_bytes is None:
+            return True
+        rows = [*self.running, *joining, candidate]
+        longest = max(len(s.prompt) + s.max_new_tokens for s in rows)
+        return len(rows) * longest * self._bytes_per_token() <= self.kv_budget_bytes
+
+    def _bytes_per_token(self) -> int:
+        """KV-cache bytes of one token of one sequence (all layers), as the model holds them."""
+        if not hasattr(self, "_per_token"):
+            cache = self.model.new_cache()
+            if cache is None:
+                self._per_token = 0
+            else:
+                self.model(torch.zeros(1, 2, dtype=torch.long, device=self.device), cache=cache)
+                self._per_token = cache.nbytes() // 2
+        return self._per_token
+
+    def _step(self) -> None:
+        """One decode step for every running sequence."""
+        idx = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)  # (B, 1)
+        if self.cache is None:  # no KV cache: recompute the whole sequence (one at a time)
+            (sequence,) = self.running
+            full = torch.tensor([sequence.prompt + sequence.generated], device=self.device)
+            logits = self.model(full).logits[:, -1]
+        else:
+            logits = self.model(idx, cache=self.cache).logits[:, -1]  # (B, vocab)
+        for sequence, token in zip(self.running, self._sample(logits, self.running).tolist()):
+            self._emit(sequence, token)
+        keep = [i for i, s in enumerate(self.running) if not s.done]
+        for sequence in [s for s in self.running if s.done]:
+            self._finish(sequence)
+        if not keep:
+            self.running, self.cache = [], None
+        elif len(keep) < len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.cache.select(keep)
+        self._observe_batch()
+
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """(B,) next tokens: the most likely where temperature is 0, else sampled (top_k, temperature)."""
+        tokens = logits.argmax(dim=-1)
+        for i, s in enumerate(sequences):
+            if s.temperature > 0:
+                row = logits[i].float() / s.temperature
+                if s.top_k is not None:
+                    kth = torch.topk(row, min(s.top_k, row.numel())).values[-1]
+                    row = row.masked_fill(row < kth, float("-inf"))
+                tokens[i] = torch.multinomial(F.softmax(row, dim=-1), 1, generator=s.generator)[0]
+        return tokens
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        now = time.perf_counter()
+        if sequence.last_token_at is None:
+            self.metrics.time_to_first_token.observe(now - sequence.submitted_at)
+        else:
+            self.metrics.inter_token_latency.observe(now - sequence.last_token_at)
+        sequence.last_token_at = now
+        sequence.generated.append(token)
+        self.metrics.tokens_generated.inc()
+        sequence.emit(token)
+
+    def _finish(self, sequence: Sequence) -> None:
+        self.metrics.request_duration.observe(time.perf_counter() - sequence.submitted_at)
+        sequence.emit(None)
+
+    def _observe_batch(self) -> None:
+        self.max_batched = max(self.max_batched, len(self.running))
+        self.metrics.running.set(len(self.running))
+        self.metrics.max_batched.set(self.max_batched)
+        held = self.cache.nbytes() if self.cache is not None else 0
+        self.peak_kv_bytes = max(self.peak_kv_bytes, held)
+        self.metrics.kv_cache_bytes.set(held)
+        self.metrics.kv_cache_bytes_peak.set(self.peak_kv_bytes)
+
+
+def _batching(model: GPT) -> str:
+    """'continuous' when the model decodes rows at different positions over its KV cache, else why not."""
+    cache = model.new_cache()
+    if cache is None:
+        return "one at a time: an attention of this model has no KV cache"
+    if cache.refusal is not None:
+        return f"one at a time: {cache.refusal()}"
+    return "continuous"
