@@ -131,7 +131,9 @@ def service():
 
 def test_the_service_generates_what_the_model_generates_whole_and_streamed(service):
     client, m, tokenizer = service
-    body = client.post("/generate", json={"prompt": "abc de", "max_new_tokens": 8}).json()
+    # as curl -d sends it: a form content type, a JSON body
+    body = client.post("/generate", content='{"prompt": "abc de", "max_new_tokens": 8}',
+                       headers={"content-type": "application/x-www-form-urlencoded"}).json()
     ids = tokenizer.encode("abc de").tolist()
     assert body["tokens"] == greedy(m, ids, 8) and body["text"] == tokenizer.decode(body["tokens"])
     assert body["prompt_tokens"] == 6
@@ -194,11 +196,12 @@ def test_metrics_parse_as_prometheus_text_and_move(service):
     ({"tokens": ["one"]}, 422, "tokens"),
     ({"tokens": [1], "temperature": -1.0}, 422, "temperature"),
     ({"tokens": [1], "colour": "red"}, 422, "colour"),
+    ('{"tokens": [1, 2', 422, "Invalid JSON"),
 ], ids=["empty-ids", "empty-text", "no-prompt", "both", "unknown-id", "unknown-char", "too-long", "non-numeric",
-        "non-numeric-id", "negative-temperature", "unknown-field"])
+        "non-numeric-id", "negative-temperature", "unknown-field", "not-json"])
 def test_a_bad_request_gets_a_4xx_json_error_and_the_service_keeps_serving(service, body, status, message):
     client, m, _ = service
-    response = client.post("/generate", json=body)
+    response = client.post("/generate", content=body) if isinstance(body, str) else client.post("/generate", json=body)
     assert response.status_code == status and message in response.json()["error"]
     assert client.post("/generate", json={"tokens": [1, 2], "max_new_tokens": 3}).json()["tokens"] == greedy(m, [1, 2], 3)
 

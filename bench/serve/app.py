@@ -17,7 +17,6 @@ from typing import Any
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bench.data.tokenizers import Tokenizer
@@ -59,12 +58,6 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
         metrics.requests.labels(status="bad_request").inc()
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in exc.errors())
-        return refuse(422, problems)
-
     def prompt_ids(body: GenerateRequest) -> list[int]:
         if (body.prompt is None) == (body.tokens is None):
             raise BadRequest("give the prompt as 'prompt' (text) or 'tokens' (ids), one of the two")
@@ -88,9 +81,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
         return ids
 
     @app.post("/generate")
-    async def generate(body: GenerateRequest) -> Response:
+    async def generate(request: Request) -> Response:
         if engine.error is not None:
             return JSONResponse({"error": f"the engine stopped: {engine.error!r}"}, status_code=503)
+        try:  # the body is read as JSON whatever its content type says (curl -d sends a form's)
+            body = GenerateRequest.model_validate_json(await request.body())
+        except pydantic.ValidationError as e:
+            return refuse(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()))
         try:
             ids = prompt_ids(body)
         except BadRequest as e:
