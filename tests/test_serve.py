@@ -67,7 +67,8 @@ def test_continuous_batching_generates_what_each_request_generates_alone(overrid
 
 def test_the_kv_budget_bounds_the_batch_and_everyone_is_still_served():
     m = model()
-    per_token = Engine(m)._bytes_per_token()
+    per_token = Engine(m).bytes_per_token
+    assert per_token == 2 * 2 * 32 * 4  # keys and values, 2 layers, 32 wide, fp32
     # room for two sequences of 4 + 8 tokens at once, not three
     engine = Engine(m, max_batch=8, kv_budget_bytes=2 * 12 * per_token).start()
     collectors = [Collector() for _ in range(5)]
@@ -79,8 +80,20 @@ def test_the_kv_budget_bounds_the_batch_and_everyone_is_still_served():
         engine.stop()
     assert engine.max_batched == 2
     assert engine.peak_kv_bytes <= 2 * 12 * per_token
+    assert engine.fits_alone(24) and not engine.fits_alone(25)  # the service refuses what could never fit
+
     for i, c in enumerate(collectors):
         assert c.tokens == greedy(m, [i + 1, 2, 3, 4], 8)
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused():
+    from bench.serve.app import create_app
+
+    engine = Engine(model(), kv_budget_bytes=10 * 2 * 2 * 32 * 4)  # ten tokens
+    with fastapi_testclient.TestClient(create_app(engine, None, max_tokens=64)) as client:
+        response = client.post("/generate", json={"tokens": [1, 2, 3], "max_new_tokens": 8})
+        assert response.status_code == 400 and "budget" in response.json()["error"]
+        assert client.post("/generate", json={"tokens": [1, 2], "max_new_tokens": 8}).status_code == 200
 
 
 def test_a_model_that_cannot_batch_rows_at_different_positions_is_served_one_at_a_time():

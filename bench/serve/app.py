@@ -78,6 +78,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
         if len(ids) + body.max_new_tokens > max_tokens:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}) exceeds "
                              f"this model's {max_tokens} tokens")
+        if not engine.fits_alone(len(ids) + body.max_new_tokens):
+            raise BadRequest(f"prompt + max_new_tokens ({len(ids) + body.max_new_tokens} tokens) would need "
+                             f"{(len(ids) + body.max_new_tokens) * engine.bytes_per_token} bytes of KV cache, more than "
+                             f"this service's budget of {engine.kv_budget_bytes}")
         return ids
 
     @app.post("/generate")

@@ -61,6 +61,7 @@ class Engine:
         self.kv_budget_bytes = kv_budget_bytes
         self.metrics = metrics or ServingMetrics()
         self.batching = _batching(model)  # "continuous", or why sequences are served one at a time
+        self.bytes_per_token = _kv_bytes_per_token(model)  # one token of one sequence, every layer
         if self.batching != "continuous":
             self.max_batch = 1
         self.waiting: queue.Queue[Sequence] = queue.Queue()
@@ -148,18 +149,11 @@ class Engine:
             return True
         rows = [*self.running, *joining, candidate]
         longest = max(len(s.prompt) + s.max_new_tokens for s in rows)
-        return len(rows) * longest * self._bytes_per_token() <= self.kv_budget_bytes
+        return len(rows) * longest * self.bytes_per_token <= self.kv_budget_bytes
 
-    def _bytes_per_token(self) -> int:
-        """KV-cache bytes of one token of one sequence (all layers), as the model holds them."""
-        if not hasattr(self, "_per_token"):
-            cache = self.model.new_cache()
-            if cache is None:
-                self._per_token = 0
-            else:
-                self.model(torch.zeros(1, 2, dtype=torch.long, device=self.device), cache=cache)
-                self._per_token = cache.nbytes() // 2
-        return self._per_token
+    def fits_alone(self, tokens: int) -> bool:
+        """Whether one sequence of this many tokens (prompt + new) fits the KV-cache budget."""
+        return self.kv_budget_bytes is None or tokens * self.bytes_per_token <= self.kv_budget_bytes
 
     def _step(self) -> None:
         """One decode step for every running sequence."""
@@ -217,6 +211,16 @@ class Engine:
         self.peak_kv_bytes = max(self.peak_kv_bytes, held)
         self.metrics.kv_cache_bytes.set(held)
         self.metrics.kv_cache_bytes_peak.set(self.peak_kv_bytes)
+
+
+@torch.no_grad()
+def _kv_bytes_per_token(model: GPT) -> int:
+    """KV-cache bytes of one token of one sequence (all layers), as the model holds them (0: no cache)."""
+    cache = model.new_cache()
+    if cache is None:
+        return 0
+    model(torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device), cache=cache)
+    return cache.nbytes() // 2
 
 
 def _batching(model: GPT) -> str:
