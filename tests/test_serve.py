@@ -281,14 +281,15 @@ def test_a_stopped_service_leaves_no_process_behind(tmp_path):
     from bench.serve.benchmark import running_service
 
     run_dir = _trained_run(tmp_path)
+    before = _children()  # earlier tests may have left helpers of their own (a resource tracker)
     with running_service(run_dir, max_batch=2) as url:
         import httpx
 
         assert httpx.get(f"{url}/health", trust_env=False).json()["status"] == "ok"
-        pids = _children()
-        assert pids
+        service = _children() - before
+        assert service
     time.sleep(0.2)
-    assert not (_children() & pids)
+    assert not (_children() & service)
 
 
 def _children() -> set[int]:
