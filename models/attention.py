@@ -41,7 +41,43 @@ def trim_padding(pos: Tensor) -> tuple[int, Tensor]:
     return start, pos[0] if bool((pos == pos[:1]).all()) else pos
 
 
-class KVCache:
+class RowCache:
+    """What a layer's cache of two tensors (``tensors``, tokens along ``time_dim``, rows first) shares:
+    bytes held, and rows at different positions — ``merge`` right-aligns and left-pads the rows of
+    several caches with zeros at PADDING_POSITION, which no query sees; ``select`` keeps some rows."""
+
+    tensors: tuple[str, str] = ("k", "v")
+    time_dim = 2
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (padding included)."""
+        held = [getattr(self, name) for name in self.tensors]
+        return 0 if held[0] is None else sum(t.numel() * t.element_size() for t in held)
+
+    @classmethod
+    def merge(cls, caches: list[RowCache]) -> RowCache:
+        """The rows of several filled caches (of one model's layer) in one, right-aligned and left-padded."""
+        merged = cls()
+        merged.keep = caches[0].keep
+        parts = [merge_rows([getattr(c, name) for c in caches], cls.time_dim) for name in cls.tensors]
+        pos = merge_rows([row_positions(c.pos, getattr(c, cls.tensors[0]).shape[0]) for c in caches], 1, PADDING_POSITION)
+        merged._keep_rows(parts, pos)
+        return merged
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (indices (B',)), dropping the columns that are padding in all of them."""
+        held = [getattr(self, name) for name in self.tensors]
+        rows = rows.to(held[0].device)
+        self._keep_rows([t[rows] for t in held], row_positions(self.pos, held[0].shape[0])[rows])
+
+    def _keep_rows(self, parts: list[Tensor], pos: Tensor) -> None:
+        """Hold the tensors at pos (B, T) without the leading columns that no row uses."""
+        start, self.pos = trim_padding(pos)
+        for name, t in zip(self.tensors, parts):
+            setattr(self, name, t.narrow(self.time_dim, start, t.shape[self.time_dim] - start))
+
+
+class KVCache(RowCache):
     """Keys and values of one layer for the tokens decoded so far.
 
     With a sliding window only the last window − 1 tokens are kept (a rolling cache), so the next
@@ -66,30 +102,6 @@ class KVCache:
         start = 0 if self.keep is None else max(0, k.shape[2] - self.keep)
         self.k, self.v, self.pos = k[:, :, start:], v[:, :, start:], pos[..., start:]
         return k, v, pos
-
-    def nbytes(self) -> int:
-        """Bytes of the keys and values held (padding included)."""
-        return 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    @classmethod
-    def merge(cls, caches: list[KVCache]) -> KVCache:
-        """The rows of several filled caches (of one model's layer) in one, right-aligned and left-padded."""
-        merged = cls()
-        merged.keep = caches[0].keep
-        k, v = merge_rows([c.k for c in caches], 2), merge_rows([c.v for c in caches], 2)
-        pos = merge_rows([row_positions(c.pos, c.k.shape[0]) for c in caches], 1, PADDING_POSITION)
-        merged._keep_rows(k, v, pos)
-        return merged
-
-    def select(self, rows: Tensor) -> None:
-        """Keep only these rows (indices (B',)), dropping the columns that are padding in all of them."""
-        rows = rows.to(self.k.device)
-        self._keep_rows(self.k[rows], self.v[rows], row_positions(self.pos, self.k.shape[0])[rows])
-
-    def _keep_rows(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        """Hold k, v (B, Hkv, T, D) at pos (B, T) without the leading columns that no row uses."""
-        start, self.pos = trim_padding(pos)
-        self.k, self.v = k[:, :, start:], v[:, :, start:]
 
 
 class Attention(nn.Module):

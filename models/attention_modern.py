@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from models.accounting import attention_flops
-from models.attention import Attention, KVCache, merge_rows, row_positions, trim_padding, visible_keys
-from models.attention_backends import PADDING_POSITION, Mask
+from models.attention import Attention, KVCache, RowCache, visible_keys
+from models.attention_backends import Mask
 from models.registry import build_spec, get, ref, register
 
 
@@ -42,7 +42,7 @@ def _check_window(options: dict) -> str | None:
     return f"window={window} must be at least 1" if window is not None and window < 1 else None
 
 
-class LatentCache:
+class LatentCache(RowCache):
     """MLA's per-layer cache: the normalised kv latent and the rotated shared rope key of each token.
 
     Keys and values are up-projected from the latent at every step (no weight absorption): the cache
@@ -50,6 +50,9 @@ class LatentCache:
     With a sliding window only the last window − 1 tokens are kept, as ``KVCache`` does; rows at
     different positions (``merge``) are right-aligned and left-padded, as ``KVCache``'s are.
     """
+
+    tensors = ("c_kv", "k_rope")
+    time_dim = 1
 
     def __init__(self, window: int | None = None):
         self.keep = None if window is None else window - 1
@@ -66,33 +69,6 @@ class LatentCache:
         start = 0 if self.keep is None else max(0, c_kv.shape[1] - self.keep)
         self.c_kv, self.k_rope, self.pos = c_kv[:, start:], k_rope[:, start:], pos[..., start:]
         return c_kv, k_rope, pos
-
-    def nbytes(self) -> int:
-        """Bytes of the latents and rope keys held (padding included)."""
-        if self.c_kv is None:
-            return 0
-        return self.c_kv.numel() * self.c_kv.element_size() + self.k_rope.numel() * self.k_rope.element_size()
-
-    @classmethod
-    def merge(cls, caches: list[LatentCache]) -> LatentCache:
-        """The rows of several filled caches (of one model's layer) in one, right-aligned and left-padded
-        with zero latents at PADDING_POSITION, which no query sees."""
-        merged = cls()
-        merged.keep = caches[0].keep
-        c_kv, k_rope = merge_rows([c.c_kv for c in caches], 1), merge_rows([c.k_rope for c in caches], 1)
-        pos = merge_rows([row_positions(c.pos, c.c_kv.shape[0]) for c in caches], 1, PADDING_POSITION)
-        merged._keep_rows(c_kv, k_rope, pos)
-        return merged
-
-    def select(self, rows: Tensor) -> None:
-        """Keep only these rows (indices (B',)), dropping the columns that are padding in all of them."""
-        rows = rows.to(self.c_kv.device)
-        self._keep_rows(self.c_kv[rows], self.k_rope[rows], row_positions(self.pos, self.c_kv.shape[0])[rows])
-
-    def _keep_rows(self, c_kv: Tensor, k_rope: Tensor, pos: Tensor) -> None:
-        """Hold c_kv, k_rope (B, T, ·) at pos (B, T) without the leading columns that no row uses."""
-        start, self.pos = trim_padding(pos)
-        self.c_kv, self.k_rope = c_kv[:, start:], k_rope[:, start:]
 
 
 class MultiHeadLatentAttention(nn.Module):
