@@ -1,25 +1,26 @@
 """Statistics over a study's runs: per-variant summaries, and a verdict for every comparison.
 
 A comparison is a variant against its reference (the baseline, or the variant ``compare:`` names) on
-the study's quality metric: validation loss, or accuracy for tasks. Bits per byte rescale the loss on
-the same val set, so they are shown, not tested again. Runs with the same seed see the same batches
-and, wherever parameter names and shapes agree, start from the same weights, so a comparison tests
-the per-seed differences (a paired t-test, or a paired bootstrap); Welch's test is used only where the
-seeds do not pair up. Each comparison ends in one of four verdicts:
+the study's metric (``bench.metrics``: val loss by default, accuracy for tasks, or a learning-speed
+metric). Runs with the same seed see the same batches and, wherever parameter names and shapes agree,
+start from the same weights, so a comparison tests the per-seed differences (``bench.stats``: a
+paired t-test or an exact sign-flip test); Welch's test is used only where the seeds do not pair up.
+Each comparison ends in one of five verdicts:
 
-- ``better`` / ``worse``: the difference is significant at α after Holm's correction across the
-  study's comparisons (and, with adaptive seeds, after the α spent at earlier looks);
-- ``equivalent``: the whole 95% CI of the difference lies inside ±margin — a TOST-style equivalence
-  decision; a difference smaller than the margin is called equivalent even where it is detectable;
-- ``inconclusive``: neither, reported with the smallest difference these seeds could have detected
-  at 80% power (the MDE).
+- ``better`` / ``worse``: the difference is significant at α after the looks (adaptive seeds) and
+  Holm–Shaffer's correction across the study;
+- ``equivalent``: the difference is significantly inside ±margin (TOST), under the same α, looks
+  and correction — a difference smaller than the margin is called equivalent even where it is
+  detectable (the sentence says so);
+- ``saturated``: every seed of both sides sits at the metric's bound (accuracy ≥ 0.995, or a loss
+  at or below the floor the study states): the task cannot tell them apart at this budget, which is
+  not evidence that they are the same; a learning-speed metric may;
+- ``inconclusive``: none of these, with the reason: too few seeds (and the smallest difference they
+  could detect at 80% power, after the correction), zero variance, censored values, or seeds that
+  failed or diverged — those count against the comparison, never silently dropped.
 
-Adaptive seeds (``seeds: {min, max}``) look at the data after min seeds and after every added seed.
-The look with n seeds may spend α·(f(n/max) − f((n−1)/max)) of the error rate, with f the Pocock-type
-spending function of Lan & DeMets (1983), f(t) = ln(1 + (e − 1)·t). A comparison's sequential p-value
-is the smallest p_k·α/α_k over its looks so far; by the union bound the chance that it ever falls below
-α under no true difference is at most α, whatever the stopping rule did, and Holm's correction over
-these p-values keeps the study's rate of false better/worse verdicts at α.
+Adaptive seeds (``seeds: {min, max}``) add a seed to the variants of comparisons that are
+inconclusive for want of seeds, and every look spends from the same α (``stats.Design.looks``).
 
 Narang et al. (2021) recommend this kind of comparison for architecture modifications: several
 seeds, mean ± sd, fixed hyperparameters.
@@ -31,77 +32,34 @@ budgets; the report only formats it.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, special, stats
+from scipy import stats
 
 from bench import scaling
 from bench.formatting import p_value, significant
+from bench.metrics import MetricSpec, Value, metric_of, run_values
+from bench.stats import CONFIDENCE, Design, Test, finite, holm_shaffer, minimum_detectable, paired, paired_t, welch
 
 QUALITY = ("val_loss", "val_accuracy", "val_bpb")
-HIGHER_IS_BETTER = {"val_accuracy"}
-UNITS = {"val_loss": "nats", "val_accuracy": "accuracy", "val_bpb": "bits per byte"}
-VERDICTS = ("better", "worse", "equivalent", "inconclusive")
-CONFIDENCE = 0.95  # of the reported intervals
-POWER = 0.8  # of the minimum detectable effect
-BOOTSTRAP_SAMPLES = 10_000
+VERDICTS = ("better", "worse", "equivalent", "inconclusive", "saturated")
 
 
-# -- the design: how seeds were chosen and verdicts are made ------------------------------------------
-
-
-def pocock_spending(t: float) -> float:
-    """Share of α spent by information fraction t (Lan–DeMets' Pocock-type function)."""
-    return math.log(1 + (math.e - 1) * min(max(t, 0.0), 1.0))
-
-
-@dataclass(frozen=True)
-class Design:
-    """The study's decision rule: error rate, equivalence margin, test, and adaptive seeds."""
-
-    alpha: float = 0.05
-    margin: float = 0.01
-    paired_test: str = "t"  # "t" or "bootstrap"
-    min_seeds: int | None = None  # adaptive seeds: the first look
-    max_seeds: int | None = None  # ... and the last
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> Design:
-        """The design a spec (its stored JSON form) asks for."""
-        seeds = spec.get("seeds")
-        adaptive = isinstance(seeds, dict)
-        return cls(alpha=spec.get("alpha", cls.alpha), margin=spec.get("margin", cls.margin),
-                   paired_test=spec.get("paired_test", cls.paired_test),
-                   min_seeds=seeds["min"] if adaptive else None, max_seeds=seeds["max"] if adaptive else None)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.max_seeds is not None and self.max_seeds > (self.min_seeds or 0)
-
-    def looks(self, n: int) -> list[tuple[int, float]]:
-        """(seeds, nominal α) of every look a comparison with n paired seeds has had: one look at the
-        full α for fixed seeds; with adaptive seeds one per seed count from min, the last taking any
-        seeds beyond max."""
-        if not self.adaptive:
-            return [(n, self.alpha)]
-        out, spent = [], 0.0
-        for k in range(self.min_seeds, min(max(n, self.min_seeds), self.max_seeds) + 1):
-            level = self.alpha * pocock_spending(k / self.max_seeds) - spent
-            spent += level
-            out.append((k, level))
-        last, level = out[-1]
-        out[-1] = (max(n, last) if last == self.max_seeds else min(n, last), level)
-        return out
-
-    def describe(self) -> str:
-        rule = (f"adaptive seeds from {self.min_seeds} to {self.max_seeds}, α spent over the looks (Pocock-type "
-                "spending, weighted Bonferroni)" if self.adaptive else "fixed seeds")
-        return f"α = {self.alpha:g}, Holm across comparisons, equivalence margin ±{self.margin:g}, {rule}"
+def design_of(spec: dict, metric: MetricSpec) -> Design:
+    """The decision rule a study (its stored spec) asks for, with the metric's default margin and
+    saturation bound where the spec gives none."""
+    seeds = spec.get("seeds")
+    adaptive = isinstance(seeds, dict)
+    margin = spec.get("margin")
+    bound = spec.get("saturation")
+    return Design(alpha=spec.get("alpha", Design.alpha), margin=metric.default_margin if margin is None else margin,
+                  paired_test=spec.get("paired_test", Design.paired_test),
+                  min_seeds=seeds["min"] if adaptive else None, max_seeds=seeds["max"] if adaptive else None,
+                  bound=metric.default_bound if bound is None else bound)
 
 
 # -- per-variant summaries ------------------------------------------------------------------------------
@@ -116,13 +74,9 @@ class MeanCI:
     high: float
 
 
-def _clean(values) -> np.ndarray:
-    return np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-
-
 def mean_ci(values, confidence: float = CONFIDENCE) -> MeanCI:
     """Mean, sample sd and the t-based confidence interval of the mean."""
-    x = _clean(values)
+    x = finite(values)
     n = len(x)
     if n == 0:
         return MeanCI(0, math.nan, math.nan, math.nan, math.nan)
@@ -182,14 +136,18 @@ def best_of_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     return done.merge(best, on=["variant", "point"])
 
 
-def choose_tuned(runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
-    """Each variant's tune point, chosen on its tuning runs alone: among points where every tuning
-    seed finished (none diverged or failed), the best mean of the study's quality metric (accuracy for
-    tasks, else val loss; ties: lower val loss). Returns (variant -> point, variant -> why none was)."""
+def choose_tuned(runs: pd.DataFrame, grids: dict[str, dict[str, list]] | None = None,
+                 margin: float = 0.0) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each variant's tune point, chosen on its tuning runs alone, on the fixed-budget quality metric
+    (accuracy for tasks, else val loss; ties: lower val loss), among points where every tuning seed
+    finished (none diverged or failed). Of the points within `margin` of the best, the most stable
+    one is taken: one that borders no diverged or failed point of its grid (``grids``: variant → its
+    tune grid) and is not at the grid's edge, so a setting next to a cliff is not chosen for a gain
+    smaller than the noise. Returns (variant -> point, variant -> why none was)."""
     tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
     chosen, none = {}, {}
-    metric = quality_metric(tuning) if not tuning.empty else "val_loss"
-    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    metric = metric_of({}, tuning) if not tuning.empty else MetricSpec(name="val_loss")
+    sign = -1.0 if metric.higher_is_better else 1.0
     points = eligible_points(tuning) if not tuning.empty else pd.DataFrame()
     for variant, group in tuning.groupby("variant", sort=False):
         ok = set(points[(points["variant"] == variant) & points["eligible"]]["point"])
@@ -197,42 +155,95 @@ def choose_tuned(runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
         if done.empty:
             none[variant] = f"every tuning point of '{variant}' had a diverged or failed seed"
             continue
-        score = done.assign(point=done["sweep"].map(point_key), score=sign * done[metric]).groupby("point")[
+        score = done.assign(point=done["sweep"].map(point_key), score=sign * done[metric.name]).groupby("point")[
             ["score", "val_loss"]].mean().sort_values(["score", "val_loss"])
-        chosen[variant] = json.loads(score.index[0])
+        near = score[score["score"] <= score["score"].iloc[0] + margin]
+        grid = (grids or {}).get(variant, {})
+        unstable = {p for p in points.loc[points["variant"] == variant, "point"] if p not in ok}
+        risk = [len(grid_edges(grid, json.loads(p))) + 10 * len(unstable_neighbours(grid, json.loads(p), unstable))
+                for p in near.index]
+        chosen[variant] = json.loads(near.index[int(np.argmin(risk))])  # ties: the better score (first)
     return chosen, none
 
 
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
 def grid_edges(grid: dict[str, list], point: dict) -> list[str]:
-    """The tuned keys whose chosen value is the smallest or largest of a numeric grid of three or more
-    values: the optimum was not bracketed and may lie beyond the grid (with two values every choice is
-    an edge, and nothing is said)."""
+    """The tuned keys whose chosen value is the smallest or largest of a numeric grid: the optimum was
+    not bracketed and may lie beyond the grid (with two values every choice is an edge)."""
     edges = []
     for key, values in grid.items():
-        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-        if len(numbers) < 3 or len(numbers) != len(values) or key not in point:
+        if len(values) < 2 or not _numeric(values) or key not in point:
             continue
-        if point[key] in (min(numbers), max(numbers)):
-            side = "largest" if point[key] == max(numbers) else "smallest"
+        if point[key] in (min(values), max(values)):
+            side = "largest" if point[key] == max(values) else "smallest"
             edges.append(f"{key}={point[key]} is the {side} value tried: the best may lie beyond {values}")
     return edges
 
 
-def quality_metric(runs: pd.DataFrame) -> str:
-    """The metric a study's verdicts test: accuracy for tasks (runs that record it), else val loss."""
-    done = runs[runs["status"] == "finished"]
-    return "val_accuracy" if "val_accuracy" in done and done["val_accuracy"].notna().any() else "val_loss"
+def unstable_neighbours(grid: dict[str, list], point: dict, unstable: set[str]) -> list[str]:
+    """The tuned keys along which the chosen point's next value in its numeric grid (the other keys
+    held) had a diverged or failed seed (`unstable`: their point keys): the choice borders a cliff."""
+    out = []
+    for key, values in grid.items():
+        if not _numeric(values) or key not in point or point[key] not in values:
+            continue
+        ordered = sorted(values)
+        i = ordered.index(point[key])
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(ordered) and point_key({**point, key: ordered[j]}) in unstable:
+                out.append(f"{key}={ordered[j]}, next to the chosen {point[key]}, had a diverged or failed seed: "
+                           "the chosen setting borders instability")
+    return out
 
 
-def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | None] | None = None) -> pd.DataFrame:
-    """One row per variant (baseline first, then by mean val loss): per quality metric the mean, sd and
-    95% CI over seeds; its reference; params, FLOPs, tokens/s, memory; how many runs failed or diverged."""
+def tuning_flags(spec: dict, runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Variant → what to doubt about its tuned setting: the grid edges it sits on and the unstable
+    points it borders (empty where the study did not tune)."""
+    tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
+    if tuning.empty or not spec.get("tune"):
+        return {}
+    chosen, _ = tuned_points(spec, tuning)
+    grids = {v: tune_grid(spec, v) for v in chosen}
+    points = eligible_points(tuning)
+    out = {}
+    for variant, point in chosen.items():
+        unstable = set(points.loc[(points["variant"] == variant) & ~points["eligible"], "point"])
+        flags = grid_edges(grids[variant], point) + unstable_neighbours(grids[variant], point, unstable)
+        if flags:
+            out[variant] = flags
+    return out
+
+
+def tuned_points(spec: dict, runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
+    """``choose_tuned`` as a stored spec asks: each variant's own grid, and the spec's margin where it
+    is one of the tuning metric (else that metric's default)."""
+    tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
+    quality = metric_of({}, tuning) if not tuning.empty else MetricSpec(name="val_loss")
+    margin = spec.get("margin") if metric_of(spec, tuning).name == quality.name and spec.get("margin") is not None \
+        else quality.default_margin
+    grids = {v: tune_grid(spec, v) for v in tuning["variant"].unique()}
+    return choose_tuned(tuning, grids, margin)
+
+
+def tune_grid(spec: dict, variant: str) -> dict[str, list]:
+    """The keys a stored spec tunes for `variant` and their candidate values (``Spec.tune_grid``)."""
+    return {k: v[variant] if isinstance(v, dict) else v for k, v in (spec.get("tune") or {}).items() if k != "tune_seeds"}
+
+
+def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | None] | None = None,
+                    extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per variant (baseline first, then by mean val loss): per quality metric (and the
+    `extra` columns, e.g. a learning-speed metric) the mean, sd and 95% CI over seeds; its reference;
+    params, FLOPs, tokens/s, memory; how many runs failed or diverged at the point it is judged at."""
     compare = compare or {}
     chosen = best_of_sweep(runs)
     rows = []
     for variant, group in chosen.groupby("variant", sort=False):
         row = {"variant": variant, "n": len(group), "sweep": group["sweep"].iloc[0]}
-        for metric in QUALITY:
+        for metric in (*QUALITY, *[e for e in extra if e not in QUALITY]):
             ci = mean_ci(group[metric].tolist() if metric in group else [])
             row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.sd, f"{metric}_ci_low": ci.low,
                         f"{metric}_ci_high": ci.high})
@@ -254,145 +265,12 @@ def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | 
     return table.set_index("variant").reindex(order).reset_index()
 
 
-# -- tests --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Test:
-    """One test of variant − reference: the mean difference, its CI, p and what it could detect."""
-
-    test: str  # "paired t", "paired bootstrap" or "welch"
-    n: int  # pairs, or the variant's seeds (Welch)
-    delta: float
-    ci_low: float
-    ci_high: float
-    p: float
-    sd: float  # of the paired differences; Welch: of the variant's values
-    se: float
-    df: float
-
-
-def _two_sided_t(t: float, df: float) -> float:
-    return float(2 * stats.t.sf(abs(t), df))
-
-
-def paired_t(differences, confidence: float = CONFIDENCE) -> Test:
-    """Paired t-test of the per-seed differences (variant − reference) against zero."""
-    d = _clean(differences)
-    n = len(d)
-    mean = float(d.mean()) if n else math.nan
-    if n < 2:
-        return Test("paired t", n, mean, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-    sd = float(d.std(ddof=1))
-    se = sd / math.sqrt(n)
-    if se == 0:  # every seed moved by exactly the same amount (e.g. accuracy 1.0 on both)
-        return Test("paired t", n, mean, mean, mean, 1.0 if mean == 0 else 0.0, 0.0, 0.0, n - 1)
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * se
-    return Test("paired t", n, mean, mean - half, mean + half, _two_sided_t(mean / se, n - 1), sd, se, n - 1)
-
-
-def paired_bootstrap(differences, confidence: float = CONFIDENCE, samples: int = BOOTSTRAP_SAMPLES,
-                     seed: int = 0) -> Test:
-    """Paired bootstrap of the mean difference: percentile CI; p from the differences shifted to a
-    zero mean (the null), two-sided. Needs many seeds to be trusted; the t-test is the default."""
-    d = _clean(differences)
-    n = len(d)
-    t = paired_t(d, confidence)
-    if n < 2 or t.se == 0:
-        return Test("paired bootstrap", *[getattr(t, f) for f in ("n", "delta", "ci_low", "ci_high", "p", "sd", "se", "df")])
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, n, size=(samples, n))
-    means = d[index].mean(axis=1)
-    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
-    null = (d - d.mean())[index].mean(axis=1)
-    p = float((np.abs(null) >= abs(d.mean())).mean())
-    return Test("paired bootstrap", n, t.delta, float(low), float(high), max(p, 1 / samples), t.sd, t.se, t.df)
-
-
-def welch(variant, reference, confidence: float = CONFIDENCE) -> Test:
-    """Welch's unequal-variance t-test of variant − reference, for seeds that do not pair up."""
-    a, b = _clean(variant), _clean(reference)
-    delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-    if len(a) < 2 or len(b) < 2:
-        return Test("welch", len(a), delta, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Test("welch", len(a), delta, delta, delta, 1.0 if delta == 0 else 0.0, 0.0, 0.0, len(a) + len(b) - 2)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch–Satterthwaite
-    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
-    return Test("welch", len(a), delta, delta - half, delta + half, _two_sided_t(delta / se, df),
-                float(a.std(ddof=1)), se, float(df))
-
-
-# Gauss–Legendre nodes on (0, 1): the quantiles of the variance estimate to average power over
-_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(200)
-_NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
-
-
-@functools.lru_cache(maxsize=64)
-def _spread(df: float) -> np.ndarray:
-    """s = sqrt(χ²_df / df) at the quadrature nodes: the spread of an estimated standard error."""
-    return np.sqrt(stats.chi2.ppf(_NODES, df) / df)
-
-
-def t_test_power(noncentrality: float, df: float, level: float, critical: float | None = None) -> float:
-    """Power of a two-sided t-test at `level` when the true difference is `noncentrality` standard
-    errors: E over the variance estimate of P(|Z + δ| > c·s), s² ~ χ²_df / df. (scipy's noncentral t
-    returns NaN in places for df = 1, the two-seed case.)"""
-    critical = stats.t.ppf(1 - level / 2, df) if critical is None else critical
-    s = _spread(float(df))
-    inside = special.ndtr(noncentrality - critical * s) + special.ndtr(-critical * s - noncentrality)
-    return float(np.dot(_WEIGHTS, inside))
-
-
-def minimum_detectable(se: float, df: float, level: float, power: float = POWER) -> float:
-    """The smallest |difference| a two-sided t-test at `level` detects with `power`, given the standard
-    error and degrees of freedom of its estimate."""
-    if not (se > 0 and df > 0 and 0 < level < 1):
-        return math.nan
-    critical = float(stats.t.ppf(1 - level / 2, df))
-
-    def shortfall(noncentrality: float) -> float:
-        return t_test_power(noncentrality, df, level, critical) - power
-
-    high = critical + 4.0
-    while shortfall(high) < 0:
-        high *= 2
-    return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-8)) * se
-
-
-def holm(p_values) -> list[float]:
-    """Holm's step-down adjusted p-values, in the input's order; NaN (no test) stays NaN and is not
-    counted among the comparisons."""
-    p = np.asarray(p_values, dtype=float)
-    tested = np.flatnonzero(~np.isnan(p))
-    adjusted = np.full(len(p), math.nan)
-    m = len(tested)
-    running = 0.0
-    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
-
-
-def verdict_of(delta: float, ci_low: float, ci_high: float, p_adjusted: float, alpha: float, margin: float,
-               higher_is_better: bool) -> str:
-    """better / worse / equivalent / inconclusive, from the adjusted p and the CI of the difference
-    (variant − reference)."""
-    if not math.isnan(ci_low) and -margin < ci_low and ci_high < margin:
-        return "equivalent"
-    if not math.isnan(p_adjusted) and p_adjusted < alpha and delta != 0:
-        return "better" if (delta > 0) == higher_is_better else "worse"
-    return "inconclusive"
-
-
 # -- comparisons --------------------------------------------------------------------------------------
 
 
 @dataclass
 class Comparison:
-    """A variant against its reference on the study's quality metric, and the verdict in words."""
+    """A variant against its reference on the study's metric, and the verdict in words."""
 
     variant: str
     reference: str
@@ -401,24 +279,27 @@ class Comparison:
     delta: float
     ci_low: float
     ci_high: float
-    p: float  # the test's own p-value at the current seeds
-    p_adjusted: float  # after the looks (adaptive seeds) and Holm across the study's comparisons
+    p: float  # the test's own two-sided p-value (no difference) at the current seeds
+    p_adjusted: float  # after the looks (adaptive seeds) and Holm–Shaffer across the study's comparisons
     test: str
     verdict: str
     margin: float
-    mde: float  # the smallest |difference| these seeds could detect at 80% power
+    mde: float  # the smallest |difference| these seeds could detect at 80% power, after the correction
     sd: float
+    p_equivalent: float = math.nan  # TOST (a difference of at least the margin) at the current seeds
+    p_equivalent_adjusted: float = math.nan  # after the looks and the correction
     seeds: list[int] = field(default_factory=list)
     n_reference: int = 0
-    p_sequential: float = math.nan  # after the looks, before Holm
+    p_sequential: float = math.nan  # after the looks, before the correction
+    p_equivalent_sequential: float = math.nan
     higher_is_better: bool = False
     machine: str | None = None
-    note: str = ""
+    note: str = ""  # why it is inconclusive when seeds are not the reason
+    needs_seeds: bool = True  # whether more seeds could decide it (not after failures, saturation)
+    censored: int = 0  # seeds where either side never reached the target (tokens_to_target)
+    unit: str = ""
+    alpha: float = 0.05
     tuned: dict = field(default_factory=dict)  # variant and reference -> the tuned values they ran at
-
-    @property
-    def unit(self) -> str:
-        return UNITS.get(self.metric, "")
 
     def sentence(self) -> str:
         """The verdict in one sentence, with the numbers behind it (and the tuned settings)."""
@@ -438,16 +319,27 @@ class Comparison:
                 else f"Welch over {self.n} and {self.n_reference} seeds")
         ci = f"95% CI {significant(self.ci_low, sign=True)} to {significant(self.ci_high, sign=True)}"
         if self.verdict in ("better", "worse"):
-            return (f"{self.variant} is {self.verdict} than {self.reference} by {significant(abs(self.delta))}{unit} "
-                    f"({ci}, {over}, Holm-adjusted p {p_value(self.p_adjusted)}).")
+            bound = (f"at least {significant(abs(self.delta))}{unit} ({self.censored} seed(s) never reached the target: "
+                     "their values are lower bounds, so the difference is at least this large; "
+                     if self.censored else f"{significant(abs(self.delta))}{unit} (")
+            return (f"{self.variant} is {self.verdict} than {self.reference} by {bound}{ci}, {over}, Holm-adjusted p "
+                    f"{p_value(self.p_adjusted)}).")
         if self.verdict == "equivalent":
+            detectable = (f" The difference itself is detectable (adjusted p {p_value(self.p_adjusted)}), but smaller "
+                          "than the margin." if self.p_adjusted < self.alpha else "")
             return (f"{self.variant} is equivalent to {self.reference} within ±{self.margin:g}{unit} "
-                    f"(Δ {significant(self.delta, sign=True)}, {ci}, {over}).")
+                    f"(Δ {significant(self.delta, sign=True)}, {ci}, {over}, TOST adjusted p "
+                    f"{p_value(self.p_equivalent_adjusted)}).{detectable}")
+        if self.verdict == "saturated":
+            return (f"{self.variant} vs {self.reference} is saturated: every seed of both reached the metric's bound, so "
+                    "the task cannot tell them apart at this budget. That is no evidence that they are the same: compare "
+                    "learning speed (metric: online_loss or tokens_to_target), or make the task harder.")
         if self.note:
             return f"{self.variant} vs {self.reference} is inconclusive: {self.note}."
+        equivalence = f", and equivalence needs the difference shown inside ±{self.margin:g}" if self.margin > 0 else ""
         return (f"{self.variant} vs {self.reference} is inconclusive: Δ {significant(self.delta, sign=True)}{unit} "
                 f"({ci}, {over}, Holm-adjusted p {p_value(self.p_adjusted)}); these seeds could detect a difference of "
-                f"±{significant(self.mde)} or more (80% power), and equivalence needs the CI inside ±{self.margin:g}.")
+                f"±{significant(self.mde)} or more (80% power, after the correction){equivalence}.")
 
     def to_dict(self) -> dict:
         return {k: v if k == "tuned" else _json_number(v) for k, v in asdict(self).items()}
@@ -480,26 +372,39 @@ class StudySummary:
     """Everything the CLI table, the HTML summary and ``--json`` say about one study on one machine."""
 
     study: str
-    metric: str
+    metric: str  # the runs column the verdicts test
     design: Design
     noise: Noise
     comparisons: list[Comparison]
     variants: pd.DataFrame
     machine: str | None = None
+    metric_spec: MetricSpec | None = None
+    tuning: dict[str, list[str]] = field(default_factory=dict)  # variant -> doubts about its tuned setting
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric in HIGHER_IS_BETTER
+        return self.metric_spec.higher_is_better if self.metric_spec else "accuracy" in self.metric
+
+    @property
+    def metric_label(self) -> str:
+        """The metric in words, in full (what it is, how it is measured)."""
+        return self.metric_spec.describe() if self.metric_spec else self.metric.replace("_", " ")
+
+    @property
+    def metric_name(self) -> str:
+        """The metric's short name ("val loss", "steps to loss 1")."""
+        return self.metric_spec.label if self.metric_spec else self.metric.replace("_", " ")
 
     def pending(self) -> set[str]:
-        """Variants (with their references) in comparisons that are still inconclusive."""
+        """Variants (with their references) in comparisons that more seeds could still decide."""
         return pending(self.comparisons)
 
     def to_dict(self) -> dict:
-        return {"study": self.study, "machine": self.machine, "metric": self.metric,
+        return {"study": self.study, "machine": self.machine, "metric": self.metric, "metric_description": self.metric_label,
                 "alpha": self.design.alpha, "margin": self.design.margin, "design": self.design.describe(),
                 "noise": {"baseline_sd": _json_number(self.noise.baseline_sd), "baseline_n": self.noise.baseline_n,
                           "paired_sd": _json_number(self.noise.paired_sd), "paired_df": self.noise.paired_df},
+                "tuning_flags": self.tuning,
                 "comparisons": [c.to_dict() for c in self.comparisons]}
 
 
@@ -508,44 +413,90 @@ def _per_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(values["seed"], values[metric])}
 
 
-def compare(variant: dict[int, float], reference: dict[int, float], design: Design) -> tuple[Test, float, float]:
+def _sequential(tests: list[Test], looks: list[tuple[int, float]], alpha: float, which: str) -> float:
+    """The smallest p_k·α/α_k over the looks that have a p-value (NaN if none has)."""
+    ps = [min(1.0, getattr(t, which) * alpha / level) for t, (_, level) in zip(tests, looks)
+          if not math.isnan(getattr(t, which))]
+    return min(ps) if ps else math.nan
+
+
+def compare(variant: dict[int, float], reference: dict[int, float], design: Design,
+            equivalence: bool = True) -> tuple[Test, float, float, float]:
     """Test one comparison from per-seed values: paired where the seeds pair up (at least two shared
-    seeds), else Welch. Returns the test at all seeds, the sequential p (after the looks) and the MDE."""
+    seeds), else Welch. Returns the test at all seeds, the sequential p-values (no difference;
+    equivalence: NaN where `equivalence` is off) and the α of the last look."""
     shared = sorted(set(variant) & set(reference))
+    margin = design.margin if equivalence else 0.0
     if len(shared) >= 2:
         differences = np.array([variant[s] - reference[s] for s in shared])
-        run = paired_bootstrap if design.paired_test == "bootstrap" else paired_t
         looks = design.looks(len(shared))
-        p_sequential = min(min(1.0, run(differences[:k]).p * design.alpha / level) for k, level in looks)
-        test = run(differences)
+        tests = [paired(differences[:k], design, margin) for k, _ in looks]
+        test = paired(differences, design, margin)
     else:  # seeds that don't pair up: every look's α was spent on what is here now
-        test = welch(list(variant.values()), list(reference.values()))
-        looks = design.looks(test.n)
-        p_sequential = test.p if math.isnan(test.p) else min(1.0, test.p * design.alpha / looks[-1][1])
-    return test, p_sequential, minimum_detectable(test.se, test.df, looks[-1][1])
+        test = welch(list(variant.values()), list(reference.values()), margin)
+        looks = design.looks(test.n)[-1:]
+        tests = [test]
+    return (test, _sequential(tests, looks, design.alpha, "p"), _sequential(tests, looks, design.alpha, "p_equivalent"),
+            looks[-1][1])
 
 
-def judge(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], metric: str, design: Design,
-          machine: str | None = None) -> list[Comparison]:
+def saturated(mine: dict[int, float], theirs: dict[int, float], bound: float | None, higher_is_better: bool) -> bool:
+    """Whether every value of both sides sits at the metric's bound (≥ it when higher is better, else ≤)."""
+    values = [*mine.values(), *theirs.values()]
+    if bound is None or not mine or not theirs:
+        return False
+    return all(v >= bound if higher_is_better else v <= bound for v in values)
+
+
+def judge(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], metric: MetricSpec, design: Design,
+          machine: str | None = None, problems: dict[str, str] | None = None,
+          censored: dict[str, set[int]] | None = None) -> list[Comparison]:
     """The comparisons (variant, reference) of one study from per-seed values of its metric: each
-    tested, Holm-adjusted across the study, and given its verdict; sorted by verdict, then |Δ|."""
-    higher = metric in HIGHER_IS_BETTER
-    comparisons = []
+    tested, both hypotheses corrected across the study together, and given its verdict; sorted by
+    verdict, then |Δ|. `problems`: variant → why its seeds cannot be judged (failed, diverged); a
+    comparison with one is inconclusive for good. `censored`: variant → seeds whose value is only a
+    lower bound (no equivalence is claimed from those)."""
+    problems, censored = problems or {}, censored or {}
+    higher = metric.higher_is_better
+    comparisons, levels = [], []
     for variant, reference in pairs:
         mine, theirs = values.get(variant, {}), values.get(reference, {})
-        test, p_sequential, mde = compare(mine, theirs, design)
         shared = sorted(set(mine) & set(theirs))
-        note = ""
-        if math.isnan(test.p):
-            note = f"{len(shared) if len(shared) else min(len(mine), len(theirs))} seed(s) to compare; a test needs two"
-        comparisons.append(Comparison(
-            variant=variant, reference=reference, metric=metric, n=test.n, delta=test.delta, ci_low=test.ci_low,
+        n_censored = sum(1 for s in (shared or set(mine) | set(theirs))
+                         if s in censored.get(variant, set()) | censored.get(reference, set()))
+        test, p_sequential, p_equivalent_sequential, level = compare(mine, theirs, design, equivalence=not n_censored)
+        c = Comparison(
+            variant=variant, reference=reference, metric=metric.column, n=test.n, delta=test.delta, ci_low=test.ci_low,
             ci_high=test.ci_high, p=test.p, p_adjusted=math.nan, test=test.test, verdict="inconclusive",
-            margin=design.margin, mde=mde, sd=test.sd, seeds=shared or sorted(mine), n_reference=len(theirs),
-            p_sequential=p_sequential, higher_is_better=higher, machine=machine, note=note))
-    for c, adjusted in zip(comparisons, holm([c.p_sequential for c in comparisons])):
-        c.p_adjusted = adjusted
-        c.verdict = verdict_of(c.delta, c.ci_low, c.ci_high, adjusted, design.alpha, design.margin, higher)
+            margin=design.margin, mde=math.nan, sd=test.sd, p_equivalent=test.p_equivalent,
+            seeds=shared or sorted(mine), n_reference=len(theirs), p_sequential=p_sequential,
+            p_equivalent_sequential=p_equivalent_sequential, higher_is_better=higher, machine=machine,
+            censored=n_censored, unit=metric.unit_name, alpha=design.alpha)
+        failed = "; ".join(filter(None, (problems.get(variant), problems.get(reference))))
+        if failed:
+            c.note, c.needs_seeds = failed, False
+        elif saturated(mine, theirs, design.bound, higher):
+            c.verdict, c.needs_seeds = "saturated", False
+        elif test.untestable:
+            c.note = test.untestable
+        if c.note or c.verdict == "saturated":  # no claim: out of the tests, still in the correction's count
+            c.p_sequential = c.p_equivalent_sequential = math.nan
+        comparisons.append(c)
+        levels.append((level, test.se, test.df))
+    adjusted, adjusted_equivalent = holm_shaffer([c.p_sequential for c in comparisons],
+                                                 [c.p_equivalent_sequential for c in comparisons])
+    for c, p, p_equivalent, (level, se, df) in zip(comparisons, adjusted, adjusted_equivalent, levels):
+        c.p_adjusted, c.p_equivalent_adjusted = p, p_equivalent
+        c.mde = minimum_detectable(se, df, level / len(comparisons))  # Holm's first step: α / comparisons
+        if c.verdict == "saturated" or c.note:
+            continue
+        if p_equivalent < design.alpha:
+            c.verdict = "equivalent"
+        elif p < design.alpha and c.delta != 0:
+            c.verdict = "better" if (c.delta > 0) == higher else "worse"
+        elif c.censored:
+            c.note = (f"{c.censored} seed(s) never reached the target (a lower bound); Δ {significant(c.delta, sign=True)} "
+                      f"{c.unit}, Holm-adjusted p {p_value(c.p_adjusted)}: no equivalence is claimed from censored values")
     order = {v: i for i, v in enumerate(VERDICTS)}
     comparisons.sort(key=lambda c: (order[c.verdict], -abs(c.delta) if not math.isnan(c.delta) else 0))
     return comparisons
@@ -553,15 +504,16 @@ def judge(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], met
 
 def pending(comparisons: list[Comparison]) -> set[str]:
     """What adaptive seeds train next: the variants, with their references, of every comparison that
-    is still inconclusive."""
-    return {name for c in comparisons if c.verdict == "inconclusive" for name in (c.variant, c.reference)}
+    is inconclusive for want of seeds."""
+    return {name for c in comparisons if c.verdict == "inconclusive" and c.needs_seeds
+            for name in (c.variant, c.reference)}
 
 
 def noise_floor(values: dict[str, dict[int, float]], baseline: str, comparisons: list[Comparison]) -> Noise:
     """The baseline's seed-to-seed sd, and the sd of paired differences pooled over the comparisons."""
-    paired = [c for c in comparisons if c.test != "welch" and c.n >= 2 and not math.isnan(c.sd)]
-    df = sum(c.n - 1 for c in paired)
-    pooled = math.sqrt(sum((c.n - 1) * c.sd**2 for c in paired) / df) if df else math.nan
+    paired_ = [c for c in comparisons if c.test != "welch" and c.n >= 2 and not math.isnan(c.sd)]
+    df = sum(c.n - 1 for c in paired_)
+    pooled = math.sqrt(sum((c.n - 1) * c.sd**2 for c in paired_) / df) if df else math.nan
     base = list(values.get(baseline, {}).values())
     return Noise(float(np.std(base, ddof=1)) if len(base) >= 2 else math.nan, len(base), pooled, df)
 
@@ -581,36 +533,81 @@ def _post_training(runs: pd.DataFrame) -> bool:
     return "kind" in runs and not runs.empty and bool((runs["kind"] == "quantize").all())
 
 
-def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None) -> StudySummary:
+def with_metric(runs: pd.DataFrame, curves: pd.DataFrame | None, metric: MetricSpec) -> tuple[pd.DataFrame, dict[str, Value]]:
+    """The runs with the metric's value in its column (a learning-speed metric read off the curves),
+    and each finished run's Value (censored, or missing with the reason)."""
+    done = runs[runs["status"] == "finished"]
+    values = run_values(done, curves, metric)
+    if metric.column in QUALITY and metric.column in runs:
+        return runs, values
+    column = runs["run_id"].map(lambda r: values[r].value if r in values else math.nan)
+    return runs.assign(**{metric.column: column.astype(float)}), values
+
+
+def _problems(runs: pd.DataFrame, table: pd.DataFrame, variants: list[str], values: dict[str, Value],
+              chosen: pd.DataFrame) -> dict[str, str]:
+    """Variant → why its seeds cannot all be judged: seeds that failed or diverged at the point it is
+    judged at (all its runs where none finished), and finished seeds without a value of the metric."""
+    out = {}
+    judged = table.set_index("variant") if not table.empty else pd.DataFrame()
+    for variant in variants:
+        if variant in judged.index:
+            row = judged.loc[variant]
+            failed, diverged, finished = int(row["failed"]), int(row["diverged"]), int(row["n"])
+        else:
+            mine = runs[runs["variant"] == variant]
+            failed, diverged, finished = (int((mine["status"] == s).sum()) for s in ("failed", "diverged", "finished"))
+            if not failed and not diverged:
+                continue  # not run yet
+        total = failed + diverged + finished
+        parts = [f"{k} of {total} seeds of {variant} {what}" for k, what in ((diverged, "diverged"), (failed, "failed")) if k]
+        missing = [values[r].missing for r in chosen.loc[chosen["variant"] == variant, "run_id"]
+                   if r in values and values[r].missing]
+        if missing:
+            parts.append(f"{len(missing)} of {total} seeds of {variant} have no value: {missing[0]}")
+        if parts:
+            out[variant] = "; ".join(parts) + (" (they count against it: no verdict)" if failed or diverged else "")
+    return out
+
+
+def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None,
+              curves: pd.DataFrame | None = None) -> StudySummary:
     """The verdicts of a study (its spec, as stored) from its runs on one machine: each variant at its
-    chosen sweep point against its reference."""
-    design = Design.from_spec(spec)
+    chosen sweep point against its reference. `curves`: the store's per-step metrics (learning-speed
+    metrics are read off them)."""
+    metric = metric_of(spec, runs)
+    design = design_of(spec, metric)
     baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
     references = spec.get("compare") or {}
+    flags = tuning_flags(spec, runs)
     runs = eval_runs(runs)
-    table = variant_summary(runs, baseline, references)
-    metric = quality_metric(runs)
+    runs, run_values_ = with_metric(runs, curves, metric)
+    table = variant_summary(runs, baseline, references, extra=(metric.column,))
     chosen = best_of_sweep(runs)
-    values = {v: _per_seed(g, metric) for v, g in chosen.groupby("variant")}
+    values = {v: _per_seed(g, metric.column) for v, g in chosen.groupby("variant")}
+    censored = {v: {int(s) for s, r in zip(g["seed"], g["run_id"]) if r in run_values_ and run_values_[r].censored}
+                for v, g in chosen.groupby("variant")}
     pairs = []
-    for v in table["variant"] if not table.empty else []:
+    variants = [v for v in spec.get("variants", {}) if v in set(runs["variant"])] or list(table["variant"])
+    for v in variants:
         runs_of = chosen[chosen["variant"] == v]
-        if _post_training(runs_of) and f"{metric}_float" in runs_of:
+        if _post_training(runs_of) and f"{metric.column}_float" in runs_of:
             # post-training quantization: against its own float checkpoint, evaluated the same way, and
             # against another post-training method the spec names (the same checkpoint per seed)
-            values[f"{v} (float)"] = _per_seed(runs_of, f"{metric}_float")
+            values[f"{v} (float)"] = _per_seed(runs_of, f"{metric.column}_float")
             pairs.append((v, f"{v} (float)"))
             if (ref := references.get(v)) in values and _post_training(chosen[chosen["variant"] == ref]):
                 pairs.append((v, ref))
-        elif v != baseline and (ref := references.get(v, baseline)) in values and _same_data(chosen, v, ref):
+        elif v != baseline and (ref := references.get(v, baseline)) and _same_data(chosen, v, ref):
             pairs.append((v, ref))
-    comparisons = judge(values, pairs, metric, design, machine)
+    problems = _problems(runs, table, variants, run_values_, chosen)
+    comparisons = judge(values, pairs, metric, design, machine, problems, censored)
     if spec.get("tune"):  # the values each side was trained at, chosen on the tuning seeds
-        at = dict(zip(table["variant"], table["sweep"]))
+        at = dict(zip(table["variant"], table["sweep"])) if not table.empty else {}
         for c in comparisons:
             c.tuned = {c.variant: at.get(c.variant) or {}, c.reference: at.get(c.reference) or {}}
-    return StudySummary(spec.get("name", ""), metric, design, noise_floor(values, baseline, comparisons), comparisons,
-                        table, machine)
+    return StudySummary(spec.get("name", ""), metric.column, design, noise_floor(values, baseline, comparisons),
+                        comparisons, table, machine, metric, flags)
 
 
 def ladder_climb(runs: pd.DataFrame, ladder: list[str], metric: str) -> pd.DataFrame:

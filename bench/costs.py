@@ -1,8 +1,10 @@
 """What a variant costs next to its reference, read from the store: the second half of a headline
 ("... and it cuts the KV cache 4× and decodes 1.1× faster here").
 
-Training costs come from the variant's runs (parameters, tokens/s, peak memory); serving costs from
-the study's decode timings on the same machine, matched to the variant by its attention's name.
+Parameters and peak memory come from the variant's runs; training speed only from the study's
+side-by-side timing of the two training steps (``bench.speed``: interleaved rounds with a CI), never
+from runs timed at different moments on a shared machine; serving costs from the study's decode
+timings on the same machine, matched to the variant by its attention's name.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ class Cost:
         return f"{smaller if r < 1 else larger} {max(r, 1 / r):.1f}× ({both})"
 
 
-FORMATS = {"parameters": count, "active parameters": count, "training speed": count, "KV cache": size,
+FORMATS = {"parameters": count, "active parameters": count, "KV cache": size,
            "decode latency": duration, "peak memory": size, "model size": size, "inference latency": duration,
            "quantization time": duration}
-SPEEDS = {"training speed": ("trains", True), "decode latency": ("decodes", False),  # verb, higher value is faster
+SPEEDS = {"decode latency": ("decodes", False),  # verb, higher value is faster
           "inference latency": ("runs a val batch", False), "quantization time": ("quantizes", False)}
 SIZES = {"KV cache": ("cuts the KV cache", "grows the KV cache"), "model size": ("shrinks the model", "grows the model")}
 
@@ -86,15 +88,38 @@ def decode_costs(kernels: pd.DataFrame, machine: str) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns)
 
 
+def paired_speed(kernels: pd.DataFrame, variant: str, reference: str, machine: str) -> dict | None:
+    """The latest side-by-side training-speed timing of `variant` against `reference` on `machine`."""
+    if kernels.empty or not {"component", "reference"} <= set(kernels):
+        return None
+    rows = kernels[(kernels["component"] == "train_step") & (kernels["status"] == "ok") & (kernels["machine"] == machine)
+                   & (kernels["name"] == variant) & (kernels["reference"] == reference)]
+    return rows.iloc[-1].to_dict() if not rows.empty else None
+
+
+@dataclass(frozen=True)
+class SpeedCost:
+    """Training speed timed side by side (``bench.speed``): the phrase carries its interval."""
+
+    row: dict
+    what: str = "training speed"
+
+    def phrase(self) -> str:
+        from bench.speed import speed_phrase
+
+        return speed_phrase(self.row)
+
+
 def _finite(*values) -> bool:
     return all(v is not None and isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in values)
 
 
 def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFrame, kernels: pd.DataFrame,
-          machine: str) -> list[Cost]:
-    """The costs of `variant` against `reference` on `machine`: parameters, training tokens/s and peak
-    memory (medians over the runs ``variants`` summarises), KV cache and per-token decode latency (the
-    study's decode timings of their attentions; else the trained model's KV bytes per token)."""
+          machine: str) -> list[Cost | SpeedCost]:
+    """The costs of `variant` against `reference` on `machine`: parameters and peak memory (medians over
+    the runs ``variants`` summarises), training speed (timed side by side, where the study did), KV
+    cache and per-token decode latency (the study's decode timings of their attentions; else the
+    trained model's KV bytes per token)."""
     table = variants.set_index("variant")
     if variant not in table.index or reference not in table.index:
         return []
@@ -112,7 +137,8 @@ def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFra
     if "active_params" in table and any(_finite(row.get("active_params")) and row["active_params"] != row["params"]
                                         for row in (mine, theirs)):  # a MoE: active parameters first
         out = measured("active_params", "active parameters") + out
-    training = measured("tokens_per_s", "training speed", " tokens/s")
+    speed = paired_speed(kernels, variant, reference, machine)
+    training = [SpeedCost(speed)] if speed else []
     if on_gpu:
         training += measured("peak_memory_bytes", "peak memory")
     names = {}
@@ -150,7 +176,7 @@ def quantization_costs(runs: pd.DataFrame, reference: pd.DataFrame | None = None
     return out
 
 
-def cost_sentence(costs: list[Cost], machine: str) -> str:
+def cost_sentence(costs: list[Cost | SpeedCost], machine: str) -> str:
     """The costs that differ, as the second sentence of a headline ("It has ..., and ... on <machine>.")."""
     phrases = [p for c in costs if (p := c.phrase())]
     if not phrases:

@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from bench.config import DATA, DEFAULT_OPTIMIZER, RunConfig, resolve_run, vocab_pending
-from bench.data import DataUnavailable
+from bench.config import DATA, DEFAULT_OPTIMIZER, RunConfig, budget_steps, resolve_run, vocab_pending
+from bench.data import DataUnavailable, load_dataset
 from bench.spec import SourceMap, Spec, SpecError, problems, set_dotted
 from models import ComponentError, load_plugins
 from models.config import COMPONENT_FIELDS
-from models.registry import components_of, get
+from models.registry import components_of, get, resolve
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,11 @@ class Plan:
         return hashlib.sha256(json.dumps(configs).encode()).hexdigest()[:16]
 
 
+def default_optimizer() -> dict:
+    """AdamW with every option at its default, as a run resolves a spec that names no optimizer."""
+    return resolve("optimizer", DEFAULT_OPTIMIZER)
+
+
 def run_id(config: RunConfig, kind: str = "train") -> str:
     identity = {
         "kind": kind,
@@ -78,7 +83,7 @@ def run_id(config: RunConfig, kind: str = "train") -> str:
         "data": config.data.identity(),  # reads the data: its content hash
         # how many processes train it is not part of the experiment: the global batch is fixed
         # nor is the optimizer when it is the default AdamW: runs from before the optimizer family keep their ids
-        "train": config.train.model_dump(exclude={"distributed"} | ({"optimizer"} if config.train.optimizer == DEFAULT_OPTIMIZER else set())),
+        "train": config.train.model_dump(exclude={"distributed"} | ({"optimizer"} if config.train.optimizer == default_optimizer() else set())),
         "seed": config.seed,
     }
     if config.plugins:  # an edited plugin is new code: its runs train again
@@ -135,6 +140,7 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
                                  if unknown else None))
 
     _check_same_val_set(spec, resolved, sources)
+    _check_metric(spec, resolved, sources, prepare)
     plan = Plan(spec)
     planned: dict[str, PlannedRun] = {}
 
@@ -210,6 +216,31 @@ def _val_set_error(spec: Spec, sources: SourceMap, first: str, a: dict, second: 
     raise SpecError(f"{where}: train.eval_sequences: {first} is evaluated on {a['sequences']} val sequences and "
                     f"{second} on {b['sequences']} (eval_batches × batch_size): set base.train.eval_sequences so "
                     "that every run is scored on the same tokens")
+
+
+def _check_metric(spec: Spec, resolved: list, sources: SourceMap, prepare: bool) -> None:
+    """The study's metric must be measurable on every run: an extra evaluation length it names is one
+    the runs evaluate, and an online loss needs every training batch unseen (checked once the data is
+    prepared)."""
+    metric = spec.metric
+    if metric is None:
+        return
+    where = sources.locate(("metric",), ())
+    length = re.fullmatch(r"val_\w+@(\d+)(_beyond)?", metric.name)
+    for variant, _, _, run, _ in resolved:
+        if length and int(length.group(1)) not in run.train.eval_lengths:
+            raise SpecError(f"{where}: metric: {metric.name} needs train.eval_lengths to include {length.group(1)} "
+                            f"(variant '{variant}' evaluates {run.train.eval_lengths or 'no extra lengths'})")
+        if length and length.group(2) and int(length.group(1)) <= run.seq_len:
+            raise SpecError(f"{where}: metric: {metric.name} is the loss beyond the training length, but variant "
+                            f"'{variant}' trains at {run.seq_len} tokens")
+        if metric.name == "online_loss" and prepare and (steps := budget_steps(run)):
+            fresh = load_dataset(run.data).single_pass_steps(run.train.batch_size, run.seq_len)
+            if steps > fresh:
+                raise SpecError(f"{where}: metric: online_loss needs every training batch unseen, but variant '{variant}' "
+                                f"trains {steps} steps and its data holds {fresh} steps of unseen batches of "
+                                f"{run.train.batch_size}×{run.seq_len} tokens: train fewer steps, use more data, or "
+                                "choose a metric measured on held-out data (val_loss)")
 
 
 def _check_kernel_names(spec: Spec, sources: SourceMap) -> None:

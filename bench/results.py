@@ -91,8 +91,8 @@ def _kernels_frame(kernels: pd.DataFrame) -> pd.DataFrame:
     rows.insert(0, "machine_id", kernels["machine_id"].values)
     rows.insert(0, "study", kernels["study"].values)
     rows["hardware"] = kernels["hardware"].map(_json).values
-    if "machine" not in rows:
-        rows["machine"] = rows["hardware"].map(lambda fp: machine_label(fp) if fp else None)
+    labels = rows["hardware"].map(lambda fp: machine_label(fp) if fp else None)
+    rows["machine"] = rows["machine"].fillna(labels) if "machine" in rows else labels  # rows that name none
     return rows
 
 

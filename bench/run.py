@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import hardware, parallel
-from bench.analysis import StudySummary, choose_tuned, grid_edges, summarise
+from bench.analysis import StudySummary, summarise, tuned_points, tuning_flags
 from bench.config import budget_steps
 from bench.executor import EXECUTORS, ExecutorUnavailable
 from bench.formatting import count, p_value, significant
@@ -164,9 +164,11 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
                       f"runs, about {per_seed * (seeds.max - seeds.min) / 60:.1f} min more")
 
 
-def current_summary(runs: pd.DataFrame, spec: Spec) -> StudySummary:
-    """The verdicts of the study's current plan from the store's runs (any machine)."""
-    return summarise(runs[runs["current"] & (runs["study"] == spec.name)], spec.model_dump(mode="json"))
+def current_summary(results, spec: Spec) -> StudySummary:
+    """The verdicts of the study's current plan from the store (``bench.results.Results``, any machine)."""
+    runs = results.runs
+    return summarise(runs[runs["current"] & (runs["study"] == spec.name)], spec.model_dump(mode="json"),
+                     curves=results.metrics)
 
 
 def print_summary(summary: StudySummary, console: Console) -> None:
@@ -176,13 +178,13 @@ def print_summary(summary: StudySummary, console: Console) -> None:
         console.print("no finished runs to summarise")
         return
     metric = summary.metric
-    console.print(summary.noise.sentence(metric.replace("_", " ")), markup=False, highlight=False)
-    console.print(f"Verdicts on {metric.replace('_', ' ')}: {summary.design.describe()}.", markup=False, highlight=False)
+    console.print(summary.noise.sentence(summary.metric_name), markup=False, highlight=False)
+    console.print(f"Verdicts on {summary.metric_label}: {summary.design.describe()}.", markup=False, highlight=False)
     for c in summary.comparisons:
         console.print(f"- {c.sentence()}", markup=False, highlight=False)
-    table = Table(title=f"{metric.replace('_', ' ')} over seeds against each reference", title_justify="left")
+    table = Table(title=f"{summary.metric_name} over seeds against each reference", title_justify="left")
     for column in ("variant", "vs", "verdict", "Δ", "95% CI", "test", "n", "p", "p (adj.)", "MDE",
-                   f"{metric.replace('val_', '')} (mean ± sd)", "params", "tokens/s", "failed/diverged"):
+                   f"{summary.metric_name} (mean ± sd)", "params", "tokens/s", "failed/diverged"):
         table.add_column(column)
     by_variant = variants.set_index("variant")
     rows = [(c.variant, c) for c in summary.comparisons]
@@ -190,7 +192,7 @@ def print_summary(summary: StudySummary, console: Console) -> None:
     rows += [(v, None) for v in variants["variant"] if v not in compared]  # the baseline and untested ones
     for variant, c in rows:
         row = by_variant.loc[variant]
-        style = {"better": "green", "worse": "red"}.get(c.verdict if c else "", "")
+        style = {"better": "green", "worse": "red", "saturated": "yellow"}.get(c.verdict if c else "", "")
         own = "(baseline)" if variant == variants["variant"].iloc[0] else "(reference)"  # baseline first
         cells = [escape(variant), escape(c.reference) if c else own if not row["reference"] else "–",
                  f"[{style}]{c.verdict}[/{style}]" if c and style else (c.verdict if c else "–"),
@@ -226,6 +228,45 @@ def time_kernels(spec, store: Store, console: Console) -> None:
     console.print(f"stored {len(rows)} kernel rows ({len(timed)} timed, {len(rows) - len(timed)} with a reason)")
 
 
+def time_speed(spec: Spec, folder: Path, store: Store, console: Console) -> None:
+    """The spec's speed section: each comparison's training steps timed side by side on this machine
+    (after training, alone on it), at each side's first evaluation run; stored once per machine and pair."""
+    import hashlib
+
+    import torch
+
+    from bench.config import RunConfig
+    from bench.speed import paired_speed
+
+    runs = load(folder).runs
+    machine = hardware.machine_id()
+    done = runs[runs["current"] & (runs["study"] == spec.name) & (runs["status"] == "finished") & (runs["kind"] == "train")
+                & (runs["role"] != "tune") & (runs["machine_id"] == machine)].sort_values("seed")
+    first = done.drop_duplicates("variant").set_index("variant")
+    stored = store.kernel_spec_hashes(spec.name, machine)
+    pairs = [(v, spec.reference_of(v)) for v in spec.variants if spec.reference_of(v)]
+    for variant, reference in pairs:
+        if variant not in first.index or reference not in first.index:
+            continue
+        a, b = first.loc[variant], first.loc[reference]
+        if any(RunConfig.model_validate(r["config"]).train.distributed for r in (a, b)):
+            continue  # a run on several processes is not one process's step
+        key = hashlib.sha256(f"{spec.speed.model_dump_json()}|{a['run_id']}|{b['run_id']}".encode()).hexdigest()[:16]
+        if key in stored:
+            continue
+        console.print(f"timing training steps: {variant} against {reference}, interleaved ...", markup=False, highlight=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(a["threads"]))  # as the runs trained (one per process with --workers 2)
+        try:
+            row = paired_speed(RunConfig.model_validate(a["config"]), RunConfig.model_validate(b["config"]), spec.speed)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: a row with the reason, not a crash
+            row = {"component": "train_step", "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+        finally:
+            environment = hardware.environment()  # the machine as the runs name it: their thread count
+            torch.set_num_threads(threads)
+        store.add_kernels(spec.name, [{**row, "name": variant, "reference": reference, "spec_hash": key}], environment)
+
+
 def serve_under_load(spec, folder: Path, store: Store, console: Console) -> None:
     """The spec's serving section: each variant's run served under load (after training and kernels,
     alone on the machine), once per machine and settings."""
@@ -257,12 +298,15 @@ def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace,
         chosen = None
         if world.main:
             runs = load(folder).runs
-            chosen, none = choose_tuned(runs[runs["current"] & (runs["study"] == spec.name)])
+            runs = runs[runs["current"] & (runs["study"] == spec.name)]
+            stored = spec.model_dump(mode="json")
+            chosen, none = tuned_points(stored, runs)
+            flags = tuning_flags(stored, runs)
             for variant, point in chosen.items():
                 console.print(f"tuned {variant} on seeds {spec.tune_seed_list}: "
                               + ", ".join(f"{k}={v}" for k, v in point.items()), markup=False, highlight=False)
-                for edge in grid_edges(spec.tune_grid(variant), point):
-                    console.print(f"  warning: {variant}: {edge} (widen the tune grid)", markup=False, highlight=False)
+                for flag in flags.get(variant, []):
+                    console.print(f"  warning: {variant}: {flag}", markup=False, highlight=False)
             for variant, why in none.items():
                 console.print(f"{variant}: {why}; it is not evaluated", markup=False, highlight=False)
         tuned = parallel.broadcast_object(chosen, world)
@@ -272,7 +316,7 @@ def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace,
     for seed in range(spec.seeds.min, spec.seeds.max):
         pending = None
         if world.main:
-            summary = current_summary(load(folder).runs, spec)
+            summary = current_summary(load(folder), spec)
             waiting = [c for c in summary.comparisons if c.verdict == "inconclusive"]
             pending = [v for v in spec.variants if v in summary.pending() and (not args.only or v in args.only)]
             if pending:
@@ -330,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
             steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + sum(r.kind != "train" for r in todo)
             with Progress(len(todo), steps, console) as progress:
                 executor.execute(Plan(spec, todo), folder, progress if world.main else (lambda event: None))
+        if world.main and world.size == 1 and spec.speed is not None:  # under torchrun the ranks are one run
+            try:
+                time_speed(spec, folder, store, console)
+            except Exception as e:  # noqa: BLE001 - the trained runs are stored; summary and report still follow
+                kernel_error = f"{type(e).__name__}: {e}"
+                print(f"error: timing training speed failed ({kernel_error}); the trained runs are stored", file=sys.stderr)
         if world.main and spec.kernels is not None:
             try:
                 time_kernels(spec, store, console)
@@ -355,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         parallel.finish()
         if not world.main:
             return 0
-    runs = load(folder).runs
-    print_summary(current_summary(runs, spec), console)
+    results = load(folder)
+    runs = results.runs
+    print_summary(current_summary(results, spec), console)
     print_failures(runs, console)
     try:
         console.print(f"report: {write_report([folder])}")

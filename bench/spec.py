@@ -19,12 +19,21 @@
     tune: {train.lr: [1e-3, 3e-3], tune_seeds: 1}  # each variant's setting, chosen on held-out seeds
                                     # (1000, 1001, ...), then trained on the eval seeds for the verdict
     seeds: 2                        # a count (0..n-1), a list, or {min: 2, max: 8}: adaptive seeds
-    margin: 0.01                    # equivalence margin of the quality metric (nats, or accuracy)
-    alpha: 0.05                     # the rate of false better/worse verdicts the study allows
-    paired_test: t                  # or bootstrap: how paired per-seed differences are tested
+    metric: val_loss                # what verdicts test (bench.metrics): val_accuracy, online_loss,
+                                    # {name: tokens_to_target, target: 1.0}, val_loss@256_beyond, ...
+    margin: 0.01                    # equivalence margin of the metric (default: 0.01 nats or accuracy)
+    saturation: 0.995               # the metric's bound: both sides at it on every seed = saturated
+    alpha: 0.05                     # the rate of false verdicts the study allows
+    paired_test: t                  # or permutation (exact sign-flip): how per-seed differences are tested
     budget: {steps: 300}            # shorthand for base.train's budget
     kernels: {attention: {...}}     # components to time as kernels here (bench.kernels.config)
     serving: {concurrency: [1, 4]}  # serve each variant's run under load after training (bench.serve)
+    speed: {rounds: 20}             # each comparison's training steps timed side by side (bench.speed;
+                                    # the default; null: none, and no claim about training speed)
+    finding:                        # a published direction this study tests (bench.findings)
+      direction: RoPE beats learned absolute positions
+      source: Su et al. 2021 (RoFormer)
+      expect: {rope: better}        # the verdict(s) each comparison should reach
 
 Merging (extends, variants, sweep, --set) is a deep merge, except that a mapping of another kind —
 a component with a different ``name``, data with a different ``source`` or ``task`` — replaces the
@@ -44,6 +53,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError
                       model_validator)
 
 from bench.kernels.config import KernelSpec
+from bench.metrics import LEARNING_SPEED, MetricSpec
+from bench.speed import SpeedSpec
 
 
 class SpecError(Exception):
@@ -178,6 +189,33 @@ class ServingSpec(BaseModel):
     max_batch: PositiveInt | None = Field(None, description="the service's batch limit (default: the largest concurrency)")
 
 
+VERDICT_NAMES = ("better", "worse", "equivalent")
+
+
+class FindingSpec(BaseModel):
+    """A published direction a study tests: what the literature found, where, and the verdicts that
+    agree with it (``bench.findings`` collects them into the findings table)."""
+
+    model_config = ConfigDict(extra="forbid")
+    direction: str = Field(min_length=1, description="the published result in words")
+    source: str = Field(min_length=1, description="who found it")
+    expect: dict[str, str | list[str]] = Field(min_length=1, description="variant -> the verdict(s) against its "
+                                               "reference that agree with the direction (better, worse, equivalent)")
+    order: list[str] | None = Field(None, description="the variants' expected order of means, best first (e.g. MHA, "
+                                    "GQA, MQA): checked on the means, reported beside the verdicts")
+    sanity: bool = Field(False, description="true by construction: a check of the suite, not a finding")
+
+    @field_validator("expect")
+    @classmethod
+    def _verdicts(cls, value: dict) -> dict:
+        for variant, expected in value.items():
+            for verdict in [expected] if isinstance(expected, str) else expected:
+                if verdict not in VERDICT_NAMES:
+                    raise ValueError(f"expect.{variant}: '{verdict}' is not a verdict that agrees with anything; "
+                                     f"use {', '.join(VERDICT_NAMES)}")
+        return value
+
+
 class Spec(BaseModel):
     """A validated ablation study; ``file`` and ``sources`` are where it came from."""
 
@@ -198,12 +236,20 @@ class Spec(BaseModel):
     tune: dict[str, Any] | None = Field(None, description="dotted key -> values, crossed, plus tune_seeds: each "
                                         "variant's setting is chosen on tuning seeds, then trained on the eval seeds")
     seeds: int | list[int] | SeedRange = 2
-    margin: float = Field(0.01, ge=0, description="equivalence margin of the quality metric")
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="rate of false better/worse verdicts")
-    paired_test: Literal["t", "bootstrap"] = "t"
+    metric: MetricSpec | None = Field(None, description="what the verdicts test (default: accuracy for tasks, "
+                                      "else val loss)")
+    margin: float | None = Field(None, ge=0, description="equivalence margin of the metric (default 0.01 for losses "
+                                 "and accuracy; 0, no equivalence claims, for tokens_to_target)")
+    saturation: float | None = Field(None, description="the metric's bound: a comparison whose every seed on both "
+                                     "sides is at or beyond it is saturated (default: accuracy 0.995)")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="rate of false verdicts (better, worse or equivalent)")
+    paired_test: Literal["t", "permutation"] = "t"
     budget: dict[str, Any] | None = None
     kernels: KernelSpec | None = None
     serving: ServingSpec | None = None
+    speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="each comparison's training steps timed "
+                                    "side by side after training; null: none (and no training-speed claims)")
+    finding: FindingSpec | None = None
     plugins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
@@ -231,6 +277,26 @@ class Spec(BaseModel):
         compare = {later: earlier for earlier, later in zip(names, names[1:])}
         return {**data, "ladder": names, "variants": variants, "baseline": data.get("baseline") or names[0],
                 "compare": {**compare, **(data.get("compare") or {})}}
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"name": value}
+        name = value.get("name") if isinstance(value, dict) else None
+        if isinstance(name, str) and name not in LEARNING_SPEED and not re.fullmatch(
+                r"val_(loss|accuracy|bpb)(@\d+(_beyond)?)?", name):
+            raise ValueError(f"unknown metric '{name}': val_loss, val_accuracy, val_bpb, online_loss, tokens_to_target, "
+                             "or an extra evaluation length's val_loss@N / val_loss@N_beyond (train.eval_lengths)")
+        return value
+
+    @field_validator("paired_test", mode="before")
+    @classmethod
+    def _no_bootstrap(cls, value: Any) -> Any:
+        if value == "bootstrap":
+            raise ValueError("bootstrap is not offered: at 2 to 40 seeds a paired bootstrap's false better/worse rate "
+                             "measured 7-12% at α = 5%; use permutation (an exact sign-flip test) or t")
+        return value
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -301,6 +367,23 @@ class Spec(BaseModel):
                              "it wins by chance (choose tuning seeds outside the evaluation seeds, e.g. from 1000)")
         return self
 
+    @model_validator(mode="after")
+    def _muon_adamw_part_is_tuned_too(self) -> Spec:
+        """A tuned train.lr must reach Muon's AdamW part (embeddings, head, norms): a fixed adamw_lr beside it
+        compares a tuned baseline with a half-tuned Muon."""
+        if self.tune is None:
+            return self
+        for variant in self.variants:
+            grid = self.tune_grid(variant)
+            optimizer = expand_dotted(self.variant_base(variant)).get("train", {}).get("optimizer")
+            if ("train.lr" in grid and isinstance(optimizer, dict) and optimizer.get("name") == "muon"
+                    and optimizer.get("adamw_lr") is not None and "train.optimizer.adamw_lr" not in grid):
+                raise ValueError(f"variants.{variant}: muon's adamw_lr is fixed at {optimizer['adamw_lr']} while train.lr is "
+                                 "tuned, so its AdamW part (embeddings, head, norms) is never tuned: leave adamw_lr out "
+                                 "(tied to train.lr; with adjust_lr: match_rms_adamw one lr suits both parts) or tune it "
+                                 "too (tune: {train.optimizer.adamw_lr: [...]})")
+        return self
+
     def tune_grid(self, variant: str) -> dict[str, list[Any]]:
         """The keys tuned for `variant` and their candidate values (crossed)."""
         return {k: v[variant] if isinstance(v, dict) else v for k, v in (self.tune or {}).items() if k != "tune_seeds"}
@@ -327,6 +410,19 @@ class Spec(BaseModel):
     def _default_baseline(self) -> Spec:
         if self.baseline is None:
             self.baseline = next(iter(self.variants))
+        return self
+
+    @model_validator(mode="after")
+    def _finding_names_compared_variants(self) -> Spec:
+        if self.finding is None:
+            return self
+        for name in [*self.finding.expect, *(self.finding.order or [])]:
+            if name not in self.variants:
+                raise ValueError(f"finding: '{name}' is not a variant; variants: {', '.join(self.variants)}")
+        for name in self.finding.expect:
+            if self.reference_of(name) is None:
+                raise ValueError(f"finding: expect.{name}: '{name}' is compared with nothing (the baseline, or a "
+                                 "reference of its own): name a variant that has a reference")
         return self
 
     @property

@@ -362,6 +362,9 @@ class Trainer:
             "steps": step,
             "diverged_at": diverged_at,
             "tokens": step * self.tokens_per_step,
+            # steps whose batches were all unseen data: the online loss is held-out up to there
+            "single_pass_steps": self.data.single_pass_steps(self.cfg.batch_size, self.seq_len),
+            "epochs": step * self.cfg.batch_size / self.data.examples_per_epoch(self.seq_len),
             "train_loss": statistics.fmean(train_losses[-FINAL_TRAIN_LOSS_STEPS:]) if train_losses else None,
             **{k: v for k, v in record.items() if k.startswith(("val_", "moe_"))},
             "loss_floor": self.data.loss_floor,

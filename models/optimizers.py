@@ -9,6 +9,11 @@ all of them together and checkpoints each one's state.
     adamw  torch AdamW (fused where available); weight decay on matrices, none on biases and gains
     muon   Muon on the blocks' 2-D weight matrices, AdamW on embeddings, head, norms and biases
     lion   Lion (sign of interpolated momentum), decoupled weight decay as in the paper
+
+AdamW and Lion decay a weight by lr × weight_decay per step, so their decay is matched when that
+product is (Lion's paper: a 3-10× smaller lr with a 3-10× larger weight decay). ``lr_weight_decay``
+states the product itself (weight_decay = lr_weight_decay / train.lr), so the two stay matched
+whatever learning rate each is tuned to.
 """
 
 from __future__ import annotations
@@ -33,10 +38,16 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def weight_decay(train, lr_weight_decay: float | None) -> float:
+    """train.weight_decay, or the decay that makes lr × weight_decay equal lr_weight_decay."""
+    return train.weight_decay if lr_weight_decay is None else lr_weight_decay / train.lr
+
+
 @register("optimizer", "adamw", description="AdamW (Loshchilov & Hutter 2019), fused where the platform has it; "
           "betas (train.beta1, train.beta2), decay on matrices only")
-def adamw(model: nn.Module, train) -> list[torch.optim.Optimizer]:
-    groups = decay_groups(trainable(model), train.weight_decay)
+def adamw(model: nn.Module, train, *, lr_weight_decay: float | None = None) -> list[torch.optim.Optimizer]:
+    """lr_weight_decay: the per-step decay lr × weight_decay to hold at any lr (default: train.weight_decay)."""
+    groups = decay_groups(trainable(model), weight_decay(train, lr_weight_decay))
     betas = (train.beta1, train.beta2)
     try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
         return [torch.optim.AdamW(groups, lr=train.lr, betas=betas, fused=True)]
@@ -68,19 +79,21 @@ def _muon_check(train, options: dict) -> str | None:
 
 def muon(model: nn.Module, train, *, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
          adjust_lr: Literal["original", "match_rms_adamw"] = "original",
-         adamw_lr: float | None = None) -> list[torch.optim.Optimizer]:
+         adamw_lr: float | None = None, lr_weight_decay: float | None = None) -> list[torch.optim.Optimizer]:
     """train.lr is Muon's learning rate; the AdamW part follows the same schedule at `adamw_lr`
-    (default: train.lr). `adjust_lr`: 'original' scales by √max(1, rows/cols) (Keller Jordan's),
-    'match_rms_adamw' by 0.2·√max(rows, cols) (Moonshot's, for AdamW's learning rates)."""
+    (default: train.lr, tied: a tuned lr tunes both). `adjust_lr`: 'original' scales by √max(1,
+    rows/cols) (Keller Jordan's), 'match_rms_adamw' by 0.2·√max(rows, cols) (Moonshot's: AdamW's
+    learning rates suit both parts). lr_weight_decay: as AdamW's."""
     hidden, rest = muon_matrices(model)
+    decay = weight_decay(train, lr_weight_decay)
     optimizers = []
     if hidden:
-        optimizers.append(torch.optim.Muon([p for _, p in hidden], lr=train.lr, weight_decay=train.weight_decay,
+        optimizers.append(torch.optim.Muon([p for _, p in hidden], lr=train.lr, weight_decay=decay,
                                            momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                            adjust_lr_fn=adjust_lr))
     if rest:
         scale = (adamw_lr or train.lr) / train.lr
-        optimizers.append(torch.optim.AdamW(decay_groups(rest, train.weight_decay, lr_scale=scale),
+        optimizers.append(torch.optim.AdamW(decay_groups(rest, decay, lr_scale=scale),
                                             lr=train.lr * scale, betas=(train.beta1, train.beta2)))
     return optimizers
 
@@ -93,7 +106,10 @@ register("optimizer", "muon", probe=_muon_probe,
 
 @register("optimizer", "lion", description="Lion (Chen et al. 2023): the sign of interpolated momentum, "
           "decoupled weight decay; use a 3–10× smaller lr and larger weight_decay than AdamW's")
-def lion(model: nn.Module, train, *, beta1: float = 0.9, beta2: float = 0.99) -> list[torch.optim.Optimizer]:
+def lion(model: nn.Module, train, *, beta1: float = 0.9, beta2: float = 0.99,
+         lr_weight_decay: float | None = None) -> list[torch.optim.Optimizer]:
+    """lr_weight_decay: the per-step decay lr × weight_decay to hold at any lr (default: train.weight_decay);
+    give AdamW the same to compare them at matched decay."""
     from lion_pytorch import Lion
 
-    return [Lion(decay_groups(trainable(model), train.weight_decay), lr=train.lr, betas=(beta1, beta2))]
+    return [Lion(decay_groups(trainable(model), weight_decay(train, lr_weight_decay)), lr=train.lr, betas=(beta1, beta2))]

@@ -1,205 +1,34 @@
-"""The verdict engine: paired tests where seeds pair up, Welch where they don't, Holm across a study,
-TOST-style equivalence, the minimum detectable effect, and adaptive seeds that keep the rate of false
-better/worse verdicts at α."""
+"""Study summaries: each variant against its reference on the study's metric (the tests themselves
+are in test_stats.py), failures counted, tuning choices and their doubts, learning-speed metrics read
+off the curves, and the scaling-law summary."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
-from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from bench.analysis import (
-    Design,
     best_of_sweep,
     choose_tuned,
-    compare,
     compute_envelope,
     eval_runs,
     grid_edges,
     ladder_climb,
-    holm,
-    judge,
-    mean_ci,
-    minimum_detectable,
-    paired_bootstrap,
-    paired_t,
     pareto_front,
-    pending,
     scaling_per_machine,
     scaling_summary,
     summarise,
-    t_test_power,
+    tuning_flags,
+    unstable_neighbours,
     variant_summary,
-    verdict_of,
-    welch,
 )
 
 BASE = [1.8467, 1.8979, 1.8712, 1.9104]
-
-
-def test_seeds_that_pair_up_are_tested_in_pairs_and_others_with_welch():
-    shifted = {s: v + 0.0386 + 0.0005 * (-1) ** s for s, v in enumerate(BASE)}  # mqa-like: tight pairs
-    reference = dict(enumerate(BASE))
-    test, _, _ = compare(shifted, reference, Design())
-    assert test.test == "paired t" and test.n == 4
-    expected = stats.ttest_rel(list(shifted.values()), BASE)
-    assert test.p == pytest.approx(expected.pvalue) and test.p < 1e-5  # the seed spread cancels
-    low, high = stats.t.interval(0.95, 3, loc=np.mean(np.subtract(list(shifted.values()), BASE)),
-                                 scale=stats.sem(np.subtract(list(shifted.values()), BASE)))
-    assert (test.ci_low, test.ci_high) == (pytest.approx(low), pytest.approx(high))
-    # the same numbers on seeds that don't match: Welch, which cannot see through the seed spread
-    other = {s + 10: v for s, v in shifted.items()}
-    unpaired, _, _ = compare(other, reference, Design())
-    assert unpaired.test == "welch" and unpaired.p == pytest.approx(
-        stats.ttest_ind(list(other.values()), BASE, equal_var=False).pvalue) and unpaired.p > 0.05
-    # one shared seed is no pair to test: Welch on all of each
-    assert compare({0: 1.9, 5: 1.95}, {0: 1.85, 6: 1.9}, Design())[0].test == "welch"
-    # a paired bootstrap when the spec asks for it
-    boot, _, _ = compare(shifted, reference, Design(paired_test="bootstrap"))
-    assert boot.test == "paired bootstrap" and boot.ci_low > 0.03 and boot.ci_high < 0.045
-
-
-def test_welch_and_confidence_intervals_agree_with_scipy():
-    a = [2.31, 2.35, 2.29, 2.40, 2.33]
-    b = [2.41, 2.45, 2.38, 2.47]
-    result = welch(a, b)
-    reference = stats.ttest_ind(a, b, equal_var=False)
-    assert result.p == pytest.approx(reference.pvalue) and result.df == pytest.approx(reference.df)
-    assert result.delta == pytest.approx(np.mean(a) - np.mean(b))
-    low, high = reference.confidence_interval(0.95)
-    assert (result.ci_low, result.ci_high) == (pytest.approx(low), pytest.approx(high))
-    ci = mean_ci(a)
-    low, high = stats.t.interval(0.95, len(a) - 1, loc=np.mean(a), scale=stats.sem(a))
-    assert (ci.low, ci.high) == (pytest.approx(low), pytest.approx(high))
-    assert ci.sd == pytest.approx(np.std(a, ddof=1)) and math.isnan(mean_ci([1.0]).sd)
-
-
-def test_seeds_that_agree_exactly_are_a_clean_result():
-    same = paired_t([0.0, 0.0, 0.0])  # accuracy 1.0 on every seed of both
-    assert (same.delta, same.ci_low, same.ci_high, same.p) == (0.0, 0.0, 0.0, 1.0)
-    shifted = paired_t([0.25, 0.25])
-    assert shifted.p == 0.0 and shifted.ci_low == shifted.ci_high == 0.25
-    assert math.isnan(paired_t([0.1]).p) and math.isnan(welch([1.0], [2.0, 2.1]).p)
-
-
-def test_holm_on_a_hand_worked_example():
-    # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → running max 0.02, 0.03, 0.06, 0.06
-    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    adjusted = holm([0.2, math.nan, 0.01])  # no test: not counted among the comparisons
-    assert adjusted[0] == pytest.approx(0.2) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
-    assert holm([0.6, 0.7]) == [1.0, 1.0]
-
-
-def test_tost_equivalence_on_a_hand_worked_example():
-    # d = 0.002, 0.004, 0.003: mean 0.003, sd 0.001, se 0.000577, t(0.975, 2) = 4.3027 → CI 0.000516 to 0.005484;
-    # t = 5.196, p = 0.0351
-    d = [0.002, 0.004, 0.003]
-    test = paired_t(d)
-    assert (test.ci_low, test.ci_high) == (pytest.approx(0.000516, abs=1e-6), pytest.approx(0.005484, abs=1e-6))
-    assert test.p == pytest.approx(0.0351, abs=1e-4)
-    args = (test.delta, test.ci_low, test.ci_high, test.p)
-    assert verdict_of(*args, alpha=0.05, margin=0.01, higher_is_better=False) == "equivalent"
-    assert verdict_of(*args, alpha=0.05, margin=0.0055, higher_is_better=False) == "equivalent"
-    assert verdict_of(*args, alpha=0.05, margin=0.005, higher_is_better=False) == "worse"  # CI pokes out; p < α
-    assert verdict_of(*args, alpha=0.05, margin=0.005, higher_is_better=True) == "better"  # accuracy went up
-    assert verdict_of(*args, alpha=0.01, margin=0.005, higher_is_better=False) == "inconclusive"
-    # the CI inside ±margin is the two one-sided tests, each at 2.5%
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        sample = rng.normal(rng.uniform(-0.01, 0.01), rng.uniform(0.001, 0.01), size=rng.integers(2, 9))
-        t = paired_t(sample)
-        inside = -0.01 < t.ci_low and t.ci_high < 0.01
-        tost = max(stats.ttest_1samp(sample, -0.01, alternative="greater").pvalue,
-                   stats.ttest_1samp(sample, 0.01, alternative="less").pvalue)
-        assert inside == (tost < 0.025)
-
-
-def test_the_minimum_detectable_effect_has_the_power_it_claims():
-    for df, level in ((7, 0.05), (3, 0.01), (2, 0.05)):
-        critical = stats.t.ppf(1 - level / 2, df)
-        for noncentrality in (1.0, 3.0, 6.0):
-            exact = stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality)
-            assert t_test_power(noncentrality, df, level) == pytest.approx(exact, abs=1e-6)
-    se = 0.002 / math.sqrt(8)
-    mde = minimum_detectable(se, 7, 0.05)
-    assert t_test_power(mde / se, 7, 0.05) == pytest.approx(0.8, abs=1e-6)
-    # simulated: differences of exactly the MDE are found in 80% of experiments of 8 seeds
-    rng = np.random.default_rng(0)
-    samples = rng.normal(mde, 0.002, size=(20_000, 8))
-    found = stats.ttest_1samp(samples, 0.0, axis=1).pvalue < 0.05
-    assert found.mean() == pytest.approx(0.8, abs=0.01)
-    assert minimum_detectable(se, 1, 0.05) > minimum_detectable(se, 7, 0.05)  # two seeds see much less
-    assert math.isnan(minimum_detectable(0.0, 3, 0.05))
-
-
-def test_looks_spend_alpha_once_in_total():
-    design = Design(min_seeds=2, max_seeds=8)
-    looks = design.looks(8)
-    assert [n for n, _ in looks] == [2, 3, 4, 5, 6, 7, 8]
-    assert sum(level for _, level in looks) == pytest.approx(0.05)
-    assert looks[0][1] == pytest.approx(0.05 * math.log(1 + (math.e - 1) * 2 / 8))  # Pocock-type spending
-    assert [n for n, _ in design.looks(3)] == [2, 3] and design.looks(11)[-1][0] == 11  # extra seeds: the last look
-    assert Design().looks(5) == [(5, 0.05)]  # fixed seeds: one look at the full α
-
-
-def simulate(studies: int, delta: float, paired_sd: float, design: Design, comparisons: int = 1, seed: int = 0):
-    """Studies run as the runner runs them: every variant starts with min seeds; the variants of
-    inconclusive comparisons (and the baseline) get one more seed at a time, up to max. Per-seed
-    values share a seed effect (sd 0.03, as on attention.yaml) and differ by `delta` plus paired noise.
-    Returns the verdicts and how many seeds each study trained."""
-    rng = np.random.default_rng(seed)
-    names = [f"v{i}" for i in range(comparisons)]
-    verdicts, trained = [], []
-    for _ in range(studies):
-        base = 1.9 + rng.normal(0, 0.03, design.max_seeds)
-        full = {"base": base, **{v: base + delta + rng.normal(0, paired_sd, design.max_seeds) for v in names}}
-        counts = dict.fromkeys(full, design.min_seeds)
-        while True:
-            values = {v: {s: float(full[v][s]) for s in range(counts[v])} for v in full}
-            results = judge(values, [(v, "base") for v in names], "val_loss", design)
-            more = pending(results)
-            if not more or counts["base"] >= design.max_seeds:
-                break
-            for v in more:
-                counts[v] += 1
-        verdicts += [c.verdict for c in results]
-        trained.append(sum(counts.values()))
-    return Counter(verdicts), trained
-
-
-def test_adaptive_seeds_keep_false_verdicts_at_alpha_in_a_thousand_aa_studies():
-    # margin 0: no comparison can stop for equivalence, so every study takes all seven looks (the
-    # hardest case for the error rate)
-    design = Design(alpha=0.05, margin=0.0, min_seeds=2, max_seeds=8)
-    verdicts, trained = simulate(1000, 0.0, 0.003, design)
-    assert (verdicts["better"] + verdicts["worse"]) / 1000 <= 0.05 + 0.01
-    assert np.mean(trained) > 15  # the rule did keep adding seeds
-    # three null comparisons in one study: Holm keeps the study-wide rate at α too
-    verdicts, _ = simulate(400, 0.0, 0.003, design, comparisons=3, seed=1)
-    assert (verdicts["better"] + verdicts["worse"]) / 1200 <= 0.05 + 0.01
-
-
-def test_the_calibration_test_would_catch_a_rule_that_tests_every_look_at_full_alpha(monkeypatch):
-    naive = Design(alpha=0.05, margin=0.0, min_seeds=2, max_seeds=8)
-    monkeypatch.setattr(Design, "looks", lambda self, n: [(n, self.alpha)])  # α at every look, none spent
-    verdicts, _ = simulate(1000, 0.0, 0.003, naive)
-    assert (verdicts["better"] + verdicts["worse"]) / 1000 > 0.05 + 0.01
-
-
-def test_a_true_difference_of_three_noise_sds_is_found_nine_times_in_ten():
-    design = Design(alpha=0.05, margin=0.01, min_seeds=2, max_seeds=8)
-    verdicts, trained = simulate(1000, 3 * 0.005, 0.005, design, seed=2)
-    assert verdicts["worse"] / 1000 >= 0.9 and verdicts["better"] == 0
-    # and an A/A study with the margin on mostly stops early, as equivalent
-    verdicts, trained = simulate(300, 0.0, 0.003, design, seed=3)
-    assert verdicts["equivalent"] / 300 > 0.9 and verdicts["better"] + verdicts["worse"] == 0
-    assert np.mean(trained) < 2 * 8
 
 
 def runs_frame(values: dict[str, list[float]], metric: str = "val_loss", **extra) -> pd.DataFrame:
@@ -216,11 +45,14 @@ def test_each_variant_is_compared_with_its_reference_and_holm_spans_the_study():
     by = {c.variant: c for c in summary.comparisons}
     assert by["a_window"].reference == "a" and by["a_window"].verdict == "worse"
     assert by["b_window"].reference == "b" and by["b_window"].delta == pytest.approx(0.0)
-    assert by["b_window"].verdict == "equivalent" and by["b"].verdict == "better"
+    # the same values on every seed: zero variance, no test; it still counts in the correction
+    assert by["b_window"].verdict == "inconclusive" and "zero variance" in by["b_window"].note
+    assert by["b"].verdict == "better"
     assert all(c.test == "paired t" for c in summary.comparisons)
-    assert by["a_window"].p_adjusted == pytest.approx(holm([c.p for c in summary.comparisons])[
-        [c.variant for c in summary.comparisons].index("a_window")])
-    assert [c.verdict for c in summary.comparisons] == ["better", "worse", "equivalent"]  # sorted by verdict
+    # three comparisons, each with a null that may be true until both of its hypotheses fall: × 3 for each
+    for name in ("a_window", "b"):
+        assert by[name].p_adjusted == pytest.approx(3 * by[name].p_sequential)
+    assert [c.verdict for c in summary.comparisons] == ["better", "worse", "inconclusive"]  # sorted by verdict
     assert summary.noise.baseline_sd == pytest.approx(np.std([2.0, 2.05, 1.97], ddof=1))
     assert summary.noise.paired_df == 6  # three comparisons of three pairs
 
@@ -304,7 +136,7 @@ def test_inconclusive_comparisons_say_what_they_could_detect():
     assert c.verdict == "inconclusive" and c.mde > abs(c.delta) and "could detect a difference of ±" in c.sentence()
     assert summary.pending() == {"mha", "gqa"}
     lonely = summarise(runs_frame({"mha": [1.9], "gqa": [1.95]}), {"name": "s", "variants": {"mha": {}, "gqa": {}}})
-    assert lonely.comparisons[0].verdict == "inconclusive" and "a test needs two" in lonely.comparisons[0].sentence()
+    assert lonely.comparisons[0].verdict == "inconclusive" and "needs two" in lonely.comparisons[0].sentence()
 
 
 def test_p_values_read_as_numbers_in_sentences():
@@ -317,14 +149,6 @@ def test_pareto_front():
     cost = np.array([1.0, 2.0, 3.0, 2.5])
     loss = np.array([3.0, 2.0, 1.0, 2.5])
     assert pareto_front(cost, loss).tolist() == [True, True, True, False]
-
-
-def test_a_paired_bootstrap_agrees_with_the_t_test_on_many_seeds():
-    rng = np.random.default_rng(4)
-    d = rng.normal(0.01, 0.004, 30)
-    boot, t = paired_bootstrap(d), paired_t(d)
-    assert boot.ci_low == pytest.approx(t.ci_low, abs=0.0007) and boot.ci_high == pytest.approx(t.ci_high, abs=0.0007)
-    assert boot.p < 0.001 and paired_bootstrap(d) == boot  # seeded: the same resamples every time
 
 
 # -- the scaling-law summary ----------------------------------------------------------------------------
@@ -495,7 +319,33 @@ def test_a_tuned_value_at_the_edge_of_its_grid_is_named():
     edges = grid_edges(grid, {"train.lr": 4e-3, "train.warmup_steps": 20, "model.norm": "c"})
     assert edges == ["train.lr=0.004 is the largest value tried: the best may lie beyond [0.001, 0.002, 0.004]"]
     assert grid_edges(grid, {"train.lr": 1e-3})[0].startswith("train.lr=0.001 is the smallest value tried")
-    assert grid_edges({"train.lr": [1e-3, 2e-3]}, {"train.lr": 2e-3}) == []  # two values: every choice is an edge
+    # two values: every choice is an edge, and it is said (the optimum was never bracketed)
+    assert grid_edges({"train.lr": [1e-3, 2e-3]}, {"train.lr": 2e-3}) == [
+        "train.lr=0.002 is the largest value tried: the best may lie beyond [0.001, 0.002]"]
+
+
+def tuning_runs(losses: dict[float, list[float | None]], variant: str = "adamw") -> pd.DataFrame:
+    """Tuning runs over a learning-rate grid: None is a diverged seed."""
+    return pd.DataFrame([{"variant": variant, "sweep": {"train.lr": lr}, "seed": 1000 + i, "role": "tune",
+                          "status": "finished" if loss is not None else "diverged",
+                          "val_loss": loss if loss is not None else math.nan, "run_id": f"{variant}{lr}{i}"}
+                         for lr, seeds in losses.items() for i, loss in enumerate(seeds)])
+
+
+def test_a_tuned_point_keeps_its_distance_from_a_cliff_when_the_gain_is_within_the_margin():
+    grid = {"train.lr": [3e-3, 6e-3, 1.2e-2, 2.4e-2]}
+    cliff = tuning_runs({3e-3: [3.95], 6e-3: [3.80], 1.2e-2: [3.795], 2.4e-2: [None]})
+    # 1.2e-2 is best by 0.005 < margin 0.01 but borders a diverged point: the stable 6e-3 is taken
+    assert choose_tuned(cliff, {"adamw": grid}, margin=0.01)[0] == {"adamw": {"train.lr": 6e-3}}
+    assert choose_tuned(cliff, {"adamw": grid}, margin=0.0)[0] == {"adamw": {"train.lr": 1.2e-2}}
+    assert unstable_neighbours(grid, {"train.lr": 1.2e-2}, {'{"train.lr": 0.024}'})[0].startswith(
+        "train.lr=0.024, next to the chosen 0.012, had a diverged or failed seed")
+    spec = {"tune": {"train.lr": grid["train.lr"], "tune_seeds": 1}, "margin": 0.0, "variants": {"adamw": {}}}
+    flags = tuning_flags(spec, cliff)
+    assert flags == {"adamw": [unstable_neighbours(grid, {"train.lr": 1.2e-2}, {'{"train.lr": 0.024}'})[0]]}
+    edge = tuning_runs({3e-3: [3.9], 6e-3: [3.8]})
+    assert tuning_flags({"tune": {"train.lr": [3e-3, 6e-3]}, "variants": {"adamw": {}}}, edge) == {
+        "adamw": ["train.lr=0.006 is the largest value tried: the best may lie beyond [0.003, 0.006]"]}
 
 
 def test_a_ladder_climb_gives_each_steps_paired_change_and_the_cumulative_one_from_the_first():

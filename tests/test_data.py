@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +13,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from bench.data import DataConfig, DataUnavailable, load_dataset, tokenized
 from bench.data import tasks as T
-from bench.data.corpora import Corpus, shakespeare_corpus
+from bench.data import corpora
+from bench.data.corpora import Corpus, Document, shakespeare_corpus
 from bench.data.markov import MarkovChain
 from bench.data.tokenizers import ByteTokenizer, CharTokenizer, named_encoding, train_bpe
 from tests.conftest import needs_shakespeare
@@ -195,10 +198,13 @@ def test_named_tiktoken_encoding_offline_says_what_to_do(monkeypatch):
     assert timeouts == [15.0] and socket.getdefaulttimeout() is None  # a dead network fails, then the default returns
 
 
-def test_stdlib_corpus_is_sorted_hashed_and_tokenized_once(monkeypatch):
+def test_stdlib_corpus_is_a_hashed_sample_of_whole_files_tokenized_once(monkeypatch):
     config = DATA.validate_python({"source": "stdlib", "max_bytes": 200_000})
     identity = config.identity()
-    assert len(identity["corpus_sha256"]) == 64 and identity["corpus_bytes"] == 200_000
+    assert len(identity["corpus_sha256"]) == 64 and 190_000 < identity["corpus_bytes"] <= 200_000
+    names = [d.name for d in config.corpus().documents]
+    assert names == sorted(names) and len(names) > 5
+    assert names[-1] > "o"  # not the alphabetical start of the library: a sample across it
     first = load_dataset(config)
     assert first.kind == "text" and first.vocab_size == len(set(config.corpus().text))
     import bench.data as data
@@ -207,6 +213,139 @@ def test_stdlib_corpus_is_sorted_hashed_and_tokenized_once(monkeypatch):
     again = config.load()
     assert np.array_equal(again.val_tokens, first.val_tokens)
     assert np.array_equal(again.val_batches(12, 32, 4)[2][0], first.val_batches(12, 32, 4)[2][0])
+
+
+def test_the_stdlib_corpus_leaves_out_every_test_folder():
+    from bench.data.corpora import is_test_path
+
+    names = [d.name for d in corpora.stdlib_corpus(None).documents]
+    assert len(names) > 500 and not any(is_test_path(Path(n)) for n in names)
+    for folder in ("ctypes/test/test_bytes.py", "tkinter/test/x.py", "unittest/test/testmock/x.py",
+                   "idlelib/idle_test/x.py", "lib2to3/tests/data/x.py", "test/test_json/x.py", "distutils/tests/x.py"):
+        assert is_test_path(Path(folder)), folder
+    assert not is_test_path(Path("unittest/case.py")) and not is_test_path(Path("test_like_name.py"))
+
+
+def test_many_documents_are_split_by_document_and_one_is_cut_by_characters():
+    documents = tuple(Document(f"doc{i:03d}.py", f"# file {i}\n" + "x = 1\n" * (i % 17 + 1)) for i in range(200))
+    corpus = Corpus("c", documents)
+    split = corpus.split(0.1)
+    held = set(split.val_documents)
+    assert split.how == "documents" and 0 < len(held) < 200
+    assert split.val == "\n".join(d.text for d in documents if d.name in held)
+    assert split.train == "\n".join(d.text for d in documents if d.name not in held)
+    total = sum(len(d.text) for d in documents)
+    largest = max(len(d.text) for d in documents)
+    assert 0.1 * total <= sum(len(d.text) for d in documents if d.name in held) < 0.1 * total + largest  # the fraction kept
+    assert sorted(held) != [d.name for d in documents][-len(held):]  # not the last files: a seeded hash
+    assert corpus.split(0.1).sha256 == split.sha256 and corpus.split(0.1, seed=1).val_documents != split.val_documents
+    assert corpus.split(0.1, seed=1).sha256 != split.sha256
+    one = Corpus.of("one", "abcdefghij" * 10)
+    cut = one.split(0.1)
+    assert (cut.how, cut.train, cut.val, cut.val_documents) == ("characters", "abcdefghij" * 9, "abcdefghij", ())
+
+
+def test_the_split_is_part_of_the_data_identity(tmp_path):
+    for i in range(30):
+        (tmp_path / f"f{i:02d}.txt").write_text(f"file {i} " * (20 + i))
+    a = DATA.validate_python({"source": "file", "path": str(tmp_path), "tokenizer": "byte"})
+    b = DATA.validate_python({"source": "file", "path": str(tmp_path), "tokenizer": "byte", "split_seed": 3})
+    assert a.identity()["corpus_sha256"] == b.identity()["corpus_sha256"]
+    assert a.identity()["split_sha256"] != b.identity()["split_sha256"]
+    assert load_dataset(a).fingerprint["split_sha256"] == a.identity()["split_sha256"]
+
+
+def test_bpe_learns_its_merges_from_the_training_documents_only(tmp_path, monkeypatch):
+    import bench.data as data
+
+    for i in range(40):
+        (tmp_path / f"f{i:02d}.txt").write_text(f"document {i}: " + "lorem ipsum dolor " * (10 + i))
+    config = DATA.validate_python({"source": "file", "path": str(tmp_path), "tokenizer": "bpe", "vocab_size": 300})
+    split = config.train_val_split()
+    fitted_on = []
+    real = data.make_tokenizer
+    monkeypatch.setattr(data, "make_tokenizer", lambda kind, corpus, size: fitted_on.append(corpus.text) or real(kind, corpus, size))
+    dataset = config.load()
+    assert fitted_on == [split.train] and split.val_documents
+    assert not any(f"document {name[1:3].lstrip('0') or '0'}:" in fitted_on[0] for name in split.val_documents)
+    assert len(dataset.val_tokens) > 0 and config.fitted_tokenizer().decode(dataset.val_tokens[:40].tolist()) == split.val[:len(
+        config.fitted_tokenizer().decode(dataset.val_tokens[:40].tolist()))]
+
+
+@pytest.mark.parametrize("kind", ["task", "stream", "documents"])
+def test_an_epoch_sees_every_example_once_before_any_repeats(kind):
+    if kind == "task":
+        dataset = load_dataset(DATA.validate_python({"source": "task", "task": "induction", "n_train": 100, "n_test": 4}))
+        seq_len, per_epoch = 64, 100
+        key = lambda x, y: x.numpy().tobytes()  # noqa: E731 - a row
+    else:
+        markov = {"source": "markov", "vocab_size": 16, "n_train_tokens": 3000, "n_val_tokens": 512,
+                  "doc_len": 1000 if kind == "documents" else 3000}
+        dataset = load_dataset(DATA.validate_python(markov))
+        seq_len = 32
+        per_epoch = 3 * ((1000 - 32) // 32) if kind == "documents" else (3000 - 32) // 32
+        key = None
+    assert dataset.examples_per_epoch(seq_len) == per_epoch
+    batch = 7
+    steps = dataset.single_pass_steps(batch, seq_len)
+    assert steps == per_epoch // batch
+    batches = [dataset.train_batch(step, 5, batch, seq_len) for step in range(steps + 1)]
+    first = torch.cat([x for x, _ in batches[:steps]])
+    if key:
+        seen = {key(x, None) for x in first}
+        assert len(seen) == len(first)  # no row twice within the epoch
+    else:
+        assert (first[:, 1:] == torch.cat([y for _, y in batches[:steps]])[:, :-1]).all()
+        # windows every seq_len tokens on one shifted grid: no target token is predicted twice
+        flat = dataset.train_tokens
+        span = 1000 if kind == "documents" else 3000
+        starts = []
+        for x in first:
+            hits = [o for o in range(len(flat) - seq_len) if np.array_equal(flat[o:o + seq_len], x.numpy())]
+            starts.append(hits[0])
+        starts = np.array(starts)
+        assert len(set(starts % span % seq_len)) == 1 and len(set(starts)) == len(starts)
+        assert ((starts % span) + seq_len + 1 <= span).all()  # windows stay inside their chain
+    again = dataset.train_batch(3, 5, batch, seq_len)
+    assert torch.equal(again[0], batches[3][0])  # a pure function of (seed, step)
+    assert not torch.equal(dataset.train_batch(3, 6, batch, seq_len)[0], batches[3][0])  # another seed, another order
+    straddling = dataset.train_batch(steps, 5, batch, seq_len)[0]
+    assert len(straddling) == batch  # the next epoch's examples complete the batch
+
+
+def test_a_single_pass_over_heterogeneous_files_validates_like_it_trains(tmp_path):
+    """Files of two kinds (skewed random letters and number tables) whose names sort the tables last:
+    held-out documents are the training distribution; a cut at 90% of the text would be all tables."""
+    from bench.config import resolve_run
+    from bench.train import train
+
+    generator = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlu cmfwyp"))
+    weights = np.linspace(2.0, 0.2, len(letters))
+    for i in range(240):
+        if i < 216:
+            text = "".join(generator.choice(letters, 400, p=weights / weights.sum()))
+            (tmp_path / f"a{i:03d}.txt").write_text(text)
+        else:
+            (tmp_path / f"z{i:03d}.txt").write_text("".join(f"{n:05d}\n" for n in range(i, i + 66)))
+    data = {"source": "file", "path": str(tmp_path), "tokenizer": "byte"}
+    train_cfg = {"steps": 60, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup_steps": 10, "eval_every": 60,
+                 "eval_batches": 8, "dtype": "float32", "checkpoint_every": None}
+    gaps = {}
+    for name, split_seed in (("documents", 0), ("cut", None)):
+        if split_seed is None:  # the same text as one document: the old cut at 90%
+            (tmp_path.parent / "one.txt").write_text(Corpus.of("x", DATA.validate_python(data).corpus().text).text)
+            config = {"source": "file", "path": str(tmp_path.parent / "one.txt"), "tokenizer": "byte"}
+        else:
+            config = data
+        run = resolve_run({"n_layer": 1, "n_head": 2, "n_embd": 32}, config, train_cfg)
+        dataset = load_dataset(run.data)
+        assert run.train.steps <= dataset.single_pass_steps(16, 64)  # one pass: every batch unseen
+        losses = []
+        result = train(run, on_step=lambda r: losses.append(r["train_loss"]))
+        gaps[name] = result["val_loss"] - float(np.mean(losses[-12:]))
+    assert abs(gaps["documents"]) < 0.15, gaps
+    assert abs(gaps["cut"]) > 1.0, gaps  # the cut validates on tables the model never trained on
 
 
 @needs_shakespeare()
@@ -243,7 +382,7 @@ def test_local_files_and_nanogpt_bin_files(tmp_path):
     (tmp_path / "b.txt").write_text("second file\n" * 300)
     config = DATA.validate_python({"source": "file", "path": str(tmp_path), "tokenizer": "byte"})
     dataset = load_dataset(config)
-    assert dataset.vocab_size == 256 and len(dataset.train_tokens) + len(dataset.val_tokens) == 11 * 300 + 12 * 300 + 1
+    assert dataset.vocab_size == 256 and len(dataset.train_tokens) + len(dataset.val_tokens) == 11 * 300 + 12 * 300
     bins = tmp_path / "bins"
     bins.mkdir()
     np.arange(5000, dtype=np.uint16).tofile(bins / "train.bin")

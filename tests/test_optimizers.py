@@ -106,11 +106,14 @@ def test_gradient_accumulation_is_the_same_experiment_under_muon():
 def test_the_optimizer_is_part_of_a_runs_identity_and_adamw_keeps_the_ids_from_before():
     base = dict(steps=20, batch_size=4, seq_len=32, lr=3e-3)
     default = resolve_run(TINY, MARKOV, base)
-    assert default.train.optimizer == {"name": "adamw"}
-    assert run_id(default) == "e1c7f7db8d5ef785"  # this config's id before the optimizer family existed
-    assert run_id(resolve_run(TINY, MARKOV, {**base, "optimizer": {"name": "adamw"}})) == run_id(default)
+    assert default.train.optimizer == {"name": "adamw", "lr_weight_decay": None}
+    # AdamW at its defaults is left out of the identity: the id of the run before the optimizer family (for
+    # this data version: epochs of batches since version 2)
+    explicit = resolve_run(TINY, MARKOV, {**base, "optimizer": {"name": "adamw"}})
+    assert run_id(default) == "00ee9e6a544b4236" and run_id(explicit) == run_id(default)
+    assert run_id(resolve_run(TINY, MARKOV, {**base, "optimizer": {"name": "adamw", "lr_weight_decay": 1e-3}})) != run_id(default)
     lion = resolve_run(TINY, MARKOV, {**base, "optimizer": "lion"})
-    assert lion.train.optimizer == {"name": "lion", "beta1": 0.9, "beta2": 0.99}
+    assert lion.train.optimizer == {"name": "lion", "beta1": 0.9, "beta2": 0.99, "lr_weight_decay": None}
     assert run_id(lion) != run_id(default)
 
 
@@ -121,3 +124,28 @@ def test_bad_optimizer_specs_are_refused_naming_what_would_do():
         TrainConfig(optimizer={"name": "muon", "momentum": "high"})
     with pytest.raises(ValueError, match="muon cannot train under DeepSpeed ZeRO.*use strategy ddp or fsdp"):
         TrainConfig(optimizer="muon", batch_size=8, distributed={"strategy": "deepspeed", "zero_stage": 2, "nproc": 2})
+
+
+@pytest.mark.parametrize("lr", [1e-3, 4e-3])
+def test_adamw_lion_and_muon_decay_alike_at_a_stated_lr_times_weight_decay(lr):
+    """Lion's lr is 3-10× smaller than AdamW's: matched on weight decay means matched on lr × weight_decay,
+    the per-step decay both apply, whatever lr each is tuned to."""
+    for name in ("adamw", "lion", "muon"):
+        optimizers = make_optimizers(build_model(tiny()), TrainConfig(lr=lr, optimizer={"name": name, "lr_weight_decay": 1.2e-3}))
+        decayed = [g for o in optimizers for g in o.param_groups if g["weight_decay"] > 0]
+        assert decayed and all(g["weight_decay"] * lr == pytest.approx(1.2e-3) for g in decayed), name
+    default = make_optimizers(build_model(tiny()), TrainConfig(lr=lr, weight_decay=0.1, optimizer="lion"))
+    assert max(g["weight_decay"] for g in default[0].param_groups) == 0.1  # without it, train.weight_decay as given
+
+
+def test_a_tuned_lr_must_reach_muons_adamw_part(tmp_path):
+    from bench.spec import Spec
+
+    spec = {"name": "o", "base": {"data": {"source": "markov"}}, "tune": {"train.lr": [1e-2, 2e-2]},
+            "variants": {"adamw": {}, "muon": {"train.optimizer": {"name": "muon", "adamw_lr": 3e-3}}}}
+    with pytest.raises(ValueError, match="variants.muon: muon's adamw_lr is fixed at 0.003 while train.lr is tuned"):
+        Spec.model_validate(spec)
+    tied = {**spec, "variants": {"adamw": {}, "muon": {"train.optimizer": {"name": "muon", "adjust_lr": "match_rms_adamw"}}}}
+    assert Spec.model_validate(tied).tune_grid("muon") == {"train.lr": [1e-2, 2e-2]}
+    both = {**spec, "tune": {"train.lr": [1e-2, 2e-2], "train.optimizer.adamw_lr": [3e-3, 6e-3]}}
+    assert Spec.model_validate(both).tune_grid("muon")["train.optimizer.adamw_lr"] == [3e-3, 6e-3]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -57,7 +58,7 @@ def test_the_runner_writes_the_report_with_every_section(study):
         assert f"<h2>{heading}" in html
     assert "python -m bench.run " in html and "entropy rate" in html
     assert re.search(r"(is (better|worse) than mha by|is equivalent to mha within|vs mha is inconclusive)", html)
-    assert "Noise floor: the baseline" in html and "Holm across comparisons" in html
+    assert "Noise floor: the baseline" in html and "Holm–Shaffer across comparisons" in html
     assert html.count("data:image/png;base64,") >= 7  # forest, curves, final, cost, attention, decode, MoE, quantization
     assert "<script" not in html.replace("&lt;script&gt;", "")  # no scripts at all
     assert "http://" not in html and "https://" not in html  # nothing to fetch
@@ -262,7 +263,7 @@ def test_the_first_screen_answers_the_question_and_the_evidence_follows(study):
     assert first.count("<li>") == 3 and first.count("paired t over 2 seeds") == 3
     mqa = next(li for li in first.split("<li>") if "&lt;script&gt;" in li)  # the variant with mqa attention
     assert "cuts the KV cache 2.0×" in mqa and "per 20-token sequence" in mqa and "per token)" in mqa
-    assert "tokens/s" in mqa and re.search(r"on [^<]+ \(\d+ threads\)\.", mqa)
+    assert "interleaved rounds of training steps" in mqa and re.search(r"on [^<]+ \(\d+ threads\)\.", mqa)
     int8 = next(li for li in first.split("<li>") if "int8 is" in li or "int8 vs" in li)
     assert "int8 (float)" in int8 and "the model" in int8 and "val batch" in int8
     forest = html.index('alt="paired differences from each reference with 95% CIs"')
@@ -305,14 +306,16 @@ def test_text_tables_sort_by_verdict_then_size_of_the_difference():
     from bench.report import _comparison_rows, _variant_rows
     from tests.test_analysis import runs_frame
 
-    runs = runs_frame({"base": [2.0, 2.1, 2.2], "tiny": [2.001, 2.101, 2.201], "big": [1.5, 1.6, 1.7],
-                       "bad": [2.3, 2.4, 2.5], "small": [1.9, 2.0, 2.1]})
+    jitter = np.array([0.0, 0.002, -0.001, 0.001])  # paired differences with a spread to test
+    base = np.array([2.0, 2.1, 2.2, 2.05])
+    runs = runs_frame({"base": base, "tiny": base + 0.001 + jitter, "big": base - 0.5 + jitter,
+                       "bad": base + 0.3 + jitter, "small": base - 0.1 + jitter})
     summary = summarise(runs, {"name": "s", "baseline": "base", "variants": dict.fromkeys(["base", "tiny", "big", "bad", "small"], {})})
     assert [(r["variant"], r["verdict"]) for r in _comparison_rows(summary)] == [
         ("big", "better"), ("small", "better"), ("bad", "worse"), ("tiny", "equivalent")]
     _, rows = _variant_rows(summary, "base")
     assert [r["variant"] for r in rows] == ["base", "big", "small", "bad", "tiny"]
-    assert rows[1]["metrics"][0] == "1.600 ± 0.10"
+    assert rows[1]["metrics"][0] == "1.588 ± 0.085"
 
 
 ATTENTION_SMALL = ["--set", "budget.steps=20", "--set", "base.data.n_train=512", "--set", "kernels.min_time=0.002",

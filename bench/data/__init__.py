@@ -8,7 +8,9 @@
     source: hf          a Hugging Face dataset, streamed
     source: bin         pre-tokenized uint16/uint32 train.bin/val.bin (nanoGPT's format)
 
-Tokenized text is cached on disk (memmap) keyed by the corpus hash, tokenizer and vocabulary size.
+Text corpora of many documents are split into train and validation by document (``Corpus.split``);
+the BPE learns its merges from the training documents only. Tokenized text is cached on disk (memmap)
+keyed by the split's hash, tokenizer and vocabulary size.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from bench.data import corpora
-from bench.data.corpora import Corpus, DataUnavailable
+from bench.data.corpora import Corpus, DataUnavailable, Split
 from bench.data.datasets import Dataset, StreamDataset
 from bench.data.markov import MarkovChain
 from bench.data.source import Source
 from bench.data.tasks import TaskConfig
-from bench.data.tokenizers import make_tokenizer
+from bench.data.tokenizers import Tokenizer, make_tokenizer
 from bench.paths import cache_dir
 
 
@@ -64,9 +66,18 @@ class _Text(Source):
     tokenizer: str = Field("char", description="char | byte | bpe | a tiktoken encoding (gpt2, cl100k_base)")
     vocab_size: int | None = Field(None, description="BPE vocabulary size (default 1024)")
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = Field(0, description="which documents are held out for validation (a seeded hash of "
+                            "their names); a corpus of one document is cut at its last val_fraction")
 
     def corpus(self) -> Corpus:
         raise NotImplementedError
+
+    def train_val_split(self) -> Split:
+        return _split(self.corpus(), self.val_fraction, self.split_seed)
+
+    def fitted_tokenizer(self) -> Tokenizer:
+        """The tokenizer this data is encoded with (``fit_tokenizer``)."""
+        return fit_tokenizer(self.tokenizer, self.corpus(), self.train_val_split(), self.vocab_size)
 
     def known_vocab_size(self) -> int | None:
         if self.tokenizer == "byte":
@@ -79,7 +90,7 @@ class _Text(Source):
         steps = self.corpus_preparation()
         size = "" if self.known_vocab_size() else ": the vocabulary size is determined then"
         if self.tokenizer == "bpe":
-            steps.append(f"train a {self.vocab_size or 1024}-token BPE on the corpus with rustbpe (cached)")
+            steps.append(f"train a {self.vocab_size or 1024}-token BPE on the training documents with rustbpe (cached)")
         elif self.tokenizer not in ("char", "byte"):
             steps.append(f"load tiktoken's '{self.tokenizer}' vocabulary files (downloaded unless in tiktoken's cache)")
         return [*steps, f"tokenize the corpus with '{self.tokenizer}' (cached after the first time){size}"]
@@ -90,10 +101,11 @@ class _Text(Source):
 
     def identity(self) -> dict[str, Any]:
         corpus = self.corpus()
-        return {**super().identity(), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes}
+        return {**super().identity(), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes,
+                "split_sha256": self.train_val_split().sha256}
 
     def load(self) -> StreamDataset:
-        return tokenized(self.corpus(), self.tokenizer, self.vocab_size, self.val_fraction)
+        return tokenized(self.corpus(), self.tokenizer, self.vocab_size, self.val_fraction, self.split_seed)
 
 
 class StdlibConfig(_Text):
@@ -107,6 +119,11 @@ class StdlibConfig(_Text):
 @functools.lru_cache(maxsize=4)
 def _stdlib(max_bytes: int | None) -> Corpus:
     return corpora.stdlib_corpus(max_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def _split(corpus: Corpus, val_fraction: float, seed: int) -> Split:
+    return corpus.split(val_fraction, seed)
 
 
 class FileConfig(_Text):
@@ -193,14 +210,24 @@ def load_dataset(config: Source) -> Dataset:
     return config.load()
 
 
-def tokenized(corpus: Corpus, tokenizer: str, vocab_size: int | None, val_fraction: float) -> StreamDataset:
-    """Tokenize a corpus once, split at (1 − val_fraction) of its characters, cache both parts as memmaps."""
-    key = hashlib.sha256(f"{corpus.sha256}|{tokenizer}|{vocab_size}|{val_fraction}".encode()).hexdigest()[:24]
+def fit_tokenizer(tokenizer: str, corpus: Corpus, split: Split, vocab_size: int | None) -> Tokenizer:
+    """char fitted to the whole corpus's alphabet (an unseen character has no id); BPE trained on the
+    training documents only (cached), so no merge is learnt from validation text; byte and named
+    encodings as they are."""
+    fitted = {"char": corpus, "bpe": Corpus.of(f"{corpus.name}:train", split.train)}.get(tokenizer)
+    return make_tokenizer(tokenizer, fitted, vocab_size)
+
+
+def tokenized(corpus: Corpus, tokenizer: str, vocab_size: int | None, val_fraction: float,
+              split_seed: int = 0) -> StreamDataset:
+    """Split a corpus (``Corpus.split``), tokenize both parts once (``fit_tokenizer``) and cache them as
+    memmaps."""
+    split = _split(corpus, val_fraction, split_seed)
+    key = hashlib.sha256(f"{split.sha256}|{tokenizer}|{vocab_size}".encode()).hexdigest()[:24]
     folder = cache_dir("tokens") / key
     if not (folder / "meta.json").exists():
-        tok = make_tokenizer(tokenizer, corpus, vocab_size)
-        split = int(len(corpus.text) * (1 - val_fraction))  # nanoGPT splits the characters 90/10
-        ids = [tok.encode(corpus.text[:split]), tok.encode(corpus.text[split:])]
+        tok = fit_tokenizer(tokenizer, corpus, split, vocab_size)
+        ids = [tok.encode(split.train), tok.encode(split.val)]
         dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
         staging = folder.with_name(f".{key}.{os.getpid()}")
         staging.mkdir(parents=True, exist_ok=True)
@@ -208,7 +235,8 @@ def tokenized(corpus: Corpus, tokenizer: str, vocab_size: int | None, val_fracti
             part.astype(dtype).tofile(staging / name)
         np.save(staging / "token_bytes.npy", tok.token_bytes())
         meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "tokenizer": tok.name,
-                "corpus": corpus.name, "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes}
+                "corpus": corpus.name, "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes,
+                "split": split.how, "split_sha256": split.sha256, "val_documents": list(split.val_documents)}
         (staging / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(staging, folder)
@@ -218,7 +246,9 @@ def tokenized(corpus: Corpus, tokenizer: str, vocab_size: int | None, val_fracti
     train, val = (np.memmap(folder / n, dtype=meta["dtype"], mode="r") for n in ("train.bin", "val.bin"))
     return StreamDataset(vocab_size=meta["vocab_size"], kind="text", seq_len=None,
                          fingerprint={"source": meta["corpus"], "corpus_sha256": meta["corpus_sha256"],
-                                      "tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]},
+                                      "tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+                                      "split": meta["split"], "split_sha256": meta["split_sha256"],
+                                      "val_documents": len(meta["val_documents"])},
                          token_bytes=np.load(folder / "token_bytes.npy"), train_tokens=train, val_tokens=val)
 
 

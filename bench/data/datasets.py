@@ -3,10 +3,17 @@
 Batches are a pure function of (seed, step): a resumed run draws exactly the batches it would have
 drawn, and every variant of a study with the same seed sees the same data. Validation batches are
 fixed by the dataset alone, so every run is evaluated on exactly the same tokens.
+
+Training goes through the data in epochs: each epoch is a seeded permutation of the training
+examples (tasks) or of non-overlapping windows (streams, on a grid shifted by a seeded offset each
+epoch), so no example or token is seen twice before every one has been seen once. Until then
+(``single_pass_steps``) each batch's loss, taken before the update, is a loss on unseen data: the
+online loss is a held-out measure.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +21,8 @@ import numpy as np
 import torch
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), targets (B, T) with -1 = no loss
-CALIBRATION_STREAM = 1  # (seed, 0, 1) seeds calibration windows; training batches are seeded by (seed, step)
+CALIBRATION_STREAM = 1  # (seed, 0, 1) seeds calibration windows
+EPOCH_STREAM = 2  # (seed, epoch, 2) seeds an epoch's order of training examples and its window grid
 
 
 @dataclass
@@ -39,17 +47,37 @@ class Dataset:
     def _draw(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> Batch:
         raise NotImplementedError
 
+    def examples_per_epoch(self, seq_len: int) -> int:
+        """How many training examples (task rows, or windows of seq_len + 1 tokens) one epoch holds."""
+        raise NotImplementedError
+
+    def _examples(self, epoch: int, positions: np.ndarray, seed: int, seq_len: int) -> Batch:
+        """The examples at `positions` of `epoch`'s order."""
+        raise NotImplementedError
+
     def train_batch(self, step: int, seed: int, batch_size: int, seq_len: int) -> Batch:
-        """Training step `step`'s batch for `seed`: the same for every run with that seed."""
-        return self._draw(_rng(seed, step), batch_size, seq_len)
+        """Training step `step`'s batch for `seed`: the same for every run with that seed. Examples
+        step·batch_size onwards of the seed's sequence of epochs."""
+        self.check_seq_len(seq_len)
+        per_epoch = self.examples_per_epoch(seq_len)
+        index = step * batch_size + np.arange(batch_size)
+        parts = [self._examples(int(e), index[index // per_epoch == e] % per_epoch, seed, seq_len)
+                 for e in np.unique(index // per_epoch)]  # a batch may straddle two epochs
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    def single_pass_steps(self, batch_size: int, seq_len: int) -> int:
+        """Steps whose batches hold only examples not seen before (the first epoch's whole batches)."""
+        return self.examples_per_epoch(seq_len) // batch_size
 
     def check_seq_len(self, seq_len: int) -> None:
         if self.seq_len is not None and seq_len != self.seq_len:
             raise ValueError(f"this {self.kind} data has sequences of {self.seq_len} tokens, not {seq_len}")
 
 
-def _rng(seed: int, step: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step])
+@functools.lru_cache(maxsize=4)
+def _order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch `epoch`'s permutation of n examples for `seed`."""
+    return np.random.default_rng([seed, epoch, EPOCH_STREAM]).permutation(n)
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> Batch:
@@ -68,6 +96,13 @@ class ExampleDataset(Dataset):
     def _draw(self, rng, batch_size, seq_len):
         self.check_seq_len(seq_len)
         rows = rng.integers(0, len(self.train[0]), batch_size)
+        return _tensors(self.train[0][rows], self.train[1][rows])
+
+    def examples_per_epoch(self, seq_len):
+        return len(self.train[0])
+
+    def _examples(self, epoch, positions, seed, seq_len):
+        rows = _order(seed, epoch, len(self.train[0]))[positions]
         return _tensors(self.train[0][rows], self.train[1][rows])
 
     def val_batches(self, n_sequences, seq_len, chunk):
@@ -106,6 +141,26 @@ class StreamDataset(Dataset):
 
     def _draw(self, rng, batch_size, seq_len):
         return self._windows(self.train_tokens, self._offsets(self.train_tokens, seq_len, batch_size, rng), seq_len)
+
+    def _grid(self, seq_len: int) -> tuple[int, int, int]:
+        """(span, documents, windows per document) of the epoch grid: windows of seq_len + 1 tokens
+        every seq_len tokens (targets do not overlap), as many as fit at any offset below seq_len."""
+        span = self.doc_len or len(self.train_tokens)
+        per_document = (span - seq_len) // seq_len
+        if per_document < 1:
+            raise ValueError(f"windows of {seq_len + 1} tokens do not fit in {span} tokens of {self.kind} data")
+        return span, len(self.train_tokens) // span, per_document
+
+    def examples_per_epoch(self, seq_len):
+        _, documents, per_document = self._grid(seq_len)
+        return documents * per_document
+
+    def _examples(self, epoch, positions, seed, seq_len):
+        span, documents, per_document = self._grid(seq_len)
+        shift = np.random.default_rng([seed, epoch, EPOCH_STREAM, 1]).integers(0, seq_len)
+        windows = _order(seed, epoch, documents * per_document)[positions]
+        document, within = np.divmod(windows, per_document)
+        return self._windows(self.train_tokens, document * span + shift + within * seq_len, seq_len)
 
     def val_batches(self, n_sequences, seq_len, chunk):
         offsets = self._offsets(self.val_tokens, seq_len, n_sequences or 256, None)

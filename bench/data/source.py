@@ -11,7 +11,9 @@ from bench.data.datasets import Dataset
 
 class Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    version: ClassVar[int] = 1  # bump when the generated tokens change for the same settings
+    # bump when the generated tokens or the batches drawn from them change for the same settings
+    # (2: training batches drawn in epochs, a seeded order with no repeat before every example is seen)
+    version: ClassVar[int] = 2
 
     def load(self) -> Dataset:
         raise NotImplementedError

@@ -20,14 +20,17 @@ import pandas as pd
 
 from bench import costs, scaling
 from bench.analysis import (
-    QUALITY, SCALING_TABLES, VERDICTS, StudySummary, choose_tuned, eligible_points, eval_runs, ladder_climb,
-    point_key, scaling_per_machine, summarise,
+    QUALITY, SCALING_TABLES, VERDICTS, StudySummary, eligible_points, eval_runs, ladder_climb, point_key,
+    scaling_per_machine, summarise, tuned_points, with_metric,
 )
+from bench.findings import delta_text, finding_row, suite_folders
 from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
 from bench.results import Results, load
+from bench.speed import speed_phrase
 
 TEMPLATE = Path(__file__).with_name("template.html")
+FINDINGS_TEMPLATE = Path(__file__).with_name("findings.html")
 
 
 def _merge(folders: list[Path]) -> Results:
@@ -141,7 +144,7 @@ def _kernel_tables(kernels: pd.DataFrame) -> list[dict]:
     for machine, rows in kernels.groupby("machine", sort=False):
         ok = rows[rows["status"] == "ok"]
         components = []
-        for component, group in ok[ok["component"] != "decode"].groupby("component", sort=False):
+        for component, group in ok[~ok["component"].isin(["decode", "train_step"])].groupby("component", sort=False):
             components.append({"component": component, "latency": _pivot(group, _latency),
                                "throughput": _pivot(group, _throughput)
                                if "flops_per_s" in group and group["flops_per_s"].notna().any() else None})
@@ -163,6 +166,17 @@ def _kernel_tables(kernels: pd.DataFrame) -> list[dict]:
                    for _, r in skipped.drop_duplicates(["component", "backend", "status", "reason"]).iterrows()]
         out.append({"machine": machine, "components": components, "decode": decode_rows, "not_run": not_run})
     return out
+
+
+def _speed_rows(kernels: pd.DataFrame) -> list[dict]:
+    """Each comparison's training steps timed side by side (``bench.speed``), the latest per machine."""
+    if kernels.empty or "component" not in kernels:
+        return []
+    rows = kernels[kernels["component"] == "train_step"].drop_duplicates(["name", "reference", "machine"], keep="last")
+    return [{"variant": r["name"], "reference": r["reference"], "machine": r["machine"], "status": r["status"],
+             "phrase": speed_phrase(r.to_dict()) if r["status"] == "ok" else r.get("reason", ""),
+             "steps": "–" if r["status"] != "ok" else f"{duration(r['variant_step_s'])} against {duration(r['reference_step_s'])}"}
+            for _, r in rows.iterrows()]
 
 
 def _optima(optima: list[dict]) -> str:
@@ -208,12 +222,13 @@ def _scaling_section(parts: list[dict]) -> dict | None:
     return merged
 
 
-def _tuning_section(tuning: pd.DataFrame, spec: dict) -> dict | None:
+def _tuning_section(tuning: pd.DataFrame, spec: dict, flags: dict[str, list[str]]) -> dict | None:
     """Each variant's tune points: mean val loss over the tuning seeds, failures, eligibility, the
-    chosen one; and the sensitivity figure."""
+    chosen one; what to doubt about the choices (grid edges, unstable neighbours); and the
+    sensitivity figure."""
     if tuning.empty:
         return None
-    chosen, _ = choose_tuned(tuning)
+    chosen, _ = tuned_points(spec, tuning)
     points = eligible_points(tuning).set_index(["variant", "point"])
     rows = []
     for (variant, point), group in tuning.groupby(["variant", tuning["sweep"].map(point_key)], sort=False):
@@ -223,15 +238,18 @@ def _tuning_section(tuning: pd.DataFrame, spec: dict) -> dict | None:
                      "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
                      "diverged": int(stats["diverged"]), "failed": int(stats["failed"]),
                      "eligible": bool(stats["eligible"]), "chosen": chosen.get(variant) == group["sweep"].iloc[0]})
-    return {"rows": rows, "figure": figures.sensitivity_figure(tuning)}
+    return {"rows": rows, "figure": figures.sensitivity_figure(tuning),
+            "flags": [{"variant": v, "flag": f} for v, fs in flags.items() for f in fs]}
 
 
-def _ladder_section(runs: pd.DataFrame, ladder: list[str] | None, summary: StudySummary | None) -> dict | None:
+def _ladder_section(runs: pd.DataFrame, curves: pd.DataFrame, ladder: list[str] | None,
+                    summary: StudySummary | None) -> dict | None:
     """A recipe ladder: each step's paired change from the step before (with its verdict) and from the
     first step, as a table and a waterfall figure."""
     if not ladder or summary is None:
         return None
-    climb = ladder_climb(runs[runs["machine"] == summary.machine] if summary.machine else runs, ladder, summary.metric)
+    mine = runs[runs["machine"] == summary.machine] if summary.machine else runs
+    climb = ladder_climb(with_metric(mine, curves, summary.metric_spec)[0], ladder, summary.metric)
     verdicts = {c.variant: c.verdict for c in summary.comparisons}
 
     def change(row, label: str) -> str:
@@ -243,7 +261,7 @@ def _ladder_section(runs: pd.DataFrame, ladder: list[str] | None, summary: Study
     rows = [{"step": r["step"], "verdict": verdicts.get(r["step"], "–" if i == 0 else "not compared"),
              "step_change": change(r, "change") if i else "–", "cumulative": change(r, "cumulative") if i else "–"}
             for i, (_, r) in enumerate(climb.iterrows())]
-    return {"rows": rows, "metric": summary.metric.replace("_", " "), "figure": figures.ladder_figure(climb, summary.metric)}
+    return {"rows": rows, "metric": summary.metric.replace("_", " "), "figure": figures.ladder_figure(climb, summary.metric, summary.higher_is_better)}
 
 
 def _comparison_rows(summary: StudySummary) -> list[dict]:
@@ -252,7 +270,8 @@ def _comparison_rows(summary: StudySummary) -> list[dict]:
              "delta": significant(c.delta, 3, sign=True),
              "ci": f"{significant(c.ci_low, 3, sign=True)} to {significant(c.ci_high, 3, sign=True)}", "test": c.test,
              "n": c.n, "p": p_value(c.p), "p_adjusted": p_value(c.p_adjusted),
-             "mde": "–" if np.isnan(c.mde) else f"±{significant(c.mde, 3)}"}
+             "p_equivalent": p_value(c.p_equivalent_adjusted),
+             "mde": "–" if np.isnan(c.mde) else f"±{significant(c.mde, 3)}", "note": c.note}
             for c in summary.comparisons]
 
 
@@ -265,7 +284,7 @@ def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame)
         metric = summary.metric.replace("_", " ")
         for _, r in summary.variants.iterrows():
             m = summary.metric
-            out.append({"verdict": "result", "costs": "", "tuned": "", "sentence":
+            out.append({"verdict": "result", "costs": "", "tuned": "", "doubts": "", "sentence":
                         f"{r['variant']} reaches {metric} {significant(r[f'{m}_mean'], 4)} (sd {significant(r[f'{m}_sd'], 2)} "
                         f"over {int(r['n'])} seeds; 95% CI {significant(r[f'{m}_ci_low'], 4)} to "
                         f"{significant(r[f'{m}_ci_high'], 4)}), with {count(r['params'])} parameters at "
@@ -278,8 +297,9 @@ def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame)
                                              quantized[quantized["variant"] == c.reference])
         else:
             facts = costs.costs(c.variant, c.reference, summary.variants, mine, kernels, summary.machine)
+        doubts = [f"{name}: {flag}" for name in (c.variant, c.reference) for flag in summary.tuning.get(name, [])]
         out.append({"verdict": c.verdict, "sentence": c.verdict_sentence(), "costs": costs.cost_sentence(facts, summary.machine),
-                    "tuned": c.tuned_sentence()})
+                    "tuned": c.tuned_sentence(), "doubts": "; ".join(doubts)})
     return out
 
 
@@ -299,7 +319,7 @@ def _variant_rows(summary: StudySummary, baseline: str) -> tuple[list[str], list
                      "setting": ", ".join(f"{k}={v}" for k, v in (r["sweep"] or {}).items()) or "–",
                      "params": count(r["params"]), "tokens_per_s": count(r["tokens_per_s"]),
                      "failed": f"{int(r['failed'])} / {int(r['diverged'])}"})
-    return [m.replace("_", " ") for m in metrics], rows
+    return [summary.metric_name] + [m.replace("_", " ") for m in metrics[1:]], rows
 
 
 def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tuple[str, str]]:
@@ -355,22 +375,70 @@ def study_summaries(results: Results) -> list[StudySummary]:
     runs["machine"] = runs["machine"].fillna("(not run)")
     out = []
     for machine, group in runs.groupby("machine", sort=False):
-        summary = summarise(group, spec, machine)
+        summary = summarise(group, spec, machine, curves=results.metrics)
         if not summary.variants.empty:
             out.append(summary)
     return out
 
 
+def _findings(results: Results, summaries: list[StudySummary]) -> list[dict]:
+    """The findings table's rows of a study that tests a published direction (one per machine)."""
+    finding = results.studies.iloc[0]["spec"].get("finding")
+    if not finding:
+        return []
+    runs = results.runs[results.runs["current"]].assign(machine=results.runs["machine"].fillna("(not run)"))
+    kernels = results.kernels
+    return [finding_row(s, finding, runs[runs["machine"] == s.machine],
+                        kernels[kernels["machine"] == s.machine] if "machine" in kernels else kernels)
+            for s in summaries]
+
+
+def study_rows(folder: str | Path) -> list[dict]:
+    """The findings rows of one results folder (empty where its study tests no published direction)."""
+    results = _merge([Path(folder)])
+    return _findings(results, study_summaries(results))
+
+
+def suite_rows(folder: str | Path) -> list[dict]:
+    """The findings rows of a suite: one per finding study in `folder`'s subfolders (``suite_folders``)."""
+    return [{**row, "study_folder": sub.name} for sub in suite_folders(Path(folder)) for row in study_rows(sub)]
+
+
 def summary_json(folders: list[str | Path]) -> dict:
     """The machine-readable verdicts (``python -m bench.report DIR --json``): the study, its noise floor
-    and every comparison; with several machines, each machine's under "machines" as well."""
-    summaries = study_summaries(_merge([Path(f) for f in folders]))
+    and every comparison; with several machines, each machine's under "machines" as well; a study
+    that tests a published direction carries its findings rows. A findings suite's folder (its
+    studies in subfolders): the findings table."""
+    if len(folders) == 1 and suite_folders(Path(folders[0])) and not (Path(folders[0]) / "results.db").exists():
+        return {"findings": suite_rows(Path(folders[0]))}
+    results = _merge([Path(f) for f in folders])
+    summaries = study_summaries(results)
     if not summaries:
         raise ValueError(f"no finished runs in {', '.join(map(str, folders))}")
     first = summaries[0].to_dict()
-    out = {**first, "comparisons": [c for s in summaries for c in s.to_dict()["comparisons"]]}
+    out = {**first, "comparisons": [c for s in summaries for c in s.to_dict()["comparisons"]],
+           "findings": _findings(results, summaries)}
     if len(summaries) > 1:
         out["machines"] = [s.to_dict() for s in summaries]
+    return out
+
+
+def write_findings(folder: str | Path, out: str | Path | None = None) -> Path:
+    """The findings suite's page (default findings.html in the suite's folder): the table, each row
+    linking to its study's report."""
+    folder = Path(folder)
+    rows = suite_rows(folder)
+    if not rows:
+        raise ValueError(f"no finding studies under {folder} (subfolders with a results.db whose spec has finding:)")
+    out = Path(out) if out else folder / "findings.html"
+    decisive = [r for r in rows if not r["sanity"]]
+    context = {"rows": [{**r, "deltas": [delta_text(c) for c in r["comparisons"]], "minutes": f"{r['minutes']:.1f}",
+                         "link": f"{r['study_folder']}/report.html"} for r in rows],
+               "agree": sum(r["status"] == "agrees" for r in decisive), "total": len(decisive),
+               "minutes": f"{sum(r['minutes'] for r in rows):.0f}",
+               "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    out.write_text(environment.from_string(FINDINGS_TEMPLATE.read_text()).render(**context))
     return out
 
 
@@ -411,8 +479,9 @@ def build_report(folders: list[str | Path]) -> str:
     for x in summaries:
         columns, rows = _variant_rows(x, baseline)
         study_lines.append({
-            "machine": x.machine, "metric": x.metric.replace("_", " "), "design": x.design.describe(),
-            "noise": x.noise.sentence(x.metric.replace("_", " ")), "headlines": _headlines(x, runs, kernels),
+            "machine": x.machine, "metric": x.metric.replace("_", " "), "metric_label": x.metric_label,
+            "design": x.design.describe(),
+            "noise": x.noise.sentence(x.metric_name), "headlines": _headlines(x, runs, kernels),
             "forest": figures.forest(x.comparisons, x.metric, x.design.margin, x.higher_is_better),
             "comparisons": _comparison_rows(x), "columns": columns, "variants": rows,
             "settings": _settings(spec, all_runs[all_runs["machine"] == x.machine], x)})
@@ -426,6 +495,7 @@ def build_report(folders: list[str | Path]) -> str:
         "floor": floor,
         "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
         "kernels": _kernel_tables(kernels),
+        "speed": _speed_rows(kernels),
         "scaling": _scaling_section(scaling_per_machine(runs, baseline, spec.get("extrapolate_to"))),
         "quantized": [{"variant": r["variant"], "seed": r["seed"], "val_loss_float": significant(r["val_loss_float"], 4),
                        "val_loss": significant(r["val_loss"], 4), "change": percent(r["val_loss_change"]),
@@ -445,8 +515,8 @@ def build_report(folders: list[str | Path]) -> str:
                     for _, r in serving.iterrows()],
         "serving_settings": _serving_settings(serving),
         "failed": failed,
-        "tuning": _tuning_section(tuning, spec),
-        "ladder": _ladder_section(runs, spec.get("ladder"), summaries[0] if summaries else None),
+        "tuning": _tuning_section(tuning, spec, summaries[0].tuning if summaries else {}),
+        "ladder": _ladder_section(runs, results.metrics, spec.get("ladder"), summaries[0] if summaries else None),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
                       "threads": r["hardware"].get("torch_threads"), "gpu": r["hardware"].get("gpu"),
@@ -455,6 +525,8 @@ def build_report(folders: list[str | Path]) -> str:
         "commands": [{"folder": s["folder"], "command": s["command"]} for s in studies],
         "spec": spec,
         "n_runs": len(runs),
+        "findings": [{**r, "deltas": [delta_text(c) for c in r["comparisons"]], "minutes": f"{r['minutes']:.1f}"}
+                     for r in _findings(results, summaries)],
     }
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE.read_text()).render(**context)

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.analysis import HIGHER_IS_BETTER, pareto_front  # noqa: E402
+from bench.analysis import pareto_front  # noqa: E402
 from bench.formatting import BYTE_UNITS, TIME_UNITS, count, flop_rate, flops, significant, size, unit_for  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
@@ -100,7 +100,8 @@ def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) 
     return to_data_uri(fig)
 
 
-VERDICT_COLOURS = {"better": "#0a7b34", "worse": "#b42318", "equivalent": "#1d4ed8", "inconclusive": "#a58a00"}
+VERDICT_COLOURS = {"better": "#0a7b34", "worse": "#b42318", "equivalent": "#1d4ed8", "inconclusive": "#a58a00",
+                   "saturated": "#7c3aed"}
 
 
 def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool) -> str | None:
@@ -110,7 +111,8 @@ def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool
     if not shown:
         return None
     fig, ax = plt.subplots(figsize=(8, 0.38 * len(shown) + 1.1))
-    ax.axvspan(-margin, margin, color="#d6e4ff", label=f"equivalence margin ±{margin:g}")
+    if margin > 0:
+        ax.axvspan(-margin, margin, color="#d6e4ff", label=f"equivalence margin ±{margin:g}")
     ax.axvline(0, color="black", linewidth=0.8)
     for i, c in enumerate(shown):
         colour = VERDICT_COLOURS.get(c.verdict, "grey")
@@ -325,7 +327,7 @@ def sensitivity_figure(tuning: pd.DataFrame) -> str | None:
     return to_data_uri(fig)
 
 
-def ladder_figure(climb: pd.DataFrame, metric: str) -> str | None:
+def ladder_figure(climb: pd.DataFrame, metric: str, higher_is_better: bool = False) -> str | None:
     """A recipe ladder as a waterfall: each step's bar runs from the cumulative difference before it to
     the one after it (its paired difference from the step before); the dots are the cumulative paired
     difference from the first step with its 95% CI."""
@@ -335,7 +337,7 @@ def ladder_figure(climb: pd.DataFrame, metric: str) -> str | None:
     x = np.arange(len(climb))
     after = climb["cumulative"].to_numpy(dtype=float)
     start = np.concatenate([[0.0], after[:-1]])
-    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    sign = 1 if higher_is_better else -1
     colours = ["#2a9d8f" if sign * d > 0 else "#e76f51" for d in (after - start)]  # green: the step helped
     ax.bar(x, after - start, bottom=start, color=colours, alpha=0.6, width=0.6, label="this step vs the one before")
     low, high = climb["cumulative_low"].to_numpy(dtype=float), climb["cumulative_high"].to_numpy(dtype=float)

@@ -9,7 +9,7 @@ import yaml
 
 from bench.checkpoint import load_checkpoint
 from bench.config import RunConfig
-from bench.data.tokenizers import Tokenizer, make_tokenizer
+from bench.data.tokenizers import Tokenizer
 from models import GPT, build_model
 
 
@@ -36,8 +36,4 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
 
 def tokenizer_of(run: RunConfig) -> Tokenizer | None:
     """The tokenizer a run's text data was encoded with (cached on disk when it was trained), or None."""
-    data = run.data
-    if not hasattr(data, "tokenizer") or not hasattr(data, "corpus"):
-        return None
-    corpus = data.corpus() if data.tokenizer in ("char", "bpe") else None  # char and BPE are fitted to it
-    return make_tokenizer(data.tokenizer, corpus, getattr(data, "vocab_size", None))
+    return run.data.fitted_tokenizer() if hasattr(run.data, "fitted_tokenizer") else None
