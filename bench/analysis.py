@@ -138,16 +138,14 @@ def best_of_sweep(runs: pd.DataFrame) -> pd.DataFrame:
 
 def choose_tuned(runs: pd.DataFrame, grids: dict[str, dict[str, list]] | None = None,
                  margin: float = 0.0) -> tuple[dict[str, dict], dict[str, str]]:
-    """Each variant's tune point, chosen on its tuning runs alone, on the fixed-budget quality metric
-    (accuracy for tasks, else val loss; ties: lower val loss), among points where every tuning seed
+    """Each variant's tune point, chosen on its tuning runs alone by the mean val loss (for tasks too:
+    it keeps falling after accuracy has saturated at 1.0), among points where every tuning seed
     finished (none diverged or failed). Of the points within `margin` of the best, the most stable
     one is taken: one that borders no diverged or failed point of its grid (``grids``: variant → its
     tune grid) and is not at the grid's edge, so a setting next to a cliff is not chosen for a gain
     smaller than the noise. Returns (variant -> point, variant -> why none was)."""
     tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
     chosen, none = {}, {}
-    metric = metric_of({}, tuning) if not tuning.empty else MetricSpec(name="val_loss")
-    sign = -1.0 if metric.higher_is_better else 1.0
     points = eligible_points(tuning) if not tuning.empty else pd.DataFrame()
     for variant, group in tuning.groupby("variant", sort=False):
         ok = set(points[(points["variant"] == variant) & points["eligible"]]["point"])
@@ -155,9 +153,8 @@ def choose_tuned(runs: pd.DataFrame, grids: dict[str, dict[str, list]] | None = 
         if done.empty:
             none[variant] = f"every tuning point of '{variant}' had a diverged or failed seed"
             continue
-        score = done.assign(point=done["sweep"].map(point_key), score=sign * done[metric.name]).groupby("point")[
-            ["score", "val_loss"]].mean().sort_values(["score", "val_loss"])
-        near = score[score["score"] <= score["score"].iloc[0] + margin]
+        score = done.assign(point=done["sweep"].map(point_key)).groupby("point")["val_loss"].mean().sort_values()
+        near = score[score <= score.iloc[0] + margin]
         grid = (grids or {}).get(variant, {})
         unstable = {p for p in points.loc[points["variant"] == variant, "point"] if p not in ok}
         risk = [len(grid_edges(grid, json.loads(p))) + 10 * len(unstable_neighbours(grid, json.loads(p), unstable))
@@ -219,11 +216,11 @@ def tuning_flags(spec: dict, runs: pd.DataFrame) -> dict[str, list[str]]:
 
 def tuned_points(spec: dict, runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
     """``choose_tuned`` as a stored spec asks: each variant's own grid, and the spec's margin where it
-    is one of the tuning metric (else that metric's default)."""
+    is one of val loss (else val loss's default)."""
     tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
-    quality = metric_of({}, tuning) if not tuning.empty else MetricSpec(name="val_loss")
-    margin = spec.get("margin") if metric_of(spec, tuning).name == quality.name and spec.get("margin") is not None \
-        else quality.default_margin
+    loss = MetricSpec(name="val_loss")
+    given = spec.get("margin")
+    margin = given if given is not None and metric_of(spec, tuning).name == loss.name else loss.default_margin
     grids = {v: tune_grid(spec, v) for v in tuning["variant"].unique()}
     return choose_tuned(tuning, grids, margin)
 

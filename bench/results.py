@@ -64,7 +64,7 @@ def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     out["current"] = out["current"].astype(bool)
     for column in ("sweep", "config", "hardware", "libraries"):
         out[column] = out[column].map(_json)
-    out["machine"] = out["hardware"].map(lambda fp: machine_label(fp) if fp else None)
+    out["machine"] = _run_machines(out)
     for column in final.columns.difference(["params", "status"]):
         out[column] = final[column]
     out["params"] = params.get("total")
@@ -74,6 +74,20 @@ def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
         if column not in out:
             out[column] = float("nan")
     return out
+
+
+def _run_machines(runs: pd.DataFrame) -> pd.Series:
+    """Each run's machine label; runs of one machine (``machine_id``: CPU, cores, GPU, torch) that ran
+    with different thread counts (workers take one each; a lone run takes them all) share one label,
+    "AMD EPYC (1–2 threads)": they are one machine's sample, not two."""
+    labels = runs["hardware"].map(lambda fp: machine_label(fp) if fp else None)
+    if "machine_id" not in runs:
+        return labels
+    for _, group in runs[labels.notna()].groupby("machine_id"):
+        threads = sorted({fp.get("torch_threads") for fp in group["hardware"]} - {None})
+        if len(threads) > 1 and not group["hardware"].iloc[0].get("gpu"):
+            labels[group.index] = f"{group['hardware'].iloc[0]['cpu']} ({threads[0]}–{threads[-1]} threads)"
+    return labels
 
 
 def _metrics_frame(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -262,7 +262,8 @@ def time_speed(spec: Spec, folder: Path, store: Store, console: Console) -> None
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: a row with the reason, not a crash
             row = {"component": "train_step", "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
-            environment = hardware.environment()  # the machine as the runs name it: their thread count
+            environment = hardware.environment()  # the machine as the runs name it: with their thread count
+            environment["hardware"] = {**environment["hardware"], "torch_threads": torch.get_num_threads()}
             torch.set_num_threads(threads)
         store.add_kernels(spec.name, [{**row, "name": variant, "reference": reference, "spec_hash": key}], environment)
 

@@ -39,14 +39,11 @@ def write_run(folder: Path, distributed: dict | None, steps: int = 20, checkpoin
     return folder
 
 
-def torchrun(folder: Path, nproc: int, wait: bool = True):
+def torchrun(folder: Path, nproc: int):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "bench.worker", str(folder)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return process
-    output, _ = process.communicate(timeout=600)
-    return process.returncode, output
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return result.returncode, result.stdout
 
 
 def losses(folder: Path) -> list[float]:
@@ -109,22 +106,18 @@ def test_muon_and_lion_on_two_processes_follow_their_one_process_trajectory(one_
     assert losses(folder) != pytest.approx(losses(one_process_with("lion" if optimizer == "muon" else "muon")), rel=1e-2)
 
 
-def _kill_after_checkpoint(process, folder: Path, step: int) -> None:
-    deadline = time.time() + 300
-    metrics = folder / "metrics.jsonl"
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) > step:
-            break
-        time.sleep(0.1)
-    process.kill()  # torchrun, then its ranks
-    subprocess.run(["pkill", "-9", "-f", f"bench.worker {folder}"], check=False)
-    process.wait()
+def torchrun_until_killed(folder: Path, nproc: int, at_step: int) -> None:
+    """Run on `nproc` processes until rank 0 has written step `at_step`'s record, then lose it as a killed node."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "tests" / "dying_worker.py"), str(folder), str(at_step)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, (result.stdout + result.stderr)[-3000:]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, tmp_path, strategy):
     folder = write_run(tmp_path / strategy, {"strategy": strategy, "nproc": 2}, checkpoint_every=5)
-    _kill_after_checkpoint(torchrun(folder, 2, wait=False), folder, 12)
+    torchrun_until_killed(folder, 2, at_step=12)
     assert (folder / "checkpoint.pt").exists() and not (folder / "final.json").exists()
     resumed = write_run(folder, {"strategy": strategy, "nproc": 1}, checkpoint_every=5)  # same run, one process
     if strategy == "ddp":
@@ -141,7 +134,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, tmp_path, s
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_a_deepspeed_checkpoint_says_why_it_cannot_resume_on_another_world_size(tmp_path):
     folder = write_run(tmp_path / "zero2", {"strategy": "deepspeed", "zero_stage": 2, "nproc": 2}, checkpoint_every=5)
-    _kill_after_checkpoint(torchrun(folder, 2, wait=False), folder, 12)
+    torchrun_until_killed(folder, 2, at_step=12)
     write_run(folder, {"strategy": "deepspeed", "zero_stage": 2, "nproc": 1}, checkpoint_every=5)
     code, output = torchrun(folder, 1)
     assert code != 0

@@ -25,8 +25,8 @@ JITTER = np.array([0.0, 0.004, -0.003, 0.002])
 
 def row(values: dict[str, np.ndarray], finding: dict, **spec) -> dict:
     runs = runs_frame(values).assign(started_at=0.0, finished_at=60.0)
-    summary = summarise(runs, {"name": "f", "variants": dict.fromkeys(values, {}), **spec})
-    return finding_row(summary, finding, runs, pd.DataFrame())
+    spec = {"name": "f", "variants": dict.fromkeys(values, {}), "finding": finding, **spec}
+    return finding_row(summarise(runs, spec), spec, runs, pd.DataFrame())
 
 
 def test_a_direction_agrees_disagrees_or_is_undecided_by_its_verdicts():
@@ -54,8 +54,9 @@ def test_an_expected_order_is_checked_on_the_means():
     outside = row({"mha": base, "gqa": base + 0.08 + JITTER, "mqa": base + 0.05 + JITTER}, finding)
     assert outside["agrees"] == "no" and "not observed (mha > mqa > gqa)" in outside["order"]
     table = markdown([between, {**outside, "sanity": True}])
-    assert "| MQA worse than MHA, GQA in between | Ainslie et al. 2023 | mqa vs mha: +0.0507 nats (+0.0460 to +0.0555)" in table
-    assert "*(sanity check)*" in table and "1 of 1 directions decisive and agreeing" in table
+    assert ("| MQA worse than MHA, GQA in between | Ainslie et al. 2023 | mqa vs mha: +0.0507 nats (+0.0460 to +0.0555) "
+            "(val loss); expected order (best first, on the means) mha > gqa > mqa: holds |") in table
+    assert "*(sanity check)*" in table and "1 of 1 published directions decisive and agreeing; 0 of 1 sanity checks pass" in table
 
 
 def test_minutes_count_the_union_of_the_runs_intervals_and_the_speed_timing():
@@ -124,3 +125,16 @@ def test_every_shipped_finding_names_its_source_and_what_agrees(path):
     assert spec.finding is not None and spec.finding.source and spec.finding.expect
     header = textwrap.dedent(path.read_text().split("\nname:")[0])
     assert "Measured" in header  # each spec's header states its measured time and verdicts
+
+
+def test_a_post_training_finding_is_judged_against_the_method_the_spec_names():
+    float_runs = runs_frame({"float": [3.27, 3.29, 3.23, 3.26]}, kind="train")
+    rtn = runs_frame({"rtn": [3.2744, 3.2942, 3.2355, 3.2707]}, kind="quantize")
+    gptq = runs_frame({"gptq": [3.2716, 3.2941, 3.2304, 3.2685]}, kind="quantize")
+    for frame in (rtn, gptq):
+        frame["val_loss_float"] = [3.27, 3.29, 3.23, 3.26]
+    runs = pd.concat([float_runs, rtn, gptq], ignore_index=True).assign(started_at=0.0, finished_at=60.0)
+    spec = {"name": "q", "baseline": "float", "variants": {"float": {}, "rtn": {}, "gptq": {}}, "compare": {"gptq": "rtn"},
+            "finding": {"direction": "GPTQ loses less", "source": "Frantar et al. 2023", "expect": {"gptq": "better"}}}
+    (comparison,) = finding_row(summarise(runs, spec), spec, runs, pd.DataFrame())["comparisons"]
+    assert (comparison["variant"], comparison["reference"]) == ("gptq", "rtn")  # not gptq against its own float

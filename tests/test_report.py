@@ -321,7 +321,8 @@ def test_text_tables_sort_by_verdict_then_size_of_the_difference():
 ATTENTION_SMALL = ["--set", "budget.steps=20", "--set", "base.data.n_train=512", "--set", "kernels.min_time=0.002",
                    "--set", "kernels.attention.seq_lens=[32,64]", "--set", "kernels.decode.prompt=16",
                    "--set", "kernels.decode.new_tokens=4", "--set", "serving.concurrency=[2]",
-                   "--set", "serving.requests=4", "--set", "serving.new_tokens=4", "--seeds", "0", "1"]
+                   "--set", "serving.requests=4", "--set", "serving.new_tokens=4", "--seeds", "0", "1",
+                   "--set", "metric=val_loss"]  # 20 steps reach no loss target: every run censored alike
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
@@ -345,7 +346,7 @@ def test_the_attention_study_reads_at_1400_px_with_the_answer_first(tmp_path):
         page.screenshot(path=str(out / "first-screen.png"))
         browser.close()
     assert scroll_width <= 1400  # no horizontal scroll
-    assert headline_first and len(headlines) == 3
+    assert headline_first and len(headlines) == 2  # gqa and mqa, each against mha
     assert all(re.search(r"\b(better|worse|equivalent|inconclusive)\b", h) and "paired t over 2 seeds" in h for h in headlines)
     assert not re.findall(SCIENTIFIC, text) and not re.findall(r"\.0000\b", text)
     for reason in ("flash-attn not installed", "xformers not installed"):

@@ -61,3 +61,19 @@ def test_no_sql_outside_the_store_and_the_results_loader():
                  for number, line in enumerate(path.read_text().splitlines(), 1) if sql.search(line)]
     assert offenders == []
     assert not hasattr(Store, "rows")  # no generic query that callers fill with SQL fragments
+
+
+def test_runs_of_one_machine_at_different_thread_counts_are_one_machines_sample(tmp_path):
+    """Workers train with one thread each, a lone run with all of them: the same machine either way."""
+    from bench.results import load
+
+    store = Store(tmp_path)
+    cpu = {"cpu": "AMD EPYC", "cpu_cores": 2, "gpu": None}
+    for run_id, threads, machine in (("a", 1, "epyc"), ("b", 2, "epyc"), ("c", 4, "xeon")):
+        store.add_runs("study", [_run(run_id)])
+        assert store.claim(run_id, owner_id()) == "claimed"
+        fingerprint = {**cpu, "torch_threads": threads, **({"cpu": "Xeon"} if machine == "xeon" else {})}
+        store.finish(run_id, "finished", {"val_loss": 1.0}, None, [], {"machine_id": machine, "hardware": fingerprint})
+    store.close()
+    machines = load(tmp_path).runs.set_index("run_id")["machine"]
+    assert machines.to_dict() == {"a": "AMD EPYC (1–2 threads)", "b": "AMD EPYC (1–2 threads)", "c": "Xeon (4 threads)"}

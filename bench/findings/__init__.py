@@ -42,14 +42,17 @@ def study_minutes(runs: pd.DataFrame, kernels: pd.DataFrame) -> float:
     return total / 60
 
 
-def finding_row(summary: StudySummary, finding: dict, runs: pd.DataFrame, kernels: pd.DataFrame) -> dict:
-    """The findings table's row for one study: the direction, its source, each expected comparison
-    with our Δ, CI and verdict, seeds, minutes and whether we agree."""
-    by_variant = {c.variant: c for c in summary.comparisons}
+def finding_row(summary: StudySummary, spec: dict, runs: pd.DataFrame, kernels: pd.DataFrame) -> dict:
+    """The findings table's row for one study (its stored spec, with ``finding``): the direction, its
+    source, each expected comparison (the variant against the reference the spec names) with our Δ,
+    CI and verdict, seeds, minutes and whether we agree."""
+    finding = spec["finding"]
+    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
+    by_pair = {(c.variant, c.reference): c for c in summary.comparisons}
     comparisons, outcomes = [], []
     for variant, expected in finding["expect"].items():
         expected = [expected] if isinstance(expected, str) else list(expected)
-        c = by_variant.get(variant)
+        c = by_pair.get((variant, (spec.get("compare") or {}).get(variant, baseline)))
         verdict = c.verdict if c else "not run"
         outcomes.append("agrees" if verdict in expected else "disagrees" if verdict in ("better", "worse", "equivalent")
                         else "undecided")
@@ -70,7 +73,7 @@ def finding_row(summary: StudySummary, finding: dict, runs: pd.DataFrame, kernel
     status = ("disagrees" if "disagrees" in outcomes or (all(o == "agrees" for o in outcomes) and not order_holds)
               else "agrees" if all(o == "agrees" for o in outcomes) else "undecided")
     return {"study": summary.study, "machine": summary.machine, "direction": finding["direction"],
-            "source": finding["source"], "sanity": bool(finding.get("sanity")), "metric": summary.metric_label,
+            "source": finding["source"], "sanity": bool(finding.get("sanity")), "metric": summary.metric_name,
             "comparisons": comparisons, "order": order_note, "seeds": max((c["seeds"] for c in comparisons), default=0),
             "minutes": study_minutes(runs, kernels), "status": status, "agrees": AGREES[status]}
 
@@ -90,19 +93,28 @@ def suite_folders(folder: Path) -> list[Path]:
     return sorted(p.parent for p in Path(folder).glob("*/results.db"))
 
 
+def summary_line(rows: list[dict]) -> str:
+    """How many published directions agree, whether the sanity checks pass, and the minutes spent."""
+    published = [r for r in rows if not r["sanity"]]
+    checks = [r for r in rows if r["sanity"]]
+    agree = sum(r["status"] == "agrees" for r in published)
+    passed = sum(r["status"] == "agrees" for r in checks)
+    sanity = f"; {passed} of {len(checks)} sanity checks pass" if checks else ""
+    return (f"{agree} of {len(published)} published directions decisive and agreeing{sanity}; "
+            f"{sum(r['minutes'] for r in rows):.0f} minutes of training and timing in all.")
+
+
 def markdown(rows: list[dict]) -> str:
-    """The findings table as Markdown (the README shows it)."""
+    """The findings table as Markdown (the README shows it); minutes are each study's training and timing
+    (``study_minutes``), without data preparation and reports."""
     lines = ["| direction | source | our Δ (95% CI) | verdict | seeds | minutes | agrees |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         deltas = "; ".join(f"{c['variant']} vs {c['reference']}: {delta_text(c)}" for c in r["comparisons"])
+        deltas += f" ({r['metric']})" + (f"; {r['order']}" if r["order"] else "")
         verdicts = "; ".join(f"{c['variant']} {c['verdict']}" for c in r["comparisons"])
         direction = r["direction"] + (" *(sanity check)*" if r["sanity"] else "")
-        lines.append(f"| {direction} | {r['source']} | {deltas} ({r['metric']}) | {verdicts} | {r['seeds']} | "
+        lines.append(f"| {direction} | {r['source']} | {deltas} | {verdicts} | {r['seeds']} | "
                      f"{r['minutes']:.1f} | {r['agrees']} |")
-    decisive = [r for r in rows if not r["sanity"]]
-    agree = sum(r["status"] == "agrees" for r in decisive)
-    lines.append("")
-    lines.append(f"{agree} of {len(decisive)} directions decisive and agreeing (sanity checks aside), "
-                 f"{sum(r['minutes'] for r in rows):.0f} minutes in all.")
+    lines += ["", summary_line(rows)]
     return "\n".join(lines)

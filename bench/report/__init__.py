@@ -23,7 +23,7 @@ from bench.analysis import (
     QUALITY, SCALING_TABLES, VERDICTS, StudySummary, eligible_points, eval_runs, ladder_climb, point_key,
     scaling_per_machine, summarise, tuned_points, with_metric,
 )
-from bench.findings import delta_text, finding_row, suite_folders
+from bench.findings import delta_text, finding_row, suite_folders, summary_line
 from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
 from bench.results import Results, load
@@ -279,6 +279,8 @@ def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame)
     """Each comparison's verdict in words, then what the variant costs against its reference here."""
     mine = runs[runs["machine"] == summary.machine]
     quantized = mine[(mine["kind"] == "quantize") & (mine["status"] == "finished")] if "kind" in mine else mine.iloc[:0]
+    if "machine_id" in kernels and "machine_id" in mine:  # timed on this machine, whatever its thread count then
+        kernels = kernels[kernels["machine_id"].isin(set(mine["machine_id"]))].assign(machine=summary.machine)
     out = []
     if not summary.comparisons:  # a study of one model (a baseline to reproduce): its result is the answer
         metric = summary.metric.replace("_", " ")
@@ -383,12 +385,12 @@ def study_summaries(results: Results) -> list[StudySummary]:
 
 def _findings(results: Results, summaries: list[StudySummary]) -> list[dict]:
     """The findings table's rows of a study that tests a published direction (one per machine)."""
-    finding = results.studies.iloc[0]["spec"].get("finding")
-    if not finding:
+    spec = results.studies.iloc[0]["spec"]
+    if not spec.get("finding"):
         return []
     runs = results.runs[results.runs["current"]].assign(machine=results.runs["machine"].fillna("(not run)"))
     kernels = results.kernels
-    return [finding_row(s, finding, runs[runs["machine"] == s.machine],
+    return [finding_row(s, spec, runs[runs["machine"] == s.machine],
                         kernels[kernels["machine"] == s.machine] if "machine" in kernels else kernels)
             for s in summaries]
 
@@ -431,12 +433,9 @@ def write_findings(folder: str | Path, out: str | Path | None = None) -> Path:
     if not rows:
         raise ValueError(f"no finding studies under {folder} (subfolders with a results.db whose spec has finding:)")
     out = Path(out) if out else folder / "findings.html"
-    decisive = [r for r in rows if not r["sanity"]]
     context = {"rows": [{**r, "deltas": [delta_text(c) for c in r["comparisons"]], "minutes": f"{r['minutes']:.1f}",
                          "link": f"{r['study_folder']}/report.html"} for r in rows],
-               "agree": sum(r["status"] == "agrees" for r in decisive), "total": len(decisive),
-               "minutes": f"{sum(r['minutes'] for r in rows):.0f}",
-               "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+               "summary": summary_line(rows), "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     out.write_text(environment.from_string(FINDINGS_TEMPLATE.read_text()).render(**context))
     return out

@@ -1,0 +1,27 @@
+"""``torchrun ... tests/dying_worker.py RUN_DIR STEP``: bench.worker whose rank 0 dies once STEP's record is written.
+
+Stands in for a node lost mid-run at a known step: the process exits at once, without cleanup, as a
+SIGKILL would, so a test waits on the state (the step reached), not on how long training takes.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from bench.config import RunConfig
+from bench.train import train
+
+
+def main() -> None:
+    run_dir, at_step = Path(sys.argv[1]), int(sys.argv[2])
+    run = RunConfig.model_validate_json((run_dir / "run.json").read_text())
+
+    def die(record: dict) -> None:
+        if record["step"] == at_step:
+            os._exit(17)
+
+    train(run, run_dir, on_step=die)  # on_step runs on rank 0; torchrun then stops the other ranks
+
+
+if __name__ == "__main__":
+    main()
