@@ -109,14 +109,28 @@ class Store:
         self.path = self.folder / "results.db"
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)  # idempotent; executescript manages its own transaction
-        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(studies)")}
-        if "plan" not in columns:  # a store written before plans were recorded
-            self.db.execute("ALTER TABLE studies ADD COLUMN plan TEXT")
-        if "role" not in {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}:  # before tuning
-            self.db.execute("ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'eval'")
+        with self.transaction():  # under the write lock: two runners opening a new store migrate it once
+            columns = {row["name"] for row in self.db.execute("PRAGMA table_info(studies)")}
+            if "plan" not in columns:  # a store written before plans were recorded
+                self.db.execute("ALTER TABLE studies ADD COLUMN plan TEXT")
+            if "role" not in {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}:  # before tuning
+                self.db.execute("ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'eval'")
+
+    def _use_wal(self) -> None:
+        """Switch to WAL (a persistent mode of the file). The switch takes its lock without waiting on the
+        busy timeout, so a runner opening a new store while another switches it retries until it can."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()

@@ -77,3 +77,26 @@ def test_runs_of_one_machine_at_different_thread_counts_are_one_machines_sample(
     store.close()
     machines = load(tmp_path).runs.set_index("run_id")["machine"]
     assert machines.to_dict() == {"a": "AMD EPYC (1–2 threads)", "b": "AMD EPYC (1–2 threads)", "c": "Xeon (4 threads)"}
+
+
+def test_runners_opening_one_new_store_at_once_migrate_it_once(tmp_path):
+    """Two runners on one folder (``bench.run`` twice) open a fresh store together: each adds the
+    columns a new store lacks, and the second to look must see the first's (not fail on a duplicate)."""
+    import threading
+
+    start, errors = threading.Barrier(8), []
+
+    def open_store(folder: Path) -> None:
+        start.wait()
+        try:
+            Store(folder).close()
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            errors.append(e)
+
+    for attempt in range(40):  # the race is between reading the schema and altering it: give it many chances
+        threads = [threading.Thread(target=open_store, args=(tmp_path / str(attempt),)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
