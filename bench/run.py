@@ -30,7 +30,7 @@ from bench.formatting import count, p_value, significant
 from bench.plan import Plan, expand, preparation
 from bench.progress import Progress
 from bench.report import write_report
-from bench.results import load
+from bench.results import Results, load
 from bench.spec import SeedRange, SourceMap, Spec, SpecError, load_spec
 from bench.store import DONE, Store
 from models import flops_per_token, param_counts
@@ -164,8 +164,8 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
                       f"runs, about {per_seed * (seeds.max - seeds.min) / 60:.1f} min more")
 
 
-def current_summary(results, spec: Spec) -> StudySummary:
-    """The verdicts of the study's current plan from the store (``bench.results.Results``, any machine)."""
+def current_summary(results: Results, spec: Spec) -> StudySummary:
+    """The verdicts of the study's current plan from the store (any machine)."""
     runs = results.runs
     return summarise(runs[runs["current"] & (runs["study"] == spec.name)], spec.model_dump(mode="json"),
                      curves=results.metrics)

@@ -1,4 +1,4 @@
-"""``torchrun ... tests/dying_worker.py RUN_DIR STEP``: bench.worker whose rank 0 dies once STEP's record is written.
+"""``torchrun ... tests/dying_worker.py STEP RUN_DIR``: bench.worker whose rank 0 dies once STEP's record is written.
 
 Stands in for a node lost mid-run at a known step: the process exits at once, without cleanup, as a
 SIGKILL would, so a test waits on the state (the step reached), not on how long training takes.
@@ -13,7 +13,7 @@ from bench.train import train
 
 
 def main() -> None:
-    run_dir, at_step = Path(sys.argv[1]), int(sys.argv[2])
+    at_step, run_dir = int(sys.argv[1]), Path(sys.argv[2])
     run = RunConfig.model_validate_json((run_dir / "run.json").read_text())
 
     def die(record: dict) -> None:

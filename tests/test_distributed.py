@@ -39,9 +39,10 @@ def write_run(folder: Path, distributed: dict | None, steps: int = 20, checkpoin
     return folder
 
 
-def torchrun(folder: Path, nproc: int):
+def torchrun(folder: Path, nproc: int, *program: str) -> tuple[int, str]:
+    """Run `program` (default: bench.worker on `folder`) on `nproc` processes; (exit code, output)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "bench.worker", str(folder)]
+               *(program or ("-m", "bench.worker")), str(folder)]
     result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     return result.returncode, result.stdout
 
@@ -108,10 +109,8 @@ def test_muon_and_lion_on_two_processes_follow_their_one_process_trajectory(one_
 
 def torchrun_until_killed(folder: Path, nproc: int, at_step: int) -> None:
     """Run on `nproc` processes until rank 0 has written step `at_step`'s record, then lose it as a killed node."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "tests" / "dying_worker.py"), str(folder), str(at_step)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0, (result.stdout + result.stderr)[-3000:]
+    code, output = torchrun(folder, nproc, str(ROOT / "tests" / "dying_worker.py"), str(at_step))
+    assert code != 0, output[-3000:]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
