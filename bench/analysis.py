@@ -28,12 +28,17 @@ seeds, mean ± sd, fixed hyperparameters.
 The scaling-law summary (``scaling_summary``, ``scaling_per_machine``) fits the laws of
 ``bench.scaling`` to a study's finished training runs where it spans enough model sizes and token
 budgets; the report only formats it.
+
+Everything is read off the study's design (``bench.spec.StudyDesign``), never its spec's keys, and
+``analyse`` gathers it per machine (``StudyAnalysis``) for the report, the runner and ``--json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -43,23 +48,13 @@ from scipy import stats
 from bench import scaling
 from bench.formatting import p_value, significant
 from bench.metrics import MetricSpec, Value, metric_of, run_values
+from bench.spec import StudyDesign
 from bench.stats import CONFIDENCE, Design, Test, finite, holm_shaffer, minimum_detectable, paired, paired_t, welch
 
 QUALITY = ("val_loss", "val_accuracy", "val_bpb")
 VERDICTS = ("better", "worse", "equivalent", "inconclusive", "saturated")
-
-
-def design_of(spec: dict, metric: MetricSpec) -> Design:
-    """The decision rule a study (its stored spec) asks for, with the metric's default margin and
-    saturation bound where the spec gives none."""
-    seeds = spec.get("seeds")
-    adaptive = isinstance(seeds, dict)
-    margin = spec.get("margin")
-    bound = spec.get("saturation")
-    return Design(alpha=spec.get("alpha", Design.alpha), margin=metric.default_margin if margin is None else margin,
-                  paired_test=spec.get("paired_test", Design.paired_test),
-                  min_seeds=seeds["min"] if adaptive else None, max_seeds=seeds["max"] if adaptive else None,
-                  bound=metric.default_bound if bound is None else bound)
+FLOAT = " (float)"  # how a plan names a quantized variant's float run: "int8 (float)"
+NOT_RUN = "(not run)"  # the machine of runs that have not run yet
 
 
 # -- per-variant summaries ------------------------------------------------------------------------------
@@ -196,46 +191,56 @@ def unstable_neighbours(grid: dict[str, list], point: dict, unstable: set[str]) 
     return out
 
 
-def tuning_flags(spec: dict, runs: pd.DataFrame) -> dict[str, list[str]]:
-    """Variant → what to doubt about its tuned setting: the grid edges it sits on and the unstable
-    points it borders (empty where the study did not tune)."""
-    tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
-    if tuning.empty or not spec.get("tune"):
-        return {}
-    chosen, _ = tuned_points(spec, tuning)
-    grids = {v: tune_grid(spec, v) for v in chosen}
-    points = eligible_points(tuning)
-    out = {}
-    for variant, point in chosen.items():
-        unstable = set(points.loc[(points["variant"] == variant) & ~points["eligible"], "point"])
-        flags = grid_edges(grids[variant], point) + unstable_neighbours(grids[variant], point, unstable)
-        if flags:
-            out[variant] = flags
-    return out
+@dataclass
+class Tuning:
+    """A study's tuning: each variant's tune point chosen on its tuning runs alone (``choose_tuned``, as
+    the runner chose it), why a variant got none, what to doubt about each choice (the grid edges it
+    sits on, the unstable points it borders), and every tune point's record."""
+
+    chosen: dict[str, dict]  # variant -> its tune point
+    none: dict[str, str]  # variant -> why no point could be chosen
+    flags: dict[str, list[str]]  # variant -> doubts about its chosen point
+    points: pd.DataFrame  # per (variant, point): sweep, val_loss (mean of finished seeds), seeds, failures, chosen
+    runs: pd.DataFrame  # the tuning runs
 
 
-def tuned_points(spec: dict, runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, str]]:
-    """``choose_tuned`` as a stored spec asks: each variant's own grid, and the spec's margin where it
-    is one of val loss (else val loss's default)."""
+def study_tuning(runs: pd.DataFrame, design: StudyDesign) -> Tuning | None:
+    """The tuning of a study (None where it tunes nothing or no tuning run is here): each variant's grid,
+    and the spec's margin where its metric is val loss (else val loss's default)."""
     tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
+    if tuning.empty or not design.tuned:
+        return None
     loss = MetricSpec(name="val_loss")
-    given = spec.get("margin")
-    margin = given if given is not None and metric_of(spec, tuning).name == loss.name else loss.default_margin
-    grids = {v: tune_grid(spec, v) for v in tuning["variant"].unique()}
-    return choose_tuned(tuning, grids, margin)
+    margin = (design.margin if design.margin is not None and metric_of(design.metric, tuning).name == loss.name
+              else loss.default_margin)
+    # a quantized variant's float run is tuned on its variant's grid
+    grids = {v: design.tune_grid(v.removesuffix(FLOAT)) for v in tuning["variant"].unique()}
+    chosen, none = choose_tuned(tuning, grids, margin)
+    eligible = eligible_points(tuning)
+    flags = {}
+    for variant, point in chosen.items():
+        unstable = set(eligible.loc[(eligible["variant"] == variant) & ~eligible["eligible"], "point"])
+        doubts = grid_edges(grids[variant], point) + unstable_neighbours(grids[variant], point, unstable)
+        if doubts:
+            flags[variant] = doubts
+    eligible = eligible.set_index(["variant", "point"])
+    points = []
+    for (variant, point), group in tuning.groupby(["variant", tuning["sweep"].map(point_key)], sort=False):
+        at = eligible.loc[(variant, point)]
+        points.append({"variant": variant, "sweep": group["sweep"].iloc[0],
+                       "val_loss": group.loc[group["status"] == "finished", "val_loss"].mean(),
+                       "seeds": sorted(int(s) for s in group["seed"]), "diverged": int(at["diverged"]),
+                       "failed": int(at["failed"]), "eligible": bool(at["eligible"]),
+                       "chosen": chosen.get(variant) == group["sweep"].iloc[0]})
+    return Tuning(chosen, none, flags, pd.DataFrame(points), tuning)
 
 
-def tune_grid(spec: dict, variant: str) -> dict[str, list]:
-    """The keys a stored spec tunes for `variant` and their candidate values (``Spec.tune_grid``)."""
-    return {k: v[variant] if isinstance(v, dict) else v for k, v in (spec.get("tune") or {}).items() if k != "tune_seeds"}
-
-
-def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | None] | None = None,
+def variant_summary(runs: pd.DataFrame, baseline: str, references: Mapping[str, str | None] | None = None,
                     extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per variant (baseline first, then by mean val loss): per quality metric (and the
     `extra` columns, e.g. a learning-speed metric) the mean, sd and 95% CI over seeds; its reference;
     params, FLOPs, tokens/s, memory; how many runs failed or diverged at the point it is judged at."""
-    compare = compare or {}
+    references = references or {}
     chosen = best_of_sweep(runs)
     rows = []
     for variant, group in chosen.groupby("variant", sort=False):
@@ -255,8 +260,9 @@ def variant_summary(runs: pd.DataFrame, baseline: str, compare: dict[str, str | 
     points = eligible_points(runs).set_index(["variant", "point"])
     for status in ("failed", "diverged"):
         table[status] = [int(points[status].get((v, point_key(sweep)), 0)) for v, sweep in zip(table["variant"], table["sweep"])]
-    # "" for the baseline and for variants that are references of their own (compare: {v: null})
-    table["reference"] = [compare.get(v, baseline) or "" if v != baseline else "" for v in table["variant"]]
+    # "" for the baseline and for variants that are references of their own (compare: {v: null}); runs under
+    # names the design does not give (a quantized variant's float run) against the baseline
+    table["reference"] = [references.get(v, baseline) or "" if v != baseline else "" for v in table["variant"]]
     others = table[table["variant"] != baseline].sort_values("val_loss_mean")["variant"].tolist()
     order = [v for v in [baseline, *others] if v in set(table["variant"])]
     return table.set_index("variant").reindex(order).reset_index()
@@ -366,7 +372,8 @@ class Noise:
 
 @dataclass
 class StudySummary:
-    """Everything the CLI table, the HTML summary and ``--json`` say about one study on one machine."""
+    """The verdicts of one study on one machine (or its runs pooled): the decision rule, the noise floor,
+    each comparison, the variants' table, and the doubts about tuned settings."""
 
     study: str
     metric: str  # the runs column the verdicts test
@@ -567,44 +574,44 @@ def _problems(runs: pd.DataFrame, table: pd.DataFrame, variants: list[str], valu
     return out
 
 
-def summarise(runs: pd.DataFrame, spec: dict, machine: str | None = None,
+def summarise(runs: pd.DataFrame, design: StudyDesign, machine: str | None = None,
               curves: pd.DataFrame | None = None) -> StudySummary:
-    """The verdicts of a study (its spec, as stored) from its runs on one machine: each variant at its
-    chosen sweep point against its reference. `curves`: the store's per-step metrics (learning-speed
-    metrics are read off them)."""
-    metric = metric_of(spec, runs)
-    design = design_of(spec, metric)
-    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
-    references = spec.get("compare") or {}
-    flags = tuning_flags(spec, runs)
+    """The verdicts of a study from its runs on one machine: each variant at its chosen sweep point
+    against its reference. `curves`: the store's per-step metrics (learning-speed metrics are read
+    off them)."""
+    metric = metric_of(design.metric, runs)
+    rule = design.rule(metric)
+    baseline = design.baseline
+    tuning = study_tuning(runs, design)
     runs = eval_runs(runs)
     runs, run_values_ = with_metric(runs, curves, metric)
-    table = variant_summary(runs, baseline, references, extra=(metric.column,))
+    table = variant_summary(runs, baseline, design.references, extra=(metric.column,))
     chosen = best_of_sweep(runs)
     values = {v: _per_seed(g, metric.column) for v, g in chosen.groupby("variant")}
     censored = {v: {int(s) for s, r in zip(g["seed"], g["run_id"]) if r in run_values_ and run_values_[r].censored}
                 for v, g in chosen.groupby("variant")}
     pairs = []
-    variants = [v for v in spec.get("variants", {}) if v in set(runs["variant"])] or list(table["variant"])
+    variants = [v for v in design.variants if v in set(runs["variant"])] or list(table["variant"])
     for v in variants:
         runs_of = chosen[chosen["variant"] == v]
         if _post_training(runs_of) and f"{metric.column}_float" in runs_of:
             # post-training quantization: against its own float checkpoint, evaluated the same way, and
             # against another post-training method the spec names (the same checkpoint per seed)
-            values[f"{v} (float)"] = _per_seed(runs_of, f"{metric.column}_float")
-            pairs.append((v, f"{v} (float)"))
-            if (ref := references.get(v)) in values and _post_training(chosen[chosen["variant"] == ref]):
+            values[v + FLOAT] = _per_seed(runs_of, f"{metric.column}_float")
+            pairs.append((v, v + FLOAT))
+            if (ref := design.compare.get(v)) in values and _post_training(chosen[chosen["variant"] == ref]):
                 pairs.append((v, ref))
-        elif v != baseline and (ref := references.get(v, baseline)) and _same_data(chosen, v, ref):
+        # runs under names the spec does not give (an older plan's) are compared with the baseline
+        elif v != baseline and (ref := design.references.get(v, baseline)) and _same_data(chosen, v, ref):
             pairs.append((v, ref))
     problems = _problems(runs, table, variants, run_values_, chosen)
-    comparisons = judge(values, pairs, metric, design, machine, problems, censored)
-    if spec.get("tune"):  # the values each side was trained at, chosen on the tuning seeds
+    comparisons = judge(values, pairs, metric, rule, machine, problems, censored)
+    if design.tuned:  # the values each side was trained at, chosen on the tuning seeds
         at = dict(zip(table["variant"], table["sweep"])) if not table.empty else {}
         for c in comparisons:
             c.tuned = {c.variant: at.get(c.variant) or {}, c.reference: at.get(c.reference) or {}}
-    return StudySummary(spec.get("name", ""), metric.column, design, noise_floor(values, baseline, comparisons),
-                        comparisons, table, machine, metric, flags)
+    return StudySummary(design.name, metric.column, rule, noise_floor(values, baseline, comparisons),
+                        comparisons, table, machine, metric, tuning.flags if tuning else {})
 
 
 def ladder_climb(runs: pd.DataFrame, ladder: list[str], metric: str) -> pd.DataFrame:
@@ -766,4 +773,49 @@ def scaling_per_machine(runs: pd.DataFrame, baseline: str, extrapolate_to: float
                                extrapolate_to)
         if part:
             out.append({"machine": machine, **part})
+    return out
+
+
+# -- the study on each machine ------------------------------------------------------------------------
+
+
+@dataclass
+class StudyAnalysis:
+    """Everything the report, the runner's summary and ``--json`` say about one study on one machine:
+    its verdicts (``summary``: noise, comparisons, variants, the doubts about tuned settings), a
+    recipe ladder's climb, the study's tuning, and the scaling laws of its runs there."""
+
+    machine: str
+    summary: StudySummary
+    ladder: pd.DataFrame | None  # ``ladder_climb`` on this machine (a recipe ladder only)
+    tuning: Tuning | None  # chosen on every machine's tuning runs, as the runner chose (``study_tuning``)
+    fits: Callable[[], dict[str, dict]] = field(repr=False, compare=False)  # machine -> its scaling summary
+
+    @property
+    def scaling(self) -> dict | None:
+        """This machine's part of ``scaling_per_machine`` (None where its runs span too few sizes or
+        budgets). Fitted on first use, for every machine of the study at once: the bootstrap takes
+        seconds, and the runner's console summary does not show the laws."""
+        return self.fits().get(self.machine)
+
+
+def analyse(runs: pd.DataFrame, design: StudyDesign, curves: pd.DataFrame | None = None) -> list[StudyAnalysis]:
+    """The study on each machine its runs ran on (a machine with no finished run is left out), from its
+    current runs and the store's per-step metrics (`curves`). Losses from different hardware are not one
+    sample: each machine gets its own verdicts, ladder and scaling fits."""
+    runs = runs.assign(machine=runs["machine"].fillna(NOT_RUN))
+    evaluated = eval_runs(runs)
+    fits = functools.cache(lambda: {part["machine"]: part for part in
+                                    scaling_per_machine(evaluated, design.baseline, design.extrapolate_to)})
+    tuning = study_tuning(runs, design)
+    out = []
+    for machine, group in runs.groupby("machine", sort=False):
+        summary = summarise(group, design, machine, curves)
+        if summary.variants.empty:
+            continue
+        ladder = None
+        if design.ladder:
+            mine = with_metric(evaluated[evaluated["machine"] == machine], curves, summary.metric_spec)[0]
+            ladder = ladder_climb(mine, list(design.ladder), summary.metric)
+        out.append(StudyAnalysis(machine, summary, ladder, tuning, fits))
     return out

@@ -1,5 +1,5 @@
-"""Choices made by measurement on this machine: the attention kernel behind ``backend: auto``,
-whether ``train.compile: auto`` compiles the model, and how many processes ``--workers auto`` runs.
+"""Choices made by measurement on this machine: the attention kernel behind ``backend: auto`` and
+whether ``train.compile: auto`` compiles the model (``--workers auto``: bench.workers).
 
 Each choice is measured once per machine (bench.hardware's cache: machine id, torch version, thread
 count) and kept with the numbers behind it, so every run on a machine makes the same choice and its
@@ -10,26 +10,20 @@ its gradients) matched the ``math`` backend in float32 within the dtype's tolera
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import multiprocessing
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from bench import hardware
-from bench.config import RunConfig
 from bench.timing import agrees, time_interleaved
-from models.attention_backends import AutoAttention, Mask, MathAttention, needed_capabilities
+from models.attention_backends import KernelChooser, Mask, MathAttention, call_key, call_label, needed_capabilities
 from models.registry import build_spec, get, list_components
 
 CHOICE_MIN_TIME = 0.05  # seconds of calls per candidate: enough to order kernels that differ by >10%
 COMPILE_MIN_SPEEDUP = 1.1  # compile only where clearly faster: its numerics differ from eager's in the last bits
 COMPILE_MIN_TIME = 0.5  # seconds of training steps per side
-WORKERS_PROBE_TIME = 4.0  # seconds of concurrent training per process layout
 
 
 def attention_candidates(device: torch.device) -> tuple[list[tuple[str, dict]], dict[str, str]]:
@@ -128,10 +122,6 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
     return record["spec"], record
 
 
-def _config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _step(model: nn.Module, x: torch.Tensor, autocast: Callable) -> None:
     """One forward and backward of a training step (the optimizer's work is the same either way)."""
     with autocast():
@@ -155,7 +145,7 @@ def compile_speed(model: nn.Module, micro_batch: int, seq_len: int, dtype: torch
     machine, model config, batch shape and dtype. A model that fails to compile: the error."""
     device = next(model.parameters()).device
     key = (f"compile-speed:{hardware.device_key(device, dtype)}:B{micro_batch}:T{seq_len}:"
-           f"{_config_hash(model.config.to_dict())}")
+           f"{hardware.config_hash(model.config.to_dict())}")
 
     def measure() -> dict:
         gen = torch.Generator().manual_seed(0)
@@ -196,65 +186,30 @@ def compile_decision(speed: dict, micro_steps: int | None) -> dict:
     return {"compile": verdict.startswith("compiled"), "reason": verdict, "speedup": speedup, **speed}
 
 
-def _probe_steps(run_json: str, threads: int, start, seconds: float) -> float:
-    """In a fresh process: train the run on `threads` threads, from the moment every probe is ready,
-    for `seconds`; its optimizer steps per second."""
-    from bench.train import Trainer  # bench.train imports this module
+class KernelChoices:
+    """The kernel choices of one model (a ``KernelChooser``): a run's recorded choice where a call
+    matches one, else measured on this machine (``choose_attention``); every choice is kept, so a
+    run records what its ``backend: auto`` layers ran and serving, post-training quantization and
+    kernel timing run what it ran."""
 
-    torch.set_num_threads(threads)
-    trainer = Trainer(RunConfig.model_validate_json(run_json), None)  # validation loads the run's plugins
-    steps = trainer.steps(0)
-    for _ in range(3):  # allocator, first calls, `backend: auto`'s choice
-        next(steps)
-    start.wait()
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        next(steps)
-        n += 1
-    return n / (time.perf_counter() - t0)
+    def __init__(self, recorded: Iterable[dict] | None = None, measure: KernelChooser | None = None):
+        self.measure = measure or choose_attention
+        self.table: dict[str, dict] = {}
+        self.remember(recorded or ())
 
+    def remember(self, recorded: Iterable[dict]) -> None:
+        """Replay these recorded choices (a run's, a checkpoint's) for the calls they were made for."""
+        self.table.update({r["call"]: r for r in recorded if "call" in r})
 
-def measure_layouts(run: RunConfig, layouts: list[int], cores: int, seconds: float = WORKERS_PROBE_TIME) -> dict[int, float]:
-    """Training steps per second of the whole machine with w processes × cores // w threads each, for
-    each w in layouts: w copies of the run train side by side, as the local executor's workers would."""
-    probe = run.model_copy(update={"train": run.train.model_copy(update=dict(
-        steps=10**9, tokens=None, flops=None, seconds=None, eval_every=10**9, checkpoint_every=None,
-        compile=False, distributed=None))})
-    context = multiprocessing.get_context("spawn")  # as the executor's workers: no forked torch state
-    rates = {}
-    with context.Manager() as manager:
-        for w in layouts:
-            start = manager.Barrier(w)
-            with ProcessPoolExecutor(w, mp_context=context) as pool:
-                futures = [pool.submit(_probe_steps, probe.model_dump_json(), cores // w, start, seconds) for _ in range(w)]
-                rates[w] = sum(f.result() for f in futures)
-    return rates
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, dropout_p: float,
+                 direction: str) -> tuple[dict, dict]:
+        call = call_label(call_key(q, k, v, mask, dropout_p, direction))
+        if call not in self.table:
+            spec, record = self.measure(q, k, v, mask, dropout_p, direction)
+            self.table[call] = {**record, "spec": spec, "call": call}
+        record = self.table[call]
+        return record["spec"], record
 
-
-def workers_decision(run: RunConfig) -> dict:
-    """How many local processes (each with cores // workers threads) train the most runs per hour of
-    this run's kind here: measured once per machine, core count and model/batch shape; runs on a GPU
-    use one process (the GPU, not the cores, sets their pace)."""
-    cores = hardware.cpu_cores()
-    if hardware.resolve_device(run.train.device).type != "cpu":
-        return {"workers": 1, "reason": "runs train on the GPU: one process"}
-    layouts = [w for w in (1, 2, 4, 8, 16, 32) if w <= cores]
-    if len(layouts) == 1:
-        return {"workers": 1, "reason": "one CPU core"}
-    shape = dict(model=run.model.to_dict(), batch=run.train.batch_size, micro=run.train.micro_batch_size,
-                 seq_len=run.seq_len, dtype=run.train.dtype)
-    key = f"workers:cpu:{cores}c:{_config_hash(shape)}"
-
-    def measure() -> dict:
-        rates = measure_layouts(run, layouts, cores)
-        best = max(rates, key=rates.get)
-        described = ", ".join(f"{w}×{cores // w} threads {r:.3g} steps/s" for w, r in rates.items())
-        return {"workers": best, "steps_per_s": {str(w): r for w, r in rates.items()},
-                "reason": f"measured processes × threads per process: {described}"}
-
-    return hardware.cached(key, measure)
-
-
-def install() -> None:
-    """Let ``backend: auto`` measure: called by the trainer and the kernel timer before they build models."""
-    AutoAttention.chooser = staticmethod(choose_attention)
+    def records(self) -> list[dict]:
+        """Every choice made or replayed, in the order first asked."""
+        return list(self.table.values())

@@ -30,30 +30,35 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(12, ge=1, description="sequences per optimizer step (the global batch)")
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass; accumulate the rest")
     seq_len: int | None = Field(None, ge=1, description="default: the data's length, else block_size")
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float | None = Field(None, ge=0, description="default lr/10")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float | None = Field(1.0, gt=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate, reached after warmup")
+    min_lr: float | None = Field(None, ge=0, description="the rate the schedule decays to; default lr/10")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay, on matrices only")
+    beta1: float = Field(0.9, description="AdamW's first-moment decay (also Muon's AdamW part)")
+    beta2: float = Field(0.95, description="AdamW's second-moment decay (also Muon's AdamW part)")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clipping")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="after warmup: cosine to min_lr, warmup-stable-decay (WSD), or constant")
+    warmup_steps: int = Field(100, ge=0, description="steps of linear warmup to lr")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
-    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    decay_shape: Literal["linear", "cosine", "sqrt"] = Field("linear", description="WSD: the shape of the decay")
     # the budget: exactly one of these (steps by default)
-    steps: int | None = Field(None, ge=1)
-    tokens: int | None = Field(None, ge=1)
-    flops: float | None = Field(None, gt=0)
-    seconds: float | None = Field(None, gt=0)
-    eval_every: int = Field(250, ge=1)
+    steps: int | None = Field(None, ge=1, description="budget: optimizer steps (1000 when no budget is given)")
+    tokens: int | None = Field(None, ge=1, description="budget: training tokens")
+    flops: float | None = Field(None, gt=0, description="budget: training FLOPs (models.flops_per_token × tokens)")
+    seconds: float | None = Field(None, gt=0, description="budget: training seconds (evaluation and checkpoints "
+                                  "excluded)")
+    eval_every: int = Field(250, ge=1, description="steps between evaluations (and at the last step)")
     eval_batches: int | None = Field(20, ge=1, description="val set of eval_batches × batch_size sequences; None: all (tasks)")
     eval_sequences: int | None = Field(None, ge=1, description="val set of this many sequences whatever the batch "
                                        "size (replaces eval_batches; for studies that vary batch_size)")
     eval_lengths: list[int] = Field(default_factory=list, description="extra val sequence lengths (extrapolation)")
-    checkpoint_every: int | None = Field(500, ge=1)
+    checkpoint_every: int | None = Field(500, ge=1, description="steps between checkpoints a run resumes from; "
+                                         "the last step's is always written")
     diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="autocast dtype; auto: bf16 where supported on CUDA, on CPU only where measured ≥2× "
+                            "faster than fp32 (decided once per machine), else fp32")
     threads: int | None = Field(None, ge=1, description="CPU threads (fixed and recorded); default torch's")
     optimizer: str | dict = Field("adamw", validate_default=True, description="an optimizer spec: adamw | muon | lion or a plugin's, with "
                                   "its options (python -m models optimizer)")

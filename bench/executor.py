@@ -1,14 +1,25 @@
 """Executors: run a plan's runs and write each outcome into the store.
 
-A run is claimed in the store, executed (``run_claimed``: trained, or a quantized variant of its float
-run evaluated), and its outcome recorded (``record_outcome``). Locally and under torchrun one process
-does all three (``execute_run``); on Ray the driver claims and records and the tasks only execute,
-so the store has one writer per machine. A run that fails records its reason and the study goes on;
-a run claimed by another live runner is left to it and waited for.
+An executor is anything with ``execute(plan, folder, events)`` (``Executor``), built as
+``cls(workers=N, address=A)``; ``--executor`` picks one by its registered name (``register_executor``:
+local, ray) or as ``module:Class``. Every executor follows the same rules, each a public function here:
+
+- float runs first, then the quantized variants that evaluate their checkpoints, and runs another
+  runner holds retried until it records them (``in_phases``);
+- a run is claimed in the store before it executes (``Store.claim``; ``execute_run`` claims, executes
+  and records in one call), and the claim is kept alive while it does (``Heartbeat``);
+- it executes in whichever process or machine the executor chooses (``run_claimed``: trained, or a
+  quantized variant of its float run evaluated, given its float run's status: ``parent_status``),
+  writing only its own folder;
+- its outcome is written into the store by the store's one writer on that machine (``record_outcome``).
+
+A run that fails records its reason and the study goes on; a run claimed by another live runner is
+left to it and waited for.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import os
@@ -21,25 +32,82 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
-import yaml
+from pydantic import ValidationError
 
 from bench import parallel
+from bench.config import RunConfig, budget_steps
 from bench.hardware import cpu_cores, environment
 from bench.plan import Plan, PlannedRun
 from bench.posttrain import evaluate_quantized
 from bench.store import Store, owner_id
-from bench.config import RunConfig, budget_steps
 from bench.train import train
-from models import load_plugins
+from bench.worker import read_config, write_config
 
 Events = Callable[[dict], None]
 HEARTBEAT_SECONDS = 30.0
 
 
-class _Heartbeat(threading.Thread):
-    """Tells the store every 30 s that this runner still holds its runs (its own connection)."""
+class Executor(Protocol):
+    """What the runner needs of an executor: built as ``cls(workers=N, address=A)`` (--workers, and
+    --ray-address or None), it executes each round's plan, writing every run's outcome into the store
+    in `folder` and announcing progress through `events` (start, step, end: see ``run_claimed`` and
+    ``record_outcome``). It follows the rules in this module's docstring by calling its functions."""
+
+    def execute(self, plan: Plan, folder: Path, events: Events) -> None: ...
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The chosen executor cannot run here (a missing package, an unreachable cluster); says why."""
+
+
+EXECUTORS: dict[str, Callable[..., Executor]] = {}  # --executor NAME -> the executor's class
+
+
+def register_executor(name: str):
+    """Class decorator: make an executor selectable as ``--executor NAME``."""
+    def register(cls):
+        EXECUTORS[name] = cls
+        return cls
+    return register
+
+
+def executor_class(name: str) -> Callable[..., Executor]:
+    """The executor `name` selects: a registered name (``EXECUTORS``) or ``module:Class``; an
+    ExecutorUnavailable says why not."""
+    if name in EXECUTORS:
+        return EXECUTORS[name]
+    if ":" in name:
+        module, _, attribute = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as e:
+            raise ExecutorUnavailable(f"--executor {name}: {e}") from None
+    raise ExecutorUnavailable(f"--executor {name}: no such executor; executors: {', '.join(sorted(EXECUTORS))} "
+                              "(or module:Class)")
+
+
+# -- the rules every executor follows ------------------------------------------------------------------
+
+
+def in_phases(plan: Plan, run_batch: Callable[[list[PlannedRun]], dict[str, str]]) -> None:
+    """Float runs first (quantized variants evaluate their checkpoints); `run_batch` executes runs and
+    returns each one's outcome (``execute_run``'s words), and runs another runner holds are retried
+    until it records them or its claim lapses."""
+    for phase in (plan.train_runs, plan.quantize_runs):
+        remaining = phase
+        while remaining:
+            outcomes = run_batch(remaining)
+            remaining = [r for r in remaining if outcomes[r.run_id] == "held"]
+            if remaining:
+                time.sleep(2.0)
+
+
+class Heartbeat(threading.Thread):
+    """Tells the store every 30 s that this runner still holds its runs (its own connection); `run_ids`
+    may change while it beats. Stop it with ``stopped.set()``."""
 
     def __init__(self, folder: Path, run_ids: set[str], owner: str):
         super().__init__(daemon=True)
@@ -80,11 +148,11 @@ def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, eve
             return claim
         if planned.kind == "quantize" and not world.main:
             return "done"  # rank 0 evaluates quantized variants alone
-        heartbeat = _Heartbeat(folder, {planned.run_id}, owner) if store else None
+        heartbeat = Heartbeat(folder, {planned.run_id}, owner) if store else None
         if heartbeat:
             heartbeat.start()
         try:
-            outcome = run_claimed(planned, folder, events, _parent_status(store, planned))
+            outcome = run_claimed(planned, folder, events, parent_status(store, planned))
         except KeyboardInterrupt:
             if store:
                 store.release(planned.run_id, owner)
@@ -98,19 +166,23 @@ def execute_run(planned: PlannedRun, folder: Path, owner: str | None = None, eve
             store.close()
 
 
-def _parent_status(store: Store | None, planned: PlannedRun) -> str | None:
+def parent_status(store: Store | None, planned: PlannedRun) -> str | None:
+    """A quantized variant's float run's status in the store (it evaluates only a finished one); None
+    for a run that trains."""
     return store.status(planned.parent_id) if store and planned.kind == "quantize" else None
 
 
 def run_claimed(planned: PlannedRun, folder: Path, events: Events, parent_status: str | None = None) -> Outcome:
     """Execute a run someone has claimed, writing only its own folder (runs/<id>/): never the store.
-    Any failure becomes a failed outcome with its reason; the study goes on. The run's plugins are
-    imported here, in whichever process or machine executes it, and must be the planned code."""
+    Any failure becomes a failed outcome with its reason; the study goes on. The run executes the
+    configuration its folder records (config.yaml, written here once per attempt): reading it back
+    validates it, which imports its plugins in whichever process or machine executes it and refuses
+    one edited since the run was planned."""
     main = parallel.world().main
     run_dir = folder / "runs" / planned.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(planned.config.model_dump(mode="json"), sort_keys=False))
+        write_config(run_dir, planned.config)
         with open(run_dir / "log.txt", "a") as log:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {planned.label}: started by {owner_id()}\n")
         events({"event": "start", "run_id": planned.run_id, "label": planned.label,
@@ -119,12 +191,14 @@ def run_claimed(planned: PlannedRun, folder: Path, events: Events, parent_status
     try:
         if planned.kind == "quantize" and parent_status != "finished":
             raise RuntimeError(f"its float run {planned.parent_id} is {parent_status}, not finished")
-        load_plugins(planned.config.plugins)
-        outcome.result = _execute(planned, folder, run_dir, events)
+        config = read_config(run_dir) if main else planned.config  # the other ranks planned it themselves
+        outcome.result = _execute(planned, config, folder, run_dir, events)
         outcome.status = outcome.result["status"]
         if outcome.status == "diverged":
             outcome.reason = f"diverged at step {outcome.result['diverged_at']}"
     except Exception as e:  # noqa: BLE001 - any failure is recorded with its reason; the study goes on
+        if isinstance(e, ValidationError) and "error" in e.errors()[0].get("ctx", {}):
+            e = e.errors()[0]["ctx"]["error"]  # e.g. a plugin edited since planning: the reason is the plugin's
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
         outcome.reason = ("out of memory: " if oom else f"{type(e).__name__}: ") + str(e).splitlines()[0][:500]
         with open(run_dir / "log.txt", "a") as log:
@@ -146,24 +220,24 @@ def record_outcome(store: Store, planned: PlannedRun, outcome: Outcome, events: 
     return outcome.status
 
 
-def _execute(planned: PlannedRun, folder: Path, run_dir: Path, events: Events) -> dict:
+def _execute(planned: PlannedRun, config: RunConfig, folder: Path, run_dir: Path, events: Events) -> dict:
     if planned.kind == "quantize":
-        return evaluate_quantized(planned.config, folder / "runs" / planned.parent_id)
+        return evaluate_quantized(config, folder / "runs" / planned.parent_id)
 
     def on_step(record: dict) -> None:
         events({"event": "step", "run_id": planned.run_id, "step": record["step"],
                 "loss": record["train_loss"], "tokens_per_s": record["tokens_per_s"]})
 
-    distributed = planned.config.train.distributed
+    distributed = config.train.distributed
     if distributed and distributed.nproc > 1 and parallel.world().size == 1:
-        return launch_torchrun(planned.config, run_dir, on_step)
-    return train(planned.config, run_dir, on_step=on_step)
+        return launch_torchrun(config, run_dir, on_step)
+    return train(config, run_dir, on_step=on_step)
 
 
 def launch_torchrun(config: RunConfig, run_dir: Path, on_step: Callable[[dict], None] | None = None) -> dict:
     """Run one training run on its train.distributed.nproc processes with torchrun; follow its metrics
-    for progress; return its final metrics. The workers read the run (its plugins included) from run.json."""
-    (run_dir / "run.json").write_text(config.model_dump_json())
+    for progress; return its final metrics. The ranks read the run (its plugins included) from its
+    folder's config.yaml (``bench.worker.read_config``), which ``run_claimed`` wrote."""
     (run_dir / "final.json").unlink(missing_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={config.train.distributed.nproc}", "-m", "bench.worker", str(run_dir)]
@@ -208,22 +282,7 @@ def _worker(planned: PlannedRun, folder: Path, queue) -> str:
     return execute_run(planned, folder, events=queue.put)
 
 
-class ExecutorUnavailable(RuntimeError):
-    """The chosen executor cannot run here (a missing package, an unreachable cluster); says why."""
-
-
-def in_phases(plan: Plan, run_batch: Callable[[list[PlannedRun]], dict[str, str]]) -> None:
-    """Float runs first (quantized variants evaluate their checkpoints); `run_batch` returns each run's
-    outcome, and runs another runner holds are retried until it records them or its claim lapses."""
-    for phase in (plan.train_runs, plan.quantize_runs):
-        remaining = phase
-        while remaining:
-            outcomes = run_batch(remaining)
-            remaining = [r for r in remaining if outcomes[r.run_id] == "held"]
-            if remaining:
-                time.sleep(2.0)
-
-
+@register_executor("local")
 class LocalExecutor:
     """Runs on this machine: in this process, or in `workers` processes sharing the store."""
 
@@ -243,7 +302,7 @@ class LocalExecutor:
         threads = max(1, cpu_cores() // workers)
         with context.Manager() as manager:
             queue = manager.Queue()
-            forward = threading.Thread(target=_forward, args=(queue, events), daemon=True)
+            forward = threading.Thread(target=forward_events, args=(queue, events), daemon=True)
             forward.start()
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                      initargs=(threads,)) as pool:
@@ -254,7 +313,8 @@ class LocalExecutor:
         return outcomes
 
 
-def _forward(queue, events: Events) -> None:
+def forward_events(queue, events: Events) -> None:
+    """Hand `events` what runs in other processes put on `queue` (their ``events``), until None."""
     while (event := queue.get()) is not None:
         events(event)
 
@@ -274,6 +334,7 @@ def _ray_execute(planned: PlannedRun, folder: str, queue, parent_status: str | N
     return run_claimed(planned, Path(folder), queue.put, parent_status)
 
 
+@register_executor("ray")
 class RayExecutor:
     """Each run is a Ray task with its resource needs (CPUs, GPUs); results go into the same store as
     the local executor's. Without --ray-address a local Ray instance is started on this machine; with
@@ -303,10 +364,10 @@ class RayExecutor:
         gpus = ray.cluster_resources().get("GPU", 0)
         task = ray.remote(max_retries=self.MAX_RETRIES, retry_exceptions=False)(_ray_execute)
         queue = Queue()
-        forward = threading.Thread(target=_forward, args=(queue, events), daemon=True)
+        forward = threading.Thread(target=forward_events, args=(queue, events), daemon=True)
         forward.start()
         store, owner, held_by_us = Store(folder), owner_id(), set()
-        heartbeat = _Heartbeat(folder, held_by_us, owner)
+        heartbeat = Heartbeat(folder, held_by_us, owner)
         heartbeat.start()
 
         def run_batch(runs: list[PlannedRun]) -> dict[str, str]:
@@ -314,7 +375,7 @@ class RayExecutor:
             claimed = [r for r in runs if outcomes[r.run_id] == "claimed"]
             held_by_us.update(r.run_id for r in claimed)
             refs = {r.run_id: task.options(**self.resources(r, gpus)).remote(
-                        r, str(folder.resolve()), queue, _parent_status(store, r)) for r in claimed}
+                        r, str(folder.resolve()), queue, parent_status(store, r)) for r in claimed}
             for r in claimed:
                 outcomes[r.run_id] = record_outcome(store, r, self._outcome(ray, refs[r.run_id]), events)
                 held_by_us.discard(r.run_id)
@@ -346,5 +407,3 @@ class RayExecutor:
             return Outcome("failed", reason=f"Ray task failed after {self.MAX_RETRIES} retries: "
                                             f"{str(e).splitlines()[0][:300]}")
 
-
-EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}

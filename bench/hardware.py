@@ -151,6 +151,11 @@ def device_key(device: torch.device, dtype: torch.dtype | None = None) -> str:
     return f"{device.type}{dtype_part}{threads}"
 
 
+def config_hash(config: dict) -> str:
+    """A short stable hash of what a measurement depends on (a model config, a batch shape), for its cache key."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def cached(key: str, measure, device: torch.device | None = None) -> float | dict:
     """measure()'s result under key in this machine's cache, measuring it first if absent (on a forked
     RNG; when processes race, the first one written wins, so every process on a machine agrees)."""

@@ -96,14 +96,11 @@ class MetricSpec(BaseModel):
         return self.name.replace("_", " ")
 
 
-def metric_of(spec: dict, runs: pd.DataFrame | None = None) -> MetricSpec:
-    """The metric a study (its stored spec) tests: its ``metric`` key, else accuracy for tasks (runs
-    that record it) and val loss otherwise."""
-    given = spec.get("metric")
-    if isinstance(given, str):
-        return MetricSpec(name=given)
-    if isinstance(given, dict):
-        return MetricSpec(**given)
+def metric_of(given: MetricSpec | None, runs: pd.DataFrame | None = None) -> MetricSpec:
+    """The metric a study tests: the one its spec gives, else accuracy for tasks (runs that record it)
+    and val loss otherwise."""
+    if given is not None:
+        return given
     recorded = runs is not None and "val_accuracy" in runs and runs.loc[runs["status"] == "finished", "val_accuracy"].notna().any()
     return MetricSpec(name="val_accuracy" if recorded else "val_loss")
 

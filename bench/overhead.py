@@ -228,6 +228,7 @@ def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30
     ``compile: auto`` decides for a run of the spec's own budget."""
     from bench import autotune, hardware
     from bench.config import RunConfig, budget_steps
+    from bench.workers import workers_decision
     from bench.plan import expand
     from bench.spec import load_spec
     from bench.train import Trainer, _autocast, steady_state
@@ -260,7 +261,7 @@ def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30
     shape_peak = model_shape_matmul_peak(tuned.model, tuned.micro * base.seq_len, tuned.device, tuned.dtype)
     tokens_per_step = tuned.tokens_per_step
     steady = {name: steady_state(t) for name, t in times.items()}
-    layouts = autotune.workers_decision(tuned.run_config)  # the whole machine, as --workers auto runs a sweep
+    layouts = workers_decision(tuned.run_config)  # the whole machine, as --workers auto runs a sweep
     return {"workers": layouts["workers"], "workers_reason": layouts["reason"],
             "machine_tokens_per_s": layouts.get("steps_per_s", {}).get(str(layouts["workers"]), 0) * tokens_per_step,
             "dtype": str(tuned.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
@@ -271,7 +272,7 @@ def step_throughput(spec_path: str = "ablations/attention.yaml", steps: int = 30
             "max_loss_difference": {name: max(abs(a - b) for a, b in zip(losses["sdpa"], run_losses))
                                     for name, run_losses in losses.items() if name != "sdpa"},
             "compile_auto": autotune.compile_decision(speed, micro_steps)["reason"], "spec_steps": spec_steps,
-            "attention_choices": list(tuned.model.blocks[0].attn.kernel.choices.values()),
+            "attention_choices": tuned.kernels.records(),
             "model": base.model, "batch": (base.train.batch_size, base.seq_len), "spec": spec.name, "variant": spec.baseline}
 
 

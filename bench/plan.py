@@ -9,6 +9,9 @@ name the variant, the file and line, and the key.
 ``expand(..., prepare=False)`` (a dry run) reads, downloads and tokenizes nothing: runs whose
 vocabulary size only the prepared data can tell are validated with a stand-in size, marked
 ``pending``, and carry no run id.
+
+A study is expanded once per invocation; ``Plan.select`` takes a part of a plan (the variants of
+--only, another seed for adaptive seeds) exactly as ``expand`` would plan it, without resolving again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import ValidationError
 
@@ -50,10 +53,46 @@ class PlannedRun:
                 + (" (tuning)" if self.role == "tune" else ""))
 
 
+class Resolved(NamedTuple):
+    """One variant at one sweep (or tune) point and seed, resolved and validated: what a plan's runs are
+    assembled from."""
+
+    variant: str
+    point: dict[str, Any]
+    seed: int
+    config: RunConfig
+    pending: str | None  # planned without preparing the data: what is not known yet
+
+
 @dataclass
 class Plan:
+    """A study's runs, in the order they execute (float runs first); ``select`` takes a part of it
+    (other variants, more seeds) without resolving anything again."""
+
     spec: Spec
     runs: list[PlannedRun] = field(default_factory=list)
+    resolved: list[Resolved] = field(default_factory=list, repr=False)  # what `runs` were assembled from
+    role: Literal["tune", "eval"] = "eval"
+    prepared: bool = True  # whether the data was prepared (runs have ids)
+
+    def select(self, variants: list[str] | None = None, seeds: list[int] | None = None) -> Plan:
+        """The runs of `variants` (in that order; default: all of this plan's) at `seeds` (default: this
+        plan's), planned as ``expand`` plans them: a seed the plan does not hold is the same resolved
+        configuration with that seed. A variant of the spec this plan does not hold (one that no tune
+        point was chosen for) is skipped; a name that is no variant is a SpecError."""
+        _check_variants(self.spec, variants)
+        points: dict[str, dict[str, list[Resolved]]] = {}  # variant -> point -> its resolved seeds, in order
+        for r in self.resolved:
+            points.setdefault(r.variant, {}).setdefault(json.dumps(r.point, sort_keys=True, default=str), []).append(r)
+        chosen = []
+        for variant in variants or list(points):
+            for held in points.get(variant, {}).values():
+                by_seed = {r.seed: r for r in held}
+                for seed in seeds or list(by_seed):
+                    first = held[0]
+                    chosen.append(by_seed.get(seed) or first._replace(
+                        seed=seed, config=first.config.model_copy(update={"seed": seed})))
+        return _assemble(self.spec, chosen, self.role, self.prepared)
 
     @property
     def train_runs(self) -> list[PlannedRun]:
@@ -114,10 +153,8 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
     except ComponentError as e:
         raise SpecError(f"{sources.locate(('plugins',))}: plugins: {e}") from None
     _check_kernel_names(spec, sources)
-    unknown = [v for v in only or [] if v not in spec.variants]
-    if unknown:
-        raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
-    resolved = []  # (variant, sweep point, seed, RunConfig, what is pending)
+    _check_variants(spec, only)
+    resolved = []
     for variant in only or list(spec.variants):
         if tuned is not None and variant not in tuned:
             continue  # no eligible tune point: nothing to evaluate
@@ -136,12 +173,17 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
                 run = _resolve(config, seed, variant, sources, plugins, prepare)
                 _check_runs_here(run, variant, sources)
                 unknown = not prepare and vocab_pending(config.get("model", {}), run.data)
-                resolved.append((variant, point, seed, run, "vocab_size: determined when the data is prepared"
-                                 if unknown else None))
+                resolved.append(Resolved(variant, point, seed, run, "vocab_size: determined when the data is prepared"
+                                         if unknown else None))
 
     _check_same_val_set(spec, resolved, sources)
     _check_metric(spec, resolved, sources, prepare)
-    plan = Plan(spec)
+    return _assemble(spec, resolved, "tune" if tuning else "eval", prepare)
+
+
+def _assemble(spec: Spec, resolved: list[Resolved], role: Literal["tune", "eval"], prepare: bool) -> Plan:
+    """The plan of these resolved runs: one run per distinct configuration, each post-training
+    quantized variant with (and after) the float run whose checkpoint it evaluates."""
     planned: dict[str, PlannedRun] = {}
 
     def add(key: str, make) -> PlannedRun:
@@ -152,7 +194,6 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
     def identify(run: RunConfig, kind: str = "train") -> str | None:
         return run_id(run, kind) if prepare else None
 
-    role = "tune" if tuning else "eval"
     for variant, point, seed, run, pending in resolved:  # runs that train
         if not _post_training(run.model.to_dict()):
             add(_key(run), lambda: PlannedRun(identify(run), variant, point, seed, run, pending=pending, role=role))
@@ -163,8 +204,8 @@ def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds:
                 identify(float_run), f"{variant} (float)", point, seed, float_run, pending=pending, role=role))
             add(_key(run, "quantize"), lambda: PlannedRun(identify(run, "quantize"), variant, point, seed, run,
                                                           "quantize", parent.run_id, pending, role))
-    plan.runs = sorted(planned.values(), key=lambda r: r.kind == "quantize")  # float runs first
-    return plan
+    runs = sorted(planned.values(), key=lambda r: r.kind == "quantize")  # float runs first
+    return Plan(spec, runs, resolved, role, prepare)
 
 
 def preparation(plan: Plan) -> list[str]:
@@ -241,6 +282,13 @@ def _check_metric(spec: Spec, resolved: list, sources: SourceMap, prepare: bool)
                                 f"trains {steps} steps and its data holds {fresh} steps of unseen batches of "
                                 f"{run.train.batch_size}×{run.seq_len} tokens: train fewer steps, use more data, or "
                                 "choose a metric measured on held-out data (val_loss)")
+
+
+def _check_variants(spec: Spec, names: list[str] | None) -> None:
+    """Variants asked for by name (--only) must be the spec's."""
+    unknown = [v for v in names or [] if v not in spec.variants]
+    if unknown:
+        raise SpecError(f"--only {unknown[0]}: no such variant; variants: {', '.join(spec.variants)}")
 
 
 def _check_kernel_names(spec: Spec, sources: SourceMap) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bench.autotune import KernelChoices
 from bench.checkpoint import load_checkpoint
 from bench.data import load_dataset
 from bench.hardware import resolve_device, training_dtype
@@ -86,7 +87,9 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     if state is None:
         raise FileNotFoundError(f"no checkpoint in {float_run_dir}: the float run did not finish")
     device = resolve_device(run.train.device)
-    float_model = build_model(run.model.model_copy(update={"quantization": None}))
+    # `backend: auto` runs what the float run trained with where a call matches, else what this machine measures
+    kernels = KernelChoices(state.get("kernels"))
+    float_model = build_model(run.model.model_copy(update={"quantization": None}), kernels=kernels)
     float_model.load_state_dict(state["model"])
     float_model.to(device).eval()
     data = load_dataset(run.data)
@@ -126,6 +129,7 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
         "params": param_counts(run.model),
         "flops_per_token": flops_per_token(run.model, seq_len=run.seq_len),
         "device": device.type,
+        "attention_choices": kernels.records() or None,  # the float run's, replayed, and any made here
         "data": data.fingerprint,
     }
     if calibration:

@@ -23,16 +23,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import hardware, parallel
-from bench.analysis import StudySummary, summarise, tuned_points, tuning_flags
+from bench.analysis import FLOAT, StudyAnalysis, StudySummary, analyse, study_tuning, summarise
 from bench.config import budget_steps
-from bench.executor import EXECUTORS, ExecutorUnavailable
+from bench.executor import EXECUTORS, ExecutorUnavailable, executor_class
 from bench.formatting import count, p_value, significant
 from bench.plan import Plan, expand, preparation
 from bench.progress import Progress
 from bench.report import write_report
-from bench.results import Results, load
-from bench.spec import SeedRange, SourceMap, Spec, SpecError, load_spec
-from bench.store import DONE, Store
+from bench.spec import SourceMap, Spec, SpecError, StudyDesign, load_spec
+from bench.store import DONE, Results, Store, load
 from models import flops_per_token, param_counts
 
 
@@ -50,10 +49,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                    help="local processes sharing the store (each with cores/N threads); auto: the number that "
                         "trains the most steps per second here, measured once per machine and model shape")
-    p.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
-                   help="local processes, or ray (a local Ray instance, or a cluster with --ray-address)")
+    p.add_argument("--executor", type=_executor, default="local", metavar="NAME",
+                   help=f"{' | '.join(sorted(EXECUTORS))} | module:Class: local processes, or ray (a local Ray "
+                        "instance, or a cluster with --ray-address), or an executor of your own (bench.executor)")
     p.add_argument("--ray-address", help="with --executor ray: auto (a running cluster) or HOST:PORT")
     return p.parse_args(argv)
+
+
+def _executor(text: str) -> str:
+    """--executor: a registered name or module:Class that resolves to an executor."""
+    try:
+        executor_class(text)
+    except ExecutorUnavailable as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--executor {text}: ")) from None
+    return text
 
 
 def _workers(text: str) -> int | str:
@@ -71,7 +80,7 @@ def resolve_workers(args: argparse.Namespace, plan: Plan, world, console: Consol
         return args.workers
     if world.size > 1 or args.executor != "local" or not plan.train_runs:
         return 1
-    from bench.autotune import workers_decision  # torch: not needed to plan or dry-run
+    from bench.workers import workers_decision  # torch: not needed to plan or dry-run
 
     decision = workers_decision(plan.train_runs[0].config)
     console.print(f"workers: {decision['workers']} ({decision['reason']})", markup=False, highlight=False)
@@ -144,39 +153,64 @@ def print_plan(plan: Plan, console: Console, store: Store | None) -> None:
     if plan.spec.kernels is not None:
         sections = [name for name, value in plan.spec.kernels if isinstance(value, BaseModel)]
         console.print(f"then times kernels: {', '.join(sections)}")
-    if plan.spec.tune and plan.runs and plan.runs[0].role == "tune":
+    design = plan.spec.design
+    if design.tuned and plan.runs and plan.runs[0].role == "tune":
         variants = {r.variant for r in plan.runs}
-        counts = sorted({math.prod(len(v) for v in plan.spec.tune_grid(variant).values()) for variant in variants})
+        counts = sorted({math.prod(len(v) for v in design.tune_grid(variant.removesuffix(FLOAT)).values())
+                         for variant in variants})
         points = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"  # grids per variant may differ
         per_run = total / len(plan.runs)
-        more = len(variants) * len(plan.spec.seed_list)
+        more = len(variants) * len(design.seeds)
         total += more * per_run
-        console.print(f"tuning: {points} points × tuning seeds {plan.spec.tune_seed_list} per variant; then each "
-                      f"variant trains at its chosen setting on seeds {plan.spec.seed_list}: {more} more runs, about "
+        console.print(f"tuning: {points} points × tuning seeds {list(design.tune_seeds)} per variant; then each "
+                      f"variant trains at its chosen setting on seeds {list(design.seeds)}: {more} more runs, about "
                       f"{more * per_run / 60:.1f} min", markup=False, highlight=False)
     console.print(f"estimated total on this machine: {total / 60:.1f} min" + (" for the runs of known size" if pending else "")
                   + " (nothing was trained or downloaded)")
-    seeds = plan.spec.seeds
-    if isinstance(seeds, SeedRange) and seeds.max > seeds.min:
-        per_seed = total / seeds.min
-        console.print(f"adaptive seeds: comparisons still inconclusive after {seeds.min} seeds get one more seed at a "
-                      f"time, up to {seeds.max}: at most {(seeds.max - seeds.min) * len(plan.runs) // seeds.min} more "
-                      f"runs, about {per_seed * (seeds.max - seeds.min) / 60:.1f} min more")
+    first, most = len(design.seeds), design.max_seeds
+    if design.adaptive and most > first:
+        per_seed = total / first
+        console.print(f"adaptive seeds: comparisons still inconclusive after {first} seeds get one more seed at a "
+                      f"time, up to {most}: at most {(most - first) * len(plan.runs) // first} more "
+                      f"runs, about {per_seed * (most - first) / 60:.1f} min more")
+    print_plugin_warnings(plan, console)
 
 
-def current_summary(results: Results, spec: Spec) -> StudySummary:
-    """The verdicts of the study's current plan from the store (any machine)."""
+def print_plugin_warnings(plan: Plan, console: Console) -> None:
+    """Warn about a plugin component whose FLOPs or initialisation would mislead the study."""
+    from models.plugin_checks import plugin_warnings
+
+    models = {repr(r.config.model): r.config.model for r in plan.runs if not r.pending}  # each distinct one once
+    for warning in dict.fromkeys(w for model in models.values() for w in plugin_warnings(model)):
+        console.print(f"warning: {warning}", markup=False, highlight=False, style="yellow")
+
+
+def current_runs(results: Results, design: StudyDesign) -> pd.DataFrame:
+    """The runs of the study's current plan in the store (any machine)."""
     runs = results.runs
-    return summarise(runs[runs["current"] & (runs["study"] == spec.name)], spec.model_dump(mode="json"),
-                     curves=results.metrics)
+    return runs[runs["current"] & (runs["study"] == design.name)]
 
 
-def print_summary(summary: StudySummary, console: Console) -> None:
-    """The end-of-run verdicts: the noise floor, one line per comparison, then the numbers."""
-    variants = summary.variants
-    if variants.empty:
+def current_summary(results: Results, design: StudyDesign) -> StudySummary:
+    """The verdicts of the study's current plan from the store, its machines' runs pooled: what adaptive
+    seeds decide on."""
+    return summarise(current_runs(results, design), design, curves=results.metrics)
+
+
+def print_summary(analyses: list[StudyAnalysis], console: Console) -> None:
+    """The end-of-run verdicts on each machine (``analysis.analyse``): the noise floor, one line per
+    comparison, then the numbers."""
+    if not analyses:
         console.print("no finished runs to summarise")
         return
+    for analysis in analyses:
+        if len(analyses) > 1:
+            console.print(f"On {analysis.machine}:", markup=False, highlight=False)
+        _print_verdicts(analysis.summary, console)
+
+
+def _print_verdicts(summary: StudySummary, console: Console) -> None:
+    variants = summary.variants
     metric = summary.metric
     console.print(summary.noise.sentence(summary.metric_name), markup=False, highlight=False)
     console.print(f"Verdicts on {summary.metric_label}: {summary.design.describe()}.", markup=False, highlight=False)
@@ -244,8 +278,7 @@ def time_speed(spec: Spec, folder: Path, store: Store, console: Console) -> None
                 & (runs["role"] != "tune") & (runs["machine_id"] == machine)].sort_values("seed")
     first = done.drop_duplicates("variant").set_index("variant")
     stored = store.kernel_spec_hashes(spec.name, machine)
-    pairs = [(v, spec.reference_of(v)) for v in spec.variants if spec.reference_of(v)]
-    for variant, reference in pairs:
+    for variant, reference in spec.design.pairs:
         if variant not in first.index or reference not in first.index:
             continue
         a, b = first.loc[variant], first.loc[reference]
@@ -281,45 +314,40 @@ def serve_under_load(spec, folder: Path, store: Store, console: Console) -> None
     benchmark_study(folder, settings)
 
 
-def plan_identity(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace) -> str:
-    """The identity of the whole study's plan, whichever variants and seeds this invocation runs."""
-    whole = expand(spec, sources, seeds=plan.spec.seed_list[:1], device=args.device, tuning=spec.tune is not None)
-    return (whole if args.only else plan).identity
-
-
-def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace, folder: Path, world,
+def rounds(plan: Plan, study: Plan, sources: SourceMap, args: argparse.Namespace, folder: Path, world,
            console: Console):
-    """The plans to execute in turn: with tune:, the tuning runs, then each variant at its chosen
-    setting on the evaluation seeds; the first seeds; then, with adaptive seeds, one more seed at a
-    time for the variants in inconclusive comparisons (and their references), until every comparison
-    is decisive or has `max` seeds. Rank 0 decides; under torchrun every rank gets the same plan."""
+    """The plans to execute in turn: `plan` (this invocation's part of the whole `study`: with tune:, the
+    tuning runs), then with tune: each variant at its chosen setting on the evaluation seeds; then,
+    with adaptive seeds, one more seed at a time for the variants in inconclusive comparisons (and
+    their references), until every comparison is decisive or has `max` seeds. More seeds are selected
+    from a plan already resolved, never planned again. Rank 0 decides; under torchrun every rank gets
+    the same plan."""
+    spec, design = study.spec, study.spec.design
     yield plan  # with tune:, the tuning runs
-    tuned = None
-    if spec.tune:
+    evaluated = study  # the plan more seeds are selected from
+    if design.tuned:
         chosen = None
         if world.main:
-            runs = load(folder).runs
-            runs = runs[runs["current"] & (runs["study"] == spec.name)]
-            stored = spec.model_dump(mode="json")
-            chosen, none = tuned_points(stored, runs)
-            flags = tuning_flags(stored, runs)
+            tuning = study_tuning(current_runs(load(folder), design), design)
+            chosen, none, flags = (tuning.chosen, tuning.none, tuning.flags) if tuning else ({}, {}, {})
             for variant, point in chosen.items():
-                console.print(f"tuned {variant} on seeds {spec.tune_seed_list}: "
+                console.print(f"tuned {variant} on seeds {list(design.tune_seeds)}: "
                               + ", ".join(f"{k}={v}" for k, v in point.items()), markup=False, highlight=False)
                 for flag in flags.get(variant, []):
                     console.print(f"  warning: {variant}: {flag}", markup=False, highlight=False)
             for variant, why in none.items():
                 console.print(f"{variant}: {why}; it is not evaluated", markup=False, highlight=False)
         tuned = parallel.broadcast_object(chosen, world)
-        yield expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, tuned=tuned)
-    if not isinstance(spec.seeds, SeedRange) or args.seeds:
+        evaluated = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, tuned=tuned)
+        yield evaluated
+    if not design.adaptive or args.seeds:
         return
-    for seed in range(spec.seeds.min, spec.seeds.max):
+    for seed in range(len(design.seeds), design.max_seeds):
         pending = None
         if world.main:
-            summary = current_summary(load(folder), spec)
+            summary = current_summary(load(folder), design)
             waiting = [c for c in summary.comparisons if c.verdict == "inconclusive"]
-            pending = [v for v in spec.variants if v in summary.pending() and (not args.only or v in args.only)]
+            pending = [v for v in design.variants if v in summary.pending() and (not args.only or v in args.only)]
             if pending:
                 console.print(f"seed {seed}: {len(waiting)} comparison(s) still inconclusive "
                               f"({', '.join(f'{c.variant} vs {c.reference}' for c in waiting)}): training seed {seed} "
@@ -327,7 +355,7 @@ def rounds(plan: Plan, spec: Spec, sources: SourceMap, args: argparse.Namespace,
         pending = parallel.broadcast_object(pending, world)
         if not pending:
             return
-        yield expand(spec, sources, only=pending, seeds=[seed], device=args.device, tuned=tuned)
+        yield evaluated.select(pending, [seed])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,15 +367,19 @@ def main(argv: list[str] | None = None) -> int:
         if world.size > 1 and (args.workers != 1 or args.executor != "local"):
             raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
         spec, sources = load_spec(args.spec, args.set)
-        # a dry run reads, downloads and tokenizes nothing; a real one prepares the data to plan
-        plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, prepare=not args.dry_run,
-                      tuning=spec.tune is not None)
-        if args.dry_run:
+        design = spec.design
+        if args.dry_run:  # reads, downloads and tokenizes nothing
+            plan = expand(spec, sources, only=args.only, seeds=args.seeds, device=args.device, prepare=False,
+                          tuning=design.tuned)
             folder = Path(args.out) if args.out else Path("results") / spec.name
             existing = Store(folder) if (folder / "results.db").exists() else None
             print_plan(plan, console, existing)
             return 0
-        identity = plan_identity(plan, spec, sources, args)
+        # the whole study, planned once (its data prepared): what its runs are compared on, whichever
+        # variants this invocation runs
+        study = expand(spec, sources, seeds=args.seeds, device=args.device, tuning=design.tuned)
+        plan = study.select(args.only) if args.only else study
+        identity = study.identity
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -362,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     kernel_error = None
     planned: set[str] = set()
     try:
-        executor = EXECUTORS[args.executor](workers=resolve_workers(args, plan, world, console), address=args.ray_address)
-        for round_plan in rounds(plan, spec, sources, args, folder, world, console):
+        executor = executor_class(args.executor)(workers=resolve_workers(args, plan, world, console),
+                                                 address=args.ray_address)
+        for round_plan in rounds(plan, study, sources, args, folder, world, console):
             planned |= {r.run_id for r in round_plan.runs}
             if store:
                 store.add_runs(spec.name, round_plan.runs, identity)
@@ -408,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     results = load(folder)
     runs = results.runs
-    print_summary(current_summary(results, spec), console)
+    print_summary(analyse(current_runs(results, design), design, results.metrics), console)
     print_failures(runs, console)
     try:
         console.print(f"report: {write_report([folder])}")

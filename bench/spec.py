@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +57,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from bench.kernels.config import KernelSpec
 from bench.metrics import LEARNING_SPEED, MetricSpec
 from bench.speed import SpeedSpec
+from bench.stats import Design
 
 
 class SpecError(Exception):
@@ -160,6 +163,7 @@ def _find(node: yaml.Node, path: list[str]) -> yaml.Node | None:
 
 
 TUNE_SEED_START = 1000  # tuning seeds by count start here: never among the evaluation seeds
+STORED = "stored"  # validation context: a spec as the store holds it (its ladder already climbed)
 
 
 class SeedRange(BaseModel):
@@ -167,22 +171,23 @@ class SeedRange(BaseModel):
     seed at a time, up to `max` (seeds 0..max-1)."""
 
     model_config = ConfigDict(extra="forbid")
-    min: int
-    max: int
+    min: int = Field(description="seeds every variant trains first (0..min-1); at least 2")
+    max: int = Field(description="the most seeds a comparison gets (0..max-1)")
 
 
 class Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: dict[str, Any] = Field(default_factory=dict)
-    data: dict[str, Any]
-    train: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict, description="the model (models.ModelConfig)")
+    data: dict[str, Any] = Field(description="the data, one source (bench.data.DataConfig)")
+    train: dict[str, Any] = Field(default_factory=dict, description="optimisation and budget (bench.config.TrainConfig)")
 
 
 class ServingSpec(BaseModel):
     """Each variant's first finished run served under load after training (``python -m bench.serve bench``)."""
 
     model_config = ConfigDict(extra="forbid")
-    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16], min_length=1,
+                                           description="concurrent requests, one load test per level")
     requests: PositiveInt = Field(32, description="streamed requests per concurrency level")
     prompt_len: PositiveInt = Field(32, description="prompt tokens (validation windows)")
     new_tokens: PositiveInt = Field(32, description="tokens generated per request, greedy")
@@ -222,20 +227,23 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the output folder name")
-    description: str = ""
-    base: Base
-    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    description: str = Field("", description="the study's question, shown in the report")
+    base: Base = Field(description="what every variant starts from: model, data, train")
+    variants: dict[str, dict[str, Any]] = Field(min_length=1, description="name -> overrides of base (dotted or "
+                                                "nested keys); {} is base itself")
     ladder: list[str] | None = Field(None, description="a recipe ladder: ordered named changes, each applied on top "
                                      "of the previous step and compared with it (the first step is the baseline)")
-    baseline: str | None = None
+    baseline: str | None = Field(None, description="the variant the others are compared with (default: the first)")
     compare: dict[str, str | None] = Field(default_factory=dict, description="variant -> the variant it is compared "
                                            "with (default: the baseline); null: it is a reference, compared with none")
     extrapolate_to: float | None = Field(None, gt=0, description="compute (FLOPs) at which the report also states "
                                          "compute multipliers; default 100× the largest trained budget")
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values, crossed with every "
+                                        "variant; every point trained on the eval seeds")
     tune: dict[str, Any] | None = Field(None, description="dotted key -> values, crossed, plus tune_seeds: each "
                                         "variant's setting is chosen on tuning seeds, then trained on the eval seeds")
-    seeds: int | list[int] | SeedRange = 2
+    seeds: int | list[int] | SeedRange = Field(2, description="evaluation seeds: a count (0..n-1), a list, or "
+                                               "{min, max}: adaptive seeds")
     metric: MetricSpec | None = Field(None, description="what the verdicts test (default: accuracy for tasks, "
                                       "else val loss)")
     margin: float | None = Field(None, ge=0, description="equivalence margin of the metric (default 0.01 for losses "
@@ -243,21 +251,25 @@ class Spec(BaseModel):
     saturation: float | None = Field(None, description="the metric's bound: a comparison whose every seed on both "
                                      "sides is at or beyond it is saturated (default: accuracy 0.995)")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="rate of false verdicts (better, worse or equivalent)")
-    paired_test: Literal["t", "permutation"] = "t"
-    budget: dict[str, Any] | None = None
-    kernels: KernelSpec | None = None
-    serving: ServingSpec | None = None
+    paired_test: Literal["t", "permutation"] = Field("t", description="how per-seed differences are tested: a "
+                                                     "paired t-test or the exact sign-flip permutation test")
+    budget: dict[str, Any] | None = Field(None, description="shorthand for base.train's budget: {steps: N}, "
+                                          "{tokens: N}, {flops: X} or {seconds: S}")
+    kernels: KernelSpec | None = Field(None, description="components timed as kernels after training (bench.kernels)")
+    serving: ServingSpec | None = Field(None, description="each variant served under load after training (bench.serve)")
     speed: SpeedSpec | None = Field(default_factory=SpeedSpec, description="each comparison's training steps timed "
                                     "side by side after training; null: none (and no training-speed claims)")
-    finding: FindingSpec | None = None
-    plugins: list[str] = Field(default_factory=list)
+    finding: FindingSpec | None = Field(None, description="a published direction this study tests (bench.findings)")
+    plugins: list[str] = Field(default_factory=list, description="modules to import that register components; "
+                               "their source hash is part of each run's id")
 
     @model_validator(mode="before")
     @classmethod
-    def _climb_ladder(cls, data: Any) -> Any:
+    def _climb_ladder(cls, data: Any, info: ValidationInfo) -> Any:
         """ladder: [{name: overrides}, ...] becomes one variant per step holding every change up to it,
-        each compared with the step before (unless compare says otherwise), the first the baseline."""
-        if not isinstance(data, dict) or data.get("ladder") is None:
+        each compared with the step before (unless compare says otherwise), the first the baseline.
+        A spec read back from the store (``STORED``) holds the climbed form already."""
+        if not isinstance(data, dict) or data.get("ladder") is None or (info.context or {}).get(STORED):
             return data
         steps = data["ladder"]
         if "variants" in data:
@@ -445,6 +457,81 @@ class Spec(BaseModel):
         if self.budget:
             base["train"] = {**base["train"], **self.budget}
         return deep_merge(base, expand_dotted(self.variants[variant]))
+
+    @cached_property
+    def design(self) -> StudyDesign:
+        """The study's design, worked out once from this validated spec: what analysis, the report, the
+        runner and the findings read instead of the spec itself."""
+        return StudyDesign(
+            name=self.name, description=self.description, variants=tuple(self.variants), baseline=self.baseline,
+            compare=copy.deepcopy(self.compare), references={v: self.reference_of(v) for v in self.variants},
+            ladder=tuple(self.ladder) if self.ladder else None, metric=self.metric, alpha=self.alpha,
+            margin=self.margin, saturation=self.saturation, paired_test=self.paired_test, seeds=tuple(self.seed_list),
+            max_seeds=self.seeds.max if isinstance(self.seeds, SeedRange) else None, sweep=copy.deepcopy(self.sweep),
+            tune={k: copy.deepcopy(v) for k, v in (self.tune or {}).items() if k != "tune_seeds"},
+            grids={v: copy.deepcopy(self.tune_grid(v)) for v in self.variants} if self.tune else {},
+            tune_seeds=tuple(self.tune_seed_list) if self.tune else (), extrapolate_to=self.extrapolate_to,
+            finding=self.finding)
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """What a study compares and how it decides, from its validated spec (``Spec.design``, the one place
+    these are worked out: the default baseline, each variant's reference, the seeds, the tune grids).
+    Analysis, the report, the runner and the findings read it; none of them reads the spec's keys.
+    Read-only: its mappings and lists are the design's own copies."""
+
+    name: str
+    description: str
+    variants: tuple[str, ...]  # in the spec's order
+    baseline: str
+    references: Mapping[str, str | None]  # every variant -> the variant it is compared with (None: with none)
+    compare: Mapping[str, str | None]  # the references the spec names itself
+    ladder: tuple[str, ...] | None  # a recipe ladder's steps, in order (they are the variants)
+    metric: MetricSpec | None  # None: accuracy for tasks, else val loss (``bench.metrics.metric_of``)
+    alpha: float
+    margin: float | None  # None: the metric's default margin
+    saturation: float | None  # None: the metric's default bound
+    paired_test: str
+    seeds: tuple[int, ...]  # the seeds every variant trains first
+    max_seeds: int | None  # adaptive seeds: inconclusive comparisons get more, up to this many
+    sweep: Mapping[str, list[Any]]  # dotted key -> values, crossed with every variant
+    tune: Mapping[str, Any]  # the tuned keys as the spec gives them (tune_seeds aside): what the report shows
+    grids: Mapping[str, Mapping[str, list[Any]]]  # variant -> its tune grid (empty: nothing is tuned)
+    tune_seeds: tuple[int, ...]
+    extrapolate_to: float | None
+    finding: FindingSpec | None
+
+    @property
+    def tuned(self) -> bool:
+        """Whether each variant's setting is chosen on tuning seeds (``tune:``)."""
+        return bool(self.grids)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether inconclusive comparisons get more seeds (``seeds: {min, max}``)."""
+        return self.max_seeds is not None
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(variant, reference) of every variant compared with another, in the spec's order."""
+        return tuple((v, ref) for v in self.variants if (ref := self.references.get(v)))
+
+    def reference_of(self, variant: str) -> str | None:
+        """The variant `variant` is compared with; None for the baseline and references of their own."""
+        return self.references.get(variant)
+
+    def tune_grid(self, variant: str) -> Mapping[str, list[Any]]:
+        """The keys tuned for `variant` and their candidate values (empty where nothing is tuned)."""
+        return self.grids.get(variant, {})
+
+    def rule(self, metric: MetricSpec) -> Design:
+        """The decision rule the study asks for on `metric`: its α, test and adaptive seeds, with the
+        metric's default margin and saturation bound where the spec gives none."""
+        return Design(alpha=self.alpha, margin=metric.default_margin if self.margin is None else self.margin,
+                      paired_test=self.paired_test, min_seeds=len(self.seeds) if self.adaptive else None,
+                      max_seeds=self.max_seeds,
+                      bound=metric.default_bound if self.saturation is None else self.saturation)
 
 
 def _compose(text: str, filename: str) -> tuple[Any, yaml.Node]:

@@ -145,9 +145,10 @@ class Trainer:
         self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
 
-        autotune.install()  # `backend: auto` measures on this machine
+        self.kernels = autotune.KernelChoices()  # `backend: auto` measures on this machine; the run records it
         torch.manual_seed(run.seed)  # dropout's stream, the same on every rank
-        self.model = build_model(run.model, seed=run.seed).to(self.device)  # weights keyed by (seed, name)
+        # weights keyed by (seed, name)
+        self.model = build_model(run.model, seed=run.seed, kernels=self.kernels).to(self.device)
         self.compiled, self.compile_reason = self._compile_choice()  # measured on the unwrapped model
         if self.compiled:  # kernels chosen before tracing, on the unwrapped model
             x, _ = self.data.train_batch(0, run.seed, self.micro, self.seq_len)
@@ -187,6 +188,7 @@ class Trainer:
         state = self.strategy.load(self._checkpoint_path) if self.out_dir else None
         metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
         self._resumed = state or {}
+        self.kernels.remember((state or {}).get("kernels", ()))  # a resumed run runs the kernels it chose
         if state is None:
             if metrics and self.world.main:
                 metrics.unlink(missing_ok=True)
@@ -203,7 +205,8 @@ class Trainer:
     def _checkpoint(self, step: int, record: dict, train_losses: list[float], elapsed: float) -> None:
         # the loop's state beyond the model's: a resumed run reports what an uninterrupted one would
         extra = {"step": step, "torch_rng": torch.get_rng_state(), "record": record,
-                 "train_losses": train_losses[-FINAL_TRAIN_LOSS_STEPS:], "elapsed": elapsed}
+                 "train_losses": train_losses[-FINAL_TRAIN_LOSS_STEPS:], "elapsed": elapsed,
+                 "kernels": self.kernels.records()}  # serving and quantization run what training ran
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state()
         self.strategy.save(self._checkpoint_path, extra)  # collective: every rank takes part
@@ -356,7 +359,7 @@ class Trainer:
     def _final(self, status, step, diverged_at, record, step_times, train_losses) -> dict[str, Any]:
         steady = steady_state(step_times)
         tokens_per_s = self.tokens_per_step / statistics.median(steady) if steady else None
-        kernel = getattr(self.model.blocks[0].attn, "kernel", None)
+        kernel = getattr(getattr(self.model.blocks[0].attn, "attend", None), "kernel", None)
         return {
             "status": status,
             "steps": step,
@@ -389,7 +392,7 @@ class Trainer:
             "resumed_from": self._resumed.get("step", 0),  # the checkpoint's step, 0 for a fresh start
             "attention_kernel": getattr(kernel, "ran", None) or getattr(kernel, "name", None),
             # backend auto: every choice this run made (call shape, direction) with the medians behind it
-            "attention_choices": list(getattr(kernel, "choices", {}).values()) or None,
+            "attention_choices": self.kernels.records() or None,
             "data": self.data.fingerprint,
         }
 

@@ -104,7 +104,70 @@ class KVCache(RowCache):
         return k, v, pos
 
 
-class Attention(nn.Module):
+class Attend(nn.Module):
+    """What every softmax attention shares after its projections: cache → mask → kernel.
+
+    It takes each head's queries and the two tensors a layer caches per token (keys and values; MLA:
+    its latent and shared rope key), appends those to the cache, turns them into each head's keys and
+    values (``expand``: the identity unless the attention caches something else), builds the mask
+    from the token positions and runs the kernel of the ``attention_backend`` family.
+    """
+
+    def __init__(self, backend: dict | str, window: int | None, dropout: float):
+        super().__init__()
+        self.kernel = build_spec("attention_backend", backend)
+        self.window = window
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: RowCache | None = None,
+                slopes: Tensor | None = None, expand=None) -> Tensor:
+        """q (B, H, T, Dq) at positions pos (T,) or (B, T); k, v: this step's cached tensors -> (B, H, T, Dv).
+        slopes (H,): ALiBi-style score bias per query head, or None."""
+        k_pos = pos
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v, pos)  # every token the step's queries may attend to
+        if expand is not None:
+            k, v = expand(k, v)  # (B, Hkv, Tk, Dq), (B, Hkv, Tk, Dv)
+        mask = Mask(pos, k_pos, self.window, slopes)
+        return self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)
+
+
+class SelfAttention(nn.Module):
+    """project → attend → output: the one shape of every attention here.
+
+    A subclass builds ``self.attend`` (an ``Attend``) and the projections, and defines ``project``;
+    it may override ``expand`` (what the cache holds → keys and values), ``score_slopes``, ``combine``
+    (the kernel's heads → the heads to merge) and ``output`` (e.g. to gate the heads' output).
+    """
+
+    def forward(self, x: Tensor, positional, pos: Tensor, cache: RowCache | None = None, values=None) -> Tensor:
+        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, positional, pos, values)
+        y = self.attend(q, k, v, pos, cache, self.score_slopes(positional), self.expand)  # (B, H, T, Dv)
+        y = self.combine(y).transpose(1, 2).contiguous().view(B, T, -1)  # heads merged: (B, T, H·Dv)
+        return self.output(y, x)
+
+    def project(self, x: Tensor, positional, pos: Tensor, values=None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> each head's queries (B, H, T, Dq) and this step's two cached tensors."""
+        raise NotImplementedError
+
+    expand = None  # the cached tensors are the keys and values themselves
+
+    def score_slopes(self, positional) -> Tensor | None:
+        """Each query head's score-bias slope (ALiBi), asked of the positional encoding."""
+        return positional.bias_slopes()
+
+    def combine(self, y: Tensor) -> Tensor:
+        """The kernel's output (B, H, T, Dv) -> the heads the output projection reads."""
+        return y
+
+    def output(self, y: Tensor, x: Tensor) -> Tensor:
+        """The merged heads y (B, T, H·Dv) -> (B, T, C); x (B, T, C) is the attention's input."""
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Attention(SelfAttention):
     """Causal self-attention with n_kv_head key/value heads and an optional sliding window."""
 
     def __init__(
@@ -126,8 +189,7 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.q_norm = build_spec("norm", config.norm, self.head_dim, config) if qk_norm else None
         self.k_norm = build_spec("norm", config.norm, self.head_dim, config) if qk_norm else None
-        self.kernel = build_spec("attention_backend", backend)
-        self.dropout = config.dropout
+        self.attend = Attend(backend, window, config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     @staticmethod
@@ -155,8 +217,8 @@ class Attention(nn.Module):
                          | ({"cache"} if "decode" in can else set())
                          | ({"ragged"} if {"decode", "ragged"} <= can else set()))
 
-    def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None, values=None) -> Tensor:
-        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
+    def project(self, x: Tensor, positional, pos: Tensor, values=None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D): rotated, normalised, values mixed."""
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
@@ -169,13 +231,7 @@ class Attention(nn.Module):
         q, k = positional.rotate(q, pos), positional.rotate(k, pos)
         if values is not None:  # value residual: mixed with the first layer's before caching
             v = values(v)
-        k_pos = pos
-        if cache is not None:
-            k, v, k_pos = cache.update(k, v, pos)  # (B, Hkv, Tk, D)
-        mask = Mask(pos, k_pos, self.window, positional.bias_slopes())
-        y = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return q, k, v
 
     def new_cache(self) -> KVCache:
         return KVCache(self.window)

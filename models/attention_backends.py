@@ -11,9 +11,10 @@ Capabilities: causal, window (sliding window), bias (ALiBi-style additive score 
 decode (queries that start after cached keys), ragged (rows at their own positions: a batched mask,
 q_pos (B, Tq) and k_pos (B, Tk), as decoding a merged cache of sequences of different lengths gives).
 
-``auto`` picks, per call shape, dtype, direction and device, the fastest backend that passes the
-correctness gate against ``math``. The measuring lives in bench (bench.autotune, installed by the
-trainer and the kernel timer): model code stays free of timing; a model used outside bench runs sdpa.
+``auto`` picks, per call shape, dtype, direction and device, the backend its chooser names: the
+model is built with one (``build_model(config, kernels=...)``); bench's (bench.autotune.KernelChoices)
+measures the fastest that passes the correctness gate against ``math``, or replays a run's recorded
+choices. Model code stays free of timing; a model built without a chooser runs sdpa, and says so.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -288,19 +289,49 @@ def needed_capabilities(q: Tensor, k: Tensor, mask: Mask, dropout_p: float) -> f
     return frozenset(needs)
 
 
+KernelChooser = Callable[[Tensor, Tensor, Tensor, Mask, float, str], tuple[dict, dict]]
+"""(q, k, v, mask, dropout_p, direction) -> the chosen backend's spec and the record of the choice
+(``backend``: its label, ``spec``, ``reason``, and whatever the measurement behind it was)."""
+
+
+def sdpa_choice(q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float, direction: str) -> tuple[dict, dict]:
+    """The chooser of a model built without one: torch's SDPA, and the record says so."""
+    spec = {"name": "sdpa"}
+    return spec, {"backend": "sdpa", "spec": spec, "direction": direction,
+                  "reason": "no kernel chooser was given when the model was built: torch's SDPA"}
+
+
+def call_key(q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float, direction: str) -> tuple:
+    """What a kernel choice depends on: device, dtype, shapes, mask, dropout and direction. Decode
+    steps grow the cache by one key per call: their key count is bucketed to a power of two."""
+    tk = k.shape[2] if q.shape[2] > 1 else 1 << (k.shape[2] - 1).bit_length()
+    return (q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], tk,
+            q.shape[3], v.shape[3], mask.kind, mask.batched, mask.window, mask.slopes is not None, dropout_p > 0,
+            direction)
+
+
+def call_label(key: tuple) -> str:
+    """A call key as the text a run records its choice under ("cpu:float32:4:2:2:16:16:8:8:causal:...")."""
+    return ":".join(str(part).removeprefix("torch.") for part in key)
+
+
 @register("attention_backend", "auto")
 class AutoAttention:
     """The fastest backend that passes the correctness gate, chosen per call shape, dtype, direction
-    and device (measured once per machine by bench.autotune and cached); without it installed: sdpa."""
-
-    # (q, k, v, mask, dropout_p, direction) -> the chosen backend's spec and the measurement behind it
-    chooser: ClassVar[Callable[..., tuple[dict, dict]] | None] = None
+    and device by the chooser the model was built with (``use_kernels``; bench's
+    measures once per machine and caches). Without one: sdpa, recorded as such."""
 
     def __init__(self):
         self.name = "auto"
+        self.use(sdpa_choice)
+
+    def use(self, chooser: KernelChooser) -> None:
+        """Choose kernels with `chooser` from now on (choices made before are forgotten)."""
+        self.chooser = chooser
         self.ran: str | None = None  # the training choice (else the first), for the run's record
-        self.choices: dict[tuple, dict] = {}  # call signature -> the chooser's record
+        self.choices: dict[str, dict] = {}  # call label -> the chooser's record
         self._backends: dict[tuple, object] = {}
+        self._trained = False  # whether `ran` is a training choice
 
     @staticmethod
     def capabilities(options: dict) -> frozenset[str]:
@@ -308,10 +339,7 @@ class AutoAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
         direction = "forward_backward" if torch.is_grad_enabled() and q.requires_grad else "forward"
-        # decode steps grow the cache by one key per call: bucket their key count to a power of two
-        tk = k.shape[2] if q.shape[2] > 1 else 1 << (k.shape[2] - 1).bit_length()
-        key = (q.device.type, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], tk, q.shape[3], v.shape[3],
-               mask.kind, mask.batched, mask.window, mask.slopes is not None, dropout_p > 0, direction)
+        key = call_key(q, k, v, mask, dropout_p, direction)
         backend = self._backends.get(key)
         if backend is None:
             backend = self._choose(key, q, k, v, mask, dropout_p, direction)
@@ -321,17 +349,21 @@ class AutoAttention:
     def _choose(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, mask: Mask, dropout_p: float, direction: str):
         from models.registry import build_spec
 
-        if AutoAttention.chooser is None:
-            spec, record = {"name": "sdpa"}, {"backend": "sdpa", "reason": "no chooser installed (outside bench)"}
-        else:
-            spec, record = AutoAttention.chooser(q, k, v, mask, dropout_p, direction)
+        spec, record = self.chooser(q, k, v, mask, dropout_p, direction)
         self._backends[key] = backend = build_spec("attention_backend", spec)
-        self.choices[key] = record
+        self.choices[call_label(key)] = {**record, "call": call_label(key)}
         if self.ran is None or direction == "forward_backward" and not self._trained:
             self.ran, self._trained = record["backend"], direction == "forward_backward"
         return backend
 
-    _trained = False  # whether `ran` is a training choice
+
+def use_kernels(module, chooser: KernelChooser) -> None:
+    """Give every ``backend: auto`` kernel inside module (an nn.Module: a model, or one attention)
+    the chooser that picks its kernels: how a model is built with explicit kernel choices."""
+    for m in module.modules():
+        kernel = getattr(m, "kernel", None)  # an attention's ``Attend`` holds its kernel
+        if isinstance(kernel, AutoAttention):
+            kernel.use(chooser)
 
 
 def _flex_probe() -> str | None:

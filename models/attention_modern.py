@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from models.accounting import attention_flops
-from models.attention import Attention, KVCache, RowCache, visible_keys
-from models.attention_backends import Mask
+from models.attention import Attend, Attention, KVCache, RowCache, SelfAttention, visible_keys
 from models.registry import build_spec, get, ref, register
 
 
@@ -71,7 +70,7 @@ class LatentCache(RowCache):
         return c_kv, k_rope, pos
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(SelfAttention):
     """Multi-head latent attention (DeepSeek-V2): keys and values from a cached low-rank latent, plus a
     decoupled rotary key shared by every head.
 
@@ -109,8 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = build_spec("norm", config.norm, kv_rank, config)
         self.kv_up = nn.Linear(kv_rank, H * 2 * D, bias=config.bias)  # each head's k_nope and v
         self.c_proj = nn.Linear(H * D, config.n_embd, bias=config.bias)
-        self.kernel = build_spec("attention_backend", backend)
-        self.dropout = config.dropout
+        self.attend = Attend(backend, window, config.dropout)  # the kernel scales by 1/√(D + R), q's head dim
         self.resid_dropout = nn.Dropout(config.dropout)
         # where the rope slice sits in a head_dim-wide vector for the positional encoding to rotate it:
         # every (D/R)-th rotation pair, first halves then second halves (RoPE pairs i with i + D/2 at
@@ -142,8 +140,8 @@ class MultiHeadLatentAttention(nn.Module):
     requires = staticmethod(Attention.requires)
     handles = staticmethod(_kernel_features)
 
-    def forward(self, x: Tensor, positional, pos: Tensor, cache: LatentCache | None = None) -> Tensor:
-        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
+    def project(self, x: Tensor, positional, pos: Tensor, values=None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> q (B, H, T, D + R) and what the cache holds: c_kv (B, T, kv_rank), k_rope (B, T, R)."""
         B, T, C = x.shape
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         q = self.q_proj(x) if self.q_rank is None else self.q_up(self.q_norm(self.q_down(x)))
@@ -153,19 +151,16 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_norm(c_kv).to(k_rope.dtype)
         q_rope = self._rotate(positional, q_rope, pos)
         k_rope = self._rotate(positional, k_rope.unsqueeze(1), pos).squeeze(1)  # (B, T, R): one head for all
-        k_pos = pos
-        if cache is not None:
-            c_kv, k_rope, k_pos = cache.update(c_kv, k_rope, pos)  # (B, Tk, kv_rank), (B, Tk, R)
-        Tk = c_kv.shape[1]
+        return torch.cat([q_nope, q_rope], dim=-1), c_kv, k_rope
+
+    def expand(self, c_kv: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        """The cached latents (B, Tk, kv_rank) and rope keys (B, Tk, R) -> each head's keys
+        (B, H, Tk, D + R) and values (B, H, Tk, D), up-projected at every step (no weight absorption)."""
+        B, Tk, _ = c_kv.shape
+        H, D, R = self.n_head, self.head_dim, self.rope_dim
         kv = self.kv_up(c_kv).view(B, Tk, H, 2 * D).transpose(1, 2)  # (B, H, Tk, 2D)
         k_nope, v = kv.split([D, D], dim=-1)  # (B, H, Tk, D) each
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, D + R)
-        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, H, Tk, R)], dim=-1)  # (B, H, Tk, D + R)
-        mask = Mask(pos, k_pos, self.window, positional.bias_slopes())
-        # the kernel scales by 1/√(D + R), q's head dim; v's head dim is D
-        y = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
-        return self.resid_dropout(self.c_proj(y))
+        return torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, H, Tk, R)], dim=-1), v
 
     def _rotate(self, positional, x: Tensor, pos: Tensor) -> Tensor:
         """Rotate a rope slice x (B, H, T, rope_dim) with the positional encoding, which rotates
@@ -188,7 +183,7 @@ class MultiHeadLatentAttention(nn.Module):
         return (self.kv_rank + self.rope_dim) * bytes_per_element
 
 
-class DifferentialAttention(nn.Module):
+class DifferentialAttention(SelfAttention):
     """Differential attention (Differential Transformer): (softmax(q1·k1ᵀ/√d) − λ·softmax(q2·k2ᵀ/√d))·v.
 
     Layout, the paper's parameter-matched one: n_head/2 differential heads, each with two query/key
@@ -204,7 +199,7 @@ class DifferentialAttention(nn.Module):
     has one attention spec for every layer and the attention does not know its index, so λ_init is an
     option, by default 0.8 (the schedule's value for deep layers).
 
-    The two maps are two kernel calls on (q1, k1, v) and (q2, k2, v): softmax(A)·v − λ·softmax(B)·v
+    The two maps are one kernel call over 2h heads, (q1, k1, v) then (q2, k2, v): softmax(A)·v − λ·softmax(B)·v
     equals (softmax(A) − λ·softmax(B))·v, so every backend, the KV cache, windows and dropout work.
     """
 
@@ -227,8 +222,7 @@ class DifferentialAttention(nn.Module):
             nn.Parameter(torch.zeros(self.head_dim)) for _ in range(4))
         # the paper's head norm: RMSNorm over each head's 2d channels (one gain shared by the heads)
         self.subln = build_spec("norm", {"name": "rmsnorm", "eps": 1e-5}, 2 * self.head_dim, config)
-        self.kernel = build_spec("attention_backend", backend)
-        self.dropout = config.dropout
+        self.attend = Attend(backend, window, config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     @staticmethod
@@ -253,8 +247,9 @@ class DifferentialAttention(nn.Module):
         return (torch.exp((self.lambda_q1 * self.lambda_k1).sum()) - torch.exp((self.lambda_q2 * self.lambda_k2).sum())
                 + self.lambda_init)
 
-    def forward(self, x: Tensor, positional, pos: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x (B, T, C) at positions pos (T,), or (B, T) when the cache's rows differ -> (B, T, C)."""
+    def project(self, x: Tensor, positional, pos: Tensor, values=None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> q (B, 2h, T, d) with the first map's heads before the second's (heads 2i, then
+        2i + 1), k (B, 2h, T, d) in MHA's head order, as cached, and v (B, h, T, 2d)."""
         B, T, C = x.shape
         D = self.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -262,18 +257,22 @@ class DifferentialAttention(nn.Module):
         k = k.view(B, T, self.n_head, D).transpose(1, 2)  # (B, 2h, T, d)
         v = v.view(B, T, self.n_head // 2, 2 * D).transpose(1, 2)  # (B, h, T, 2d)
         q, k = positional.rotate(q, pos), positional.rotate(k, pos)
-        k_pos = pos
-        if cache is not None:
-            k, v, k_pos = cache.update(k, v, pos)  # (B, 2h, Tk, d), (B, h, Tk, 2d)
-        slopes = positional.bias_slopes()  # (2h,) or None: each q/k head keeps its slope
-        mask1 = Mask(pos, k_pos, self.window, None if slopes is None else slopes[0::2])
-        mask2 = mask1 if slopes is None else Mask(pos, k_pos, self.window, slopes[1::2])
-        p = self.dropout if self.training else 0.0
-        y1 = self.kernel(q[:, 0::2], k[:, 0::2], v, mask1, p)  # (B, h, T, 2d)
-        y2 = self.kernel(q[:, 1::2], k[:, 1::2], v, mask2, p)  # (B, h, T, 2d)
-        y = self.subln(y1 - self.lambda_full() * y2) * (1.0 - self.lambda_init)  # (B, h, T, 2d)
-        y = y.to(v.dtype).transpose(1, 2).contiguous().view(B, T, C)  # CUDA autocast: the norm ran in fp32
-        return self.resid_dropout(self.c_proj(y))
+        return torch.cat([q[:, 0::2], q[:, 1::2]], 1), k, v
+
+    def expand(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Both maps in one kernel call: keys in the queries' order, each value head once per map."""
+        return torch.cat([k[:, 0::2], k[:, 1::2]], 1), torch.cat([v, v], 1)  # (B, 2h, Tk, d), (B, 2h, Tk, 2d)
+
+    def score_slopes(self, positional) -> Tensor | None:
+        """Each q/k head keeps its ALiBi slope, in the queries' order."""
+        slopes = positional.bias_slopes()  # (2h,) or None
+        return None if slopes is None else torch.cat([slopes[0::2], slopes[1::2]])
+
+    def combine(self, y: Tensor) -> Tensor:
+        """The two maps' outputs (B, 2h, T, 2d) -> (softmax(A) − λ·softmax(B))·v per head, normalised (B, h, T, 2d)."""
+        y1, y2 = y.chunk(2, dim=1)
+        y = self.subln(y1 - self.lambda_full() * y2) * (1.0 - self.lambda_init)
+        return y.to(y1.dtype)  # CUDA autocast: the norm ran in fp32
 
     def new_cache(self) -> KVCache:
         return KVCache(self.window)  # k (B, 2h, T, d) and v (B, h, T, 2d): n_embd elements each per token

@@ -110,8 +110,13 @@ class Attention(ModuleComponent, Protocol):
     pos)``; one that handles ``bias`` adds ``-slope·(i − j)`` from ``positional.bias_slopes()`` to
     its scores. ``cache`` is None or what ``new_cache()`` made; pos are the absolute positions of
     x's tokens: (T,) shared by every row, or (B, T) for one that handles ``ragged`` decoding a merged
-    cache (a ``Mask`` built from batched positions is batched: the kernel needs ``ragged``). One that handles ``value_residual`` takes ``values`` (passed only when the model
-    mixes values) and attends to, and caches, ``values(v)`` instead of its own v.
+    cache (a ``Mask`` built from batched positions is batched: the kernel needs ``ragged``). One that
+    handles ``value_residual`` takes ``values`` (passed only when the model mixes values) and attends
+    to, and caches, ``values(v)`` instead of its own v.
+
+    The built-in attentions are project → attend → output (``models.attention.SelfAttention``): each
+    only projects, and the cache, mask and kernel are the shared ``Attend``'s; a variant subclasses one
+    and overrides a step (``output`` to gate the heads, ``project`` to change q, k, v).
     """
 
     @factory_hook

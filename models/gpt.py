@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.attention_backends import KernelChooser, use_kernels
 from models.config import ModelConfig, attention_features, backends_handling
 from models.contract import FEATURES
 from models.registry import build_spec
@@ -168,8 +169,9 @@ def parameter_seed(seed: int, name: str) -> int:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig, seed: int | None = None):
-        """seed: the initialisation's seed (default: drawn from torch's global generator)."""
+    def __init__(self, config: ModelConfig, seed: int | None = None, kernels: KernelChooser | None = None):
+        """seed: the initialisation's seed (default: drawn from torch's global generator).
+        kernels: what picks the kernel of every ``backend: auto`` attention (default: sdpa, recorded)."""
         super().__init__()
         self.config = config
         seed = int(torch.randint(2**62, (), device="cpu")) if seed is None else seed
@@ -188,6 +190,8 @@ class GPT(nn.Module):
             if config.tie_embeddings:
                 self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
             self.init_weights(seed)
+        if kernels is not None:
+            use_kernels(self, kernels)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -320,12 +324,14 @@ class GPT(nn.Module):
         return idx
 
 
-def build_model(config: ModelConfig | dict[str, Any], seed: int | None = None) -> GPT:
+def build_model(config: ModelConfig | dict[str, Any], seed: int | None = None,
+                kernels: KernelChooser | None = None) -> GPT:
     """Build a GPT from a config (or a dict of one), its weights initialised from `seed` (default:
-    drawn from torch's global generator); training-time quantization (QAT) is applied here."""
+    drawn from torch's global generator), its ``backend: auto`` kernels chosen by `kernels` (default:
+    sdpa, recorded as such); training-time quantization (QAT) is applied here."""
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_dict(config)
-    model = GPT(config, seed)
+    model = GPT(config, seed, kernels)
     if config.quantization is not None:
         quantizer = build_spec("quantization", config.quantization)
         if quantizer.stage == "train":

@@ -195,7 +195,7 @@ def register(
                                  + "; ".join(problems) + f" (the contract: python -m models {family})")
         doc = description or (inspect.getdoc(factory) or "").strip().splitlines()
         text = doc if isinstance(doc, str) else (doc[0].rstrip(".") if doc else "")
-        options = _options_of(factory, fixed or {}, defaults or {})
+        options = _options_of(factory, fixed or {}, defaults or {}, family)
         _REGISTRY[family][name] = Component(family, name, factory, text, options, dict(fixed or {}), probe, note)
         return factory
 
@@ -323,17 +323,36 @@ def _closest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _options_of(factory: Any, fixed: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Option]:
+# an option with one of these names always refers to that family, whatever its annotation says: a
+# plugin's `backend: str = "auto"` is checked (is the kernel available here? can it do what is asked?)
+# exactly as the built-in attention's is
+IMPLIED_REFS: dict[str, dict[str, str]] = {"attention": {"backend": "attention_backend"}}
+
+
+def _keyword_options(factory: Any) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """A factory's keyword-only parameters with their type hints; a class whose ``__init__`` takes
+    ``**options`` also has those of the class it extends (a subclass adds a module, keeps the options)."""
     target = factory.__init__ if inspect.isclass(factory) else factory
     hints = typing.get_type_hints(target, include_extras=True)
+    params = inspect.signature(factory).parameters.values()
+    found = {p.name: (p, hints.get(p.name, Any)) for p in params if p.kind is p.KEYWORD_ONLY}
+    if inspect.isclass(factory) and any(p.kind is p.VAR_KEYWORD for p in params):
+        parent = next((c for c in factory.__mro__[1:] if "__init__" in vars(c) and c is not object), None)
+        if parent is not None:
+            found = {**_keyword_options(parent), **found}
+    return found
+
+
+def _options_of(factory: Any, fixed: Mapping[str, Any], defaults: Mapping[str, Any], family: str = "") -> dict[str, Option]:
+    implied = IMPLIED_REFS.get(family, {})
     options = {}
-    for p in inspect.signature(factory).parameters.values():
-        if p.kind is not p.KEYWORD_ONLY or p.name in fixed:
+    for name, (p, annotation) in _keyword_options(factory).items():
+        if name in fixed:
             continue
-        default = defaults.get(p.name, REQUIRED if p.default is p.empty else p.default)
-        options[p.name] = Option(p.name, hints.get(p.name, Any), default)
+        default = defaults.get(name, REQUIRED if p.default is p.empty else p.default)
+        options[name] = Option(name, ref(implied[name]) if name in implied else annotation, default)
     for key in [*fixed, *defaults]:
-        if key not in options and key not in inspect.signature(factory).parameters:
+        if key not in options and key not in _keyword_options(factory):
             raise ComponentError(f"{factory.__name__} has no keyword-only option '{key}'")
     return options
 

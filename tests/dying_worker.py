@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from bench.config import RunConfig
 from bench.train import train
+from bench.worker import read_config
 
 
 def main() -> None:
     at_step, run_dir = int(sys.argv[1]), Path(sys.argv[2])
-    run = RunConfig.model_validate_json((run_dir / "run.json").read_text())
+    run = read_config(run_dir)
 
     def die(record: dict) -> None:
         if record["step"] == at_step:

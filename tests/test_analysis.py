@@ -22,13 +22,19 @@ from bench.analysis import (
     pareto_front,
     scaling_per_machine,
     scaling_summary,
+    study_tuning,
     summarise,
-    tuning_flags,
     unstable_neighbours,
     variant_summary,
 )
+from bench.spec import Spec, StudyDesign
 
 BASE = [1.8467, 1.8979, 1.8712, 1.9104]
+
+
+def design(keys: dict) -> StudyDesign:
+    """The design of a study with these spec keys (a stand-in base), worked out as a spec file's is."""
+    return Spec.model_validate({"name": "s", "base": {"data": {"source": "markov"}}, **keys}).design
 
 
 def runs_frame(values: dict[str, list[float]], metric: str = "val_loss", **extra) -> pd.DataFrame:
@@ -40,8 +46,8 @@ def runs_frame(values: dict[str, list[float]], metric: str = "val_loss", **extra
 def test_each_variant_is_compared_with_its_reference_and_holm_spans_the_study():
     runs = runs_frame({"a": [2.0, 2.05, 1.97], "a_window": [2.5, 2.56, 2.46], "b": [1.0, 1.06, 0.98],
                        "b_window": [1.0, 1.06, 0.98]})
-    summary = summarise(runs, {"name": "s", "baseline": "a", "compare": {"b_window": "b"},
-                               "variants": {"a": {}, "a_window": {}, "b": {}, "b_window": {}}})
+    summary = summarise(runs, design({"name": "s", "baseline": "a", "compare": {"b_window": "b"},
+                                      "variants": {"a": {}, "a_window": {}, "b": {}, "b_window": {}}}))
     by = {c.variant: c for c in summary.comparisons}
     assert by["a_window"].reference == "a" and by["a_window"].verdict == "worse"
     assert by["b_window"].reference == "b" and by["b_window"].delta == pytest.approx(0.0)
@@ -63,15 +69,15 @@ def test_a_variant_on_another_task_is_compared_with_nothing_but_its_own_task():
     task = {"mqar": "mqar", "mqar_window": "mqar", "recall": "in_context_recall", "recall_window": "in_context_recall"}
     runs["config"] = [{"data": {"source": "task", "task": task[v]}} for v in runs["variant"]]
     variants = {v: {} for v in task}
-    summary = summarise(runs, {"name": "s", "baseline": "mqar", "variants": variants,
-                               "compare": {"recall": None, "recall_window": "recall"}})
+    summary = summarise(runs, design({"name": "s", "baseline": "mqar", "variants": variants,
+                                      "compare": {"recall": None, "recall_window": "recall"}}))
     assert {(c.variant, c.reference) for c in summary.comparisons} == {("mqar_window", "mqar"),
                                                                        ("recall_window", "recall")}
     table = summary.variants.set_index("variant")
     assert table.loc["recall", "reference"] == "" and table.loc["recall_window", "reference"] == "recall"
     # a store planned before specs said so: the data differ, so recall is still not judged against mqar
-    older = summarise(runs, {"name": "s", "baseline": "mqar", "variants": variants,
-                             "compare": {"recall_window": "recall"}})
+    older = summarise(runs, design({"name": "s", "baseline": "mqar", "variants": variants,
+                                    "compare": {"recall_window": "recall"}}))
     assert ("recall", "mqar") not in {(c.variant, c.reference) for c in older.comparisons}
 
 
@@ -98,7 +104,7 @@ def test_a_quantized_variant_is_tested_against_its_own_checkpoint_evaluated_the_
     quant = runs_frame({"int8": [2.012, 2.111, 1.963]}, kind="quantize")
     quant["val_loss_float"] = [2.010, 2.109, 1.961]  # the same checkpoints, evaluated like the quantized copy
     summary = summarise(pd.concat([runs, quant], ignore_index=True),
-                        {"name": "q", "baseline": "mha", "variants": {"mha": {}, "int8": {}}})
+                        design({"name": "q", "baseline": "mha", "variants": {"mha": {}, "int8": {}}}))
     (c,) = summary.comparisons
     assert c.reference == "int8 (float)" and c.test == "paired t" and c.n == 3
     assert c.delta == pytest.approx(0.002)  # the paired val_loss change, not 2.029 − 2.017 across evaluations
@@ -112,7 +118,7 @@ def test_two_post_training_methods_are_compared_on_the_same_checkpoints_when_the
     for frame in (rtn, gptq):
         frame["val_loss_float"] = [2.010, 2.109, 1.961]
     spec = {"name": "q", "baseline": "mha", "variants": {"mha": {}, "rtn": {}, "gptq": {}}, "compare": {"gptq": "rtn"}}
-    summary = summarise(pd.concat([runs, rtn, gptq], ignore_index=True), spec)
+    summary = summarise(pd.concat([runs, rtn, gptq], ignore_index=True), design(spec))
     pairs = {(c.variant, c.reference): c for c in summary.comparisons}
     assert set(pairs) == {("rtn", "rtn (float)"), ("gptq", "gptq (float)"), ("gptq", "rtn")}
     direct = pairs[("gptq", "rtn")]
@@ -121,21 +127,22 @@ def test_two_post_training_methods_are_compared_on_the_same_checkpoints_when_the
 
 def test_tasks_are_judged_on_accuracy_and_bits_per_byte_are_not_tested_again():
     runs = runs_frame({"full": [0.9, 0.95, 0.92], "window": [0.5, 0.52, 0.55]}, metric="val_accuracy")
-    summary = summarise(runs, {"name": "t", "variants": {"full": {}, "window": {}}})
+    summary = summarise(runs, design({"name": "t", "variants": {"full": {}, "window": {}}}))
     (c,) = summary.comparisons
     assert summary.metric == "val_accuracy" and c.metric == "val_accuracy" and c.verdict == "worse"
     text = runs_frame({"mha": [1.9, 1.95], "mqa": [1.94, 1.99]}, val_bpb=1.2)
-    summary = summarise(text, {"name": "t", "variants": {"mha": {}, "mqa": {}}})
+    summary = summarise(text, design({"name": "t", "variants": {"mha": {}, "mqa": {}}}))
     assert [c.metric for c in summary.comparisons] == ["val_loss"]
 
 
 def test_inconclusive_comparisons_say_what_they_could_detect():
     runs = runs_frame({"mha": [1.90, 1.95, 1.93], "gqa": [1.91, 1.94, 1.96]})
-    summary = summarise(runs, {"name": "s", "variants": {"mha": {}, "gqa": {}}})
+    summary = summarise(runs, design({"name": "s", "variants": {"mha": {}, "gqa": {}}}))
     (c,) = summary.comparisons
     assert c.verdict == "inconclusive" and c.mde > abs(c.delta) and "could detect a difference of ±" in c.sentence()
     assert summary.pending() == {"mha", "gqa"}
-    lonely = summarise(runs_frame({"mha": [1.9], "gqa": [1.95]}), {"name": "s", "variants": {"mha": {}, "gqa": {}}})
+    lonely = summarise(runs_frame({"mha": [1.9], "gqa": [1.95]}),
+                       design({"name": "s", "variants": {"mha": {}, "gqa": {}}}))
     assert lonely.comparisons[0].verdict == "inconclusive" and "needs two" in lonely.comparisons[0].sentence()
 
 
@@ -341,10 +348,10 @@ def test_a_tuned_point_keeps_its_distance_from_a_cliff_when_the_gain_is_within_t
     assert unstable_neighbours(grid, {"train.lr": 1.2e-2}, {'{"train.lr": 0.024}'})[0].startswith(
         "train.lr=0.024, next to the chosen 0.012, had a diverged or failed seed")
     spec = {"tune": {"train.lr": grid["train.lr"], "tune_seeds": 1}, "margin": 0.0, "variants": {"adamw": {}}}
-    flags = tuning_flags(spec, cliff)
+    flags = study_tuning(cliff, design(spec)).flags
     assert flags == {"adamw": [unstable_neighbours(grid, {"train.lr": 1.2e-2}, {'{"train.lr": 0.024}'})[0]]}
     edge = tuning_runs({3e-3: [3.9], 6e-3: [3.8]})
-    assert tuning_flags({"tune": {"train.lr": [3e-3, 6e-3]}, "variants": {"adamw": {}}}, edge) == {
+    assert study_tuning(edge, design({"tune": {"train.lr": [3e-3, 6e-3]}, "variants": {"adamw": {}}})).flags == {
         "adamw": ["train.lr=0.006 is the largest value tried: the best may lie beyond [0.003, 0.006]"]}
 
 

@@ -29,20 +29,15 @@ BACKENDS = {
     "baddbmm": "baddbmm",
     "sdpa": "sdpa",
     "flex": {"name": "flex", "compile": False},  # eager flex: no 20 s compile per shape in tests
-    "auto": "auto",  # the measured choice (bench.autotune, installed below)
+    "auto": "auto",  # the measured choice (bench.autotune.KernelChoices, given to the model)
 }
 HERE = [b for b in BACKENDS if b in RUNNABLE]
 COMBOS = list(itertools.product(ATTENTIONS, POSITIONALS, HERE))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _measuring_auto():
-    autotune.install()
-
-
 def model_for(attention: str, positional: str, backend: str, **overrides):
     spec = {**ATTENTIONS[attention], "backend": BACKENDS[backend]}
-    return build_model(tiny(attention=spec, positional=positional, **overrides)).eval()
+    return build_model(tiny(attention=spec, positional=positional, **overrides), kernels=autotune.KernelChoices()).eval()
 
 
 def test_unavailable_backends_say_why():
@@ -225,7 +220,7 @@ def test_learned_positions_stop_at_block_size_with_a_clear_error():
 def test_sdpa_records_the_kernel_that_ran():
     model = model_for("mha", "rope", "sdpa")
     model(torch.randint(0, 50, (1, 8)))
-    assert model.blocks[0].attn.kernel.ran in {"math", "flash_attention", "efficient_attention", "cudnn_attention"}
+    assert model.blocks[0].attn.attend.kernel.ran in {"math", "flash_attention", "efficient_attention", "cudnn_attention"}
 
 
 def test_flex_refuses_to_train_on_cpu_with_the_reason():
@@ -245,7 +240,7 @@ def test_qk_norm_normalises_each_head_with_the_models_norm():
     attn = model.blocks[0].attn
     assert isinstance(attn.q_norm, RMSNorm) and attn.q_norm.weight.shape == (8,)  # head dim
     seen = {}
-    attn.kernel = lambda q, k, v, mask, p: seen.update(q=q, k=k) or build("attention_backend", "math")(q, k, v, mask)
+    attn.attend.kernel = lambda q, k, v, mask, p: seen.update(q=q, k=k) or build("attention_backend", "math")(q, k, v, mask)
     model(torch.randint(0, 50, (1, 6)))
     for t in (seen["q"], seen["k"]):  # positional 'learned' leaves q, k unrotated: unit RMS per head
         assert torch.allclose(t.pow(2).mean(-1), torch.ones(()), atol=1e-2), t.pow(2).mean(-1)

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.autotune import KernelChoices
 from bench.kernels import KernelSpec, run_kernels
 from models import REQUIRED, available, build_model, check_flops
 from models.accounting import attention_flops, matmul_flops_per_token
 from models.attention_backends import Mask
 from models.registry import build
 from tests.conftest import tiny
-from tests.test_attention import BACKENDS, HERE, _measuring_auto  # noqa: F401  (the fixture installs auto's chooser)
+from tests.test_attention import BACKENDS, HERE
 
 VARIANTS = {
     "mla": {"name": "mla", "kv_rank": 16},  # rope_dim 4 of head_dim 8
@@ -32,7 +34,7 @@ COMBOS = list(itertools.product(VARIANTS, POSITIONALS, HERE))
 
 def model_for(variant: str, positional: str, backend: str, **overrides):
     spec = {**VARIANTS[variant], "backend": BACKENDS[backend]}
-    return build_model(tiny(attention=spec, positional=positional, **overrides), seed=0).eval()
+    return build_model(tiny(attention=spec, positional=positional, **overrides), seed=0, kernels=KernelChoices()).eval()
 
 
 def refusal(**fields) -> str:
@@ -368,3 +370,17 @@ def test_the_kernel_timer_times_both_with_every_backend_and_decode():
     assert decode[("mla", "decode")]["kv_cache_bytes_per_token"] == 2 * (16 + 4) * 4  # layers × (rank + rope) × fp32
     assert decode[("diff", "decode")]["kv_cache_bytes_per_token"] == 2 * 2 * 32 * 4
     assert decode[("mla", "prefill")]["kv_cache_bytes"] == 2 * 8 * (16 + 4) * 4  # layers × prompt × elements × fp32
+
+
+def test_every_softmax_attention_is_project_attend_output():
+    """One seam: each attention only projects (and may expand what it caches, combine or gate heads);
+    the cache, the mask and the kernel are the shared Attend's, MLA and diff included."""
+    from models.attention import Attend, SelfAttention
+    from tests.test_attention import ATTENTIONS
+
+    for spec in [*ATTENTIONS.values(), *VARIANTS.values()]:
+        attn = build_model(tiny(attention=spec), seed=0).blocks[0].attn
+        assert isinstance(attn.attend, Attend) and type(attn).forward is SelfAttention.forward, spec
+    models_dir = Path(__file__).resolve().parents[1] / "models"
+    source = "".join((models_dir / f).read_text() for f in ("attention.py", "attention_modern.py"))
+    assert source.count("Mask(") == 1 and source.count(".update(") == 1  # the tail is written once

@@ -6,8 +6,9 @@ import contextlib
 
 import pytest
 import torch
+import yaml
 
-from bench import autotune, hardware
+from bench import autotune, hardware, workers
 from bench.config import resolve_run
 from bench.timing import Timing
 from bench.train import train
@@ -42,9 +43,11 @@ class CausalOnlyAttention(WrongAttention):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
-@pytest.fixture(autouse=True)
-def _chooser():
-    autotune.install()
+def measuring() -> AutoAttention:
+    """An `auto` kernel that measures on this machine, as bench's models choose."""
+    auto = AutoAttention()
+    auto.use(autotune.choose_attention)
+    return auto
 
 
 def scripted_timings(order: list[str]):
@@ -66,7 +69,7 @@ def test_auto_picks_the_fastest_backend_that_passed_the_gate(monkeypatch):
     with registered("attention_backend", "test_wrong", WrongAttention), \
             registered("attention_backend", "test_causal_only", CausalOnlyAttention):
         q, k, v = torch.randn(3, 2, 4, 17, 8)
-        auto = AutoAttention()
+        auto = measuring()
         out = auto(q, k, v, Mask.causal(17))
         record = next(iter(auto.choices.values()))
         assert record["backend"] == "test_causal_only" and auto.ran == "test_causal_only"
@@ -87,7 +90,7 @@ def test_a_choice_is_measured_once_per_machine_and_shape(monkeypatch):
     real = autotune.time_interleaved
     monkeypatch.setattr(autotune, "time_interleaved", lambda c, *a, **kw: calls.append(sorted(c)) or real(c, *a, **kw))
     q, k, v = torch.randn(3, 1, 2, 23, 8, requires_grad=True).unbind(0)
-    first, second = AutoAttention(), AutoAttention()  # two layers, or two runs on one machine
+    first, second = measuring(), measuring()  # two layers, or two runs on one machine
     first(q, k, v, Mask.causal(23))
     second(q, k, v, Mask.causal(23))
     with torch.no_grad():
@@ -109,11 +112,11 @@ def hardware_cache() -> dict:
 
 def test_auto_computes_what_its_choice_computes_and_decodes():
     config = tiny(attention={"name": "gqa", "n_kv_head": 2, "backend": "auto"}, positional="rope")
-    auto = build_model(config, seed=3)
+    auto = build_model(config, seed=3, kernels=autotune.KernelChoices())
     idx = torch.randint(0, 50, (2, 20))
     logits, loss, _ = auto(idx, idx)
     loss.backward()
-    chosen = auto.blocks[0].attn.kernel.choices
+    chosen = auto.blocks[0].attn.attend.kernel.choices
     spec = next(r["spec"] for r in chosen.values() if r["direction"] == "forward_backward")
     same = build_model(tiny(attention={"name": "gqa", "n_kv_head": 2, "backend": spec}, positional="rope"), seed=3)
     assert torch.equal(same(idx, idx).loss, loss)  # bitwise: auto adds nothing to the computation
@@ -136,13 +139,77 @@ def test_the_run_records_the_choice_and_the_numbers_behind_it():
     assert {r["direction"] for r in metrics["attention_choices"]} == {"forward_backward", "forward"}  # evaluation too
 
 
-def test_without_the_chooser_auto_runs_sdpa(monkeypatch):
-    monkeypatch.setattr(AutoAttention, "chooser", None)
+def test_a_model_built_without_a_chooser_runs_sdpa_and_says_so():
     q, k, v = torch.randn(3, 1, 2, 9, 8)
     auto = AutoAttention()
     assert torch.equal(auto(q, k, v, Mask.causal(9)),
                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
-    assert auto.ran == "sdpa" and "no chooser" in next(iter(auto.choices.values()))["reason"]
+    record = next(iter(auto.choices.values()))
+    assert auto.ran == "sdpa" and "no kernel chooser was given when the model was built" in record["reason"]
+    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}), seed=0)
+    model(torch.randint(0, 50, (2, 8)))
+    assert {r["backend"] for r in model.blocks[0].attn.attend.kernel.choices.values()} == {"sdpa"}
+
+
+def test_a_model_is_built_with_its_chooser_and_choices_are_not_shared_through_a_class():
+    asked = []
+
+    def math_please(q, k, v, mask, dropout_p, direction):
+        asked.append(direction)
+        return {"name": "math"}, {"backend": "math", "spec": {"name": "math"}, "reason": "scripted"}
+
+    chosen = build_model(tiny(attention={"name": "mha", "backend": "auto"}), seed=0, kernels=math_please)
+    plain = build_model(tiny(attention={"name": "mha", "backend": "auto"}), seed=0)  # built after: unaffected
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        chosen(idx), plain(idx)
+    assert asked == ["forward", "forward"]  # once per layer (2 layers): the model's own chooser
+    assert chosen.blocks[0].attn.attend.kernel.ran == "math" and plain.blocks[0].attn.attend.kernel.ran == "sdpa"
+
+
+def test_recorded_choices_are_replayed_and_new_calls_measured():
+    measured = []
+
+    def measure(q, k, v, mask, dropout_p, direction):
+        measured.append(q.shape[2])
+        return {"name": "baddbmm"}, {"backend": "baddbmm", "reason": "measured here"}
+
+    q, k, v = torch.randn(3, 1, 2, 9, 8)
+    first = autotune.KernelChoices(measure=measure)
+    auto = AutoAttention()
+    auto.use(first)
+    auto(q, k, v, Mask.causal(9))
+    recorded = first.records()
+    assert measured == [9] and recorded[0]["spec"] == {"name": "baddbmm"} and recorded[0]["call"].startswith("cpu:float32:1:2:2:9:")
+    replay = autotune.KernelChoices(recorded, measure=measure)  # a served model replays the run's record
+    auto.use(replay)
+    auto(q, k, v, Mask.causal(9))
+    assert measured == [9] and auto.ran == "baddbmm"  # replayed, not measured again
+    q2, k2, v2 = torch.randn(3, 1, 2, 5, 8)
+    auto(q2, k2, v2, Mask.causal(5))  # a call the run never made: measured, and recorded too
+    assert measured == [9, 5] and len(replay.records()) == 2
+
+
+def test_serving_and_quantization_run_the_kernels_the_run_recorded(tmp_path):
+    from bench.posttrain import evaluate_quantized
+    from bench.serve.model import load_run
+
+    run = resolve_run(dict(n_layer=1, n_head=2, n_embd=16, attention={"name": "mha", "backend": "auto"}),
+                      dict(source="task", task="induction", vocab_size=16, seq_len=16, n_train=200),
+                      dict(steps=2, batch_size=4, eval_every=2, device="cpu", dtype="float32"))
+    metrics = train(run, tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json")))
+    recorded = {r["call"]: r for r in metrics["attention_choices"]}
+    evaluation = next(r for r in recorded.values() if r["direction"] == "forward")
+    model, _, _ = load_run(tmp_path)
+    kernel = model.blocks[0].attn.attend.kernel
+    assert isinstance(kernel.chooser, autotune.KernelChoices)
+    with torch.no_grad():
+        model(torch.randint(0, 16, (4, 16)))  # the evaluation's call: replayed from the run's record
+    assert list(kernel.choices.values()) == [evaluation]
+    quantized = run.model_copy(update={"model": run.model.model_copy(update={"quantization": "int8_dynamic"})})
+    choices = evaluate_quantized(quantized, tmp_path)["attention_choices"]
+    assert evaluation in choices and all("no kernel chooser" not in r["reason"] for r in choices)
 
 
 # -- compile: auto ------------------------------------------------------------------------------
@@ -168,12 +235,12 @@ def test_compile_speed_times_both_steps_and_the_compilation(monkeypatch, uncache
     seconds = {"eager": 1.0, "compiled": 0.8}  # the attention kernels' own choice: any
     monkeypatch.setattr(autotune, "time_interleaved",
                         lambda c, *a, **kw: {label: Timing([seconds.get(label, 1.0)]) for label in c})
-    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}), seed=0)
+    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}), seed=0, kernels=autotune.KernelChoices())
     speed = autotune.compile_speed(model, 2, 16, torch.float32, contextlib.nullcontext)
     assert (speed["eager_s"], speed["compiled_s"]) == (1.0, 0.8) and 0 < speed["compile_s"] < 60
     assert uncached[0].startswith(f"compile-speed:cpu:float32:{torch.get_num_threads()}t:B2:T16:")
     assert all(p.grad is None for p in model.parameters())  # the run's own model is left as it was
-    assert not model.blocks[0].attn.kernel.choices  # choices were made on a copy
+    assert not model.blocks[0].attn.attend.kernel.choices  # choices were made on a copy
 
 
 @pytest.mark.parametrize("speed,micro_steps,compiled,why", [
@@ -192,14 +259,15 @@ def test_compile_auto_compiles_where_it_pays_for_itself(speed, micro_steps, comp
 
 
 def test_auto_chooses_before_compiling_so_the_graph_does_not_break():
-    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}, positional="rope", dropout=0.1), seed=0)
+    model = build_model(tiny(attention={"name": "mha", "backend": "auto"}, positional="rope", dropout=0.1), seed=0,
+                        kernels=autotune.KernelChoices())
     x = torch.randint(0, 50, (2, 16))
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
     autotune.make_choices(model, x, contextlib.nullcontext)  # dropout draws, on a forked stream
     assert torch.equal(torch.rand(3), expected) and all(p.grad is None for p in model.parameters())
-    assert {r["direction"] for r in model.blocks[0].attn.kernel.choices.values()} == {"forward_backward"}
+    assert {r["direction"] for r in model.blocks[0].attn.attend.kernel.choices.values()} == {"forward_backward"}
     explanation = torch._dynamo.explain(model)(x, x)
     mask = Mask(torch.arange(9), torch.arange(9), window=4)
     assert mask.allowed is mask.allowed and mask.distance is mask.distance  # once per mask, shared by every layer
@@ -233,8 +301,8 @@ def test_compiled_training_matches_eager_and_records_why():
 @pytest.mark.parametrize("rates,expected", [({1: 16.3, 2: 28.4}, 2), ({1: 20.0, 2: 15.0}, 1)])
 def test_workers_auto_takes_the_layout_that_trains_most_steps(monkeypatch, uncached, rates, expected):
     monkeypatch.setattr(hardware, "cpu_cores", lambda: 2)
-    monkeypatch.setattr(autotune, "measure_layouts", lambda run, layouts, cores: {w: rates[w] for w in layouts})
-    decision = autotune.workers_decision(resolve_run(*TINY_RUN, fp32_train()))
+    monkeypatch.setattr(workers, "measure_layouts", lambda run, layouts, cores: {w: rates[w] for w in layouts})
+    decision = workers.workers_decision(resolve_run(*TINY_RUN, fp32_train()))
     assert decision["workers"] == expected
     assert decision["reason"] == (f"measured processes × threads per process: 1×2 threads {rates[1]:.3g} steps/s, "
                                   f"2×1 threads {rates[2]:.3g} steps/s")
@@ -243,10 +311,10 @@ def test_workers_auto_takes_the_layout_that_trains_most_steps(monkeypatch, uncac
 
 def test_one_core_means_one_worker(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_cores", lambda: 1)
-    assert autotune.workers_decision(resolve_run(*TINY_RUN, fp32_train()))["workers"] == 1
+    assert workers.workers_decision(resolve_run(*TINY_RUN, fp32_train()))["workers"] == 1
 
 
 def test_layouts_are_measured_by_training_side_by_side():
     # real processes: each layout's copies of the run train at once, and each counts its steps
-    rates = autotune.measure_layouts(resolve_run(*TINY_RUN, fp32_train()), [1, 2], 2, seconds=0.3)
+    rates = workers.measure_layouts(resolve_run(*TINY_RUN, fp32_train()), [1, 2], 2, seconds=0.3)
     assert set(rates) == {1, 2} and all(r > 1 for r in rates.values())

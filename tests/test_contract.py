@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class LinearAttention(nn.Module):
-    """The README's plugin: causal linear attention, which uses no positions, dropout or cache."""
+    """docs/plugins.md's plugin, before it declares its FLOPs and init blocks: causal linear attention,
+    which uses no positions, dropout or cache."""
 
     handles = staticmethod(lambda config, options: frozenset())
 

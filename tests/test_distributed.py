@@ -16,6 +16,7 @@ import pytest
 
 from bench.results import load
 from bench.config import resolve_run
+from bench.worker import write_config
 from tests.test_runner import ROOT, TINY, write_spec
 
 MARKOV = {"source": "markov", "vocab_size": 16, "n_train_tokens": 20_000, "n_val_tokens": 4096, "doc_len": 256}
@@ -35,7 +36,7 @@ def write_run(folder: Path, distributed: dict | None, steps: int = 20, checkpoin
                       dict(steps=steps, batch_size=8, micro_batch_size=2, seq_len=32, eval_every=10, device="cpu",
                            dtype="float32", checkpoint_every=checkpoint_every, distributed=distributed, **train))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.json").write_text(run.model_dump_json())
+    write_config(folder, run)
     return folder
 
 

@@ -16,7 +16,7 @@ import pytest
 from bench.analysis import summarise
 from bench.findings import finding_row, markdown, study_minutes
 from bench.spec import Spec, load_spec
-from tests.test_analysis import runs_frame
+from tests.test_analysis import design, runs_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = sorted((ROOT / "ablations" / "findings").glob("*.yaml"))
@@ -25,8 +25,8 @@ JITTER = np.array([0.0, 0.004, -0.003, 0.002])
 
 def row(values: dict[str, np.ndarray], finding: dict, **spec) -> dict:
     runs = runs_frame(values).assign(started_at=0.0, finished_at=60.0)
-    spec = {"name": "f", "variants": dict.fromkeys(values, {}), "finding": finding, **spec}
-    return finding_row(summarise(runs, spec), spec, runs, pd.DataFrame())
+    study = design({"name": "f", "variants": dict.fromkeys(values, {}), "finding": finding, **spec})
+    return finding_row(summarise(runs, study), study, runs, pd.DataFrame())
 
 
 def test_a_direction_agrees_disagrees_or_is_undecided_by_its_verdicts():
@@ -136,5 +136,6 @@ def test_a_post_training_finding_is_judged_against_the_method_the_spec_names():
     runs = pd.concat([float_runs, rtn, gptq], ignore_index=True).assign(started_at=0.0, finished_at=60.0)
     spec = {"name": "q", "baseline": "float", "variants": {"float": {}, "rtn": {}, "gptq": {}}, "compare": {"gptq": "rtn"},
             "finding": {"direction": "GPTQ loses less", "source": "Frantar et al. 2023", "expect": {"gptq": "better"}}}
-    (comparison,) = finding_row(summarise(runs, spec), spec, runs, pd.DataFrame())["comparisons"]
+    study = design(spec)
+    (comparison,) = finding_row(summarise(runs, study), study, runs, pd.DataFrame())["comparisons"]
     assert (comparison["variant"], comparison["reference"]) == ("gptq", "rtn")  # not gptq against its own float

@@ -128,8 +128,8 @@ def test_value_residual_mixes_the_first_layers_values_and_learns_the_mix():
         mixed.value_mix.copy_(torch.tensor([0.0, 1.0, 0.0, 1.0]))  # every layer attends to layer 0's values
         seen = []
         for block in mixed.blocks:  # the values each layer attends to, recorded at its kernel
-            kernel = block.attn.kernel
-            block.attn.kernel = lambda q, k, v, mask, p, kernel=kernel: seen.append(v) or kernel(q, k, v, mask, p)
+            kernel = block.attn.attend.kernel
+            block.attn.attend.kernel = lambda q, k, v, mask, p, kernel=kernel: seen.append(v) or kernel(q, k, v, mask, p)
         mixed(idx)
         assert torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0])
     mixed.value_mix.data.fill_(0.5)

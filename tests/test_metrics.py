@@ -12,6 +12,7 @@ import pytest
 from bench.analysis import summarise
 from bench.metrics import MetricSpec, online_loss, run_values, to_target
 from bench.spec import Spec
+from tests.test_analysis import design
 
 
 def curve(losses) -> pd.DataFrame:
@@ -71,15 +72,15 @@ def test_a_study_is_judged_on_its_learning_speed_read_off_the_curves():
     slow = [2 + 2 * decay + rng.normal(0, 0.01, 60) for _ in range(4)]
     runs, curves = study({"mha": fast, "mqa": slow})
     spec = {"name": "s", "variants": {"mha": {}, "mqa": {}}, "metric": "online_loss"}
-    (c,) = summarise(runs, spec, curves=curves).comparisons
+    (c,) = summarise(runs, design(spec), curves=curves).comparisons
     assert c.metric == "online_loss" and c.verdict == "worse" and c.unit == "nats"
     assert c.delta == pytest.approx(np.mean([np.mean(s) - np.mean(f) for s, f in zip(slow, fast)]))
     target = {**spec, "metric": {"name": "tokens_to_target", "target": 2.5, "smooth": 3}}
-    (c,) = summarise(runs, target, curves=curves).comparisons
+    (c,) = summarise(runs, design(target), curves=curves).comparisons
     assert c.metric == "tokens_to_target" and c.unit == "tokens" and c.delta > 0 and c.verdict == "worse"
     # past one pass over the data the online loss is no measure: no verdict, and the reason
     repeated, curves = study({"mha": fast, "mqa": slow}, single_pass=40)
-    (c,) = summarise(repeated, spec, curves=curves).comparisons
+    (c,) = summarise(repeated, design(spec), curves=curves).comparisons
     assert c.verdict == "inconclusive" and "repeat data" in c.sentence() and not c.needs_seeds
 
 
@@ -87,10 +88,10 @@ def test_diverged_seeds_count_against_a_variant_instead_of_vanishing():
     runs, _ = study({"base": [[3.0, 2.0]] * 4, "risky": [[3.0, 1.5]] * 4})
     runs.loc[runs.index[(runs["variant"] == "risky") & (runs["seed"] >= 2)], ["status", "val_loss"]] = ["diverged", math.nan]
     runs.loc[runs["variant"] == "risky", "val_loss"] = runs.loc[runs["variant"] == "risky", "val_loss"] + [0.0, 0.01, 0, 0]
-    (c,) = summarise(runs, {"name": "s", "variants": {"base": {}, "risky": {}}}).comparisons
+    (c,) = summarise(runs, design({"name": "s", "variants": {"base": {}, "risky": {}}})).comparisons
     assert c.verdict == "inconclusive" and "2 of 4 seeds of risky diverged" in c.sentence() and not c.needs_seeds
     every = runs.assign(status=np.where(runs["variant"] == "risky", "failed", runs["status"]))
-    (c,) = summarise(every, {"name": "s", "variants": {"base": {}, "risky": {}}}).comparisons
+    (c,) = summarise(every, design({"name": "s", "variants": {"base": {}, "risky": {}}})).comparisons
     assert c.verdict == "inconclusive" and "4 of 4 seeds of risky failed" in c.sentence()
 
 

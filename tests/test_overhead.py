@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from bench import autotune, overhead
+from bench import overhead, workers
 from models import build_model
 from tests.conftest import tiny
 
@@ -37,7 +37,7 @@ variants:
 
 def test_the_step_benchmark_compares_sdpa_auto_and_compiled_on_the_same_batches(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # compilation is tested in test_autotune
-    monkeypatch.setattr(autotune, "workers_decision",
+    monkeypatch.setattr(workers, "workers_decision",
                         lambda run: {"workers": 2, "reason": "scripted", "steps_per_s": {"1": 10.0, "2": 15.0}})
     spec = tmp_path / "spec.yaml"
     spec.write_text(textwrap.dedent(SPEC))
@@ -52,7 +52,7 @@ def test_the_step_benchmark_compares_sdpa_auto_and_compiled_on_the_same_batches(
 
 def test_the_paths_train_the_same_model_on_the_same_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
-    monkeypatch.setattr(autotune, "workers_decision", lambda run: {"workers": 1, "reason": "scripted"})
+    monkeypatch.setattr(workers, "workers_decision", lambda run: {"workers": 1, "reason": "scripted"})
     spec = tmp_path / "spec.yaml"
     spec.write_text(textwrap.dedent(SPEC))
     r = overhead.step_throughput(str(spec), steps=30)

@@ -311,7 +311,7 @@ def test_runs_of_an_edited_spec_are_not_compared_with_the_new_ones(tmp_path):
     current = runs[runs["current"]]
     assert len(runs) == 6 and sorted(current["variant"]) == ["mha", "mha"] and set(current["steps"]) == {3}
     assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
-    summary = bench.run.current_summary(load(tmp_path / "out"), load_spec(spec)[0])
+    summary = bench.run.current_summary(load(tmp_path / "out"), load_spec(spec)[0].design)
     (comparison,) = summary.comparisons
     assert comparison.n == 2 and comparison.seeds == [0, 1]  # not four seeds from two budgets
     current = load(tmp_path / "out").runs.query("current")
@@ -487,7 +487,7 @@ def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, 
 
 
 def test_a_claim_whose_pid_was_reused_is_abandoned():
-    from bench.store import _owner_alive, owner_id
+    from bench.store.writer import _owner_alive, owner_id
 
     me = owner_id()  # this process holds the PID now
     assert _owner_alive(me, time.time())
@@ -514,6 +514,24 @@ class TanhMLP(nn.Module):
     def forward(self, x):
         return self.c_proj(self.c_fc(x).tanh())
 '''
+
+
+def test_a_plan_selects_variants_and_seeds_as_expand_plans_them(tmp_path):
+    """One expansion per invocation: --only's variants and adaptive seeds' next seed are selected from the
+    study's plan, each run (a quantized variant's float run included) as expand would plan it."""
+    text = TINY.replace("  mqa: {model.attention: mqa}",
+                        "  mqa: {model.attention: mqa}\n  int8: {model.quantization: int8_dynamic}")
+    spec, sources = load_spec(write_spec(tmp_path, text + "sweep: {train.lr: [1.0e-3, 2.0e-3]}\n"))
+    study = expand(spec, sources)
+
+    def planned(plan) -> list[tuple]:
+        return [(r.run_id, r.variant, r.sweep, r.seed, r.kind, r.parent_id, r.role, r.config) for r in plan.runs]
+
+    for only, seeds in ((["int8"], [5]), (["mqa", "mha"], [3, 0]), (["int8", "mha"], None), (None, None)):
+        assert planned(study.select(only, seeds)) == planned(expand(spec, sources, only=only, seeds=seeds)), only
+    assert {r.variant for r in study.select(["int8"], [5]).runs} == {"int8", "int8 (float)"}  # its float run, for it
+    with pytest.raises(SpecError, match="--only nope: no such variant; variants: mha, mqa, int8"):
+        study.select(["nope"])
 
 
 def test_editing_a_plugin_gives_the_runs_that_use_it_new_ids(tmp_path, monkeypatch):
@@ -543,8 +561,8 @@ def test_editing_a_plugin_gives_the_runs_that_use_it_new_ids(tmp_path, monkeypat
 
 
 def test_a_run_refuses_a_plugin_edited_since_it_was_planned(tmp_path, monkeypatch):
-    from bench.config import RunConfig
-    from models import ComponentError, load_plugins
+    from bench.executor import run_claimed
+    from bench.worker import read_config, write_config
     from models.registry import _REGISTRY
 
     (tmp_path / "tanh_mlp2.py").write_text(TANH_MLP.replace('"tanh"', '"tanh2"'))
@@ -554,13 +572,14 @@ def test_a_run_refuses_a_plugin_edited_since_it_was_planned(tmp_path, monkeypatc
     spec = write_spec(tmp_path, TINY.replace("  mqa: {model.attention: mqa}", "  tanh: {model.mlp: tanh2}")
                       + "plugins: [tanh_mlp2]\n")
     run = next(r for r in expand(*load_spec(spec, [])).runs if r.variant == "tanh")
-    saved = run.config.model_dump_json()  # what a torchrun worker reads from run.json
-    assert RunConfig.model_validate_json(saved) == run.config
+    write_config(tmp_path, run.config)  # what its torchrun ranks and any executing process read back
+    assert read_config(tmp_path) == run.config
     (tmp_path / "tanh_mlp2.py").write_text(TANH_MLP.replace('"tanh"', '"tanh2"') + "# edited\n")
     with pytest.raises(ValueError, match="plugin 'tanh_mlp2' changed since this run was planned"):
-        RunConfig.model_validate_json(saved)
-    with pytest.raises(ComponentError, match="changed since this run was planned"):  # as an executor loads it
-        load_plugins(run.config.plugins)
+        read_config(tmp_path)
+    outcome = run_claimed(run, tmp_path / "out", lambda event: None)  # as an executor executes it: failed, not trained
+    assert outcome.status == "failed" and not (tmp_path / "out" / "runs" / run.run_id / "metrics.jsonl").exists()
+    assert outcome.reason.startswith("ComponentError: plugin 'tanh_mlp2' changed since this run was planned")
 
 
 def test_a_plugin_attention_that_cannot_rotate_is_refused_with_the_spec_line(tmp_path, monkeypatch):
@@ -670,15 +689,15 @@ def test_a_ladder_study_reports_each_steps_change_and_the_climb_from_the_first(t
     out = tmp_path / "out"
     assert main([str(write_spec(tmp_path, LADDER, steps=6)), "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
-    assert "Recipe ladder" in html and 'alt="recipe ladder: each step\'s paired change"' in html
+    assert "Recipe ladder" in html and '="recipe ladder: each step\'s paired change"' in html  # the figure's label
     assert "vs the first step" in html and html.count("n = 2") >= 4  # two later steps × (step, cumulative)
 
 
 def test_workers_auto_runs_the_measured_number_of_processes(tmp_path, capsys, monkeypatch):
-    from bench import autotune, hardware
+    from bench import hardware, workers
 
     seen = []
-    monkeypatch.setattr(autotune, "workers_decision",
+    monkeypatch.setattr(workers, "workers_decision",
                         lambda run: seen.append(run) or {"workers": 2, "reason": "2×1 threads trains most here"})
     out = tmp_path / "out"
     assert main([str(write_spec(tmp_path, steps=3)), "--out", str(out), "--workers", "auto"]) == 0

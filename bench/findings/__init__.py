@@ -22,6 +22,7 @@ import pandas as pd
 
 from bench.analysis import StudySummary
 from bench.formatting import significant
+from bench.spec import StudyDesign
 
 FINDINGS = Path("ablations") / "findings"  # the shipped specs, one per direction
 AGREES = {"agrees": "yes", "disagrees": "no", "undecided": "undecided"}
@@ -42,17 +43,16 @@ def study_minutes(runs: pd.DataFrame, kernels: pd.DataFrame) -> float:
     return total / 60
 
 
-def finding_row(summary: StudySummary, spec: dict, runs: pd.DataFrame, kernels: pd.DataFrame) -> dict:
-    """The findings table's row for one study (its stored spec, with ``finding``): the direction, its
-    source, each expected comparison (the variant against the reference the spec names) with our Δ,
+def finding_row(summary: StudySummary, design: StudyDesign, runs: pd.DataFrame, kernels: pd.DataFrame) -> dict:
+    """The findings table's row for one study on one machine (its design has a ``finding``): the
+    direction, its source, each expected comparison (the variant against its reference) with our Δ,
     CI and verdict, seeds, minutes and whether we agree."""
-    finding = spec["finding"]
-    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
+    finding = design.finding
     by_pair = {(c.variant, c.reference): c for c in summary.comparisons}
     comparisons, outcomes = [], []
-    for variant, expected in finding["expect"].items():
+    for variant, expected in finding.expect.items():
         expected = [expected] if isinstance(expected, str) else list(expected)
-        c = by_pair.get((variant, (spec.get("compare") or {}).get(variant, baseline)))
+        c = by_pair.get((variant, design.reference_of(variant)))
         verdict = c.verdict if c else "not run"
         outcomes.append("agrees" if verdict in expected else "disagrees" if verdict in ("better", "worse", "equivalent")
                         else "undecided")
@@ -61,19 +61,19 @@ def finding_row(summary: StudySummary, spec: dict, runs: pd.DataFrame, kernels: 
                             "ci_high": c.ci_high if c else None, "unit": c.unit if c else "",
                             "seeds": c.n if c else 0, "sentence": c.sentence() if c else f"{variant} has no verdict yet"})
     order_note, order_holds = "", True
-    if finding.get("order"):
+    if finding.order:
         means = summary.variants.set_index("variant")[f"{summary.metric}_mean"] if not summary.variants.empty else {}
-        values = [means.get(v, math.nan) for v in finding["order"]]
+        values = [means.get(v, math.nan) for v in finding.order]
         sign = -1 if summary.higher_is_better else 1
         order_holds = all(not math.isnan(x) for x in values) and all(
             sign * a <= sign * b for a, b in zip(values, values[1:]))
-        observed = sorted(finding["order"], key=lambda v: sign * means.get(v, math.inf))
-        order_note = (f"expected order (best first, on the means) {' > '.join(finding['order'])}: "
+        observed = sorted(finding.order, key=lambda v: sign * means.get(v, math.inf))
+        order_note = (f"expected order (best first, on the means) {' > '.join(finding.order)}: "
                       + ("holds" if order_holds else f"not observed ({' > '.join(observed)})"))
     status = ("disagrees" if "disagrees" in outcomes or (all(o == "agrees" for o in outcomes) and not order_holds)
               else "agrees" if all(o == "agrees" for o in outcomes) else "undecided")
-    return {"study": summary.study, "machine": summary.machine, "direction": finding["direction"],
-            "source": finding["source"], "sanity": bool(finding.get("sanity")), "metric": summary.metric_name,
+    return {"study": summary.study, "machine": summary.machine, "direction": finding.direction,
+            "source": finding.source, "sanity": finding.sanity, "metric": summary.metric_name,
             "comparisons": comparisons, "order": order_note, "seeds": max((c["seeds"] for c in comparisons), default=0),
             "minutes": study_minutes(runs, kernels), "status": status, "agrees": AGREES[status]}
 

@@ -35,6 +35,7 @@ from bench.kernels.config import (
 from bench.timing import agrees, max_error, time_interleaved
 from models import ModelConfig, build_model, quantize
 from models.accounting import ATTENTION_BACKWARD, matmul_flops_per_token
+from models.attention_backends import KernelChooser, sdpa_choice, use_kernels
 from models.config import attention_features, missing_features
 from models.contract import FEATURES
 from models.registry import Component, ComponentError, build_spec, get, list_components, resolve
@@ -45,8 +46,10 @@ Row = dict
 class Context:
     """Device, dtype, measured peaks and timing settings shared by every case."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, min_time: float, noisy_threshold: float):
+    def __init__(self, device: torch.device, dtype: torch.dtype, min_time: float, noisy_threshold: float,
+                 kernels: KernelChooser = sdpa_choice):
         self.device, self.dtype, self.min_time, self.noisy = device, dtype, min_time, noisy_threshold
+        self.kernels = kernels  # what `backend: auto` runs in every case: the choices are recorded there
         self.cache = "cold (L2 flushed)" if device.type == "cuda" else "warm"
 
     @functools.cached_property
@@ -289,6 +292,7 @@ def _candidate(variant: Variant, backend: dict | None, label: str, sizes: dict, 
             return _Candidate(status={"status": "unsupported", "reason": f"{label} {missing}"})
         config = _checked(config)
         module = build_spec("attention", config.attention, config)
+        use_kernels(module, ctx.kernels)
         module.load_state_dict(reference.state_dict())
         return _Candidate(module.to(ctx.device, ctx.dtype).eval(), component.limitation())
     except Exception as e:  # noqa: BLE001 - a shape or option the backend rejects: a row
@@ -633,7 +637,7 @@ def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row
                  "reason": f"attention '{variant.name}' does not {FEATURES['cache']} (cache): it handles "
                            f"{', '.join(sorted(handles)) or 'none of the attention features'}"}]
     config = _checked(config)
-    model = build_model(config, seed=0).to(ctx.device, ctx.dtype).eval()
+    model = build_model(config, seed=0, kernels=ctx.kernels).to(ctx.device, ctx.dtype).eval()
     idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device,
                         generator=torch.Generator(device=ctx.device).manual_seed(0))
     prompt = idx[:, : cfg.prompt]

@@ -22,16 +22,19 @@ SECTIONS: dict[str, Callable] = {
 assert tuple(SECTIONS) == SECTION_NAMES
 
 
-def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Time every section the spec names; each row carries this machine's label."""
-    autotune.install()  # a variant or backend list naming `auto` times the choice it makes here
+def run_kernels(spec: KernelSpec, on_row: Callable[[dict], None] | None = None,
+                kernels: autotune.KernelChoices | None = None) -> list[dict]:
+    """Time every section the spec names; each row carries this machine's label. A variant or backend
+    list naming `auto` times what `kernels` chooses: a study's recorded choices where a call matches,
+    else the choice measured on this machine (the one every run here makes)."""
+    kernels = kernels or autotune.KernelChoices()
     device = hardware.resolve_device(spec.device)
     dtype = cases.machine_dtype(spec.dtype, device)
     previous_threads = torch.get_num_threads()
     if spec.threads and device.type == "cpu":
         torch.set_num_threads(spec.threads)
     try:
-        ctx = cases.Context(device, dtype, spec.min_time, spec.noisy_threshold)
+        ctx = cases.Context(device, dtype, spec.min_time, spec.noisy_threshold, kernels)
         machine = hardware.machine_label()
         rows = []
         with cuda_settings(allow_tf32=False), _compile_every_shape():

@@ -2,8 +2,9 @@
 
     python -m bench.report results/attention [results/attention-gpu ...] [-o report.html]
 
-One self-contained file (figures inlined as PNG, no scripts, no network requests). Several folders —
-the same spec on a laptop and on a GPU — merge into one report with the machines side by side.
+One self-contained file (figures inlined as SVG, no scripts, no network requests); a section appears only
+where the study has something to show in it. Several folders — the same spec on a laptop and on a GPU —
+merge into one report with the machines side by side.
 Everything that came from a spec is HTML-escaped by the template engine.
 """
 
@@ -20,13 +21,13 @@ import pandas as pd
 
 from bench import costs, scaling
 from bench.analysis import (
-    QUALITY, SCALING_TABLES, VERDICTS, StudySummary, eligible_points, eval_runs, ladder_climb, point_key,
-    scaling_per_machine, summarise, tuned_points, with_metric,
+    NOT_RUN, QUALITY, SCALING_TABLES, VERDICTS, StudyAnalysis, StudySummary, Tuning, analyse, eval_runs,
 )
 from bench.findings import delta_text, finding_row, suite_folders, summary_line
 from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
-from bench.results import Results, load
+from bench.spec import StudyDesign
+from bench.store import Results, load, read_spec
 from bench.speed import speed_phrase
 
 TEMPLATE = Path(__file__).with_name("template.html")
@@ -34,7 +35,8 @@ FINDINGS_TEMPLATE = Path(__file__).with_name("findings.html")
 
 
 def _merge(folders: list[Path]) -> Results:
-    """Several results folders as one: every row keeps its folder; studies carry their parsed spec."""
+    """Several results folders as one: every row keeps its folder; studies carry their spec as stored
+    (``spec``, what the report shows) and their design (``design``, what it reads)."""
     loaded = [(folder, load(folder)) for folder in folders]
     frames = {}
     for part in ("runs", "metrics", "kernels", "serving"):
@@ -42,8 +44,9 @@ def _merge(folders: list[Path]) -> Results:
     studies = []
     for folder, r in loaded:
         for _, row in r.studies.iterrows():
+            design = read_spec(row["spec"], f"{folder / 'results.db'}: study '{row['name']}'").design
             studies.append({"folder": str(folder), "name": row["name"], "spec": json.loads(row["spec"]),
-                            "command": row["command"]})
+                            "design": design, "command": row["command"]})
     if not studies:
         raise ValueError(f"no study recorded in {', '.join(map(str, folders))}")
     return Results(frames["runs"], frames["metrics"], frames["kernels"], pd.DataFrame(studies), frames["serving"])
@@ -135,16 +138,35 @@ def _pivot(rows: pd.DataFrame, cell) -> dict:
     return {"columns": [f"{n} tokens" for n in lengths] or ["median"], "rows": table}
 
 
-def _kernel_tables(kernels: pd.DataFrame) -> list[dict]:
+def _quiet_rerun(command: str | None, spec: dict, rows: pd.DataFrame) -> str | None:
+    """The command that times a machine's kernels again, quietly: the study's own command with ten
+    times the samples (at least a second per candidate) and, on a CPU, the threads fixed at those the
+    noisy timing used. A changed kernels: section is timed again (its hash is new) while finished
+    runs are not repeated; the tables then show the newer timing."""
+    if not command:
+        return None
+    min_time = float((spec.get("kernels") or {}).get("min_time") or 0.1)
+    extra = f" --set kernels.min_time={_setting(max(1.0, 10 * min_time))}"
+    timed = rows[(rows["component"] != "train_step") & (rows["device"] == "cpu")] if "device" in rows else rows.iloc[:0]
+    threads = timed["threads"].dropna() if "threads" in timed else []
+    if len(threads):
+        extra += f" --set kernels.threads={int(threads.iloc[-1])}"
+    return command + extra
+
+
+def _kernel_tables(kernels: pd.DataFrame, spec: dict | None = None, commands: dict[str, str] | None = None) -> list[dict]:
     """Per machine: each timed component's latencies (and attention's FLOP/s and % of peak) as compact
-    tables, decode costs per attention, and what could not run, once per backend and reason."""
+    tables, decode costs per attention, and what could not run, once per backend and reason. Where a
+    latency is noisy, ``rerun`` is the command that measures it quietly (`commands`: each results
+    folder's study command)."""
     if kernels.empty:
         return []
     out = []
-    for machine, rows in kernels.groupby("machine", sort=False):
+    timed = kernels[kernels["component"] != "train_step"] if "component" in kernels else kernels  # steps: their own section
+    for machine, rows in timed.groupby("machine", sort=False):
         ok = rows[rows["status"] == "ok"]
         components = []
-        for component, group in ok[~ok["component"].isin(["decode", "train_step"])].groupby("component", sort=False):
+        for component, group in ok[ok["component"] != "decode"].groupby("component", sort=False):
             components.append({"component": component, "latency": _pivot(group, _latency),
                                "throughput": _pivot(group, _throughput)
                                if "flops_per_s" in group and group["flops_per_s"].notna().any() else None})
@@ -164,7 +186,10 @@ def _kernel_tables(kernels: pd.DataFrame) -> list[dict]:
         not_run = [{"what": (r["backend"] if isinstance(r.get("backend"), str) else r["name"]),
                     "component": r["component"], "status": r["status"], "reason": r["reason"]}
                    for _, r in skipped.drop_duplicates(["component", "backend", "status", "reason"]).iterrows()]
-        out.append({"machine": machine, "components": components, "decode": decode_rows, "not_run": not_run})
+        noisy = bool(ok["noisy"].eq(True).any()) if "noisy" in ok else False  # NaN where a row was not timed
+        folder = rows["folder"].iloc[-1] if "folder" in rows else None
+        out.append({"machine": machine, "components": components, "decode": decode_rows, "not_run": not_run,
+                    "noisy": noisy, "rerun": _quiet_rerun((commands or {}).get(folder), spec or {}, ok) if noisy else None})
     return out
 
 
@@ -185,7 +210,7 @@ def _optima(optima: list[dict]) -> str:
                      for o in optima)
 
 
-def _scaling_rows(summary: dict) -> dict:
+def _scaling_rows(summary: dict, palette: figures.Palette | None = None) -> dict:
     """One machine's scaling summary (``analysis.scaling_summary``) as table rows and its figure."""
     fits = [{"variant": r["variant"], **{k: significant(r[k], 4) for k in scaling.PARAMS},
              **{f"{k}_ci": f"{significant(r[f'{k}_ci'][0], 4)} – {significant(r[f'{k}_ci'][1], 4)}" for k in scaling.PARAMS},
@@ -207,49 +232,53 @@ def _scaling_rows(summary: dict) -> dict:
                     "range": f"{flops(c['range'][0])} – {flops(c['range'][1])} (outside: extrapolation)",
                     "max_residual": significant(c["max_residual"], 3)}
                    for c in summary["compute_law"]]
-    figure = figures.scaling_figure(summary["points"], summary["parametric"])
+    figure = figures.scaling_figure(summary["points"], summary["parametric"], palette)
     return {"fits": fits, "multipliers": multipliers, "approach2": approach2, "compute_law": compute_law,
             "figures": [figure] if figure else []}
 
 
-def _scaling_section(parts: list[dict]) -> dict | None:
+def _scaling_section(parts: list[dict], palette: figures.Palette | None = None) -> dict | None:
     """The report's scaling section from ``analysis.scaling_per_machine``: every machine's rows and figures."""
     if not parts:
         return None
-    formatted = [_scaling_rows(part) for part in parts]
+    formatted = [_scaling_rows(part, palette) for part in parts]
     merged = {key: [row for part in formatted for row in part[key]] for key in SCALING_TABLES}
     merged["figures"] = [f for part in formatted for f in part["figures"]]
     return merged
 
 
-def _tuning_section(tuning: pd.DataFrame, spec: dict, flags: dict[str, list[str]]) -> dict | None:
-    """Each variant's tune points: mean val loss over the tuning seeds, failures, eligibility, the
-    chosen one; what to doubt about the choices (grid edges, unstable neighbours); and the
-    sensitivity figure."""
-    if tuning.empty:
+SIZE_KEYS = ("model.n_embd", "model.n_layer")  # sweeping either grows the model
+BUDGET_KEYS = ("train.tokens", "train.steps", "train.flops", "train.seconds")
+
+
+def _asks_for_scaling(design: StudyDesign) -> bool:
+    """Whether a study is a scaling study (its spec sweeps model size and budget, or names extrapolate_to):
+    the report then says why no law was fitted; in any other study the section is left out."""
+    sweep = design.sweep
+    return bool(design.extrapolate_to) or (any(k in sweep for k in SIZE_KEYS) and any(k in sweep for k in BUDGET_KEYS))
+
+
+def _tuning_section(tuning: Tuning | None, flags: dict[str, list[str]],
+                    palette: figures.Palette | None = None) -> dict | None:
+    """Each variant's tune points (``analysis.Tuning``): mean val loss over the tuning seeds, failures,
+    eligibility, the chosen one; what to doubt about the choices (grid edges, unstable neighbours);
+    and the sensitivity figure."""
+    if tuning is None:
         return None
-    chosen, _ = tuned_points(spec, tuning)
-    points = eligible_points(tuning).set_index(["variant", "point"])
-    rows = []
-    for (variant, point), group in tuning.groupby(["variant", tuning["sweep"].map(point_key)], sort=False):
-        stats = points.loc[(variant, point)]
-        rows.append({"variant": variant, "setting": ", ".join(f"{k}={v}" for k, v in group["sweep"].iloc[0].items()),
-                     "val_loss": significant(group.loc[group["status"] == "finished", "val_loss"].mean(), 4),
-                     "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
-                     "diverged": int(stats["diverged"]), "failed": int(stats["failed"]),
-                     "eligible": bool(stats["eligible"]), "chosen": chosen.get(variant) == group["sweep"].iloc[0]})
-    return {"rows": rows, "figure": figures.sensitivity_figure(tuning),
+    rows = [{"variant": r["variant"], "setting": ", ".join(f"{k}={v}" for k, v in r["sweep"].items()),
+             "val_loss": significant(r["val_loss"], 4), "seeds": ", ".join(map(str, r["seeds"])),
+             "diverged": int(r["diverged"]), "failed": int(r["failed"]), "eligible": bool(r["eligible"]),
+             "chosen": bool(r["chosen"])} for r in tuning.points.to_dict("records")]
+    return {"rows": rows, "figure": figures.sensitivity_figure(tuning.runs, palette),
             "flags": [{"variant": v, "flag": f} for v, fs in flags.items() for f in fs]}
 
 
-def _ladder_section(runs: pd.DataFrame, curves: pd.DataFrame, ladder: list[str] | None,
-                    summary: StudySummary | None) -> dict | None:
+def _ladder_section(analysis: StudyAnalysis | None) -> dict | None:
     """A recipe ladder: each step's paired change from the step before (with its verdict) and from the
-    first step, as a table and a waterfall figure."""
-    if not ladder or summary is None:
+    first step (``analysis.ladder_climb``), as a table and a waterfall figure."""
+    if analysis is None or analysis.ladder is None:
         return None
-    mine = runs[runs["machine"] == summary.machine] if summary.machine else runs
-    climb = ladder_climb(with_metric(mine, curves, summary.metric_spec)[0], ladder, summary.metric)
+    summary, climb = analysis.summary, analysis.ladder
     verdicts = {c.variant: c.verdict for c in summary.comparisons}
 
     def change(row, label: str) -> str:
@@ -324,9 +353,9 @@ def _variant_rows(summary: StudySummary, baseline: str) -> tuple[list[str], list
     return [summary.metric_name] + [m.replace("_", " ") for m in metrics[1:]], rows
 
 
-def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tuple[str, str]]:
+def _settings(design: StudyDesign, runs: pd.DataFrame, summary: StudySummary) -> list[tuple[str, str]]:
     """The study's settings, one line each: model, data, budget, seeds, tuning, precision."""
-    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
+    baseline = design.baseline
     train = runs[(runs["variant"] == baseline) & (runs["kind"] == "train")] if "kind" in runs else runs.iloc[:0]
     config = next((c for c in train.get("config", []) if isinstance(c, dict)), None)
     lines = []
@@ -344,23 +373,21 @@ def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tup
         lines.append(("data", f"{d.get('source')}{f' ({what})' if what != d.get('source') else ''}{tokenizer}, "
                               f"vocabulary {m.get('vocab_size')}, {seq_len}-token sequences"))
         kinds = ("steps", "tokens", "flops", "seconds")
-        if any(f"train.{k}" in (spec.get("sweep") or {}) for k in kinds):  # one budget per sweep point
+        if any(f"train.{k}" in design.sweep for k in kinds):  # one budget per sweep point
             lines.append(("budget", f"per sweep point (below), batch {t['batch_size']}"))
         else:
             budget = next((f"{t[k]:,} {k}" if k != "flops" else flops(t[k]) for k in kinds if t.get(k)), "–")
             tokens = train["tokens"].median() if "tokens" in train and train["tokens"].notna().any() else None
             lines.append(("budget", f"{budget} per run, batch {t['batch_size']}"
                                     + (f" ({count(tokens)} tokens per run)" if tokens else "")))
-    for key, values in (spec.get("sweep") or {}).items():  # the model and budget lines show the first point
+    for key, values in design.sweep.items():  # the model and budget lines show the first point
         show = flops if key == "train.flops" else count if key == "train.tokens" else _setting
         lines.append(("sweep", f"{key} in {{{', '.join(str(show(v)) for v in values)}}}"))
     seeds = sorted({int(s) for s in eval_runs(runs)["seed"]})
     lines.append(("seeds", f"{', '.join(map(str, seeds))}; {summary.design.describe()}"))
-    tune = spec.get("tune")
-    if tune:
-        keys = {k: v for k, v in tune.items() if k != "tune_seeds"}
+    if design.tune:
         tuning_seeds = sorted({int(s) for s in runs.loc[runs.get("role") == "tune", "seed"]}) if "role" in runs else []
-        lines.append(("tuning", "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in keys.items())
+        lines.append(("tuning", "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in design.tune.items())
                                 + f", chosen per variant on tuning seed(s) {', '.join(map(str, tuning_seeds)) or '–'}"))
     else:
         lines.append(("tuning", "none: every variant at the spec's settings"))
@@ -370,35 +397,28 @@ def _settings(spec: dict, runs: pd.DataFrame, summary: StudySummary) -> list[tup
     return lines
 
 
-def study_summaries(results: Results) -> list[StudySummary]:
-    """The verdicts of the first study in `results`, one summary per machine, from its current runs."""
-    spec = results.studies.iloc[0]["spec"]
-    runs = results.runs[results.runs["current"]].copy()
-    runs["machine"] = runs["machine"].fillna("(not run)")
-    out = []
-    for machine, group in runs.groupby("machine", sort=False):
-        summary = summarise(group, spec, machine, curves=results.metrics)
-        if not summary.variants.empty:
-            out.append(summary)
-    return out
+def study_analyses(results: Results) -> list[StudyAnalysis]:
+    """The first study in (merged) `results`, analysed once from its current runs: one analysis per machine."""
+    design = results.studies.iloc[0]["design"]
+    return analyse(results.runs[results.runs["current"]], design, curves=results.metrics)
 
 
-def _findings(results: Results, summaries: list[StudySummary]) -> list[dict]:
+def _findings(results: Results, analyses: list[StudyAnalysis]) -> list[dict]:
     """The findings table's rows of a study that tests a published direction (one per machine)."""
-    spec = results.studies.iloc[0]["spec"]
-    if not spec.get("finding"):
+    design = results.studies.iloc[0]["design"]
+    if design.finding is None:
         return []
-    runs = results.runs[results.runs["current"]].assign(machine=results.runs["machine"].fillna("(not run)"))
+    runs = results.runs[results.runs["current"]].assign(machine=results.runs["machine"].fillna(NOT_RUN))
     kernels = results.kernels
-    return [finding_row(s, spec, runs[runs["machine"] == s.machine],
-                        kernels[kernels["machine"] == s.machine] if "machine" in kernels else kernels)
-            for s in summaries]
+    return [finding_row(a.summary, design, runs[runs["machine"] == a.machine],
+                        kernels[kernels["machine"] == a.machine] if "machine" in kernels else kernels)
+            for a in analyses]
 
 
 def study_rows(folder: str | Path) -> list[dict]:
     """The findings rows of one results folder (empty where its study tests no published direction)."""
     results = _merge([Path(folder)])
-    return _findings(results, study_summaries(results))
+    return _findings(results, study_analyses(results))
 
 
 def suite_rows(folder: str | Path) -> list[dict]:
@@ -414,12 +434,13 @@ def summary_json(folders: list[str | Path]) -> dict:
     if len(folders) == 1 and suite_folders(Path(folders[0])) and not (Path(folders[0]) / "results.db").exists():
         return {"findings": suite_rows(Path(folders[0]))}
     results = _merge([Path(f) for f in folders])
-    summaries = study_summaries(results)
-    if not summaries:
+    analyses = study_analyses(results)
+    if not analyses:
         raise ValueError(f"no finished runs in {', '.join(map(str, folders))}")
+    summaries = [a.summary for a in analyses]
     first = summaries[0].to_dict()
     out = {**first, "comparisons": [c for s in summaries for c in s.to_dict()["comparisons"]],
-           "findings": _findings(results, summaries)}
+           "findings": _findings(results, analyses)}
     if len(summaries) > 1:
         out["machines"] = [s.to_dict() for s in summaries]
     return out
@@ -446,15 +467,15 @@ def build_report(folders: list[str | Path]) -> str:
     folders = [Path(f) for f in folders]
     results = _merge(folders)
     studies = results.studies.to_dict("records")
-    spec = studies[0]["spec"]
-    baseline = spec.get("baseline") or next(iter(spec.get("variants", {})), "")
-    summaries = study_summaries(results)
+    spec, design = studies[0]["spec"], studies[0]["design"]  # the spec as stored (shown), its design (read)
+    baseline = design.baseline
+    analyses = study_analyses(results)  # the verdicts, tuning, ladder and scaling laws of each machine
+    summaries = [a.summary for a in analyses]
     runs, metrics, kernels = results.runs[results.runs["current"]].copy(), results.metrics, results.kernels
     failed = [{"variant": r["variant"] + (" (tuning)" if r.get("role") == "tune" else ""), "seed": r["seed"],
                "status": r["status"], "reason": r["reason"]}
               for _, r in runs[runs["status"].isin(["failed", "diverged"])].iterrows()]
-    tuning = runs[runs["role"] == "tune"] if "role" in runs else runs.iloc[:0]
-    all_runs = runs.assign(machine=runs["machine"].fillna("(not run)"))
+    all_runs = runs.assign(machine=runs["machine"].fillna(NOT_RUN))
     runs = eval_runs(all_runs)  # what the verdicts, curves and tables are about; tuning has its own section
     if not metrics.empty:  # the current plan's steps (runs of an edited spec's earlier plan stay out)
         metrics = metrics.merge(runs[["run_id", "folder"]], on=["run_id", "folder"])
@@ -466,13 +487,16 @@ def build_report(folders: list[str | Path]) -> str:
     machines = runs.dropna(subset=["hardware"]).drop_duplicates("machine")
     metric = summaries[0].metric if summaries else "val_loss"
     higher = summaries[0].higher_is_better if summaries else False
+    # one colour per variant in every figure: the baseline first, the spec's order, then any other name shown
+    palette = figures.variant_palette([baseline, *design.variants, *all_runs["variant"],
+                                       *kernels.get("name", []), *serving.get("variant", [])])
     figs = {
-        "curves": figures.loss_curves(metrics, runs, floor),
-        "final": figures.final_metrics(combined, list(QUALITY)) if not combined.empty else None,
-        "cost": figures.quality_vs_cost(combined, metric, higher) if not combined.empty else None,
-        "moe": figures.moe_figure(metrics, runs) if not metrics.empty else None,
-        "quantization": figures.quantization_figure(quantized) if not quantized.empty else None,
-        "serving": figures.serving_figure(serving) if not serving.empty else None,
+        "curves": figures.loss_curves(metrics, runs, floor, palette),
+        "final": figures.final_metrics(combined, list(QUALITY), palette) if not combined.empty else None,
+        "cost": figures.quality_vs_cost(combined, metric, higher, palette) if not combined.empty else None,
+        "moe": figures.moe_figure(metrics, runs, palette) if not metrics.empty else None,
+        "quantization": figures.quantization_figure(quantized, palette) if not quantized.empty else None,
+        "serving": figures.serving_figure(serving, palette) if not serving.empty else None,
     }
     study_lines = []
     for x in summaries:
@@ -483,19 +507,20 @@ def build_report(folders: list[str | Path]) -> str:
             "noise": x.noise.sentence(x.metric_name), "headlines": _headlines(x, runs, kernels),
             "forest": figures.forest(x.comparisons, x.metric, x.design.margin, x.higher_is_better),
             "comparisons": _comparison_rows(x), "columns": columns, "variants": rows,
-            "settings": _settings(spec, all_runs[all_runs["machine"] == x.machine], x)})
+            "settings": _settings(design, all_runs[all_runs["machine"] == x.machine], x)})
     context = {
-        "name": spec.get("name", ""),
-        "description": spec.get("description", ""),
+        "name": design.name,
+        "description": design.description,
         "baseline": baseline,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "summaries": study_lines,
         "figures": figs,
         "floor": floor,
-        "kernel_figures": figures.kernel_figures(kernels) if not kernels.empty else [],
-        "kernels": _kernel_tables(kernels),
+        "kernel_figures": figures.kernel_figures(kernels, palette) if not kernels.empty else [],
+        "kernels": _kernel_tables(kernels, spec, {s["folder"]: s["command"] for s in studies}),
         "speed": _speed_rows(kernels),
-        "scaling": _scaling_section(scaling_per_machine(runs, baseline, spec.get("extrapolate_to"))),
+        "scaling": _scaling_section([a.scaling for a in analyses if a.scaling], palette),
+        "scaling_asked": _asks_for_scaling(design),
         "quantized": [{"variant": r["variant"], "seed": r["seed"], "val_loss_float": significant(r["val_loss_float"], 4),
                        "val_loss": significant(r["val_loss"], 4), "change": percent(r["val_loss_change"]),
                        "bytes_float": size(r["model_bytes_float"]), "bytes": size(r["model_bytes"]),
@@ -514,8 +539,9 @@ def build_report(folders: list[str | Path]) -> str:
                     for _, r in serving.iterrows()],
         "serving_settings": _serving_settings(serving),
         "failed": failed,
-        "tuning": _tuning_section(tuning, spec, summaries[0].tuning if summaries else {}),
-        "ladder": _ladder_section(runs, results.metrics, spec.get("ladder"), summaries[0] if summaries else None),
+        "tuning": _tuning_section(analyses[0].tuning if analyses else None, summaries[0].tuning if summaries else {},
+                                  palette),
+        "ladder": _ladder_section(analyses[0] if analyses else None),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
                       "threads": r["hardware"].get("torch_threads"), "gpu": r["hardware"].get("gpu"),
@@ -525,7 +551,7 @@ def build_report(folders: list[str | Path]) -> str:
         "spec": spec,
         "n_runs": len(runs),
         "findings": [{**r, "deltas": [delta_text(c) for c in r["comparisons"]], "minutes": f"{r['minutes']:.1f}"}
-                     for r in _findings(results, summaries)],
+                     for r in _findings(results, analyses)],
     }
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE.read_text()).render(**context)

@@ -1,9 +1,18 @@
-"""The report's figures: seaborn on matplotlib's Agg backend, returned as inline PNG data URIs."""
+"""The report's figures: seaborn on matplotlib's Agg backend, returned as inline SVG markup.
+
+SVG rather than PNG: tick labels and legends stay text that the browser lays out (the report's
+Chromium test measures their boxes), figures scale without blur, and the report stays one
+self-contained file. Every figure that shows variants takes the report's one ``variant_palette``, so
+a variant has the same colour in every figure; every axis is labelled in plain numbers (2, 20, 150k,
+1.5G — never 2×10⁰ or 1e9) and ``to_svg`` thins or turns tick labels until no two overlap.
+"""
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import io
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 import matplotlib
 
@@ -13,18 +22,217 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from markupsafe import Markup  # noqa: E402
+from matplotlib import category, ticker  # noqa: E402
 
 from bench.analysis import pareto_front  # noqa: E402
-from bench.formatting import BYTE_UNITS, TIME_UNITS, count, flop_rate, flops, significant, size, unit_for  # noqa: E402
+from bench.formatting import BYTE_UNITS, SI, TIME_UNITS, missing, significant, unit_for  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+# Text stays <text> that the browser sets in DejaVu Sans (or its sans-serif), not glyph outlines; clip
+# paths and markers are named by a hash of their content with a fixed salt: the same store, the same bytes.
+matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "archbench"})
+
+Palette = Mapping[str, str]  # a variant's name -> its colour as #rrggbb
 
 
-def to_data_uri(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+def variant_palette(names: Iterable) -> dict[str, str]:
+    """One colour per name, in the order given — the baseline first, then the spec's variants, then any
+    other name a figure shows (a kernel, a served variant): tab10's ten, then evenly spaced hues.
+    The report builds it once and passes it to every figure, so a variant has one colour throughout."""
+    order = list(dict.fromkeys(n for n in names if isinstance(n, str) and n))
+    colours = list(sns.color_palette("tab10", 10))
+    if len(order) > 10:
+        colours += sns.color_palette("husl", len(order) - 10)
+    return {name: matplotlib.colors.to_hex(c) for name, c in zip(order, colours)}
+
+
+def _base_name(name: str, palette: Palette) -> str:
+    """The palette's name for a line of a variant on one machine ("gqa · laptop", "gqa @ laptop")."""
+    if name in palette:
+        return name
+    for separator in (" · ", " @ "):
+        if separator in name and name.split(separator)[0] in palette:
+            return name.split(separator)[0]
+    return name
+
+
+def colours_for(names: Iterable[str], palette: Palette | None = None) -> dict[str, str]:
+    """The colour of each of `names` from `palette` (a variant on one machine takes the variant's), in
+    the palette's order (legends list the baseline first). Without a palette (a figure drawn on its
+    own) the names' own order makes one; names the palette lacks get the colours that follow its own."""
+    names = list(dict.fromkeys(names))
+    if palette is None:
+        return variant_palette(names)
+    unknown = [n for n in names if _base_name(n, palette) not in palette]
+    extended = variant_palette([*palette, *unknown]) if unknown else palette
+    rank = {n: i for i, n in enumerate(extended)}
+    return {n: extended[_base_name(n, extended)] for n in sorted(names, key=lambda n: rank[_base_name(n, extended)])}
+
+
+# -- tick labels --------------------------------------------------------------------------------------
+
+def short(value: float, digits: int = 3) -> str:
+    """A tick label: `digits` significant figures with an SI suffix, trailing zeros dropped — 0.003, 2,
+    20, 150k, 1.5M, 150G (the axis label names the unit: FLOPs, tokens, FLOP/s)."""
+    if missing(value) or not np.isfinite(value):
+        return ""
+    if value == 0:
+        return "0"
+    rounded = float(significant(value, digits))  # rounding first: 999.6k reads 1M, not 1000k
+    unit, scale = unit_for(abs(rounded), SI)
+    return _trim(significant(rounded / scale, digits)) + unit
+
+
+def short_size(value: float, digits: int = 3) -> str:
+    """Bytes in binary units, trailing zeros dropped: 512 B, 4 KiB, 97.7 KiB."""
+    if missing(value) or not np.isfinite(value):
+        return ""
+    if value == 0:
+        return "0"
+    unit, scale = unit_for(abs(value), BYTE_UNITS)
+    return f"{_trim(significant(value / scale, digits))} {unit}"
+
+
+def plain(value: float, digits: int = 3) -> str:
+    """A number as a tick label: `digits` significant figures in positional notation, trailing zeros
+    dropped (0.25, 3, 1200, 0.0005)."""
+    if missing(value) or not np.isfinite(value):
+        return ""
+    return "0" if value == 0 else _trim(significant(value, digits))
+
+
+def _trim(text: str) -> str:
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+class TickLabels(ticker.Formatter):
+    """Tick labels from `format_value(value, digits)` with as few significant figures (three at least)
+    as tell an axis's ticks apart: 2.46, 2.47 on a wide axis, 2.4625, 2.465 on a narrow one — never
+    matplotlib's offset ("+2.46") or scientific notation (1e-5, ×10⁻⁵) beside the axis."""
+
+    def __init__(self, format_value: Callable[..., str] = plain):
+        self.format_value = format_value
+
+    def __call__(self, value, pos=None) -> str:
+        return self.format_value(value)
+
+    def format_ticks(self, values) -> list[str]:
+        labels = [self.format_value(v) for v in values]
+        for digits in range(4, 9):
+            if len(set(labels)) == len(labels):
+                break
+            labels = [self.format_value(v, digits) for v in values]
+        return labels
+
+
+def _humanise(axis, format_value: Callable[..., str] = short) -> None:
+    """Tick labels in units chosen by magnitude (never 1e9 or 2×10⁰): at most 5 ticks on a linear axis;
+    on a log one 1, 2 and 5 × each decade (``to_svg`` keeps the decades only where they crowd), the
+    minor ticks unlabelled."""
+    if axis.get_scale() == "log":
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(ticker.NullFormatter())
+    else:
+        axis.set_major_locator(ticker.MaxNLocator(nbins=4))
+    axis.set_major_formatter(TickLabels(format_value))
+
+
+def _plain_numbers(fig) -> None:
+    """Any axis of numbers a figure left to matplotlib's defaults labelled in plain numbers: its log
+    formatter prints 10⁰ at the decades and 2×10⁰, 3×10⁰ … at the minor ticks of a short range; its
+    linear one may move an offset or a power of ten beside the axis."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_formatter(), ticker.LogFormatter):
+                _humanise(axis, short)
+            elif isinstance(axis.get_major_formatter(), ticker.ScalarFormatter):
+                axis.set_major_formatter(TickLabels(plain))  # the locator matplotlib chose stays
+            if axis.get_scale() == "log" and not isinstance(axis.get_minor_formatter(), ticker.NullFormatter):
+                axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _drawn_ticks(axis) -> list:
+    """The ticks `axis` draws with a label (in its view, visible, not empty), as laid out now."""
+    # Axis._update_ticks is what Axis.draw itself calls: it positions and labels exactly the ticks drawn
+    return [t for t in axis._update_ticks() if t.label1.get_visible() and t.label1.get_text()]
+
+
+def _crowded(labels: list, renderer) -> bool:
+    """Whether any two labels' boxes overlap, each grown by a tenth of its font size on every side: the
+    browser may set the text in a slightly wider font than the one matplotlib measured."""
+    boxes = []
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        pad = 0.2 * label.get_fontsize() * renderer.points_to_pixels(1.0) / 2
+        boxes.append((box.x0 - pad, box.y0 - pad, box.x1 + pad, box.y1 + pad))
+    return any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+class _Decades(ticker.LogLocator):
+    """A log axis's ticks at its decades only: what a crowded 1-2-5 log axis falls back to."""
+
+
+def _declutter(fig) -> None:
+    """Make every axis's tick labels stand apart: a crowded log axis keeps its decades only, a crowded
+    axis of numbers every other tick (until none overlap), a crowded axis of names (which must all
+    stay) turns them upright, 45° first."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            names = isinstance(axis.get_major_formatter(), ticker.FixedFormatter | category.StrCategoryFormatter)
+            for _ in range(6):
+                ticks = _drawn_ticks(axis)
+                labels = [t.label1 for t in ticks]
+                if len(labels) < 2 or not _crowded(labels, renderer):
+                    break
+                locator = axis.get_major_locator()
+                if names:
+                    if axis is ax.yaxis or labels[0].get_rotation() == 90:
+                        break  # rows of names cannot turn: the figure's height is set per row instead
+                    angle = 45 if labels[0].get_rotation() < 45 else 90
+                    for label in axis.get_majorticklabels():
+                        label.set(rotation=angle, ha="right" if angle < 90 else "center", rotation_mode="anchor"
+                                  if angle < 90 else "default")
+                elif isinstance(locator, ticker.LogLocator) and not isinstance(locator, _Decades):
+                    axis.set_major_locator(_Decades(base=10, subs=(1.0,)))
+                else:
+                    axis.set_major_locator(ticker.FixedLocator([t.get_loc() for t in ticks][::2]))
+                    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+_TAG = re.compile(r"<[^>]+>")  # matplotlib escapes < in text, so this matches tags only
+
+
+def to_svg(fig) -> Markup:
+    """The figure as inline SVG markup for the report (closing it): log axes in plain numbers, tick
+    labels decluttered, no metadata (no date: the report is a pure function of the store), ids
+    prefixed by a hash of the figure so that no two figures in one page share one."""
+    _plain_numbers(fig)
+    _declutter(fig)
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight",
+                metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]  # no XML declaration or doctype inside HTML
+    svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)  # matplotlib comments each mathtext label's source
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    prefix = "f" + hashlib.sha256(svg.encode()).hexdigest()[:10] + "-"
+
+    def tag(match: re.Match) -> str:
+        text = match.group(0)
+        text = re.sub(r'\s+xmlns(:xlink)?="[^"]*"', "", text)  # HTML parses inline SVG into its namespace
+        text = text.replace("xlink:href=", "href=")  # SVG 2's plain href: no xlink namespace to declare
+        text = re.sub(r'\bid="', f'id="{prefix}', text)
+        text = text.replace('href="#', f'href="#{prefix}').replace("url(#", f"url(#{prefix}")
+        return text
+
+    return Markup(_TAG.sub(tag, svg).strip())
 
 
 def with_runs(metrics: pd.DataFrame, runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -34,19 +242,17 @@ def with_runs(metrics: pd.DataFrame, runs: pd.DataFrame, columns: list[str]) -> 
     return metrics.merge(runs[keys + columns], on=keys)
 
 
-CURVE_AXES = (("tokens", "tokens seen", count), ("flops", "training FLOPs", flops),
-              ("seconds", "training time (s, evaluation excluded)", significant))
+CURVE_AXES = (("tokens", "tokens seen", short), ("flops", "training FLOPs", short),
+              ("seconds", "training time (s, evaluation excluded)", plain))
+CURVE_POINTS = 400  # points per drawn curve: a panel is a few hundred pixels wide, and SVG grows with every point
+MACHINE_STYLES = ("-", "--", ":", "-.")  # the same variant on another machine: its colour, another dash
 
 
-def _humanise(axis, format_value) -> None:
-    """Tick labels in units chosen by magnitude (never 1e9): at most 5 ticks on a linear axis, the
-    decades on a log one."""
-    if axis.get_scale() == "log":
-        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    else:
-        axis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=4))
-    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: format_value(value)))
+def _thinned(frame: pd.DataFrame, points: int = CURVE_POINTS) -> pd.DataFrame:
+    """At most `points` rows of a curve, evenly spaced, the first and last kept."""
+    if len(frame) <= points:
+        return frame
+    return frame.iloc[np.unique(np.linspace(0, len(frame) - 1, points).round().astype(int))]
 
 
 def _in_unit(values: pd.Series, units) -> tuple[pd.Series, str]:
@@ -55,9 +261,11 @@ def _in_unit(values: pd.Series, units) -> tuple[pd.Series, str]:
     return values / scale, unit
 
 
-def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) -> str | None:
+def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None,
+                palette: Palette | None = None) -> Markup | None:
     """Val and training loss against tokens, training FLOPs and training time (a variant that wins per
-    step can lose per second): per variant the mean over seeds at each step, the band its min–max."""
+    step can lose per second): per variant the mean over seeds at each step, the band its min–max.
+    Each variant in its palette colour; with several machines, one dash per machine."""
     if metrics.empty or "val_loss" not in metrics:
         return None
     data = with_runs(metrics, runs, ["variant", "machine", "flops_per_token"])
@@ -68,11 +276,14 @@ def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) 
     data["train_loss"] = data.groupby(["machine", "run_id"])["train_loss"].transform(
         lambda x: x.rolling(20, min_periods=1).mean())
     axes_shown = [a for a in CURVE_AXES if a[0] in data and data[a[0]].notna().any()]
-    several = data["machine"].nunique() > 1
+    machines = list(dict.fromkeys(data["machine"]))
+    several = len(machines) > 1
     lines = data.assign(line=data["variant"] + (" · " + data["machine"] if several else ""))
-    order = {v: i for i, v in enumerate(runs["variant"].unique())}  # the baseline first, as the spec names them
+    order = {v: i for i, v in enumerate(palette or runs["variant"].unique())}  # the baseline first, as the spec names them
     names = sorted(lines["line"].unique(), key=lambda n: (order.get(n.split(" · ")[0], len(order)), n))
-    palette = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    colours = colours_for(names, palette)
+    dashes = {n: MACHINE_STYLES[machines.index(n.split(" · ")[1]) % len(MACHINE_STYLES)] if several else "-"
+              for n in names}
     log_x = {x: x != "seconds" and data[x].max() / max(data[x].min(), 1) > 20 for x, _, _ in axes_shown}
     fig, grid = plt.subplots(2, len(axes_shown), figsize=(4.4 * len(axes_shown), 7), squeeze=False)
     for row, (column, label) in enumerate((("val_loss", "validation loss"), ("train_loss", "training loss"))):
@@ -82,10 +293,11 @@ def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) 
                 group = points[points["line"] == name]
                 if group.empty:
                     continue
-                band = group.groupby("step").agg(x=(x, "mean"), mean=(column, "mean"), low=(column, "min"),
-                                                 high=(column, "max"))
-                ax.plot(band["x"], band["mean"], color=palette[name], label=name, linewidth=1.4)
-                ax.fill_between(band["x"], band["low"], band["high"], color=palette[name], alpha=0.2, linewidth=0)
+                band = _thinned(group.groupby("step").agg(x=(x, "mean"), mean=(column, "mean"), low=(column, "min"),
+                                                          high=(column, "max")))
+                ax.plot(band["x"], band["mean"], color=colours[name], linestyle=dashes[name], label=name, linewidth=1.4,
+                        marker="o" if len(band) < 3 else None, markersize=4)  # one evaluation is a point, not a line
+                ax.fill_between(band["x"], band["low"], band["high"], color=colours[name], alpha=0.2, linewidth=0)
             if floor is not None:
                 ax.axhline(floor, color="black", linestyle="--", linewidth=1, label="entropy rate (floor)")
             if log_x[x]:
@@ -97,16 +309,17 @@ def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame, floor: float | None) 
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False)
     fig.suptitle("mean over seeds (band: min–max over seeds)", y=0.94, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
 VERDICT_COLOURS = {"better": "#0a7b34", "worse": "#b42318", "equivalent": "#1d4ed8", "inconclusive": "#a58a00",
                    "saturated": "#7c3aed"}
 
 
-def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool) -> str | None:
+def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool) -> Markup | None:
     """Each comparison's paired difference from its reference with its 95% CI, the ±margin band shaded
-    and the verdict as the marker's colour: the study in one picture."""
+    and the verdict as the marker's colour (verdicts, not variants, are coloured here): the study in
+    one picture."""
     shown = [c for c in comparisons if np.isfinite(c.delta)]
     if not shown:
         return None
@@ -124,40 +337,43 @@ def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool
         ax.plot([], [], "o", color=VERDICT_COLOURS.get(verdict, "grey"), label=verdict)
     ax.set_yticks(range(len(shown)), [f"{c.variant} − {c.reference}" for c in shown])
     ax.set_ylim(len(shown) - 0.5, -0.5)
-    _humanise(ax.xaxis, lambda v: np.format_float_positional(v, precision=6, trim="-"))
+    _humanise(ax.xaxis, plain)
     better = "right" if higher_is_better else "left"
     ax.set_xlabel(f"Δ {metric.replace('_', ' ')} (variant − reference), paired, 95% CI; {better} is better")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, frameon=False, fontsize=8)
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
-def final_metrics(summary: pd.DataFrame, metrics: list[str]) -> str | None:
-    """Each variant's mean with its 95% confidence interval, per quality metric."""
+def final_metrics(summary: pd.DataFrame, metrics: list[str], palette: Palette | None = None) -> Markup | None:
+    """Each variant's mean with its 95% confidence interval, per quality metric, in its colour."""
     metrics = [m for m in metrics if summary[f"{m}_mean"].notna().any()]
     if not metrics:
         return None
+    colours = colours_for(summary["variant"], palette)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.5 * len(summary) + 1.6), squeeze=False)
+    labels = summary["variant"] + (" · " + summary["machine"] if summary["machine"].nunique() > 1 else "")
     for i, (ax, metric) in enumerate(zip(axes[0], metrics)):
         mean = summary[f"{metric}_mean"]
         low = (mean - summary[f"{metric}_ci_low"]).fillna(0)
         high = (summary[f"{metric}_ci_high"] - mean).fillna(0)
-        y = np.arange(len(summary))
-        ax.errorbar(mean, y, xerr=[low, high], fmt="o", capsize=4)
-        labels = summary["variant"] + (" · " + summary["machine"] if summary["machine"].nunique() > 1 else "")
-        ax.set_yticks(y, labels if i == 0 else [""] * len(y))
-        ax.invert_yaxis()
+        for y, (variant, m, lo, hi) in enumerate(zip(summary["variant"], mean, low, high)):
+            ax.errorbar([m], [y], xerr=[[lo], [hi]], fmt="o", capsize=4, color=colours[variant])
+        ax.set_yticks(np.arange(len(summary)), labels if i == 0 else [""] * len(summary))
+        ax.set_ylim(len(summary) - 0.5, -0.5)
+        _humanise(ax.xaxis, plain)
         ax.set_title(f"{metric.replace('_', ' ')}: mean and 95% CI")
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
-COST_PANELS = (("tokens_per_s", "training tokens/s (higher is better)", True, count),
-               ("peak_memory_bytes", "peak memory in training", False, size),
-               ("params", "parameters", False, count),
-               ("flops_per_token", "training FLOPs per token", False, flops),
-               ("kv_cache_bytes_per_token", "KV cache per token (bf16)", False, size))
+COST_PANELS = (("tokens_per_s", "training tokens/s (higher is better)", True, short),
+               ("peak_memory_bytes", "peak memory in training", False, short_size),
+               ("params", "parameters", False, short),
+               ("flops_per_token", "training FLOPs per token", False, short),
+               ("kv_cache_bytes_per_token", "KV cache per token (bf16)", False, short_size))
 
 
-def quality_vs_cost(summary: pd.DataFrame, metric: str = "val_loss", higher_is_better: bool = False) -> str | None:
+def quality_vs_cost(summary: pd.DataFrame, metric: str = "val_loss", higher_is_better: bool = False,
+                    palette: Palette | None = None) -> Markup | None:
     """The quality metric against each cost the runs recorded; the Pareto front joined."""
     quality = f"{metric}_mean"
     panels = [p for p in COST_PANELS if p[0] in summary and summary[p[0]].notna().sum() >= 2
@@ -166,100 +382,127 @@ def quality_vs_cost(summary: pd.DataFrame, metric: str = "val_loss", higher_is_b
     if not panels or len(data) < 2:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    palette = dict(zip(data["variant"].unique(), sns.color_palette(n_colors=data["variant"].nunique())))
+    colours = colours_for(data["variant"], palette)
     for ax, (column, label, higher_better, format_x) in zip(axes[0], panels):
         d = data.dropna(subset=[column])
         cost = -d[column].to_numpy(float) if higher_better else d[column].to_numpy(float)
         loss = -d[quality].to_numpy(float) if higher_is_better else d[quality].to_numpy(float)
         front = pareto_front(cost, loss)
-        sns.scatterplot(data=d, x=column, y=quality, hue="variant", palette=palette, ax=ax, s=60, legend=False)
+        sns.scatterplot(data=d, x=column, y=quality, hue="variant", hue_order=list(colours), palette=colours, ax=ax, s=60,
+                        legend=False)
         f = d[front].sort_values(column)
         ax.plot(f[column], f[quality], color="black", linewidth=1)
         _humanise(ax.xaxis, format_x)
+        _humanise(ax.yaxis, plain)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{metric.replace('_', ' ')} (mean over seeds)")
-    handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=c, label=v) for v, c in palette.items()]
+    handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=c, label=v) for v, c in colours.items()]
     handles.append(matplotlib.lines.Line2D([], [], color="black", label="Pareto front"))
-    fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False)
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
-def kernel_figures(kernels: pd.DataFrame) -> list[tuple[str, str]]:
+KERNEL_KEYS = ("machine", "component", "name", "backend", "direction", "seq_len", "phase")
+
+
+def kernel_figures(kernels: pd.DataFrame, palette: Palette | None = None) -> list[tuple[str, Markup]]:
     """Achieved FLOP/s of attention against sequence length (one panel per direction, one legend);
-    decode costs per attention; latency of the other kernels."""
+    decode costs per attention; latency of the other kernels. Each kernel in its variant's colour, the
+    latest timing of each (a quieter rerun replaces a noisy one, as in the tables)."""
     figures = []
     ok = kernels[kernels["status"] == "ok"] if "status" in kernels else kernels.iloc[0:0]
+    if not ok.empty:
+        ok = ok.drop_duplicates([k for k in KERNEL_KEYS if k in ok], keep="last")
+    colours = colours_for(ok["name"].dropna().astype(str), palette) if "name" in ok else {}
     attention = ok[ok["component"] == "attention"] if not ok.empty else ok
     if not attention.empty and attention["flops_per_s"].notna().any():
         several = attention["machine"].nunique() > 1
-        grid = sns.relplot(data=attention, x="seq_len", y="flops_per_s", hue="backend", style="name",
-                           col="direction", row="machine" if several else None, kind="line", markers=True,
-                           height=3.2, aspect=1.4, facet_kws={"sharey": False})
+        names = [n for n in colours if n in set(attention["name"])]  # legend in the palette's order
+        grid = sns.relplot(data=attention, x="seq_len", y="flops_per_s", hue="name", hue_order=names,
+                           palette={n: colours[n] for n in names}, style="backend", col="direction",
+                           row="machine" if several else None, kind="line", markers=True, height=3.2, aspect=1.4,
+                           facet_kws={"sharey": False})
         grid.set(xscale="log")
         lengths = sorted(attention["seq_len"].dropna().unique())
         for ax in grid.axes.flat:
-            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(lengths))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0f}"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            _humanise(ax.yaxis, flop_rate)
+            ax.xaxis.set_major_locator(ticker.FixedLocator(lengths))
+            ax.xaxis.set_major_formatter(TickLabels(short))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            _humanise(ax.yaxis, short)
         grid.set_axis_labels("sequence length", "achieved FLOP/s")
         grid.figure.subplots_adjust(wspace=0.35)
-        figures.append(("attention: achieved FLOP/s", to_data_uri(grid.figure)))
+        figures.append(("attention: achieved FLOP/s", to_svg(grid.figure)))
     decode = ok[ok["component"] == "decode"] if not ok.empty else ok
     if not decode.empty:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        steps = decode[decode["phase"] == "decode"]
-        prefill = decode[decode["phase"] == "prefill"]
-        for ax, data, column, title, units in (
-                (axes[0], steps, "per_token_s", "per-token decode latency", TIME_UNITS),
-                (axes[1], prefill, "median_s", "prefill latency", TIME_UNITS),
-                (axes[2], steps, "kv_cache_bytes", "KV cache after decoding", BYTE_UNITS)):
-            values, unit = _in_unit(data[column], units)
-            sns.barplot(data=data.assign(value=values), x="name", y="value", hue="machine", ax=ax,
-                        legend=ax is axes[0] and data["machine"].nunique() > 1)
-            ax.set(title=title, xlabel="attention", ylabel=unit)
-        figures.append(("decode", to_data_uri(fig)))
+        machines = list(dict.fromkeys(decode["machine"]))
+        fig, axes = plt.subplots(len(machines), 3, figsize=(12, 3.4 * len(machines)), squeeze=False)
+        for row, machine in zip(axes, machines):
+            mine = decode[decode["machine"] == machine]
+            steps = mine[mine["phase"] == "decode"]
+            prefill = mine[mine["phase"] == "prefill"]
+            for ax, data, column, title, units in (
+                    (row[0], steps, "per_token_s", "per-token decode latency", TIME_UNITS),
+                    (row[1], prefill, "median_s", "prefill latency", TIME_UNITS),
+                    (row[2], steps, "kv_cache_bytes", "KV cache after decoding", BYTE_UNITS)):
+                if data.empty:
+                    ax.set_axis_off()
+                    continue
+                values, unit = _in_unit(data[column], units)
+                sns.barplot(data=data.assign(value=values), x="name", y="value", hue="name",
+                            palette={n: colours[n] for n in data["name"]}, saturation=1, ax=ax, legend=False)
+                _humanise(ax.yaxis, plain)
+                ax.set(title=title + (f" · {machine}" if len(machines) > 1 else ""), xlabel="attention", ylabel=unit)
+        fig.tight_layout()
+        figures.append(("decode", to_svg(fig)))
     other = ok[ok["component"].isin(["mlp", "norm", "moe", "quantization"])] if not ok.empty else ok
     if not other.empty:
         values, unit = _in_unit(other["median_s"], TIME_UNITS)
-        grid = sns.catplot(data=other.assign(latency=values), x="latency", y="name", hue="machine", col="component",
-                           row="direction", kind="bar", sharex=False, sharey=False, height=2.6, aspect=1.4,
-                           legend=other["machine"].nunique() > 1)
+        several = other["machine"].nunique() > 1
+        other = other.assign(latency=values, label=other["name"] + (" · " + other["machine"] if several else ""))
+        grid = sns.catplot(data=other, x="latency", y="label", hue="name",
+                           palette={n: colours[n] for n in other["name"]}, col="component", row="direction",
+                           kind="bar", dodge=False, saturation=1, sharex=False, sharey=False, height=2.6, aspect=1.4,
+                           legend=False)
+        for ax in grid.axes.flat:
+            _humanise(ax.xaxis, plain)
         grid.set_axis_labels(f"latency ({unit}, median)", "")
-        figures.append(("other kernels", to_data_uri(grid.figure)))
+        figures.append(("other kernels", to_svg(grid.figure)))
     return figures
 
 
-def scaling_figure(points: pd.DataFrame, fits: dict) -> str | None:
+def scaling_figure(points: pd.DataFrame, fits: dict, palette: Palette | None = None) -> Markup | None:
     """Observed losses and fitted L(N, D) per variant, and each variant's compute-optimal frontier."""
     if not fits:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    palette = dict(zip(fits, sns.color_palette(n_colors=len(fits))))
+    colours = colours_for(fits, palette)
     for variant, fit in fits.items():
         d = points[points["variant"] == variant]
         for n, group in d.groupby("params"):
             tokens = np.geomspace(group["tokens"].min() / 2, group["tokens"].max() * 4, 50)
-            axes[0].plot(tokens, fit.loss(n, tokens), color=palette[variant], alpha=0.6, linewidth=1)
-            axes[0].scatter(group["tokens"], group["val_loss"], color=palette[variant], s=18)
+            axes[0].plot(tokens, fit.loss(n, tokens), color=colours[variant], alpha=0.6, linewidth=1)
+            axes[0].scatter(group["tokens"], group["val_loss"], color=colours[variant], s=18)
         spent = d["compute"] if "compute" in d else 6 * d["params"] * d["tokens"]
         compute = np.geomspace(spent.min() / 4, spent.max() * 100, 80)
-        axes[1].plot(compute, fit.frontier_loss(compute), color=palette[variant], label=variant)
-        axes[1].axvline(spent.max(), color=palette[variant], linestyle=":", linewidth=1)
-        axes[1].scatter(spent, d["val_loss"], color=palette[variant], s=14, alpha=0.6)
+        axes[1].plot(compute, fit.frontier_loss(compute), color=colours[variant], label=variant)
+        axes[1].axvline(spent.max(), color=colours[variant], linestyle=":", linewidth=1)
+        axes[1].scatter(spent, d["val_loss"], color=colours[variant], s=14, alpha=0.6)
     estimated = points["estimated"] if "estimated" in points else pd.Series(True, index=points.index)
-    axis = ("training compute C = 6ND" if estimated.all() else "training compute C = FLOPs/token × D"
+    axis = ("training compute C = 6ND (FLOPs)" if estimated.all() else "training compute C = FLOPs/token × D"
             + (" (6ND where not recorded)" if estimated.any() else ""))
     axes[0].set(xscale="log", xlabel="training tokens D", ylabel="val loss",
                 title="observed (dots) and fitted L(N, D) per model size (N: active parameters)")
     axes[1].set(xscale="log", xlabel=axis, ylabel="loss",
                 title="compute-optimal frontier (dotted: largest trained; right of it: extrapolation)")
+    for ax in axes:
+        _humanise(ax.xaxis, short)
+        _humanise(ax.yaxis, plain)
     axes[1].legend(fontsize=8)
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
-def moe_figure(metrics: pd.DataFrame, runs: pd.DataFrame) -> str | None:
+def moe_figure(metrics: pd.DataFrame, runs: pd.DataFrame, palette: Palette | None = None) -> Markup | None:
     """Expert utilisation at the end of training, and the auxiliary losses over training."""
     if "moe_expert_fractions" not in metrics or metrics["moe_expert_fractions"].isna().all():
         return None
@@ -271,37 +514,53 @@ def moe_figure(metrics: pd.DataFrame, runs: pd.DataFrame) -> str | None:
             for expert, fraction in enumerate(fractions):
                 rows.append({"variant": r["variant"], "layer": layer, "expert": expert, "fraction": fraction})
     util = pd.DataFrame(rows)
+    colours = colours_for(util["variant"], palette)
     fig, axes = plt.subplots(1, 4, figsize=(22, 4))
-    sns.boxplot(data=util, x="expert", y="fraction", hue="variant", ax=axes[0])
+    sns.boxplot(data=util, x="expert", y="fraction", hue="variant", hue_order=list(colours), palette=colours,
+                saturation=1, ax=axes[0])  # seaborn greys boxes and bars by default: the palette's colour exactly
     axes[0].axhline(1 / (util["expert"].max() + 1), color="black", linestyle="--", linewidth=1, label="uniform")
     axes[0].set_title("share of routed tokens per expert (final step; all layers and seeds)")
-    sns.lineplot(data=moe, x="step", y="moe_balance_loss", hue="variant", ax=axes[1])
+    # min–max over seeds, not a bootstrap interval: the same store draws the same band
+    sns.lineplot(data=moe, x="step", y="moe_balance_loss", hue="variant", hue_order=list(colours), palette=colours,
+                 errorbar=("pi", 100), ax=axes[1])
     axes[1].set_title("load-balancing loss (1 = uniform routing)")
     for ax, column, title in ((axes[2], "moe_z_loss", "router z-loss"),
                               (axes[3], "moe_dropped_fraction", "tokens dropped over capacity")):
-        sns.lineplot(data=moe, x="step", y=column, hue="variant", ax=ax, legend=False)
+        sns.lineplot(data=moe, x="step", y=column, hue="variant", hue_order=list(colours), palette=colours,
+                     errorbar=("pi", 100), ax=ax, legend=False)
         ax.set_title(title)
-    return to_data_uri(fig)
+    for ax in axes:
+        _humanise(ax.yaxis, plain)
+        if ax is not axes[0]:
+            _humanise(ax.xaxis, short)
+    return to_svg(fig)
 
 
-def quantization_figure(quantized: pd.DataFrame) -> str | None:
+def quantization_figure(quantized: pd.DataFrame, palette: Palette | None = None) -> Markup | None:
+    """Each quantized variant's val loss change against its model bytes, and its forward latency."""
     if quantized.empty:
         return None
     q = quantized.assign(loss_change_pct=100 * quantized["val_loss_change"], model_mib=quantized["model_bytes"] / 2**20)
+    colours = colours_for(q["variant"], palette)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    sns.scatterplot(data=q, x="model_mib", y="loss_change_pct", hue="variant", s=70, ax=axes[0])
+    sns.scatterplot(data=q, x="model_mib", y="loss_change_pct", hue="variant", hue_order=list(colours), palette=colours,
+                    s=70, ax=axes[0])
     axes[0].scatter(q["model_bytes_float"] / 2**20, [0.0] * len(q), marker="*", s=160, color="black", label="float")
     axes[0].axhline(0, color="black", linewidth=1)
     axes[0].legend(fontsize=8)
     axes[0].set(xlabel="model size (MiB, serialized)", ylabel="val loss change (%)", title="quality against model bytes")
-    sns.barplot(data=q, x="variant", y="latency_ms", ax=axes[1], color="tab:blue", label="quantized")
+    sns.barplot(data=q, x="variant", y="latency_ms", hue="variant", hue_order=list(colours), palette=colours,
+                saturation=1, ax=axes[1], legend=False)
     axes[1].axhline(q["latency_ms_float"].median(), color="black", linestyle="--", label="float")
     axes[1].set(ylabel="forward latency (ms, median)", title="inference latency of one val batch")
     axes[1].legend(fontsize=8)
-    return to_data_uri(fig)
+    for ax in axes:
+        _humanise(ax.yaxis, plain)
+    _humanise(axes[0].xaxis, plain)
+    return to_svg(fig)
 
 
-def sensitivity_figure(tuning: pd.DataFrame) -> str | None:
+def sensitivity_figure(tuning: pd.DataFrame, palette: Palette | None = None) -> Markup | None:
     """Each variant's val loss against its tuned setting (mean over tuning seeds; × where a seed
     diverged or failed): a variant that only works at one setting shows it here."""
     if tuning.empty:
@@ -313,24 +572,29 @@ def sensitivity_figure(tuning: pd.DataFrame) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     done = frame[frame["status"] == "finished"]
     if not done.empty:
-        sns.lineplot(data=done, x="x", y="val_loss", hue="variant", marker="o", errorbar=("pi", 100), ax=ax)
+        colours = colours_for(done["variant"], palette)
+        sns.lineplot(data=done, x="x", y="val_loss", hue="variant", hue_order=list(colours), palette=colours,
+                     marker="o", errorbar=("pi", 100), ax=ax)
     bad = frame[frame["status"] != "finished"]
     if not bad.empty:  # diverged or failed: no loss to plot, marked at the top of the axes
         top = ax.get_ylim()[1] if not done.empty else 1.0
         ax.scatter(bad["x"], [top] * len(bad), marker="x", color="red", s=60, label="diverged or failed", zorder=3)
         ax.legend(fontsize=8)
-    if single and frame["x"].max() / max(frame["x"].min(), 1e-300) > 10:
-        ax.set_xscale("log")
+    if single:
+        if frame["x"].max() / max(frame["x"].min(), 1e-300) > 10:
+            ax.set_xscale("log")
+        _humanise(ax.xaxis, plain)
+    _humanise(ax.yaxis, plain)
     ax.set_xlabel(", ".join(keys))
     ax.set_ylabel("val loss (tuning seeds)")
     ax.set_title("sensitivity to the tuned setting (mean over tuning seeds)")
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
-def ladder_figure(climb: pd.DataFrame, metric: str, higher_is_better: bool = False) -> str | None:
+def ladder_figure(climb: pd.DataFrame, metric: str, higher_is_better: bool = False) -> Markup | None:
     """A recipe ladder as a waterfall: each step's bar runs from the cumulative difference before it to
     the one after it (its paired difference from the step before); the dots are the cumulative paired
-    difference from the first step with its 95% CI."""
+    difference from the first step with its 95% CI. Coloured by direction (helped or hurt), not variant."""
     if climb.empty or climb["cumulative"].isna().all():
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(climb) + 2), 4))
@@ -345,26 +609,35 @@ def ladder_figure(climb: pd.DataFrame, metric: str, higher_is_better: bool = Fal
                 label=f"cumulative vs {climb['step'].iloc[0]} (95% CI)")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(x, [f"+{s}" if i else s for i, s in enumerate(climb["step"])], rotation=30, ha="right")
+    _humanise(ax.yaxis, plain)
     ax.set_ylabel(f"paired Δ {metric.replace('_', ' ')}")
     ax.set_title("recipe ladder: each step's paired change, cumulative from the first")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return to_data_uri(fig)
+    return to_svg(fig)
 
 
-def serving_figure(serving: pd.DataFrame) -> str | None:
+def serving_figure(serving: pd.DataFrame, palette: Palette | None = None) -> Markup | None:
     """Each variant served under load: generated tokens/s against concurrency, and p99 inter-token
     latency against tokens/s (lower right is better: more throughput at the same tail latency)."""
     if serving.empty:
         return None
+    colours = colours_for(serving["variant"], palette)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    sns.lineplot(data=serving, x="concurrency", y="tokens_per_s", hue="variant", marker="o", ax=axes[0])
+    sns.lineplot(data=serving, x="concurrency", y="tokens_per_s", hue="variant", hue_order=list(colours),
+                 palette=colours, marker="o", ax=axes[0])
     axes[0].set(xscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
                 title="throughput against concurrency")
-    axes[0].set_xticks(sorted(serving["concurrency"].unique()), labels=[str(c) for c in sorted(serving["concurrency"].unique())])
+    # the levels measured, as plain numbers (matplotlib's log axis printed 2×10⁰, 3×10⁰ between them)
+    axes[0].xaxis.set_major_locator(ticker.FixedLocator(sorted(serving["concurrency"].unique())))
+    axes[0].xaxis.set_major_formatter(TickLabels(short))
+    axes[0].xaxis.set_minor_locator(ticker.NullLocator())
+    _humanise(axes[0].yaxis, short)
     latency, unit = _in_unit(serving["itl_p99_s"], TIME_UNITS)
-    sns.lineplot(data=serving.assign(latency=latency), x="tokens_per_s", y="latency", hue="variant", marker="o",
-                 sort=False, ax=axes[1], legend=False)
+    sns.lineplot(data=serving.assign(latency=latency), x="tokens_per_s", y="latency", hue="variant",
+                 hue_order=list(colours), palette=colours, marker="o", sort=False, ax=axes[1], legend=False)
+    _humanise(axes[1].xaxis, short)
+    _humanise(axes[1].yaxis, plain)
     axes[1].set(xlabel="generated tokens/s", ylabel=f"p99 inter-token latency ({unit})",
                 title="tail latency against throughput")
-    return to_data_uri(fig)
+    return to_svg(fig)

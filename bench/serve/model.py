@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.autotune import KernelChoices
 from bench.checkpoint import load_checkpoint
 from bench.config import RunConfig
 from bench.data.tokenizers import Tokenizer
@@ -29,7 +30,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
     if state is None:
         raise RunNotServable(f"{run_dir}: no checkpoint.pt (a post-training quantized variant keeps none; "
                              "serve its float run, or a run that finished training)")
-    model = build_model(run.model)
+    # `backend: auto` runs what the run trained with where a call matches, else what this machine measures
+    model = build_model(run.model, kernels=KernelChoices(state.get("kernels")))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer_of(run), run
 

@@ -1,13 +1,7 @@
-"""The results store: one SQLite database per results folder (WAL mode, writes in transactions).
+"""Writing the store: one SQLite database per results folder (WAL mode, writes in transactions).
 
-Tables: ``studies`` (the spec, the command that ran it and the identity of its current plan),
-``runs`` (resolved config and hash, role — ``tune`` for runs that choose a variant's setting on
-tuning seeds, ``eval`` for those that enter verdicts — status, final metrics, hardware fingerprint,
-git commit, library versions), ``planned`` (which runs each plan of a study holds: runs of an edited spec's old plan stay
-in the store but are not compared with the new ones), ``metrics`` (one row per run and step) and
-``kernels`` (kernel timings) and ``serving`` (a run served under load: one row per concurrency
-level, from ``python -m bench.serve bench``). Several runner processes, on one machine or on
-several sharing the folder, claim runs through the store, so each run is trained once.
+Several runner processes, on one machine or on several sharing the folder, claim runs through the
+store, so each run is trained once; a claim whose owner died is taken over.
 """
 
 from __future__ import annotations
@@ -22,48 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    name TEXT PRIMARY KEY, spec TEXT NOT NULL, command TEXT, updated_at REAL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    study TEXT NOT NULL,
-    variant TEXT NOT NULL,
-    sweep TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    role TEXT NOT NULL DEFAULT 'eval',
-    parent_id TEXT,
-    config TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    reason TEXT,
-    metrics TEXT,
-    owner TEXT,
-    heartbeat REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    started_at REAL,
-    finished_at REAL,
-    machine_id TEXT,
-    hardware TEXT,
-    libraries TEXT,
-    git_commit TEXT
-);
-CREATE TABLE IF NOT EXISTS planned (
-    study TEXT NOT NULL, plan TEXT NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (study, plan, run_id)
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    run_id TEXT NOT NULL, step INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (run_id, step)
-);
-CREATE TABLE IF NOT EXISTS kernels (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, machine_id TEXT, hardware TEXT, data TEXT NOT NULL,
-    recorded_at REAL
-);
-CREATE TABLE IF NOT EXISTS serving (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, run_id TEXT, variant TEXT, machine_id TEXT, hardware TEXT,
-    data TEXT NOT NULL, recorded_at REAL
-);
-"""
+from bench.store.schema import SCHEMA, migrate
 
 DONE = ("finished", "diverged")  # a rerun does not train these again
 STALE_SECONDS = 300.0  # a claim whose owner has not been heard from in this long is abandoned
@@ -103,6 +56,9 @@ def _owner_alive(owner: str | None, heartbeat: float | None) -> bool:
 
 
 class Store:
+    """A results folder's store, opened for writing: a runner's claims, heartbeats and outcomes, and the
+    kernel and serving rows. ``bench.store.reader`` reads it back as DataFrames."""
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -112,12 +68,8 @@ class Store:
         self._use_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)  # idempotent; executescript manages its own transaction
-        with self.transaction():  # under the write lock: two runners opening a new store migrate it once
-            columns = {row["name"] for row in self.db.execute("PRAGMA table_info(studies)")}
-            if "plan" not in columns:  # a store written before plans were recorded
-                self.db.execute("ALTER TABLE studies ADD COLUMN plan TEXT")
-            if "role" not in {row["name"] for row in self.db.execute("PRAGMA table_info(runs)")}:  # before tuning
-                self.db.execute("ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'eval'")
+        with self.transaction() as db:  # under the write lock: two runners opening a new store migrate it once
+            migrate(db)
 
     def _use_wal(self) -> None:
         """Switch to WAL (a persistent mode of the file). The switch takes its lock without waiting on the
