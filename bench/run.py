@@ -245,10 +245,12 @@ def print_failures(runs: pd.DataFrame, console: Console) -> None:
         console.print(f"failed: {escape(row['variant'])} seed {row['seed']}: {escape(str(row['reason']))}")
 
 
-def time_kernels(spec, store: Store, console: Console) -> None:
-    """The spec's kernels section, timed after training (alone on the machine) and stored once per machine."""
+def time_kernels(spec, folder: Path, store: Store, console: Console) -> None:
+    """The spec's kernels section, timed after training (alone on the machine) and stored once per machine;
+    `backend: auto` runs the study's recorded choices where a call matches one of its runs' on this machine."""
     import hashlib
 
+    from bench.autotune import KernelChoices
     from bench.kernels import run_kernels
 
     key = hashlib.sha256(spec.kernels.model_dump_json().encode()).hexdigest()[:16]
@@ -256,7 +258,10 @@ def time_kernels(spec, store: Store, console: Console) -> None:
         console.print("kernel timings for this machine are already stored")
         return
     console.print("timing kernels ...")
-    rows = run_kernels(spec.kernels)
+    runs = load(folder).runs
+    here = runs[(runs["study"] == spec.name) & (runs["machine_id"] == hardware.machine_id())]
+    recorded = [c for choices in here.get("attention_choices", []) if isinstance(choices, list) for c in choices]
+    rows = run_kernels(spec.kernels, kernels=KernelChoices(recorded))
     store.add_kernels(spec.name, [{**row, "spec_hash": key} for row in rows], hardware.environment())
     timed = [r for r in rows if r["status"] == "ok"]
     console.print(f"stored {len(rows)} kernel rows ({len(timed)} timed, {len(rows) - len(timed)} with a reason)")
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: timing training speed failed ({kernel_error}); the trained runs are stored", file=sys.stderr)
         if world.main and spec.kernels is not None:
             try:
-                time_kernels(spec, store, console)
+                time_kernels(spec, folder, store, console)
             except Exception as e:  # noqa: BLE001 - the trained runs are stored; summary and report still follow
                 kernel_error = f"{type(e).__name__}: {e}"
                 print(f"error: kernel timing failed ({kernel_error}); the trained runs are stored", file=sys.stderr)

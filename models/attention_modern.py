@@ -5,7 +5,8 @@ plus one small rotary key shared by every head (DeepSeek-AI 2024, arXiv 2405.044
 difference of two softmax maps, so that attention noise common to both cancels (Ye et al. 2024,
 arXiv 2410.05258).
 
-Both delegate to a kernel of the ``attention_backend`` family, like the built-in attention, so every
+Both only project (``models.attention.SelfAttention``): the shared ``Attend`` runs the cache, the mask and a
+kernel of the ``attention_backend`` family, as for the built-in attention, so every
 backend, the KV cache, dropout, sliding windows, ALiBi's score bias and decoding rows at different
 positions (a merged, ragged cache) work as far as the kernel can.
 Their q/k head dim differs from v's (MLA: head_dim + rope_dim against head_dim; diff: head_dim against

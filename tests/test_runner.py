@@ -470,13 +470,21 @@ def test_the_readmes_example_spec_is_valid(tmp_path):
     assert len(plan.runs) == 3 * 2 and {r.seed for r in plan.runs} == {0, 1}  # variants × evaluation seeds
 
 
-def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, capsys):
+def test_a_specs_kernels_section_is_timed_and_stored_once_per_machine(tmp_path, capsys, monkeypatch):
+    import bench.kernels
+    from bench.kernels.timer import run_kernels
+
+    given = []  # the kernel choices the timer was given: the study's recorded ones first
+    monkeypatch.setattr(bench.kernels, "run_kernels", lambda spec, **kw: given.append(kw["kernels"].records())
+                        or run_kernels(spec, **kw))
     kernels = ("kernels:\n  attention: {variants: [mha], backends: [math, sdpa, flash_attn], seq_lens: [32], batch: 1, "
                "n_head: 2, head_dim: 8}\n"
                "  min_time: 0.01\n")
     spec = write_spec(tmp_path, TINY + kernels, steps=2)
     out = tmp_path / "out"
     assert main([str(spec), "--out", str(out), "--only", "mha", "--seeds", "0"]) == 0
+    recorded = load(out).runs["attention_choices"].iloc[0]
+    assert recorded and given == [recorded]  # what the run chose is what `auto` replays when timed
     stored = load(out).kernels
     assert len(stored) == 3 and set(stored["study"]) == {"tiny"}
     assert set(stored["status"]) >= {"ok"} and stored["machine_id"].nunique() == 1
