@@ -188,28 +188,39 @@ def compile_decision(speed: dict, micro_steps: int | None) -> dict:
 
 class KernelChoices:
     """The kernel choices of one model (a ``KernelChooser``): a run's recorded choice where a call
-    matches one, else measured on this machine (``choose_attention``); every choice is kept, so a
-    run records what its ``backend: auto`` layers ran and serving, post-training quantization and
-    kernel timing run what it ran."""
+    matches one and its backend runs here, else `measure`'s (by default measured on this machine,
+    ``choose_attention``); every choice is kept, so a run records what its ``backend: auto`` layers ran
+    and serving, post-training quantization and kernel timing run what it ran."""
 
     def __init__(self, recorded: Iterable[dict] | None = None, measure: KernelChooser | None = None):
         self.measure = measure or choose_attention
         self.table: dict[str, dict] = {}
         self.remember(recorded or ())
 
-    def remember(self, recorded: Iterable[dict]) -> None:
-        """Replay these recorded choices (a run's, a checkpoint's) for the calls they were made for."""
-        self.table.update({r["call"]: r for r in recorded if "call" in r})
+    def remember(self, recorded: Iterable[dict]) -> bool:
+        """Replay these recorded choices (a run's, a checkpoint's) for the calls they were made for;
+        whether one of them replaces a different choice already made here."""
+        recorded = {r["call"]: r for r in recorded if "call" in r}
+        replaced = any(call in self.table and self.table[call]["spec"] != r["spec"] for call, r in recorded.items())
+        self.table.update(recorded)
+        return replaced
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, dropout_p: float,
                  direction: str) -> tuple[dict, dict]:
         call = call_label(call_key(q, k, v, mask, dropout_p, direction))
-        if call not in self.table:
+        record = self.table.get(call)
+        if record is None or _cannot_run(record["spec"], q.device):  # recorded on a machine with other kernels
             spec, record = self.measure(q, k, v, mask, dropout_p, direction)
-            self.table[call] = {**record, "spec": spec, "call": call}
-        record = self.table[call]
+            record = self.table[call] = {**record, "spec": spec, "call": call}
         return record["spec"], record
 
     def records(self) -> list[dict]:
         """Every choice made or replayed, in the order first asked."""
         return list(self.table.values())
+
+
+def _cannot_run(spec: dict, device: torch.device) -> str | None:
+    """Why a backend spec cannot run on this machine and device, or None."""
+    factory = get("attention_backend", spec["name"]).factory
+    limitation = getattr(factory, "device_limitation", None)
+    return get("attention_backend", spec["name"]).unavailable_reason() or (limitation(spec, device) if limitation else None)

@@ -180,7 +180,8 @@ def print_plugin_warnings(plan: Plan, console: Console) -> None:
     """Warn about a plugin component whose FLOPs or initialisation would mislead the study."""
     from models.plugin_checks import plugin_warnings
 
-    models = {repr(r.config.model): r.config.model for r in plan.runs if not r.pending}  # each distinct one once
+    # each distinct model once; a run whose vocabulary is known only after the data is prepared too: no check reads it
+    models = {repr(r.config.model): r.config.model for r in plan.runs}
     for warning in dict.fromkeys(w for model in models.values() for w in plugin_warnings(model)):
         console.print(f"warning: {warning}", markup=False, highlight=False, style="yellow")
 

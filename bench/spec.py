@@ -458,6 +458,12 @@ class Spec(BaseModel):
             base["train"] = {**base["train"], **self.budget}
         return deep_merge(base, expand_dotted(self.variants[variant]))
 
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Spec:
+        """A copy whose design is worked out again from its own fields (an update changes the design)."""
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("design", None)
+        return copied
+
     @cached_property
     def design(self) -> StudyDesign:
         """The study's design, worked out once from this validated spec: what analysis, the report, the
@@ -479,7 +485,7 @@ class StudyDesign:
     """What a study compares and how it decides, from its validated spec (``Spec.design``, the one place
     these are worked out: the default baseline, each variant's reference, the seeds, the tune grids).
     Analysis, the report, the runner and the findings read it; none of them reads the spec's keys.
-    Read-only: its mappings and lists are the design's own copies."""
+    Treat it as read-only: its mappings and lists are copies, so a change to one changes no spec."""
 
     name: str
     description: str

@@ -25,6 +25,7 @@ from bench.config import RunConfig, budget_steps
 from bench.data import Dataset, load_dataset
 from bench.schedules import learning_rate
 from models import build_model, flops_per_token, param_counts
+from models.attention_backends import use_kernels
 
 FINAL_TRAIN_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
 
@@ -188,7 +189,8 @@ class Trainer:
         state = self.strategy.load(self._checkpoint_path) if self.out_dir else None
         metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
         self._resumed = state or {}
-        self.kernels.remember((state or {}).get("kernels", ()))  # a resumed run runs the kernels it chose
+        if self.kernels.remember((state or {}).get("kernels", ())):  # a resumed run runs the kernels it chose;
+            use_kernels(self.model, self.kernels)  # ones chosen here before (to compile) differ: chosen again
         if state is None:
             if metrics and self.world.main:
                 metrics.unlink(missing_ok=True)
@@ -359,7 +361,8 @@ class Trainer:
     def _final(self, status, step, diverged_at, record, step_times, train_losses) -> dict[str, Any]:
         steady = steady_state(step_times)
         tokens_per_s = self.tokens_per_step / statistics.median(steady) if steady else None
-        kernel = getattr(getattr(self.model.blocks[0].attn, "attend", None), "kernel", None)
+        attn = self.model.blocks[0].attn
+        kernel = getattr(getattr(attn, "attend", attn), "kernel", None)  # a plugin may hold its kernel itself
         return {
             "status": status,
             "steps": step,

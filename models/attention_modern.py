@@ -249,8 +249,8 @@ class DifferentialAttention(SelfAttention):
                 + self.lambda_init)
 
     def project(self, x: Tensor, positional, pos: Tensor, values=None) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, C) -> q (B, 2h, T, d) with the first map's heads before the second's (heads 2i, then
-        2i + 1), k (B, 2h, T, d) in MHA's head order, as cached, and v (B, h, T, 2d)."""
+        """x (B, T, C) -> q and k (B, 2h, T, d), the first map's heads before the second's (MHA's heads
+        2i, then 2i + 1), and v (B, h, T, 2d); k and v as cached."""
         B, T, C = x.shape
         D = self.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -258,11 +258,11 @@ class DifferentialAttention(SelfAttention):
         k = k.view(B, T, self.n_head, D).transpose(1, 2)  # (B, 2h, T, d)
         v = v.view(B, T, self.n_head // 2, 2 * D).transpose(1, 2)  # (B, h, T, 2d)
         q, k = positional.rotate(q, pos), positional.rotate(k, pos)
-        return torch.cat([q[:, 0::2], q[:, 1::2]], 1), k, v
+        return torch.cat([q[:, 0::2], q[:, 1::2]], 1), torch.cat([k[:, 0::2], k[:, 1::2]], 1), v
 
     def expand(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Both maps in one kernel call: keys in the queries' order, each value head once per map."""
-        return torch.cat([k[:, 0::2], k[:, 1::2]], 1), torch.cat([v, v], 1)  # (B, 2h, Tk, d), (B, 2h, Tk, 2d)
+        """Both maps in one kernel call: each value head once per map."""
+        return k, torch.cat([v, v], 1)  # (B, 2h, Tk, d), (B, 2h, Tk, 2d)
 
     def score_slopes(self, positional) -> Tensor | None:
         """Each q/k head keeps its ALiBi slope, in the queries' order."""

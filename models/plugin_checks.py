@@ -27,36 +27,38 @@ def is_plugin(component: Component) -> bool:
 
 def plugin_warnings(config: ModelConfig) -> list[str]:
     """Why each plugin component of a model config would mislead a study, or [] when none would."""
+    # the model's own widths and heads (a plugin's options may need them), one short layer, a small vocabulary
+    try:
+        small = ModelConfig.from_dict({**config.to_dict(), "n_layer": 1, "block_size": 16, "vocab_size": 32})
+    except ValueError:  # an option that needs the model's own context length (a window): check at full size
+        small = config
     found = []
     for family in CHECKED_FAMILIES:
-        spec = getattr(config, family, None)
+        spec = getattr(small, family, None)
         if spec is None or not is_plugin(component := get(family, spec["name"])):
             continue
         options = {k: v for k, v in spec.items() if k != "name"}
         if "backend" in component.options:
             options["backend"] = "math"  # matmuls the counter sees (CPU SDPA's it does not)
         try:
-            problem = check_flops(family, spec["name"], options, rel_tol=FLOP_TOLERANCE)
+            counted = ModelConfig.from_dict({**small.to_dict(), family: {"name": spec["name"], **options}})
+            problem = check_flops(family, spec["name"], options, config=counted, rel_tol=FLOP_TOLERANCE)
+            found += [problem] if problem else []
+            if family == "attention":
+                found += unkeyed_fused_projections(build_spec("attention", spec, small), spec["name"], small.n_embd)
         except Exception as e:  # noqa: BLE001 - a component that cannot be built small: say so, keep checking
-            problem = f"{family} '{spec['name']}': its FLOPs could not be checked ({type(e).__name__}: {e})"
-        if problem:
-            found.append(problem)
-        if family == "attention":
-            found += unkeyed_fused_projections(spec, config)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            found.append(f"{family} '{spec['name']}': could not be checked at a small size ({type(e).__name__}: {reason})")
     return found
 
 
-def unkeyed_fused_projections(spec: dict, config: ModelConfig) -> list[str]:
-    """A warning per fused projection of an attention that declares no ``init_blocks()``."""
-    small = ModelConfig(n_layer=1, n_head=config.n_head, n_embd=config.n_embd, block_size=16, vocab_size=32,
-                        bias=config.bias, attention=spec)
-    module = build_spec("attention", spec, small)
+def unkeyed_fused_projections(module: nn.Module, name: str, n_embd: int) -> list[str]:
+    """A warning per fused projection (q with k and v: more than n_embd output rows from the input) of
+    an attention module that declares no ``init_blocks()``."""
     if hasattr(module, "init_blocks"):
         return []
-    C = config.n_embd
-    return [f"attention '{spec['name']}': its projection '{name}' ({m.in_features} → {m.out_features}) fuses "
-            f"{m.out_features / C:g} blocks of n_embd={C} rows but the module declares no init_blocks(), so it is "
-            "drawn as one block and, with the same seed, does not start from the reference's q, k and v weights; "
-            "declare init_blocks() as models.attention.Attention does"
-            for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and m.in_features == C and m.out_features >= 2 * C]
+    return [f"attention '{name}': its projection '{path}' ({m.in_features} → {m.out_features} rows) fuses blocks "
+            "but the module declares no init_blocks(), so it is drawn as one block and, with the same seed, does "
+            "not start from the reference's q, k and v weights; declare init_blocks() as models.attention.Attention does"
+            for path, m in module.named_modules()
+            if isinstance(m, nn.Linear) and m.in_features == n_embd and m.out_features > n_embd]

@@ -13,7 +13,8 @@ from bench.config import resolve_run
 from bench.timing import Timing
 from bench.train import train
 from models import build_model
-from models.attention_backends import AutoAttention, Mask
+from models.attention_backends import AutoAttention, Mask, call_key, call_label
+from models.registry import get
 from tests.conftest import registered, tiny
 
 
@@ -167,6 +168,24 @@ def test_a_model_is_built_with_its_chooser_and_choices_are_not_shared_through_a_
     assert chosen.blocks[0].attn.attend.kernel.ran == "math" and plain.blocks[0].attn.attend.kernel.ran == "sdpa"
 
 
+def test_a_recorded_kernel_that_cannot_run_here_is_measured_again():
+    measured = []
+
+    def measure(q, k, v, mask, dropout_p, direction):
+        measured.append(direction)
+        return {"name": "math"}, {"backend": "math", "reason": "measured here"}
+
+    q, k, v = torch.randn(3, 1, 2, 9, 8)
+    call = call_label(call_key(q, k, v, Mask.causal(9), 0.0, "forward"))
+    elsewhere = {"call": call, "backend": "xformers", "spec": {"name": "xformers"}, "reason": "fastest on a GPU box"}
+    if get("attention_backend", "xformers").unavailable_reason() is None:
+        pytest.skip("xformers runs here")
+    auto = AutoAttention()
+    auto.use(autotune.KernelChoices([elsewhere], measure=measure))
+    auto(q, k, v, Mask.causal(9))
+    assert measured == ["forward"] and auto.ran == "math"
+
+
 def test_recorded_choices_are_replayed_and_new_calls_measured():
     measured = []
 
@@ -206,7 +225,10 @@ def test_serving_and_quantization_run_the_kernels_the_run_recorded(tmp_path):
     assert isinstance(kernel.chooser, autotune.KernelChoices)
     with torch.no_grad():
         model(torch.randint(0, 16, (4, 16)))  # the evaluation's call: replayed from the run's record
-    assert list(kernel.choices.values()) == [evaluation]
+        assert list(kernel.choices.values()) == [evaluation]
+        model(torch.randint(0, 16, (3, 16)))  # a batch the run never ran: sdpa, nothing timed under load
+    unrecorded = list(kernel.choices.values())[1]
+    assert unrecorded["backend"] == "sdpa" and "the trained run never made" in unrecorded["reason"]
     quantized = run.model_copy(update={"model": run.model.model_copy(update={"quantization": "int8_dynamic"})})
     choices = evaluate_quantized(quantized, tmp_path)["attention_choices"]
     assert evaluation in choices and all("no kernel chooser" not in r["reason"] for r in choices)
@@ -318,3 +340,38 @@ def test_layouts_are_measured_by_training_side_by_side():
     # real processes: each layout's copies of the run train at once, and each counts its steps
     rates = workers.measure_layouts(resolve_run(*TINY_RUN, fp32_train()), [1, 2], 2, seconds=0.3)
     assert set(rates) == {1, 2} and all(r > 1 for r in rates.values())
+
+
+def test_a_resumed_run_runs_the_kernels_its_checkpoint_recorded(tmp_path):
+    from bench.checkpoint import load_checkpoint, save_checkpoint
+
+    run = resolve_run(dict(n_layer=1, n_head=2, n_embd=16, attention={"name": "mha", "backend": "auto"}),
+                      dict(source="task", task="induction", vocab_size=16, seq_len=16, n_train=200),
+                      dict(steps=4, batch_size=4, eval_every=4, checkpoint_every=2, device="cpu", dtype="float32"))
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(run, tmp_path, on_step=kill)
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    (training,) = [r for r in state["kernels"] if r["direction"] == "forward_backward"]
+    elsewhere = "sdpa.math" if training["backend"] != "sdpa.math" else "math"  # as if chosen on another machine
+    spec = {"name": "sdpa", "kernel": "math"} if elsewhere == "sdpa.math" else {"name": "math"}
+    state["kernels"] = [{**training, "backend": elsewhere, "spec": spec, "reason": "chosen before the run was moved"}]
+    save_checkpoint(path, state)
+    resumed = train(run, tmp_path)
+    assert resumed["attention_kernel"] == elsewhere  # what the run chose, not what this machine would
+    assert [r["backend"] for r in resumed["attention_choices"] if r["direction"] == "forward_backward"] == [elsewhere]
+
+
+def test_remember_says_whether_a_recorded_choice_replaces_one_made_here():
+    choices = autotune.KernelChoices(measure=lambda *a: ({"name": "sdpa"}, {"backend": "sdpa"}))
+    assert not choices.remember([{"call": "c", "backend": "math", "spec": {"name": "math"}}])  # new: nothing replaced
+    assert not choices.remember([{"call": "c", "backend": "math", "spec": {"name": "math"}}])  # the same choice
+    assert choices.remember([{"call": "c", "backend": "baddbmm", "spec": {"name": "baddbmm"}}])

@@ -85,3 +85,11 @@ def test_the_stored_spec_is_the_spec_as_run(tmp_path):
     db.close()
     spec, _ = load_spec(tmp_path / "spec.yaml")
     assert json.loads(text) == spec.model_dump(mode="json") and read_spec(text, "here").design == spec.design
+
+
+def test_a_copied_spec_with_changes_has_the_changed_design(tmp_path):
+    spec, _ = load_spec(write_spec(tmp_path, TINY), [])
+    assert spec.design.alpha == 0.05  # worked out, and kept
+    changed = spec.model_copy(update={"alpha": 0.01, "baseline": "mqa"})
+    assert (changed.design.alpha, changed.design.baseline) == (0.01, "mqa")
+    assert (spec.design.alpha, spec.design.baseline) == (0.05, "mha")  # the original's is its own

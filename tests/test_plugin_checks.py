@@ -40,10 +40,32 @@ def test_a_plugin_that_undercounts_its_flops_or_draws_a_fused_projection_whole_i
         assert len(warnings) == 2
         flops, fused = warnings
         assert flops.startswith("attention 'linear': the accounting says") and "declare extra_flops_per_token" in flops
-        assert ("its projection 'c_attn' (32 → 96) fuses 3 blocks of n_embd=32 rows but the module declares no "
-                "init_blocks()") in fused
+        assert "its projection 'c_attn' (32 → 96 rows) fuses blocks but the module declares no init_blocks()" in fused
     with registered("attention", "linear", declared(LinearAttention)):
         assert plugin_warnings(tiny(attention="linear")) == []
+
+
+def test_a_plugin_that_cannot_be_built_small_is_a_warning_not_a_crash():
+    class NeedsLongBlocks(declared(LinearAttention)):
+        def __init__(self, config):
+            if config.block_size < 64:
+                raise ValueError("block_size must be at least 64\nsecond line")
+            super().__init__(config)
+
+    with registered("attention", "linear", NeedsLongBlocks):
+        assert plugin_warnings(tiny(attention="linear", block_size=64)) == [
+            "attention 'linear': could not be checked at a small size (ValueError: block_size must be at least 64)"]
+
+
+def test_a_plugins_options_are_checked_at_the_models_own_heads():
+    class Grouped(declared(LinearAttention)):
+        def __init__(self, config, *, groups: int = 1):
+            if config.n_head % groups:
+                raise ValueError(f"groups={groups} must divide n_head={config.n_head}")
+            super().__init__(config)
+
+    with registered("attention", "linear", Grouped):
+        assert plugin_warnings(tiny(n_head=6, n_embd=48, attention={"name": "linear", "groups": 3})) == []
 
 
 def test_flops_within_two_percent_pass_and_built_ins_are_not_checked():

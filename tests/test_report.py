@@ -632,3 +632,11 @@ def test_noisy_latencies_come_with_a_command_that_measures_them_quietly(tmp_path
     quiet = [{**r, "noisy": False} for r in rows]
     (machine,) = _kernel_tables(pd.DataFrame(quiet), yaml.safe_load(STUDY), {"f": command})
     assert not machine["noisy"] and machine["rerun"] is None
+
+
+def test_the_tuning_setting_lists_each_variants_own_grid():
+    from bench.report import _grid
+
+    assert _grid("train.lr", [0.003, 0.006]) == "train.lr in {0.003, 0.006}"
+    assert (_grid("train.lr", {"adamw": [0.003, 0.006], "muon": [0.012, 0.024]})
+            == "train.lr in {0.003, 0.006} for adamw, {0.012, 0.024} for muon")  # the values, not the variants' names

@@ -49,7 +49,7 @@ class Context:
     def __init__(self, device: torch.device, dtype: torch.dtype, min_time: float, noisy_threshold: float,
                  kernels: KernelChooser = sdpa_choice):
         self.device, self.dtype, self.min_time, self.noisy = device, dtype, min_time, noisy_threshold
-        self.kernels = kernels  # what `backend: auto` runs in every case: the choices are recorded there
+        self.kernels = kernels  # what picks the kernel of `backend: auto` in every case (bench: KernelChoices)
         self.cache = "cold (L2 flushed)" if device.type == "cuda" else "warm"
 
     @functools.cached_property

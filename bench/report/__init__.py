@@ -258,8 +258,7 @@ def _asks_for_scaling(design: StudyDesign) -> bool:
     return bool(design.extrapolate_to) or (any(k in sweep for k in SIZE_KEYS) and any(k in sweep for k in BUDGET_KEYS))
 
 
-def _tuning_section(tuning: Tuning | None, flags: dict[str, list[str]],
-                    palette: figures.Palette | None = None) -> dict | None:
+def _tuning_section(tuning: Tuning | None, palette: figures.Palette | None = None) -> dict | None:
     """Each variant's tune points (``analysis.Tuning``): mean val loss over the tuning seeds, failures,
     eligibility, the chosen one; what to doubt about the choices (grid edges, unstable neighbours);
     and the sensitivity figure."""
@@ -270,7 +269,7 @@ def _tuning_section(tuning: Tuning | None, flags: dict[str, list[str]],
              "diverged": int(r["diverged"]), "failed": int(r["failed"]), "eligible": bool(r["eligible"]),
              "chosen": bool(r["chosen"])} for r in tuning.points.to_dict("records")]
     return {"rows": rows, "figure": figures.sensitivity_figure(tuning.runs, palette),
-            "flags": [{"variant": v, "flag": f} for v, fs in flags.items() for f in fs]}
+            "flags": [{"variant": v, "flag": f} for v, fs in tuning.flags.items() for f in fs]}
 
 
 def _ladder_section(analysis: StudyAnalysis | None) -> dict | None:
@@ -353,6 +352,17 @@ def _variant_rows(summary: StudySummary, baseline: str) -> tuple[list[str], list
     return [summary.metric_name] + [m.replace("_", " ") for m in metrics[1:]], rows
 
 
+def _grid(key: str, values: list | dict) -> str:
+    """A tuned key's candidates: one grid ("train.lr in {0.003, 0.006}"), or one per variant (different
+    optimizers' learning rates: "train.lr in {0.003, 0.006} for adamw, {0.012, 0.024} for muon")."""
+    def listed(grid: list) -> str:
+        return "{" + ", ".join(map(str, grid)) + "}"
+
+    if isinstance(values, dict):
+        return f"{key} in " + ", ".join(f"{listed(grid)} for {variant}" for variant, grid in values.items())
+    return f"{key} in {listed(values)}"
+
+
 def _settings(design: StudyDesign, runs: pd.DataFrame, summary: StudySummary) -> list[tuple[str, str]]:
     """The study's settings, one line each: model, data, budget, seeds, tuning, precision."""
     baseline = design.baseline
@@ -387,7 +397,7 @@ def _settings(design: StudyDesign, runs: pd.DataFrame, summary: StudySummary) ->
     lines.append(("seeds", f"{', '.join(map(str, seeds))}; {summary.design.describe()}"))
     if design.tune:
         tuning_seeds = sorted({int(s) for s in runs.loc[runs.get("role") == "tune", "seed"]}) if "role" in runs else []
-        lines.append(("tuning", "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in design.tune.items())
+        lines.append(("tuning", "; ".join(_grid(key, values) for key, values in design.tune.items())
                                 + f", chosen per variant on tuning seed(s) {', '.join(map(str, tuning_seeds)) or '–'}"))
     else:
         lines.append(("tuning", "none: every variant at the spec's settings"))
@@ -539,8 +549,7 @@ def build_report(folders: list[str | Path]) -> str:
                     for _, r in serving.iterrows()],
         "serving_settings": _serving_settings(serving),
         "failed": failed,
-        "tuning": _tuning_section(analyses[0].tuning if analyses else None, summaries[0].tuning if summaries else {},
-                                  palette),
+        "tuning": _tuning_section(analyses[0].tuning if analyses else None, palette),  # the flags of the table's choices
         "ladder": _ladder_section(analyses[0] if analyses else None),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
