@@ -203,8 +203,12 @@ def test_a_killed_ray_worker_is_retried_resumes_and_finishes_once(tmp_path):
         if not (out / "results.db").exists():
             continue
         db = sqlite3.connect(out / "results.db")
-        row = db.execute("SELECT run_id FROM runs WHERE status='running'").fetchone()
-        db.close()
+        try:
+            row = db.execute("SELECT run_id FROM runs WHERE status='running'").fetchone()
+        except sqlite3.OperationalError:  # the runner has created the file, not yet its tables: not ready
+            row = None
+        finally:
+            db.close()
         if row:
             metrics, log = out / "runs" / row[0] / "metrics.jsonl", out / "runs" / row[0] / "log.txt"
             if metrics.exists() and len(metrics.read_text().splitlines()) > 60:  # past the checkpoint at step 5·k

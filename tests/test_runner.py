@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -352,9 +351,12 @@ def test_rerun_skips_finished_runs_and_a_failed_run_is_recorded(tmp_path):
 
 
 def _runs(folder: Path) -> list[tuple]:
+    """The store's runs; none while the runner has created the file but not yet its tables."""
     db = sqlite3.connect(folder / "results.db")
     try:
         return db.execute("SELECT run_id, status, attempts FROM runs").fetchall()
+    except sqlite3.OperationalError:
+        return []
     finally:
         db.close()
 
@@ -362,21 +364,10 @@ def _runs(folder: Path) -> list[tuple]:
 def test_sigkill_mid_sweep_then_rerun_finishes_every_run_exactly_once(tmp_path):
     spec = write_spec(tmp_path, steps=40)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "bench.run", str(spec), "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once one run finished and another is past a checkpoint
-        time.sleep(0.2)
-        if not (out / "results.db").exists():
-            continue
-        rows = _runs(out)
-        running = [r for r in rows if r[1] == "running"]
-        if any(r[1] == "finished" for r in rows) and running:
-            metrics = out / "runs" / running[0][0] / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) > 12:
-                break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # dies as a SIGKILL would once one run finished and another is past its checkpoint at step 10
+    died = subprocess.run([sys.executable, str(ROOT / "tests" / "dying_runner.py"), "13", str(spec), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert died.returncode == 9, died.stdout[-2000:] + died.stderr[-2000:]
     before = {r[0]: r for r in _runs(out)}
     killed = [run_id for run_id, r in before.items() if r[1] == "running"]
     assert len(killed) == 1 and any(r[1] == "finished" for r in before.values())
