@@ -90,11 +90,9 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Ma
         reference = _run(MathAttention(), x32, mask, 0.0, direction)  # the gate runs without dropout
         timed = {}
         for label, spec in candidates:
-            factory = get("attention_backend", spec["name"]).factory
-            missing = needs - factory.capabilities(spec)
-            limitation = getattr(factory, "device_limitation", None)
-            reason = (f"cannot {', '.join(sorted(missing))}" if missing
-                      else limitation(spec, device) if limitation else None)
+            component = get("attention_backend", spec["name"])
+            missing = needs - component.factory.capabilities(spec)
+            reason = f"cannot {', '.join(sorted(missing))}" if missing else component.device_reason(spec, device)
             if reason:
                 rejected[label] = reason
                 continue
@@ -209,7 +207,8 @@ class KernelChoices:
                  direction: str) -> tuple[dict, dict]:
         call = call_label(call_key(q, k, v, mask, dropout_p, direction))
         record = self.table.get(call)
-        if record is None or _cannot_run(record["spec"], q.device):  # recorded on a machine with other kernels
+        # a choice recorded on a machine with other kernels is made again here
+        if record is None or get("attention_backend", record["spec"]["name"]).device_reason(record["spec"], q.device):
             spec, record = self.measure(q, k, v, mask, dropout_p, direction)
             record = self.table[call] = {**record, "spec": spec, "call": call}
         return record["spec"], record
@@ -218,9 +217,3 @@ class KernelChoices:
         """Every choice made or replayed, in the order first asked."""
         return list(self.table.values())
 
-
-def _cannot_run(spec: dict, device: torch.device) -> str | None:
-    """Why a backend spec cannot run on this machine and device, or None."""
-    factory = get("attention_backend", spec["name"]).factory
-    limitation = getattr(factory, "device_limitation", None)
-    return get("attention_backend", spec["name"]).unavailable_reason() or (limitation(spec, device) if limitation else None)

@@ -381,8 +381,7 @@ def _check_runs_here(run: RunConfig, variant: str, sources: SourceMap) -> None:
         reason = component.unavailable_reason()
         if reason is None and family == "attention_backend" and device.type == "cpu":
             reason = component.limitation()  # e.g. FlexAttention: forward only on CPU
-        if reason is None and hasattr(component.factory, "device_limitation"):
-            reason = component.factory.device_limitation(spec, device)  # e.g. an sdpa kernel that needs CUDA
+        reason = reason or component.device_reason(spec, device)  # e.g. an sdpa kernel that needs CUDA
         if reason:
             where = sources.locate(("variants", variant, "model"), ("base", "model"))
             raise SpecError(f"{where}: variant '{variant}': {family} '{spec['name']}' cannot train here: {reason}")

@@ -124,6 +124,12 @@ class Component:
         """Why this component cannot run on this machine, or None when it can."""
         return _cached_probe(self.probe) if self.probe else None
 
+    def device_reason(self, options: Mapping[str, Any], device: Any) -> str | None:
+        """Why this component cannot run with these options on `device` (not on this machine at all,
+        or an optional ``device_limitation`` hook, e.g. an sdpa kernel that needs CUDA), or None."""
+        limitation = getattr(self.factory, "device_limitation", None)
+        return self.unavailable_reason() or (limitation(options, device) if limitation else None)
+
     def limitation(self) -> str | None:
         """A caveat that holds on this machine although the component runs (e.g. forward only)."""
         return _cached_probe(self.note) if self.note else None

@@ -280,8 +280,7 @@ def _candidate(variant: Variant, backend: dict | None, label: str, sizes: dict, 
         component = get("attention_backend", backend["name"])
     except ComponentError as e:
         return _Candidate(status={"status": "unavailable", "reason": str(e)})
-    limitation = getattr(component.factory, "device_limitation", None)
-    reason = component.unavailable_reason() or (limitation(backend, ctx.device) if limitation else None)
+    reason = component.device_reason(backend, ctx.device)
     if reason:
         return _Candidate(status={"status": "unavailable", "reason": reason})
     try:
