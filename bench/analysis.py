@@ -303,6 +303,7 @@ class Comparison:
     unit: str = ""
     alpha: float = 0.05
     tuned: dict = field(default_factory=dict)  # variant and reference -> the tuned values they ran at
+    decided_at: dict | None = None  # the look that decided it, when before all seeds: n, delta, ci_low, ci_high
 
     def sentence(self) -> str:
         """The verdict in one sentence, with the numbers behind it (and the tuned settings)."""
@@ -321,18 +322,26 @@ class Comparison:
         over = (f"{self.test} over {self.n} seeds" if self.test != "welch"
                 else f"Welch over {self.n} and {self.n_reference} seeds")
         ci = f"95% CI {significant(self.ci_low, sign=True)} to {significant(self.ci_high, sign=True)}"
+        later = ""
+        if self.decided_at and self.verdict in ("better", "worse", "equivalent"):
+            d = self.decided_at  # the verdict's numbers are its deciding look's; the later seeds are stated too
+            later = (f" {self.n - d['n']} more seed(s) were trained for other comparisons after that look: over all "
+                     f"{self.n} seeds Δ {significant(self.delta, sign=True)}{unit} ({ci}).")
+            ci = (f"95% CI {significant(d['ci_low'], sign=True)} to {significant(d['ci_high'], sign=True)}")
+            over = f"{self.test} over the first {d['n']} seeds, the look that decided it"
+        delta = self.decided_at["delta"] if later else self.delta
         if self.verdict in ("better", "worse"):
-            bound = (f"at least {significant(abs(self.delta))}{unit} ({self.censored} seed(s) never reached the target: "
+            bound = (f"at least {significant(abs(delta))}{unit} ({self.censored} seed(s) never reached the target: "
                      "their values are lower bounds, so the difference is at least this large; "
-                     if self.censored else f"{significant(abs(self.delta))}{unit} (")
+                     if self.censored else f"{significant(abs(delta))}{unit} (")
             return (f"{self.variant} is {self.verdict} than {self.reference} by {bound}{ci}, {over}, Holm-adjusted p "
-                    f"{p_value(self.p_adjusted)}).")
+                    f"{p_value(self.p_adjusted)}).{later}")
         if self.verdict == "equivalent":
             detectable = (f" The difference itself is detectable (adjusted p {p_value(self.p_adjusted)}), but smaller "
                           "than the margin." if self.p_adjusted < self.alpha else "")
             return (f"{self.variant} is equivalent to {self.reference} within ±{self.margin:g}{unit} "
-                    f"(Δ {significant(self.delta, sign=True)}, {ci}, {over}, TOST adjusted p "
-                    f"{p_value(self.p_equivalent_adjusted)}).{detectable}")
+                    f"(Δ {significant(delta, sign=True)}, {ci}, {over}, TOST adjusted p "
+                    f"{p_value(self.p_equivalent_adjusted)}).{detectable}{later}")
         if self.verdict == "saturated":
             return (f"{self.variant} vs {self.reference} is saturated: every seed of both reached the metric's bound, so "
                     "the task cannot tell them apart at this budget. That is no evidence that they are the same: compare "
@@ -417,18 +426,20 @@ def _per_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(values["seed"], values[metric])}
 
 
-def _sequential(tests: list[Test], looks: list[tuple[int, float]], alpha: float, which: str) -> float:
-    """The smallest p_k·α/α_k over the looks that have a p-value (NaN if none has)."""
-    ps = [min(1.0, getattr(t, which) * alpha / level) for t, (_, level) in zip(tests, looks)
+def _sequential(tests: list[Test], looks: list[tuple[int, float]], alpha: float, which: str) -> tuple[float, Test | None]:
+    """The smallest p_k·α/α_k over the looks that have a p-value (NaN if none has), and the test of
+    the look that gave it: a verdict reached at an earlier look stands on that look's seeds."""
+    ps = [(min(1.0, getattr(t, which) * alpha / level), t) for t, (_, level) in zip(tests, looks)
           if not math.isnan(getattr(t, which))]
-    return min(ps) if ps else math.nan
+    return min(ps, key=lambda pair: pair[0]) if ps else (math.nan, None)
 
 
 def compare(variant: dict[int, float], reference: dict[int, float], design: Design,
-            equivalence: bool = True) -> tuple[Test, float, float, float]:
+            equivalence: bool = True) -> tuple[Test, tuple[float, Test | None], tuple[float, Test | None], float]:
     """Test one comparison from per-seed values: paired where the seeds pair up (at least two shared
     seeds), else Welch. Returns the test at all seeds, the sequential p-values (no difference;
-    equivalence: NaN where `equivalence` is off) and the α of the last look."""
+    equivalence: NaN where `equivalence` is off) each with the test of the look that gave it, and the
+    α of the last look."""
     shared = sorted(set(variant) & set(reference))
     margin = design.margin if equivalence else 0.0
     if len(shared) >= 2:
@@ -468,7 +479,8 @@ def judge(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], met
         shared = sorted(set(mine) & set(theirs))
         n_censored = sum(1 for s in (shared or set(mine) | set(theirs))
                          if s in censored.get(variant, set()) | censored.get(reference, set()))
-        test, p_sequential, p_equivalent_sequential, level = compare(mine, theirs, design, equivalence=not n_censored)
+        test, (p_sequential, deciding), (p_equivalent_sequential, deciding_equivalence), level = compare(
+            mine, theirs, design, equivalence=not n_censored)
         c = Comparison(
             variant=variant, reference=reference, metric=metric.column, n=test.n, delta=test.delta, ci_low=test.ci_low,
             ci_high=test.ci_high, p=test.p, p_adjusted=math.nan, test=test.test, verdict="inconclusive",
@@ -486,24 +498,36 @@ def judge(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], met
         if c.note or c.verdict == "saturated":  # no claim: out of the tests, still in the correction's count
             c.p_sequential = c.p_equivalent_sequential = math.nan
         comparisons.append(c)
-        levels.append((level, test.se, test.df))
+        levels.append((level, test.se, test.df, deciding, deciding_equivalence))
     adjusted, adjusted_equivalent = holm_shaffer([c.p_sequential for c in comparisons],
                                                  [c.p_equivalent_sequential for c in comparisons])
-    for c, p, p_equivalent, (level, se, df) in zip(comparisons, adjusted, adjusted_equivalent, levels):
+    for c, p, p_equivalent, (level, se, df, deciding, deciding_equivalence) in zip(
+            comparisons, adjusted, adjusted_equivalent, levels):
         c.p_adjusted, c.p_equivalent_adjusted = p, p_equivalent
         c.mde = minimum_detectable(se, df, level / len(comparisons))  # Holm's first step: α / comparisons
         if c.verdict == "saturated" or c.note:
             continue
         if p_equivalent < design.alpha:
             c.verdict = "equivalent"
+            c.decided_at = _earlier_look(deciding_equivalence, c.n)
         elif p < design.alpha and c.delta != 0:
-            c.verdict = "better" if (c.delta > 0) == higher else "worse"
+            c.decided_at = _earlier_look(deciding, c.n)
+            delta = c.decided_at["delta"] if c.decided_at else c.delta  # the deciding look's direction
+            c.verdict = "better" if (delta > 0) == higher else "worse"
         elif c.censored:
             c.note = (f"{c.censored} seed(s) never reached the target (a lower bound); Δ {significant(c.delta, sign=True)} "
                       f"{c.unit}, Holm-adjusted p {p_value(c.p_adjusted)}: no equivalence is claimed from censored values")
     order = {v: i for i, v in enumerate(VERDICTS)}
     comparisons.sort(key=lambda c: (order[c.verdict], -abs(c.delta) if not math.isnan(c.delta) else 0))
     return comparisons
+
+
+def _earlier_look(test: Test | None, n: int) -> dict | None:
+    """The deciding look's seeds, difference and CI when it came before all n seeds were in (seeds
+    trained later for other comparisons do not undo a verdict reached at a look), else None."""
+    if test is None or test.n >= n:
+        return None
+    return {"n": test.n, "delta": test.delta, "ci_low": test.ci_low, "ci_high": test.ci_high}
 
 
 def pending(comparisons: list[Comparison]) -> set[str]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 from bench.data import DataConfig, load_dataset
 from bench.parallel import DistributedConfig
 from models import ModelConfig, flops_per_token, load_plugins, shapes_only
+from models.config import prefix_positions
 from models.registry import get, resolve
 
 DATA: TypeAdapter = TypeAdapter(DataConfig)
@@ -54,7 +55,8 @@ class TrainConfig(BaseModel):
     eval_lengths: list[int] = Field(default_factory=list, description="extra val sequence lengths (extrapolation)")
     checkpoint_every: int | None = Field(500, ge=1, description="steps between checkpoints a run resumes from; "
                                          "the last step's is always written")
-    diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size)")
+    diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size), "
+                                         "or 3× the first step's loss for a contrastive model")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="autocast dtype; auto: bf16 where supported on CUDA, on CPU only where measured ≥2× "
@@ -127,9 +129,41 @@ class RunConfig(BaseModel):
             raise ValueError(f"train.seq_len={self.train.seq_len} differs from the task's seq_len={task_len} "
                              "(a task fixes its example length: leave train.seq_len out)")
         limit = shapes_only(self.model).positional.max_positions
-        if limit is not None and self.seq_len > limit:
-            raise ValueError(f"train.seq_len={self.seq_len} is longer than the {limit} positions "
+        prefix = prefix_positions(self.model)
+        if limit is not None and self.seq_len + prefix > limit:
+            image = f" after the image's {prefix} prefix positions" if prefix else ""
+            raise ValueError(f"train.seq_len={self.seq_len}{image} is longer than the {limit} positions "
                              f"'{self.model.positional['name']}' can embed (model.block_size)")
+        return self
+
+    @model_validator(mode="after")
+    def _images_fit(self) -> RunConfig:
+        """Image data needs an image encoder of its size and channels, and an encoder needs images;
+        a contrastive loss needs captions and the whole batch at once."""
+        source = self.data.source
+        shape = self.data.image_shape() if hasattr(self.data, "image_shape") else None
+        vision = self.model.vision
+        if shape is not None and vision is None:
+            raise ValueError(f"data.source '{source}' gives images but model.vision is not set: the model "
+                             "would read the questions without the pictures; add model.vision (e.g. {name: vit})")
+        if shape is None and vision is not None:
+            raise ValueError(f"model.vision '{vision['name']}' reads images but data.source '{source}' gives none; "
+                             "use an image source (source: images)")
+        if shape is None:
+            return self
+        channels, height, width = shape
+        for key, want in (("image_size", height), ("channels", channels)):
+            if vision.get(key) != want:
+                raise ValueError(f"model.vision.{key}={vision.get(key)} but data (scene "
+                                 f"'{getattr(self.data, 'scene', source)}') gives {channels}×{height}×{width} "
+                                 f"images: set model.vision.{key}: {want} (or leave it out: the data's is used)")
+        if self.model.contrastive is not None:
+            if getattr(self.data, "format", None) != "caption":
+                raise ValueError(f"model.contrastive '{self.model.contrastive['name']}' pairs images with captions: "
+                                 "set data.format: caption")
+            if self.train.micro_batch_size not in (None, self.train.batch_size) or self.train.distributed:
+                raise ValueError("a contrastive loss scores every pair of the batch against the others: it "
+                                 "cannot split the batch (train.micro_batch_size, train.distributed)")
         return self
 
 
@@ -148,6 +182,10 @@ def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 
     """
     data_config = DATA.validate_python(data)
     model = dict(model)
+    if model.get("vision") is not None and hasattr(data_config, "image_shape"):  # the data's image size, unless set
+        channels, height, _ = data_config.image_shape()
+        vision = {"name": model["vision"]} if isinstance(model["vision"], str) else dict(model["vision"])
+        model["vision"] = {"image_size": height, "channels": channels, **vision}
     if "vocab_size" not in model:
         if prepare:
             model["vocab_size"] = load_dataset(data_config).vocab_size
@@ -155,8 +193,9 @@ def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 
             model["vocab_size"] = data_config.known_vocab_size() or STAND_IN_VOCAB
     if "block_size" not in model:
         length = (train or {}).get("seq_len") or getattr(data_config, "seq_len", None)
-        if length:
-            model["block_size"] = length
+        if length:  # a vision-language model's prefix takes positions before the text
+            model["block_size"] = length + (prefix_positions(ModelConfig(**{**model, "block_size": length}))
+                                            if model.get("vision") else 0)
     return RunConfig(model=model, data=data_config, train=train or {}, seed=seed, plugins=plugins or {})
 
 

@@ -61,13 +61,15 @@ class MetricSpec(BaseModel):
 
     @property
     def higher_is_better(self) -> bool:
-        return "accuracy" in self.name
+        return "accuracy" in self.name or "recall" in self.name
 
     @property
     def unit_name(self) -> str:
         if self.name == "tokens_to_target":
             return self.unit
-        return {"val_accuracy": "accuracy", "val_bpb": "bits per byte"}.get(self.name, "nats" if "loss" in self.name else "")
+        if "accuracy" in self.name or "recall" in self.name:
+            return "accuracy" if "accuracy" in self.name else "recall"
+        return {"val_bpb": "bits per byte"}.get(self.name, "nats" if "loss" in self.name else "")
 
     @property
     def default_margin(self) -> float:
@@ -76,7 +78,7 @@ class MetricSpec(BaseModel):
 
     @property
     def default_bound(self) -> float | None:
-        """The value at which the metric saturates when the spec gives none: accuracy ≥ 0.995."""
+        """The value at which the metric saturates when the spec gives none: accuracy (recall) ≥ 0.995."""
         return ACCURACY_BOUND if self.higher_is_better else None
 
     @property

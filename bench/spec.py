@@ -297,9 +297,11 @@ class Spec(BaseModel):
             value = {"name": value}
         name = value.get("name") if isinstance(value, dict) else None
         if isinstance(name, str) and name not in LEARNING_SPEED and not re.fullmatch(
-                r"val_(loss|accuracy|bpb)(@\d+(_beyond)?)?", name):
+                r"val_(loss|accuracy|bpb)(@\d+(_beyond)?)?|val_accuracy_\w+|val_recall_(i2t|t2i)", name):
             raise ValueError(f"unknown metric '{name}': val_loss, val_accuracy, val_bpb, online_loss, tokens_to_target, "
-                             "or an extra evaluation length's val_loss@N / val_loss@N_beyond (train.eval_lengths)")
+                             "an extra evaluation length's val_loss@N / val_loss@N_beyond (train.eval_lengths), "
+                             "image questions' val_accuracy_<question type>, or a contrastive model's "
+                             "val_recall_i2t / val_recall_t2i")
         return value
 
     @field_validator("paired_test", mode="before")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench import autotune, hardware, parallel
+from bench import autotune, hardware, parallel, pictures
 from bench.config import RunConfig, budget_steps
 from bench.data import Dataset, load_dataset
 from bench.schedules import learning_rate
@@ -45,9 +45,17 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def model_inputs(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A batch (inputs, targets[, images]) on the device: (x, y, what else the model takes by keyword)."""
+    x, y, *images = batch
+    extra = {"images": images[0].to(device, non_blocking=True)} if images else {}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extra
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, dtype, token_bytes=None, from_position: int = 0) -> dict[str, float]:
-    """Loss (nats per labelled token), accuracy on labelled tokens, and bits per byte over batches.
+    """Loss (nats per labelled token), accuracy on labelled tokens, exact match per sequence (every
+    labelled token right: ``exact``, one bool per sequence in order) and bits per byte over batches.
 
     from_position: count only the targets at positions ≥ it (0-based index of the predicting token;
     e.g. the run's training length: the positions a length-extrapolation eval never trained on).
@@ -55,27 +63,57 @@ def evaluate(model, batches, device, dtype, token_bytes=None, from_position: int
     was_training = model.training
     model.eval()
     nats = correct = labelled = n_bytes = 0.0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    exact = []
+    for batch in batches:
+        x, y, extra = model_inputs(batch, device)
         if from_position:
             y = y.clone()
             y[..., :from_position] = -1  # unlabelled: not counted in any of the metrics
         with _autocast(device, dtype):
-            logits = model(x)[0]  # the logits of the Output (or of any (logits, ...) a model returns)
+            logits = model(x, **extra)[0]  # the logits of the Output (or of any (logits, ...) a model returns)
         logits = logits.float()
         nats += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum").item()
         mask = y >= 0
-        correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+        right = (logits.argmax(-1) == y) & mask
+        correct += right.sum().item()
         labelled += mask.sum().item()
+        exact += (right == mask).all(dim=1).tolist()
         if token_bytes is not None:
             n_bytes += float(token_bytes[y[mask].cpu().numpy()].sum())
     model.train(was_training)
     if not labelled:
         raise ValueError(f"no labelled targets at positions ≥ {from_position}")
-    out = {"loss": nats / labelled, "accuracy": correct / labelled}
+    out = {"loss": nats / labelled, "accuracy": correct / labelled, "exact": exact}
     if token_bytes is not None:
         out["bpb"] = nats / math.log(2) / n_bytes  # bits per byte: total nats over total bytes
     return out
+
+
+@torch.no_grad()
+def evaluate_pairs(model, batches, device, dtype) -> dict[str, float]:
+    """A contrastive model on image–caption pairs: the loss per batch (of the training batch's size,
+    as the loss depends on it) and recall@1 each way over the whole validation set. A retrieved
+    caption (image) counts as right when its caption's tokens are the true one's: scenes that share
+    a caption are not told apart by any model."""
+    was_training = model.training
+    model.eval()
+    losses, images, texts, captions = [], [], [], []
+    for batch in batches:
+        x, y, extra = model_inputs(batch, device)
+        with _autocast(device, dtype):
+            image, text = model.embed(x, y, **extra)
+            losses.append(model.pair_loss(image, text).item())
+        images.append(image.float())
+        texts.append(text.float())
+        captions.append(torch.where(y >= 0, y, -1))
+    model.train(was_training)
+    scores = model.pair_loss.logits(torch.cat(images), torch.cat(texts))  # (N, N): image i against caption j
+    caption = torch.cat(captions)
+    same = (caption[:, None, :] == caption[None, :, :]).all(-1)  # (N, N): pair i and j share a caption
+    rows = torch.arange(len(caption), device=scores.device)
+    return {"loss": statistics.fmean(losses),
+            "recall_i2t": same[rows, scores.argmax(1)].float().mean().item(),
+            "recall_t2i": same[scores.argmax(0), rows].float().mean().item()}
 
 
 def moe_record(routing: list[tuple[float, list]]) -> dict[str, Any]:
@@ -143,7 +181,9 @@ class Trainer:
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
         self.flops_per_token = flops_per_token(run.model, causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
         self.total_steps = budget_steps(run) or 10**12  # None: a time budget, the clock decides
-        self.diverge_above = self.cfg.diverge_above or 3 * math.log(run.model.vocab_size)
+        # a contrastive loss is no next-token loss: its bound is 3× its first step's (set then, and checkpointed)
+        self.diverge_above = self.cfg.diverge_above or (3 * math.log(run.model.vocab_size)
+                                                        if run.model.contrastive is None else None)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
 
         self.kernels = autotune.KernelChoices()  # `backend: auto` measures on this machine; the run records it
@@ -152,7 +192,7 @@ class Trainer:
         self.model = build_model(run.model, seed=run.seed, kernels=self.kernels).to(self.device)
         self.compiled, self.compile_reason = self._compile_choice()  # measured on the unwrapped model
         if self.compiled:  # kernels chosen before tracing, on the unwrapped model
-            x, _ = self.data.train_batch(0, run.seed, self.micro, self.seq_len)
+            x = self.data.train_batch(0, run.seed, self.micro, self.seq_len)[0]
             autotune.make_choices(self.model, x.to(self.device), lambda: _autocast(self.device, self.dtype))
         self.strategy = parallel.make_strategy(self.cfg.distributed, self.world, self.device)
         self.strategy.setup(self.model, self.cfg, self.micro, self.per_rank // self.micro)
@@ -189,6 +229,8 @@ class Trainer:
         state = self.strategy.load(self._checkpoint_path) if self.out_dir else None
         metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
         self._resumed = state or {}
+        if self.diverge_above is None and (state or {}).get("diverge_above") is not None:
+            self.diverge_above = state["diverge_above"]  # the bound the run set at its first step
         if self.kernels.remember((state or {}).get("kernels", ())):  # a resumed run runs the kernels it chose;
             use_kernels(self.model, self.kernels)  # ones chosen here before (to compile) differ: chosen again
         if state is None:
@@ -208,7 +250,8 @@ class Trainer:
         # the loop's state beyond the model's: a resumed run reports what an uninterrupted one would
         extra = {"step": step, "torch_rng": torch.get_rng_state(), "record": record,
                  "train_losses": train_losses[-FINAL_TRAIN_LOSS_STEPS:], "elapsed": elapsed,
-                 "kernels": self.kernels.records()}  # serving and quantization run what training ran
+                 "kernels": self.kernels.records(),  # serving and quantization run what training ran
+                 "diverge_above": self.diverge_above}
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state()
         self.strategy.save(self._checkpoint_path, extra)  # collective: every rank takes part
@@ -233,18 +276,18 @@ class Trainer:
         alone, comparable with a dense model's (the auxiliary losses are recorded as moe_aux_loss).
         """
         self.strategy.set_lr(lr)
-        x, y = self.data.train_batch(step, self.run_config.seed, self.cfg.batch_size, self.seq_len)
-        labelled = (y >= 0).sum().item()  # of the global batch
+        batch = self.data.train_batch(step, self.run_config.seed, self.cfg.batch_size, self.seq_len)
+        labelled = (batch[1] >= 0).sum().item()  # of the global batch
         mine = slice(self.world.rank * self.per_rank, (self.world.rank + 1) * self.per_rank)
-        chunks = list(zip(x[mine].split(self.micro), y[mine].split(self.micro)))
+        chunks = list(zip(*(part[mine].split(self.micro) for part in batch)))  # (x, y[, images]) per micro-batch
         total = torch.zeros((), device=self.device)
         routing = []  # (weight, each MoE layer's MoEAux) per micro-batch
-        for i, (xm, ym) in enumerate(chunks):
+        for i, chunk in enumerate(chunks):
             # weight each micro-batch by its share of the batch's labelled tokens: one loss, however split
-            weight = (ym >= 0).sum().item() / labelled
-            xm, ym = xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
+            weight = (chunk[1] >= 0).sum().item() / labelled
+            xm, ym, extra = model_inputs(chunk, self.device)
             with _autocast(self.device, self.dtype):
-                _, loss, aux = self.forward(xm, ym)
+                _, loss, aux = self.forward(xm, ym, **extra)
             self.strategy.backward(self.strategy.scale(loss * (weight * self.strategy.loss_factor)),
                                    last=i == len(chunks) - 1)
             if aux:  # the Output's loss less its auxiliary losses: the LM cross-entropy
@@ -261,11 +304,22 @@ class Trainer:
         return parallel.all_reduce_sum(total, self.world), norm, extra
 
     def _eval_record(self) -> dict:
+        if self.run_config.model.contrastive is not None:
+            pairs = evaluate_pairs(self.model, self.val, self.device, self.dtype)
+            return {"val_loss": pairs["loss"], "val_recall_i2t": pairs["recall_i2t"],
+                    "val_recall_t2i": pairs["recall_t2i"]}
         token_bytes = self.data.token_bytes
         result = evaluate(self.model, self.val, self.device, self.dtype, token_bytes)
         record = {"val_loss": result["loss"]}
         if self.data.kind == "task":
             record["val_accuracy"] = result["accuracy"]
+        if self.data.kind == "image":  # a question is answered when its every answer token is right
+            record["val_accuracy"] = statistics.fmean(result["exact"])
+            types = self.data.val_types(self.cfg.val_sequences)
+            for index, name in enumerate(self.data.question_types):
+                answered = [e for e, t in zip(result["exact"], types) if t == index]
+                if answered:
+                    record[f"val_accuracy_{name}"] = statistics.fmean(answered)
         if "bpb" in result:
             record["val_bpb"] = result["bpb"]
         if self.data.loss_floor is not None:
@@ -331,6 +385,8 @@ class Trainer:
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                       "peak_memory_bytes": _peak_memory(self.device), **routing}
+            if self.diverge_above is None and math.isfinite(loss):
+                self.diverge_above = 3 * loss
             if not math.isfinite(loss) or loss > self.diverge_above:
                 status, diverged_at = "diverged", step
                 self._write_metrics(record)
@@ -397,7 +453,16 @@ class Trainer:
             # backend auto: every choice this run made (call shape, direction) with the medians behind it
             "attention_choices": self.kernels.records() or None,
             "data": self.data.fingerprint,
+            **self._answer_samples(status),
         }
+
+    def _answer_samples(self, status: str) -> dict:
+        """A vision-language run keeps its first validation examples with its answers (the report's picture)."""
+        if self.data.kind != "image" or self.run_config.model.contrastive is not None or status != "finished":
+            return {}
+        types = self.data.val_types(self.cfg.val_sequences)
+        return {"val_samples": pictures.answer_samples(self.model, self.val, types, self.data.question_types,
+                                                       self.data.decode, self.device)}
 
 
 def _kv_cache_bytes_per_token(model: torch.nn.Module) -> int | None:

@@ -6,10 +6,11 @@ Importing ``models`` registers every built-in component; third-party ones regist
 from a module named in a spec's ``plugins:`` (see ``load_plugins``).
 """
 
-from models import attention, attention_backends, attention_modern, contract, mlp, moe, norm, optimizers, positional, quantization, quantization_calibrated  # noqa: F401  (registers)
+from models import attention, attention_backends, attention_modern, contract, contrastive, connector, fusion, mlp, moe, norm, optimizers, positional, quantization, quantization_calibrated, vision  # noqa: F401  (registers)
 from models.accounting import check_flops, flops_per_token, param_counts, shapes_only
 from models.config import ModelConfig
-from models.gpt import GPT, build_model
+from models.build import build_model
+from models.gpt import GPT
 from models.quantization import model_bytes, quantize
 from models.registry import (
     FAMILIES,

@@ -17,50 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.build import model_class
 from models.config import ModelConfig
+from models.flops import (  # noqa: F401  (re-exported: the accounting's vocabulary)
+    ATTENTION_BACKWARD,
+    active_params,
+    attention_flops,
+    count_params,
+    matmul_flops_per_token,
+    palm_flops_per_token,
+)
 from models.gpt import GPT
-
-
-def count_params(module: nn.Module) -> int:
-    """Unique parameters (a tied embedding and LM head count once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def active_params(module: nn.Module) -> int:
-    """Parameters one token uses: all, minus experts a token is not routed to."""
-    return count_params(module) - sum(m.inactive_params() for m in module.modules() if hasattr(m, "inactive_params"))
-
-
-def matmul_flops_per_token(module: nn.Module, seq_len: int, causal: bool) -> float:
-    """Forward matmul FLOPs per token of a module processing sequences of seq_len tokens."""
-    if hasattr(module, "flops_per_token"):
-        return module.flops_per_token(seq_len, causal)
-    flops = 0.0
-    if isinstance(module, nn.Linear):
-        flops += 2 * module.in_features * module.out_features
-    if hasattr(module, "extra_flops_per_token"):
-        flops += module.extra_flops_per_token(seq_len, causal)
-    return flops + sum(matmul_flops_per_token(child, seq_len, causal) for child in module.children())
-
-
-def attention_flops(batch: int, n_head: int, q_len: int, mean_visible_keys: float, d_qk: int, d_v: int) -> float:
-    """Forward FLOPs of q·kᵀ and probs·v, as FlashAttention's benchmarks count them:
-    2·B·H_q·N_q·N̄_k·(d_qk + d_v) — 4·B·H·N²·d for full attention, about half that when causal."""
-    return 2 * batch * n_head * q_len * mean_visible_keys * (d_qk + d_v)
-
-
-# FlashAttention's convention: the backward pass costs 2.5 forward passes (it recomputes q·kᵀ).
-ATTENTION_BACKWARD = 2.5
-
-
-def palm_flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token in the PaLM/nanoGPT form 6·N + 12·L·H·Q·T.
-
-    N excludes position embeddings and counts a tied embedding once; the attention term counts the
-    full (non-causal) score matrix.
-    """
-    return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
-
 
 # -- a config's accounting ----------------------------------------------------------------------------
 
@@ -77,7 +44,8 @@ def shapes_only(config: ModelConfig) -> GPT:
 @functools.lru_cache(maxsize=256)
 def _meta_model(key: str) -> GPT:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return GPT(ModelConfig.model_construct(**json.loads(key)), seed=0)  # the key is a validated config's
+        config = ModelConfig.model_construct(**json.loads(key))  # the key is a validated config's
+        return model_class(config)(config, seed=0)
 
 
 def param_counts(config: ModelConfig) -> dict[str, int]:
@@ -100,7 +68,22 @@ def flops_per_token(config: ModelConfig, causal: bool = False, seq_len: int | No
     counts the full score matrix (the PaLM/nanoGPT convention, and what torch's FlopCounterMode
     sees); causal=True counts only the keys each query sees.
     """
-    return 3 * matmul_flops_per_token(shapes_only(config), seq_len or config.block_size, causal)
+    seq_len = seq_len or config.block_size
+    return 3 * sequence_flops(shapes_only(config), seq_len, causal) / seq_len
+
+
+def sequence_flops(model: nn.Module, seq_len: int, causal: bool) -> float:
+    """Forward matmul FLOPs of one sequence of seq_len text tokens, with its image for a
+    vision-language model: the blocks run over the prefix's image positions too (the LM head does
+    not), and the encoder, connector and cross-attention's image projections run once per image."""
+    fusion = getattr(model, "fusion", None)
+    if fusion is None:  # a text model, or one that counts its image side itself (a dual encoder)
+        return matmul_flops_per_token(model, seq_len, causal) * seq_len
+    prefix = fusion.prefix_tokens
+    head = 2 * model.lm_head.in_features * model.lm_head.out_features
+    per_image = sum(m.flops_per_image() for m in (model.vision, model.connector, fusion) if hasattr(m, "flops_per_image"))
+    positions = seq_len + prefix
+    return matmul_flops_per_token(model, positions, causal) * positions - head * prefix + per_image
 
 
 # -- checking the accounting against torch's FLOP counter ---------------------------------------------

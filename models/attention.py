@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.accounting import attention_flops
+from models.flops import attention_flops
 from models.attention_backends import PADDING_POSITION, Mask
 from models.registry import REQUIRED, build_spec, get, ref, register, resolve
 
@@ -118,6 +118,7 @@ class Attend(nn.Module):
         self.kernel = build_spec("attention_backend", backend)
         self.window = window
         self.dropout = dropout
+        self.bidirectional = False  # causal; an encoder (models.vision) sets it on its layers' Attend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: RowCache | None = None,
                 slopes: Tensor | None = None, expand=None) -> Tensor:
@@ -128,7 +129,7 @@ class Attend(nn.Module):
             k, v, k_pos = cache.update(k, v, pos)  # every token the step's queries may attend to
         if expand is not None:
             k, v = expand(k, v)  # (B, Hkv, Tk, Dq), (B, Hkv, Tk, Dv)
-        mask = Mask(pos, k_pos, self.window, slopes)
+        mask = Mask(pos, k_pos, self.window, slopes, self.bidirectional)
         return self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)
 
 

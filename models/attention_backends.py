@@ -61,6 +61,7 @@ class Mask:
     k_pos: Tensor  # (Tk,) or (B, Tk)
     window: int | None = None  # a query sees itself and window − 1 earlier tokens
     slopes: Tensor | None = None  # (Hq,): score − slope·(i − j)
+    bidirectional: bool = False  # every query sees keys on both sides (an encoder's): |i − j| < window
 
     # computed once per mask (every layer of a forward shares it), memoised in plain fields:
     # functools.cached_property takes a lock that torch.compile cannot trace (a graph break per layer)
@@ -77,6 +78,8 @@ class Mask:
         """'causal': plain causal over the same tokens; 'none': every key visible; else 'general'."""
         if self.slopes is not None or self.batched:
             return "general"
+        if self.bidirectional:
+            return "none" if self.window is None else "general"
         tq, tk = self.q_pos.shape[0], self.k_pos.shape[0]
         if self.q_pos is self.k_pos and (self.window is None or self.window >= tq):
             return "causal"
@@ -89,13 +92,15 @@ class Mask:
         """(Tq, Tk), or (B, Tq, Tk) when batched: query position minus key position."""
         if self._distance is None:
             self._distance = self.q_pos[..., :, None] - self.k_pos[..., None, :]
+            if self.bidirectional:  # the bias and the window then fall off with distance either way
+                self._distance = self._distance.abs()
         return self._distance
 
     @property
     def allowed(self) -> Tensor:
         """(Tq, Tk), or (B, Tq, Tk) when batched, bool: key visible to query."""
         if self._allowed is None:
-            visible = self.distance >= 0
+            visible = self.distance >= 0  # always, when bidirectional (a distance there is |i − j|)
             if self.window is not None:
                 visible &= self.distance < self.window
             self._allowed = visible

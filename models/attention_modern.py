@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.accounting import attention_flops
+from models.flops import attention_flops
 from models.attention import Attend, Attention, KVCache, RowCache, SelfAttention, visible_keys
 from models.registry import build_spec, get, ref, register
 

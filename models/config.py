@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from models.contract import FEATURES
 from models.registry import ComponentError, get, list_components, resolve
 
-COMPONENT_FIELDS = ("attention", "positional", "norm", "mlp", "moe", "quantization")
-LATER_FIELDS = {"value_residual": False, "logit_softcap": None}  # field -> its default
+COMPONENT_FIELDS = ("attention", "positional", "norm", "mlp", "moe", "quantization",
+                    "vision", "connector", "fusion", "contrastive")
+OPTIONAL_FIELDS = ("moe", "quantization", "vision", "connector", "fusion", "contrastive")  # None: absent
+LATER_FIELDS = {"value_residual": False, "logit_softcap": None,  # field -> its default
+                "vision": None, "connector": None, "fusion": None, "contrastive": None}
 
 
 class ModelConfig(BaseModel):
@@ -48,10 +51,39 @@ class ModelConfig(BaseModel):
     logit_softcap: float | None = Field(None, gt=0, description="cap the LM head's logits: c·tanh(logits / c) "
                                         "(Gemma 2; modded-nanoGPT uses 15–30)")
 
+    # vision-language models: an image encoder, then either a connector and a fusion into this GPT,
+    # or (contrastive) a joint embedding space with this GPT as the text encoder
+    vision: Any = None  # e.g. {name: vit, image_size: 16, patch_size: 4}
+    connector: Any = None  # default linear when vision is set (and contrastive is not)
+    fusion: Any = None  # default prefix when vision is set (and contrastive is not)
+    contrastive: Any = None  # clip | siglip: train image and text encoders to match pairs instead
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vision_defaults(cls, data: Any) -> Any:
+        """Where an image encoder feeds the GPT, a linear connector and prefix fusion unless named;
+        a connector, fusion or contrastive loss without an image encoder is refused by name."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("vision") is None:
+            given = [key for key in ("connector", "fusion", "contrastive") if data.get(key) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]} is set but model.vision is not: a {given[0]} needs an image "
+                                 "encoder's patches; add model.vision (e.g. {name: vit}) or remove model."
+                                 f"{given[0]}")
+            return data
+        if data.get("contrastive") is not None:
+            given = [key for key in ("connector", "fusion") if data.get(key) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]} is set with model.contrastive: a contrastive model embeds "
+                                 "images and text apart and fuses nothing; remove one of them")
+            return data
+        return {**data, "connector": data.get("connector") or "linear", "fusion": data.get("fusion") or "prefix"}
+
     @field_validator(*COMPONENT_FIELDS, mode="before")
     @classmethod
     def _resolve_component(cls, value: Any, info) -> dict | None:
-        if value is None and info.field_name in ("moe", "quantization"):
+        if value is None and info.field_name in OPTIONAL_FIELDS:
             return None
         return resolve(info.field_name, value)
 
@@ -66,6 +98,7 @@ class ModelConfig(BaseModel):
             if reason:
                 raise ValueError(f"{family} '{getattr(self, family)['name']}': {reason}")
         _check_features(self)
+        _check_vision(self)
         return self
 
     # -- serialisation ------------------------------------------------------------------------
@@ -98,6 +131,40 @@ def _component(config: ModelConfig, family: str) -> tuple[Any, dict] | None:
         return None
     component = get(family, spec["name"])
     return component.factory, {**spec, **component.fixed}
+
+
+def patch_grid(config: ModelConfig) -> tuple[int, int]:
+    """(rows, cols) of the image encoder's patch grid, from its options alone."""
+    factory, options = _component(config, "vision")
+    return tuple(factory.grid(options))
+
+
+def image_tokens(config: ModelConfig) -> int:
+    """How many image tokens the connector hands the GPT (0 without a connector), from the options alone."""
+    if config.connector is None:
+        return 0
+    factory, options = _component(config, "connector")
+    return int(factory.tokens(patch_grid(config), options))
+
+
+def prefix_positions(config: ModelConfig) -> int:
+    """Positions the image tokens take before the text (a prefix fusion's), from the options alone."""
+    if config.fusion is None:
+        return 0
+    factory, options = _component(config, "fusion")
+    return int(factory.positions(image_tokens(config), options))
+
+
+def _check_vision(config: ModelConfig) -> None:
+    """A connector that cannot tile the encoder's patch grid (pixel shuffle) is refused by name."""
+    if config.connector is None:
+        return
+    factory, options = _component(config, "connector")
+    check = getattr(factory, "check_grid", None)
+    reason = check(patch_grid(config), options) if check else None
+    if reason:
+        raise ValueError(f"connector '{config.connector['name']}' on vision '{config.vision['name']}' "
+                         f"(a {'×'.join(map(str, patch_grid(config)))} patch grid): {reason}")
 
 
 def attention_features(config: ModelConfig) -> frozenset[str]:

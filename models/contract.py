@@ -218,6 +218,82 @@ class MoE(ModuleComponent, Protocol):
         """(B, T, C) -> (output (B, T, C), MoEAux)."""
 
 
+class Vision(ModuleComponent, Protocol):
+    """(config, **options) -> image encoder: images (B, C, H, W) in [0, 1] -> patch features (B, N, width).
+
+    ``config`` is the language model's ModelConfig; the encoder's own sizes are its options. Its
+    patches form a grid of (rows, cols), N = rows·cols, known from the options alone (``grid``) so a
+    dry run needs no model. Options every member takes: ``image_size``, ``channels``, ``trainable``
+    (false: frozen, no gradient) and ``lr`` (its own peak learning rate; default the run's).
+    """
+
+    width: int  # features per patch
+
+    @factory_hook
+    @staticmethod
+    def grid(options: dict) -> tuple[int, int]:
+        """(rows, cols) of the patch grid these options produce."""
+
+    def forward(self, images: Any) -> Any:
+        """(B, C, H, W) float in [0, 1] -> (B, N, width)."""
+
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs (convolutions, linear layers and attention) for one image."""
+
+
+class Connector(ModuleComponent, Protocol):
+    """(in_dim, grid, config, **options) -> module: patch features (B, N, in_dim) on a (rows, cols) grid
+    -> image tokens (B, M, config.n_embd) in the language model's space (LLaVA's projector,
+    nanoVLM's pixel shuffle, the Perceiver resampler / Q-Former)."""
+
+    @factory_hook
+    @staticmethod
+    def tokens(grid: tuple[int, int], options: dict) -> int:
+        """M, the image tokens it makes from a (rows, cols) patch grid."""
+
+    def forward(self, x: Any) -> Any:
+        """(B, N, in_dim) -> (B, M, n_embd)."""
+
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs for one image's patches."""
+
+
+class Fusion(ModuleComponent, Protocol):
+    """(config, n_image_tokens, **options) -> how the language model reads image tokens.
+
+    ``prefix`` places them before the text (LLaVA); ``cross_attention`` adds gated cross-attention
+    layers that read them (Flamingo). The GPT calls ``start`` on the text embeddings, ``after_block``
+    after every block and ``text`` before the LM head; a cache carries what decoding needs.
+    """
+
+    @factory_hook
+    @staticmethod
+    def positions(n_image_tokens: int, options: dict) -> int:
+        """Positions the image takes before the text (a prefix: M; cross-attention: 0)."""
+
+    def start(self, x: Any, image: Any) -> Any:
+        """Text embeddings (B, T, C) and image tokens (B, M, C) -> (the residual stream the blocks
+        read, how many of its positions come before the text)."""
+
+    def after_block(self, i: int, x: Any, image: Any, cache: Any = None) -> Any:
+        """The residual stream after block i -> the stream block i + 1 reads. image: this forward
+        pass's image tokens, or None (decoding: what the fusion kept in ``cache.image_kv`` at the prefill)."""
+
+    def text(self, x: Any, prefix: int) -> Any:
+        """The final stream -> its text positions only (prefix: image positions at its front)."""
+
+
+class Contrastive(Protocol):
+    """(**options) -> module: image and text embeddings (B, D), each L2-normalised, of B matching
+    pairs (row i with row i) -> scalar loss; ``logits(image, text)`` -> (B, B) pair scores."""
+
+    def forward(self, image: Any, text: Any) -> Any:
+        """The loss of the batch's B pairs against every other pairing."""
+
+    def logits(self, image: Any, text: Any) -> Any:
+        """(B, B): row i image against column j text, higher = more alike."""
+
+
 class Quantization(Protocol):
     """(**options) -> transform of a model's linear layers: post-training (stage 'post': applied to a
     trained float model) or training-time (stage 'train': QAT, applied when the model is built)."""
@@ -265,6 +341,10 @@ PROTOCOLS: dict[str, type] = {
     "moe": MoE,
     "quantization": Quantization,
     "optimizer": Optimizer,
+    "vision": Vision,
+    "connector": Connector,
+    "fusion": Fusion,
+    "contrastive": Contrastive,
 }
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention_backends import KernelChooser, use_kernels
-from models.config import ModelConfig, attention_features, backends_handling
+from models.config import ModelConfig, attention_features, backends_handling, image_tokens
 from models.contract import FEATURES
 from models.registry import build_spec
 
@@ -88,6 +88,7 @@ class Cache:
         decode rows at different positions, else what says why not (called only when merging)."""
         self.layers = layers
         self.refusal = refusal
+        self.image_kv: dict[int, tuple[Tensor, Tensor]] = {}  # cross-attention: layer -> the image's keys, values
         self.rows: int | None = None  # the batch size, set by the first forward pass
         self._length = 0  # tokens every row holds, while they are at one position
         self._lengths: Tensor | None = None  # (B,) tokens of each row, once rows are at different positions
@@ -121,8 +122,9 @@ class Cache:
         return torch.full((self.rows,), self._length, dtype=torch.long)
 
     def nbytes(self) -> int:
-        """Bytes the layers' caches hold (left padding included)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes the layers' caches hold (left padding included), and cross-attention's image keys and values."""
+        image = sum(t.numel() * t.element_size() for kv in self.image_kv.values() for t in kv)
+        return sum(layer.nbytes() for layer in self.layers) + image
 
     @classmethod
     def merge(cls, caches: Sequence[Cache]) -> Cache:
@@ -140,6 +142,10 @@ class Cache:
             raise ValueError(f"layer caches {sorted(k.__name__ for k in kinds)} cannot merge rows (they lack merge/select)")
         layers = [type(parts[0]).merge(list(parts)) for parts in zip(*(cache.layers for cache in caches))]
         merged = cls(layers)
+        if len({tuple(cache.image_kv) for cache in caches}) != 1:
+            raise ValueError("cannot merge the caches of requests with and without an image")
+        merged.image_kv = {i: tuple(torch.cat(parts) for parts in zip(*(c.image_kv[i] for c in caches)))
+                           for i in caches[0].image_kv}  # every image has the same number of tokens
         merged._set_lengths(torch.cat([cache.lengths.cpu() for cache in caches]))
         return merged
 
@@ -152,6 +158,7 @@ class Cache:
         lengths = self.lengths[index.to(self.lengths.device)]  # an empty cache raises here
         for layer in self.layers:
             layer.select(index)
+        self.image_kv = {i: tuple(t[index.to(t.device)] for t in kv) for i, kv in self.image_kv.items()}
         self._set_lengths(lengths)
 
     def _set_lengths(self, lengths: Tensor) -> None:
@@ -189,6 +196,15 @@ class GPT(nn.Module):
             self.value_mix = nn.Parameter(torch.full((2 * (config.n_layer - 1),), 0.5)) if config.value_residual else None
             if config.tie_embeddings:
                 self.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+            if config.vision is not None:  # a vision-language model: images → patches → image tokens
+                self.vision = build_spec("vision", config.vision, config)
+                for p in self.vision.parameters():  # its own peak learning rate (models.optimizers.decay_groups)
+                    p.peak_lr = config.vision.get("lr")
+                if config.connector is not None:
+                    self.connector = build_spec("connector", config.connector, self.vision.width,
+                                                self.vision.grid_size, config)
+                    self.fusion = build_spec("fusion", config.fusion, config, image_tokens(config))
+            self.add_modules(config)
             self.init_weights(seed)
         if kernels is not None:
             use_kernels(self, kernels)
@@ -227,13 +243,42 @@ class GPT(nn.Module):
                     torch.manual_seed(parameter_seed(seed, owner_name))
                     owner.reset_parameters()
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None) -> Output:
+    def add_modules(self, config: ModelConfig) -> None:
+        """Modules a subclass adds before the weights are initialised (``models.dual_encoder``)."""
+
+    def see(self, images: Tensor) -> Tensor:
+        """images (B, channels, H, W) in [0, 1] -> image tokens (B, M, C) in the text's space."""
+        return self.connector(self.vision(images))  # (B, N patches, width) -> (B, M, C)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None,
+                images: Tensor | None = None) -> Output:
         """idx (B, T) token ids -> Output(logits (B, T, vocab), loss or None, MoE auxiliaries).
 
         targets (B, T) with -1 where no loss is wanted. With a cache, idx continues the cached
         tokens. With MoE the loss includes the weighted auxiliary losses, returned in ``aux`` too.
+        images (B, channels, H, W): what a vision-language model reads with the text (its fusion
+        says how); the logits and loss are the text's alone.
         """
-        B, T = idx.shape
+        x, aux = self.features(idx, cache, images)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:  # tanh in fp32: bf16's 8 bits would coarsen the cap
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        if targets is None:
+            return Output(logits, None, aux)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if aux:
+            loss = loss + sum(a.loss for a in aux)
+        return Output(logits, loss, aux)
+
+    def features(self, idx: Tensor, cache: Cache | None = None, images: Tensor | None = None) -> tuple[Tensor, list]:
+        """idx (B, T) -> (the final norm's output at the text positions (B, T, C), MoE auxiliaries)."""
+        image = self.see(images) if images is not None else None  # (B, M, C)
+        x = self.wte(idx)  # (B, T, C)
+        prefix = 0
+        if image is not None:
+            x, prefix = self.fusion.start(x, image)  # a prefix puts the M image tokens first: (B, M + T, C)
+        B, T, _ = x.shape
         limit = self.positional.max_positions
         ragged = cache is not None and cache.ragged  # rows at different positions (merged caches)
         if ragged:  # each row continues from its own length: positions (B, T) all the way down
@@ -250,7 +295,6 @@ class GPT(nn.Module):
                 "(learned positions stop at block_size; use rope, alibi, sinusoidal or none to go longer)"
             )
 
-        x = self.wte(idx)  # (B, T, C)
         pos_emb = self.positional.embed(pos)  # (T, C), (B, T, C) when ragged, or None
         if pos_emb is not None:
             x = x + pos_emb
@@ -262,23 +306,14 @@ class GPT(nn.Module):
             x, block_aux = block(x, positions, pos, cache.layers[i] if cache is not None else None, values)
             if block_aux is not None:
                 aux.append(block_aux)
-        x = self.norm_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        if self.config.logit_softcap is not None:  # tanh in fp32: bf16's 8 bits would coarsen the cap
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits.float() / cap)
+            if self.config.fusion is not None:
+                x = self.fusion.after_block(i, x, image, cache)  # cross-attention reads the image here
         if ragged:
             cache._lengths = lengths + T
         elif cache is not None:
             cache.length += T
             cache.rows = B
-
-        if targets is None:
-            return Output(logits, None, aux)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        if aux:
-            loss = loss + sum(a.loss for a in aux)
-        return Output(logits, loss, aux)
+        return self.norm_f(self.fusion.text(x, prefix) if prefix else x), aux
 
     def new_cache(self) -> Cache | None:
         """An empty KV cache, or None when some layer's attention cannot decode incrementally."""
@@ -299,18 +334,21 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(
         self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-        use_cache: bool = True,
+        use_cache: bool = True, images: Tensor | None = None,
     ) -> Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 picks the most likely."""
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 picks the most likely.
+        images: what a vision-language model reads with idx (B, channels, H, W)."""
         limit = self.positional.max_positions
         cache = self.new_cache() if use_cache else None
+        fed = 0  # text tokens the cache holds (a prefix's image positions are not text)
         for _ in range(max_new_tokens):
-            if cache is not None and limit is not None and idx.shape[1] > limit:
+            if cache is not None and limit is not None and cache.length + idx.shape[1] - fed > limit:
                 cache = None  # past the position table: crop and recompute, as nanoGPT does
             if cache is None:
-                logits = self(idx if limit is None else idx[:, -limit:]).logits
+                logits = self(idx if limit is None else idx[:, -limit:], images=images).logits
             else:
-                logits = self(idx[:, cache.length :], cache=cache).logits
+                logits = self(idx[:, fed:], cache=cache, images=images if fed == 0 else None).logits
+                fed = idx.shape[1]
             logits = logits[:, -1, :]  # (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
@@ -322,18 +360,3 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
-
-
-def build_model(config: ModelConfig | dict[str, Any], seed: int | None = None,
-                kernels: KernelChooser | None = None) -> GPT:
-    """Build a GPT from a config (or a dict of one), its weights initialised from `seed` (default:
-    drawn from torch's global generator), its ``backend: auto`` kernels chosen by `kernels` (default:
-    sdpa, recorded as such); training-time quantization (QAT) is applied here."""
-    if not isinstance(config, ModelConfig):
-        config = ModelConfig.from_dict(config)
-    model = GPT(config, seed, kernels)
-    if config.quantization is not None:
-        quantizer = build_spec("quantization", config.quantization)
-        if quantizer.stage == "train":
-            quantizer.apply(model)
-    return model

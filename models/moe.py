@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.accounting import count_params, matmul_flops_per_token
+from models.flops import count_params, matmul_flops_per_token
 from models.registry import build_spec, ref, register
 
 

@@ -26,11 +26,19 @@ from torch import nn
 from models.registry import register
 
 
-def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, **extra) -> list[dict]:
+def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None,
+                 **extra) -> list[dict]:
     """nanoGPT's grouping: weight decay on matrices (≥ 2-D), none on biases and norm gains.
-    Empty groups are left out."""
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay, **extra},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+    A parameter with its own peak learning rate (``p.peak_lr``, set by the GPT from ``vision.lr``)
+    goes in groups of its own whose ``lr_scale`` is peak_lr / lr (times any given). Empty groups are left out."""
+    scale = extra.pop("lr_scale", 1.0)
+    own = lambda p: getattr(p, "peak_lr", None) if lr else None  # noqa: E731
+    groups = []
+    for peak in dict.fromkeys(own(p) for _, p in params):  # in order of first appearance
+        mine = [p for _, p in params if own(p) == peak]
+        group_scale = scale if peak is None else scale * peak / lr
+        groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": group_scale, **extra},
+                   {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": group_scale, **extra}]
     return [g for g in groups if g["params"]]
 
 
@@ -47,7 +55,7 @@ def weight_decay(train, lr_weight_decay: float | None) -> float:
           "betas (train.beta1, train.beta2), decay on matrices only")
 def adamw(model: nn.Module, train, *, lr_weight_decay: float | None = None) -> list[torch.optim.Optimizer]:
     """lr_weight_decay: the per-step decay lr × weight_decay to hold at any lr (default: train.weight_decay)."""
-    groups = decay_groups(trainable(model), weight_decay(train, lr_weight_decay))
+    groups = decay_groups(trainable(model), weight_decay(train, lr_weight_decay), train.lr)
     betas = (train.beta1, train.beta2)
     try:  # fused AdamW where the platform has it (CUDA; CPU in recent torch)
         return [torch.optim.AdamW(groups, lr=train.lr, betas=betas, fused=True)]
@@ -93,7 +101,7 @@ def muon(model: nn.Module, train, *, momentum: float = 0.95, nesterov: bool = Tr
                                            adjust_lr_fn=adjust_lr))
     if rest:
         scale = (adamw_lr or train.lr) / train.lr
-        optimizers.append(torch.optim.AdamW(decay_groups(rest, decay, lr_scale=scale),
+        optimizers.append(torch.optim.AdamW(decay_groups(rest, decay, train.lr, lr_scale=scale),
                                             lr=train.lr * scale, betas=(train.beta1, train.beta2)))
     return optimizers
 
@@ -112,4 +120,4 @@ def lion(model: nn.Module, train, *, beta1: float = 0.9, beta2: float = 0.99,
     give AdamW the same to compare them at matched decay."""
     from lion_pytorch import Lion
 
-    return [Lion(decay_groups(trainable(model), weight_decay(train, lr_weight_decay)), lr=train.lr, betas=(beta1, beta2))]
+    return [Lion(decay_groups(trainable(model), weight_decay(train, lr_weight_decay), train.lr), lr=train.lr, betas=(beta1, beta2))]

@@ -186,6 +186,25 @@ def test_failed_and_diverged_seeds_count_against_the_comparison():
     assert math.isnan(c.p_adjusted)
 
 
+def test_a_verdict_reached_at_an_earlier_look_states_that_looks_numbers_and_the_later_seeds():
+    # adaptive 3..6: three seeds agree (Δ ≈ +0.033); seeds 3..5, trained later for other comparisons,
+    # hold one where the reference failed to learn: over all six the CI includes 0
+    accuracy = MetricSpec(name="val_accuracy")
+    reference = {0: 0.780, 1: 0.784, 2: 0.752, 3: 0.354, 4: 0.786, 5: 0.752}
+    variant = {0: 0.812, 1: 0.814, 2: 0.790, 3: 0.764, 4: 0.896, 5: 0.758}
+    (c,) = judge({"frozen": variant, "linear": reference}, [("frozen", "linear")], accuracy,
+                 Design(margin=0.0, min_seeds=3, max_seeds=6))
+    assert c.verdict == "better" and c.n == 6 and c.ci_low < 0  # all six seeds alone would not say so
+    first = paired_t(np.array([variant[s] - reference[s] for s in range(3)]))
+    assert c.decided_at == {"n": 3, "delta": pytest.approx(first.delta), "ci_low": pytest.approx(first.ci_low),
+                            "ci_high": pytest.approx(first.ci_high)}
+    sentence = c.sentence()
+    assert f"by {first.delta:.3g} accuracy" in sentence and "over the first 3 seeds, the look that decided it" in sentence
+    assert "over all 6 seeds Δ +0.104" in sentence
+    (fixed,) = judge({"frozen": variant, "linear": reference}, [("frozen", "linear")], accuracy, Design(margin=0.0))
+    assert fixed.decided_at is None and fixed.verdict == "inconclusive"  # one look, at all six seeds
+
+
 def test_censored_values_give_no_equivalence_and_bound_the_difference():
     steps = MetricSpec(name="tokens_to_target", target=1.0)
     budget = {s: 1000.0 for s in range(6)}  # a never reached the target: its values are lower bounds

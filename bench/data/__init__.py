@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from bench.data import corpora
 from bench.data.corpora import Corpus, DataUnavailable, Split
 from bench.data.datasets import Dataset, StreamDataset
+from bench.data.images import ImagesConfig
 from bench.data.markov import MarkovChain
 from bench.data.source import Source
 from bench.data.tasks import TaskConfig
@@ -199,7 +200,7 @@ class BinConfig(Source):
 
 Task = Annotated[TaskConfig, Field(discriminator="task")]
 DataConfig = Annotated[
-    Task | MarkovConfig | StdlibConfig | FileConfig | ShakespeareConfig | HFConfig | BinConfig,
+    Task | MarkovConfig | StdlibConfig | FileConfig | ShakespeareConfig | HFConfig | BinConfig | ImagesConfig,
     Field(discriminator="source"),
 ]
 

@@ -9,6 +9,8 @@ YAML mapping of one with options, and may name its positional encoding (default:
     python -m bench.kernels --variants mha gqa window '{name: mha, positional: alibi}' --directions forward backward
     python -m bench.kernels --component decode mlp norm moe quantization
     python -m bench.kernels --component mlp norm --names swiglu rmsnorm
+    python -m bench.kernels --component vision connector --image-size 64 --patch-size 8 --grid 16 16
+    python -m bench.kernels --component image_decode --vision '{name: vit, n_embd: 128}' --connectors pixel_shuffle
     python -m bench.kernels --seq-lens 1024 2048 --device cuda --out results/kernels   # also store the rows
 """
 
@@ -37,6 +39,22 @@ def parse_args(argv):
                         "('{name: gqa, n_kv_head: 4}', '{name: mha, positional: alibi}'); default: all registered")
     p.add_argument("--positional", type=_component_spec, help="positional encoding of variants that name none")
     p.add_argument("--names", nargs="+", help="mlp and norm: registered names (default: all registered)")
+    p.add_argument("--vision", nargs="+", type=_component_spec,
+                   help="vision: registered image encoders or YAML mappings (default: all registered); "
+                        "image_decode: its encoder (the first)")
+    p.add_argument("--connectors", nargs="+", type=_component_spec,
+                   help="connector: registered connectors or YAML mappings (default: all registered); "
+                        "image_decode: its connector (the first)")
+    p.add_argument("--fusions", nargs="+", type=_component_spec, help="image_decode: fusions, one model each "
+                                                                      "(default: prefix cross_attention)")
+    p.add_argument("--image-size", type=int, help="vision and image_decode: image side, for encoders that take it")
+    p.add_argument("--channels", type=int, help="vision and image_decode: image channels")
+    p.add_argument("--patch-size", type=int, help="vision and image_decode: patch side, for encoders that take it (vit)")
+    p.add_argument("--grid", nargs=2, type=int, metavar=("ROWS", "COLS"), help="connector: the patch grid")
+    p.add_argument("--in-dim", type=int, help="connector: features per patch")
+    p.add_argument("--n-embd", type=int, help="decode, connector and image_decode: the language model's width")
+    p.add_argument("--prompt", type=int, help="decode and image_decode: prompt tokens")
+    p.add_argument("--new-tokens", type=int, help="decode and image_decode: tokens decoded")
     p.add_argument("--seq-lens", nargs="+", type=int, help="attention sequence lengths")
     p.add_argument("--batch", type=int)
     p.add_argument("--heads", type=int, help="query heads")
@@ -80,7 +98,20 @@ def spec_from_args(args) -> KernelSpec:
                 backends=args.backends, seq_lens=args.seq_lens, batch=args.batch, n_head=args.heads,
                 head_dim=args.head_dim, directions=args.directions)}
         elif component == "decode":
-            sections["decode"] = {**members, **_given(batch=args.batch)}
+            sections["decode"] = {**members, **_given(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
+                                                      n_embd=args.n_embd)}
+        elif component == "vision":
+            sections["vision"] = _given(variants=args.vision, batch=args.batch, image_size=args.image_size,
+                                        channels=args.channels, patch_size=args.patch_size, directions=args.directions)
+        elif component == "connector":
+            sections["connector"] = _given(variants=args.connectors, batch=args.batch, grid=args.grid,
+                                           in_dim=args.in_dim, n_embd=args.n_embd, directions=args.directions)
+        elif component == "image_decode":
+            sections["image_decode"] = _given(
+                fusions=args.fusions, vision=args.vision[0] if args.vision else None,
+                connector=args.connectors[0] if args.connectors else None, batch=args.batch,
+                image_size=args.image_size, channels=args.channels, patch_size=args.patch_size, n_embd=args.n_embd,
+                prompt=args.prompt, new_tokens=args.new_tokens)
         elif component in ("mlp", "norm"):
             sections[component] = _given(names=args.names, directions=args.directions)
         elif component == "moe":
@@ -92,14 +123,24 @@ def spec_from_args(args) -> KernelSpec:
 
 def _shape(row: dict) -> str:
     keys = ("batch", "n_head", "n_kv_head", "seq_len", "head_dim", "window", "positional", "tokens", "n_embd", "dim",
-            "in_features", "out_features", "prompt", "new_tokens")
+            "in_features", "out_features", "prompt", "new_tokens", "image_size", "channels", "patch_size", "grid",
+            "patches", "in_dim", "image_tokens", "prefix_positions")
     return " ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None)
+
+
+def _cache_cell(row: dict) -> str:
+    """The KV cache a decode row holds after prefill, and after decoding where the row says (image_decode)."""
+    if row.get("kv_cache_bytes") is None:
+        return "-"
+    held = f"{row['kv_cache_bytes'] / 2**10:.1f} KiB"
+    final = row.get("kv_cache_bytes_final")
+    return f"{held} -> {final / 2**10:.1f} KiB" if final is not None else held
 
 
 def render(rows: list[dict]) -> Table:
     table = Table(title=f"kernels on {escape(hardware.machine_label())}", title_justify="left")
     for column in ("component", "name", "backend", "direction", "shape", "status", "median ms (IQR)",
-                   "TFLOP/s", "GB/s", "% peak", "peak mem"):
+                   "TFLOP/s", "GB/s", "% peak", "peak mem", "ms/token", "KV cache"):
         table.add_column(column, overflow="fold")
     for r in rows:
         timed = "median_s" in r
@@ -112,7 +153,8 @@ def render(rows: list[dict]) -> Table:
                       f"{r['flops_per_s'] / 1e12:.3f}" if "flops_per_s" in r else "-",
                       f"{r['bytes_per_s'] / 1e9:.1f}" if "bytes_per_s" in r else "-",
                       f"{pct:.1f}" if pct is not None else "-",
-                      f"{r['peak_memory_bytes'] / 2**20:.1f} MiB" if r.get("peak_memory_bytes") is not None else "-")
+                      f"{r['peak_memory_bytes'] / 2**20:.1f} MiB" if r.get("peak_memory_bytes") is not None else "-",
+                      f"{1e3 * r['per_token_s']:.3f}" if r.get("per_token_s") is not None else "-", _cache_cell(r))
     return table
 
 

@@ -29,15 +29,16 @@ from torch import nn
 from bench import hardware
 from bench.formatting import significant
 from bench.kernels.config import (
-    AttentionKernels, DecodeKernels, Direction, MLPKernels, MoEKernels, NormKernels, QuantizationKernels,
-    split_variant, variant_label, with_required,
+    AttentionKernels, ConnectorKernels, DecodeKernels, Direction, ImageDecodeKernels, MLPKernels, MoEKernels,
+    NormKernels, QuantizationKernels, VisionKernels, split_variant, variant_label, with_required, with_shared,
 )
 from bench.timing import agrees, max_error, time_interleaved
 from models import ModelConfig, build_model, quantize
-from models.accounting import ATTENTION_BACKWARD, matmul_flops_per_token
+from models.accounting import ATTENTION_BACKWARD, matmul_flops_per_token, sequence_flops
 from models.attention_backends import KernelChooser, sdpa_choice, use_kernels
-from models.config import attention_features, missing_features
+from models.config import attention_features, image_tokens, missing_features, prefix_positions
 from models.contract import FEATURES
+from models.fusion import GatedCrossAttentionLayer
 from models.registry import Component, ComponentError, build_spec, get, list_components, resolve
 
 Row = dict
@@ -672,6 +673,198 @@ def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row
     decode_row = ctx.finish(dict(row), timings["decode"])
     decode_row.update(phase="decode", per_token_s=per_token, tokens_per_s=cfg.batch / per_token)
     return [{**ctx.finish(dict(row), timings["prefill"]), "phase": "prefill"}, decode_row]
+
+
+# -- vision-language: image encoders, connectors, decoding with an image ---------------------------------
+
+
+def _shared_specs(family: str, cfg: VisionKernels | ConnectorKernels) -> list[tuple[str, dict | Exception]]:
+    """(row name, resolved spec or why it does not resolve) per listed variant, or every registered member,
+    each with the section's shared settings for the options it takes and leaves unset."""
+    specs = cfg.variants if cfg.variants is not None else list_components(family)
+    found: list[tuple[str, dict | Exception]] = []
+    for spec in specs:
+        try:
+            found.append((variant_label(spec), resolve(family, with_shared(family, spec, cfg.shared_fills()))))
+        except Exception as e:  # noqa: BLE001 - an unknown name or option: a row, and the sweep goes on
+            found.append((variant_label(spec), e))
+    return found
+
+
+def _grid_label(grid) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+def vision_rows(cfg: VisionKernels, ctx: Context) -> list[Row]:
+    """Each image encoder on a batch of images in [0, 1]: FLOPs from its flops_per_image() × batch."""
+    model = ModelConfig(n_embd=64, n_head=1, n_layer=1, vocab_size=2, bias=False)  # the context: bias, dropout
+    rows, cases = [], []
+    for label, spec in _shared_specs("vision", cfg):
+        shape = {"batch": cfg.batch, "image_size": cfg.image_size, "channels": cfg.channels}
+        torch.manual_seed(0)
+        try:
+            if isinstance(spec, Exception):
+                raise spec
+            module = _initialise(build_spec("vision", spec, model)).to(ctx.device, ctx.dtype)
+            size, channels = spec.get("image_size", cfg.image_size), spec.get("channels", cfg.channels)
+            grid = tuple(module.grid_size)
+            per_image = float(module.flops_per_image())
+            shape = {"batch": cfg.batch, "image_size": size, "channels": channels,
+                     **({"patch_size": spec["patch_size"]} if "patch_size" in spec else {}),
+                     "grid": _grid_label(grid), "patches": grid[0] * grid[1], "width": module.width,
+                     "flops_per_image": per_image}
+            x = torch.rand(cfg.batch, channels, size, size, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+        except Exception as e:  # noqa: BLE001 - an unknown name, options that do not tile the image, OOM
+            rows += _case_failed("vision", label, cfg.directions, ctx, shape, e)
+            continue
+        cases.append(ModuleCase(label, module, x, per_image * cfg.batch, None, shape))
+    return rows + _module_rows("vision", cases, cfg.directions, ctx)
+
+
+def connector_rows(cfg: ConnectorKernels, ctx: Context) -> list[Row]:
+    """Each connector on patch features (batch, rows·cols, in_dim): FLOPs from its flops_per_image() ×
+    batch, and the image tokens it hands the language model (its ``tokens`` hook, checked against the
+    output's length)."""
+    model = ModelConfig(n_embd=cfg.n_embd, n_head=1, n_layer=1, vocab_size=2, bias=False)
+    grid = tuple(cfg.grid)
+    patches = grid[0] * grid[1]
+    rows, cases = [], []
+    for label, spec in _shared_specs("connector", cfg):
+        shape = {"batch": cfg.batch, "grid": _grid_label(grid), "patches": patches, "in_dim": cfg.in_dim,
+                 "n_embd": cfg.n_embd}
+        torch.manual_seed(0)
+        try:
+            if isinstance(spec, Exception):
+                raise spec
+            component = get("connector", spec["name"])
+            module = _initialise(build_spec("connector", spec, cfg.in_dim, grid, model)).to(ctx.device, ctx.dtype)
+            x = torch.randn(cfg.batch, patches, cfg.in_dim, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+            with torch.no_grad():
+                made = module(x).shape[1]
+            tokens = int(component.factory.tokens(grid, {**spec, **component.fixed})) \
+                if hasattr(component.factory, "tokens") else made
+            per_image = float(module.flops_per_image())
+            shape.update(image_tokens=tokens, flops_per_image=per_image)
+        except Exception as e:  # noqa: BLE001 - an unknown name, a factor that does not tile the grid, OOM
+            rows += _case_failed("connector", label, cfg.directions, ctx, shape, e)
+            continue
+        if made != tokens:
+            rows += [ctx.base(component="connector", name=label, backend="torch", direction=d, **shape,
+                              status="mismatch", reason=f"its tokens() says {tokens} image tokens, its forward made {made}")
+                     for d in cfg.directions]
+            continue
+        cases.append(ModuleCase(label, module, x, per_image * cfg.batch, None, shape))
+    return rows + _module_rows("connector", cases, cfg.directions, ctx)
+
+
+def _copy_cache(cache):
+    """A cache to decode into, leaving `cache` as it is (layer caches append new tensors, never in place)."""
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    return copied
+
+
+def image_decode_rows(cfg: ImageDecodeKernels, ctx: Context) -> list[Row]:
+    """Per fusion, a small vision-language model (the same encoder, connector and language model sizes):
+    prefill of a prompt with an image, then greedy decoding; every model's prefill and decode are timed
+    interleaved. A model whose cached decode differs from the full forward is a mismatch row, not timed."""
+    rows, candidates, pending = [], {}, {}
+    for fusion in cfg.fusions:
+        label = variant_label(fusion)
+        row = ctx.base(component="image_decode", name=label, backend="-", direction="inference", batch=cfg.batch,
+                       prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_embd=cfg.n_embd, vision=variant_label(cfg.vision), connector=variant_label(cfg.connector),
+                       fusion=label)
+        try:
+            found = _image_decode_case(cfg, fusion, ctx, row)
+        except Exception as e:  # noqa: BLE001 - an invalid combination or OOM: a row, and the sweep goes on
+            rows.append(_failure(row, e))
+            continue
+        if isinstance(found, list):  # a row saying why it cannot be timed
+            rows += found
+            continue
+        for phase, (fn, phase_row) in found.items():
+            candidates[f"{label} {phase}"], pending[f"{label} {phase}"] = fn, phase_row
+    if candidates:
+        with torch.no_grad():
+            timings = ctx.time(candidates)
+        for key, r in pending.items():
+            r = ctx.finish(r, timings[key], r.pop("flops", None))
+            if r["phase"] == "decode":
+                r.update(per_token_s=r["median_s"] / cfg.new_tokens, tokens_per_s=cfg.batch * cfg.new_tokens / r["median_s"])
+            rows.append(r)
+    return rows
+
+
+def _image_decode_case(cfg: ImageDecodeKernels, fusion, ctx: Context,
+                       row: Row) -> list[Row] | dict[str, tuple[Callable, Row]]:
+    """One model's prefill and decode callables with their rows ({phase: (fn, row)}), or [a row saying why not]."""
+    spec = cfg.model(fusion)
+    config = ModelConfig(**spec)
+    prefix, tokens = prefix_positions(config), image_tokens(config)
+    if prefix:  # a prefix's image tokens take positions before the text
+        config = ModelConfig(**{**spec, "block_size": spec["block_size"] + prefix})
+    row = {**row, "fusion": config.fusion["name"], "image_tokens": tokens, "prefix_positions": prefix}
+    backend = config.attention.get("backend")
+    row["backend"] = _spec_label("attention_backend", backend) if isinstance(backend, dict) else "own"
+    model = build_model(config, seed=0, kernels=ctx.kernels).to(ctx.device, ctx.dtype).eval()
+    with torch.no_grad():
+        for layer in model.modules():  # Flamingo's gates start closed (tanh 0 = 0): open them, so that the
+            if isinstance(layer, GatedCrossAttentionLayer):  # gate below checks the image is read while decoding
+                layer.gates.fill_(1.0)
+    if model.new_cache() is None:
+        return [{**row, "status": "unsupported",
+                 "reason": f"attention '{config.attention['name']}' does not {FEATURES['cache']} (cache)"}]
+    vision = model.vision
+    size, channels = getattr(vision, "image_size", cfg.image_size), getattr(vision, "channels", cfg.channels)
+    grid = tuple(vision.grid_size)
+    row.update(image_size=size, channels=channels, grid=_grid_label(grid), patches=grid[0] * grid[1],
+               positional=config.positional["name"])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.rand(cfg.batch, channels, size, size, generator=gen).to(ctx.device, ctx.dtype)
+    prompt = torch.randint(0, config.vocab_size, (cfg.batch, cfg.prompt), generator=gen).to(ctx.device)
+    with torch.no_grad():
+        prefilled = model.new_cache()
+        logits = model(prompt, cache=prefilled, images=images).logits
+        first = logits[:, -1:].argmax(-1)  # (B, 1): greedy
+        cache, steps, fed, held = _copy_cache(prefilled), [logits], [], [prefilled.nbytes()]
+        token = first
+        for _ in range(cfg.new_tokens):
+            fed.append(token)
+            logits = model(token, cache=cache).logits
+            steps.append(logits)
+            held.append(cache.nbytes())
+            token = logits[:, -1:].argmax(-1)
+        full = model(torch.cat([prompt, *fed], 1), images=images).logits  # the same tokens, recomputed whole
+        ok, error = agrees(torch.cat(steps, 1), full, ctx.dtype)
+    row["max_error"] = error
+    if not ok:
+        return [{**row, "status": "mismatch",
+                 "reason": f"cached decode with the image differs from full recompute by {significant(error)}"}]
+    # what the cache holds for the image: a prefix's positions in every layer, or cross-attention's
+    # projected image keys and values (counted by Cache.nbytes too)
+    cross_bytes = sum(t.numel() * t.element_size() for kv in prefilled.image_kv.values() for t in kv)
+    row.update(kv_cache_bytes=held[0], kv_cache_bytes_final=held[-1], kv_cache_bytes_steps=held,
+               image_kv_bytes=cross_bytes)
+    if all(hasattr(b.attn, "kv_cache_bytes_per_token") for b in model.blocks):
+        element = torch.finfo(ctx.dtype).bits // 8
+        per_token = sum(b.attn.kv_cache_bytes_per_token(element) for b in model.blocks)
+        row.update(kv_cache_bytes_per_token=per_token,
+                   kv_cache_image_bytes=cfg.batch * prefix * per_token + cross_bytes)
+
+    def prefill():
+        with torch.no_grad():
+            model(prompt, cache=model.new_cache(), images=images)
+
+    def decode():
+        with torch.no_grad():
+            cache, token = _copy_cache(prefilled), first
+            for _ in range(cfg.new_tokens):
+                token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+
+    prefill_flops = cfg.batch * sequence_flops(model, cfg.prompt, causal=True)
+    return {"prefill": (prefill, {**row, "phase": "prefill", "flops": prefill_flops}),
+            "decode": (decode, {**row, "phase": "decode"})}
 
 
 def machine_dtype(requested: str, device: torch.device) -> torch.dtype:

@@ -7,7 +7,11 @@ plus options. An attention variant may also carry the positional encoding it run
 
 A list left out means every registered member of the family (plugins included), each with the
 options it *requires* (no default) taken from the section's settings: ``n_kv_head``, ``window`` and
-``kv_rank``, or any other option by name under ``options``. Names are not checked here — parsing a spec imports
+``kv_rank``, or any other option by name under ``options``. The image sections (``vision``,
+``connector``, ``image_decode``) instead share their settings with every member that *takes* the
+option and leaves it unset (``image_size``, ``channels``, ``patch_size``, or any under ``options``)::
+
+    vision: {variants: [vit, {name: conv, stages: 3}], image_size: 64, options: {n_embd: 128}} Names are not checked here — parsing a spec imports
 this module, and the registry imports torch — but by ``KernelSpec.component_errors()`` (for a planner
 to call before anything trains) and when timing, where one that does not resolve is a 'failed' row
 carrying the registry's message.
@@ -128,7 +132,117 @@ class QuantizationKernels(_Section):
     out_features: int = 1024
 
 
-SECTION_NAMES = ("attention", "decode", "mlp", "norm", "moe", "quantization")
+class _SharedMembers(_Section):
+    """Settings every member that takes the option (and leaves it unset) gets: vision and connectors."""
+
+    variants: list[ComponentSpec] | None = Field(
+        None, description="specs (a name, or {name, **options}); default: every registered")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="values for any option by name, given to each member that takes it "
+                                          "and leaves it unset")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_shapes(cls, value):
+        for variant in value or ():
+            _spec_shape(variant, "a variant")
+        return value
+
+    def shared_fills(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+class VisionKernels(_SharedMembers):
+    """Each image encoder on a batch of images (batch, channels, image_size, image_size) in [0, 1]; FLOPs
+    from its flops_per_image() × batch (× 3 forward+backward)."""
+
+    variants: list[ComponentSpec] | None = Field(
+        None, description="vision specs (a name, or {name, **options}); default: every registered (vit, conv)")
+    batch: int = Field(8, ge=1, description="images per batch")
+    image_size: int = Field(64, ge=1, description="for members that take image_size (every built-in)")
+    channels: int = Field(3, ge=1, description="for members that take channels (every built-in)")
+    patch_size: int = Field(8, ge=1, description="for members that take patch_size (vit)")
+    directions: list[Direction] = Field(default_factory=lambda: ["forward", "forward_backward"])
+
+    def shared_fills(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "channels": self.channels, "patch_size": self.patch_size,
+                **self.options}
+
+
+class ConnectorKernels(_SharedMembers):
+    """Each connector on patch features (batch, rows·cols, in_dim) of a (rows, cols) patch grid, into a
+    language model n_embd wide; rows carry the image tokens each hands the language model."""
+
+    variants: list[ComponentSpec] | None = Field(
+        None, description="connector specs (a name, or {name, **options}); default: every registered "
+                          "(linear, mlp, pixel_shuffle, resampler)")
+    batch: int = Field(8, ge=1, description="images per batch")
+    grid: list[int] = Field(default_factory=lambda: [16, 16], min_length=2, max_length=2,
+                            description="[rows, cols] of the encoder's patch grid")
+    in_dim: int = Field(192, ge=1, description="features per patch (the encoder's width)")
+    n_embd: int = Field(256, ge=1, description="the language model's width: the image tokens' features")
+    directions: list[Direction] = Field(default_factory=lambda: ["forward", "forward_backward"])
+
+    @field_validator("grid")
+    @classmethod
+    def _positive_grid(cls, value):
+        if min(value) < 1:
+            raise ValueError(f"grid {value} must have at least one row and one column")
+        return value
+
+
+class ImageDecodeKernels(_Section):
+    """Prefill a prompt with an image, then greedy per-token decoding with the KV cache, for small
+    vision-language models alike but for their fusion: rows carry per-token latency, the cache's bytes
+    after prefill and after each token, and the image tokens (a prefix holds them in the cache,
+    cross-attention does not)."""
+
+    fusions: list[ComponentSpec] = Field(default_factory=lambda: ["prefix", "cross_attention"],
+                                         description="fusion specs, one model each")
+    vision: ComponentSpec = Field("vit", description="the image encoder of every model")
+    connector: ComponentSpec = Field("linear", description="the connector of every model")
+    image_size: int = Field(32, ge=1, description="for a vision that takes image_size")
+    channels: int = Field(3, ge=1, description="for a vision that takes channels")
+    patch_size: int = Field(4, ge=1, description="for a vision that takes patch_size (vit)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="values for any vision option by name (n_embd, n_layer, ...), for "
+                                          "a vision that takes it and leaves it unset")
+    attention: ComponentSpec = Field("mha", description="the language model's attention")
+    positional: ComponentSpec = Field("rope", description="the language model's positional encoding")
+    prompt: int = Field(32, ge=1, description="text tokens prefilled with the image")
+    new_tokens: int = Field(32, ge=1, description="greedy decoding steps timed, one token each")
+    batch: int = Field(1, ge=1)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(8, ge=1)
+    n_embd: int = Field(256, ge=1)
+
+    @field_validator("fusions")
+    @classmethod
+    def _fusion_shapes(cls, value):
+        for fusion in value:
+            _spec_shape(fusion, "a fusion")
+        return value
+
+    @field_validator("vision", "connector", "attention", "positional")
+    @classmethod
+    def _component_shape(cls, value, info):
+        return _spec_shape(value, f"image_decode.{info.field_name}")
+
+    def vision_fills(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "channels": self.channels, "patch_size": self.patch_size,
+                **self.options}
+
+    def model(self, fusion: ComponentSpec) -> dict[str, Any]:
+        """The model config (a dict, for ModelConfig) with this fusion; block_size covers the prompt and the
+        tokens decoded, not a prefix's image positions (``bench.kernels.cases`` adds those)."""
+        return {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd, "vocab_size": 256,
+                "block_size": self.prompt + self.new_tokens, "dropout": 0.0, "bias": False,
+                "attention": self.attention, "positional": self.positional,
+                "vision": with_shared("vision", self.vision, self.vision_fills()), "connector": self.connector,
+                "fusion": fusion}
+
+
+SECTION_NAMES = ("attention", "decode", "mlp", "norm", "moe", "quantization", "vision", "connector", "image_decode")
 
 
 class KernelSpec(_Section):
@@ -140,6 +254,9 @@ class KernelSpec(_Section):
     norm: NormKernels | None = None
     moe: MoEKernels | None = None
     quantization: QuantizationKernels | None = None
+    vision: VisionKernels | None = None
+    connector: ConnectorKernels | None = None
+    image_decode: ImageDecodeKernels | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -171,6 +288,15 @@ class KernelSpec(_Section):
                 check(("kernels", section, "variants", i), "attention", attention, cfg.required_fills())
                 if positional is not None:
                     check(("kernels", section, "variants", i, "positional"), "positional", positional)
+        for section in ("vision", "connector"):
+            cfg = getattr(self, section)
+            for i, variant in enumerate(getattr(cfg, "variants", None) or ()):
+                try:
+                    resolve(section, with_shared(section, variant, cfg.shared_fills()))
+                except ComponentError as e:
+                    errors.append((("kernels", section, "variants", i), str(e)))
+        if self.image_decode is not None:
+            errors += _image_decode_errors(self.image_decode)
         lists = {("attention", "backends"): "attention_backend", ("mlp", "names"): "mlp", ("norm", "names"): "norm",
                  ("quantization", "names"): "quantization"}
         for (section, key), family in lists.items():
@@ -180,6 +306,47 @@ class KernelSpec(_Section):
                 except ComponentError as e:
                     errors.append((("kernels", section, key, i), str(e)))
         return errors
+
+
+def _image_decode_errors(cfg: ImageDecodeKernels) -> list[tuple[tuple[str | int, ...], str]]:
+    """Each component of the image_decode section that does not resolve, then each model (one per fusion)
+    that does not validate whole (e.g. a pixel shuffle that cannot tile the encoder's grid)."""
+    from models.config import ModelConfig
+    from models.registry import ComponentError, resolve
+
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    parts = [(("vision",), "vision", lambda: with_shared("vision", cfg.vision, cfg.vision_fills())),
+             (("connector",), "connector", lambda: cfg.connector), (("attention",), "attention", lambda: cfg.attention),
+             (("positional",), "positional", lambda: cfg.positional)]
+    parts += [(("fusions", i), "fusion", lambda f=fusion: f) for i, fusion in enumerate(cfg.fusions)]
+    for path, family, spec in parts:
+        try:
+            resolve(family, spec())
+        except ComponentError as e:
+            errors.append((("kernels", "image_decode", *path), str(e)))
+    if errors:
+        return errors
+    for i, fusion in enumerate(cfg.fusions):
+        try:
+            ModelConfig(**cfg.model(fusion))
+        except ValueError as e:  # pydantic's ValidationError is one
+            found = getattr(e, "errors", None)
+            text = found()[0]["msg"] if callable(found) else str(e)
+            errors.append((("kernels", "image_decode", "fusions", i), text.removeprefix("Value error, ")))
+    return errors
+
+
+def with_shared(family: str, spec: ComponentSpec, fills: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec as a mapping, each option its member takes and leaves unset taken from ``fills``
+    (the image sections' shared settings: one image_size for every encoder that has one)."""
+    from models.registry import get
+
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    component = get(family, spec["name"])
+    for name in component.options:
+        if name not in spec and name in fills:
+            spec[name] = fills[name]
+    return spec
 
 
 def split_variant(variant: ComponentSpec) -> tuple[ComponentSpec, ComponentSpec | None]:

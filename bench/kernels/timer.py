@@ -18,6 +18,9 @@ SECTIONS: dict[str, Callable] = {
     "norm": cases.norm_rows,
     "moe": cases.moe_rows,
     "quantization": cases.quantization_rows,
+    "vision": cases.vision_rows,
+    "connector": cases.connector_rows,
+    "image_decode": cases.image_decode_rows,
 }
 assert tuple(SECTIONS) == SECTION_NAMES
 

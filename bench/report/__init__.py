@@ -26,6 +26,7 @@ from bench.analysis import (
 from bench.findings import delta_text, finding_row, suite_folders, summary_line
 from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
+from bench.report.multimodal import multimodal_section
 from bench.spec import StudyDesign
 from bench.store import Results, load, read_spec
 from bench.speed import speed_phrase
@@ -551,6 +552,7 @@ def build_report(folders: list[str | Path]) -> str:
         "failed": failed,
         "tuning": _tuning_section(analyses[0].tuning if analyses else None, palette),  # the flags of the table's choices
         "ladder": _ladder_section(analyses[0] if analyses else None),
+        "multimodal": multimodal_section(runs, list(dict.fromkeys([baseline, *design.variants]))),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),
                       "threads": r["hardware"].get("torch_threads"), "gpu": r["hardware"].get("gpu"),

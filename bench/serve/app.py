@@ -1,6 +1,7 @@
 """The HTTP service over an engine: ``POST /generate``, ``GET /health``, ``GET /metrics`` (FastAPI).
 
-A request gives a prompt as text (encoded with the run's tokenizer) or as token ids, and gets the
+A request gives a prompt as text (encoded with the run's tokenizer) or as token ids (and, for a
+vision-language model, an image as a base64 PNG of the model's size and channels), and gets the
 generated tokens (and text) back whole, or as server-sent events token by token (``stream``). A
 request the model cannot serve gets a 4xx JSON ``{"error": ...}`` naming what is wrong; the service
 keeps serving.
@@ -16,10 +17,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pydantic
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bench.data.tokenizers import Tokenizer
+from bench.pictures import ImageRefused, image_tensor
 from bench.serve.engine import Engine, Sequence
 
 
@@ -34,6 +37,7 @@ class GenerateRequest(pydantic.BaseModel):
     top_k: int | None = pydantic.Field(None, ge=1)
     seed: int | None = None  # the sampling seed (temperature > 0)
     stream: bool = False  # server-sent events, one per token
+    image: str | None = None  # a base64 PNG, for a vision-language model (its size and channels)
 
 
 class BadRequest(ValueError):
@@ -75,14 +79,30 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
                 raise BadRequest(f"prompt: {e}") from None
         if not ids:
             raise BadRequest("the prompt is empty")
-        if len(ids) + body.max_new_tokens > max_tokens:
-            raise BadRequest(f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}) exceeds "
-                             f"this model's {max_tokens} tokens")
+        if len(ids) + body.max_new_tokens + engine.image_positions > max_tokens:
+            image = f" + the image's {engine.image_positions} positions" if engine.image_positions else ""
+            raise BadRequest(f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}){image} exceeds "
+                             f"this model's {max_tokens} {'positions' if image else 'tokens'}")
         if not engine.fits_alone(len(ids) + body.max_new_tokens):
             raise BadRequest(f"prompt + max_new_tokens ({len(ids) + body.max_new_tokens} tokens) would need "
                              f"{(len(ids) + body.max_new_tokens) * engine.bytes_per_token} bytes of KV cache, more than "
                              f"this service's budget of {engine.kv_budget_bytes}")
         return ids
+
+    def image_of(body: GenerateRequest) -> torch.Tensor | None:
+        """The request's image as the model reads it; refused unless the model reads images and it fits."""
+        vision = engine.model.config.vision
+        if vision is None:
+            if body.image is not None:
+                raise BadRequest("image: this model reads no images (it was trained on text alone)")
+            return None
+        if body.image is None:
+            raise BadRequest(f"image: this model reads an image with its prompt: give 'image', a base64 PNG of "
+                             f"{vision['image_size']}×{vision['image_size']} pixels, {vision['channels']} channel(s)")
+        try:
+            return image_tensor(body.image, vision["channels"], vision["image_size"])
+        except ImageRefused as e:
+            raise BadRequest(str(e)) from None
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
@@ -93,13 +113,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
         except pydantic.ValidationError as e:
             return refuse(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()))
         try:
-            ids = prompt_ids(body)
+            ids, image = prompt_ids(body), image_of(body)
         except BadRequest as e:
             return refuse(400, str(e))
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         sequence = Sequence(ids, body.max_new_tokens, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t),
-                            temperature=body.temperature, top_k=body.top_k, seed=body.seed)
+                            image=image, temperature=body.temperature, top_k=body.top_k, seed=body.seed)
         start = time.perf_counter()
         engine.submit(sequence)
         if body.stream:

@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import hardware
 from bench.config import RunConfig
 from bench.data import load_dataset
+from bench.pictures import png_base64
 from bench.results import load
 from bench.serve.loadgen import drive, summarise
 from bench.store import Store
+from models.config import prefix_positions
 
 STARTUP_SECONDS = 120.0  # a service that does not answer /health within this long failed to start
 
@@ -69,14 +72,24 @@ def served_runs(results, variants: list[str] | None = None) -> list[dict[str, An
     return [{"variant": r["variant"], "run_id": r["run_id"], "seed": int(r["seed"])} for _, r in chosen.iterrows()]
 
 
-def prompts_for(run: RunConfig, n: int, prompt_len: int) -> list[list[int]]:
-    """n prompts of prompt_len tokens: windows of the run's validation split (the same for every variant)."""
+def prompts_for(run: RunConfig, n: int, prompt_len: int) -> list[list[int]] | list[dict]:
+    """n prompts of prompt_len tokens: windows of the run's validation split (the same for every variant);
+    for image questions, each validation question (up to its answer) with its image as a base64 PNG."""
     data = load_dataset(run.data)
     seq_len = data.seq_len or prompt_len
-    windows = data.val_batches(n, seq_len, n)[0][0]
+    windows, targets, *images = data.val_batches(n, seq_len, n)[0]
     if len(windows) < n:
         raise ValueError(f"the validation split has {len(windows)} windows, fewer than --requests {n}")
-    return windows[:, :prompt_len].tolist()
+    if not images:
+        return windows[:, :prompt_len].tolist()
+    asked = [int((row >= 0).nonzero()[0]) + 1 for row in targets]  # through the position that answers
+    return [{"tokens": windows[i, :asked[i]].tolist(),
+             "image": png_base64((images[0][i] * 255).round().to(torch.uint8).numpy())} for i in range(n)]
+
+
+def prompt_tokens(prompt: list[int] | dict) -> int:
+    """A prompt's token count (a vision-language request's: its tokens', not its image's)."""
+    return len(prompt["tokens"] if isinstance(prompt, dict) else prompt)
 
 
 def _free_port() -> int:
@@ -137,7 +150,7 @@ def serve_variant(run_dir: Path, prompts: list[list[int]], settings: LoadSetting
                                                new_tokens=settings.new_tokens, timeout=settings.timeout))
             gauges = scrape(url)
         errors = sorted({o.error for o in outcomes if o.error})
-        rows.append({"settings_key": settings.key(), "concurrency": concurrency, "prompt_len": len(prompts[0]), "new_tokens": settings.new_tokens,
+        rows.append({"settings_key": settings.key(), "concurrency": concurrency, "prompt_len": max(map(prompt_tokens, prompts)), "new_tokens": settings.new_tokens,
                      "max_batch": max_batch, "batching": batching, **summarise(outcomes, wall),
                      "kv_cache_bytes_peak": gauges.get("archbench_kv_cache_bytes_peak"),
                      "max_batched": gauges.get("archbench_max_batched_sequences"),
@@ -162,11 +175,12 @@ def benchmark_study(results_dir: str | Path, settings: LoadSettings, variants: l
         for entry in chosen:
             run_dir = results_dir / "runs" / entry["run_id"]
             run = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-            limit = run.model.block_size
-            if settings.prompt_len + settings.new_tokens > limit:
-                raise ValueError(f"--prompt-len {settings.prompt_len} + --new-tokens {settings.new_tokens} exceeds "
-                                 f"{entry['variant']}'s block_size {limit}")
             prompts = prompts_for(run, settings.requests, settings.prompt_len)
+            longest = max(map(prompt_tokens, prompts)) + prefix_positions(run.model)  # an image's prefix too
+            if longest + settings.new_tokens > run.model.block_size:
+                raise ValueError(f"prompts of {longest} positions (--prompt-len, or the data's questions, and an "
+                                 f"image's prefix) + --new-tokens {settings.new_tokens} exceed {entry['variant']}'s "
+                                 f"block_size {run.model.block_size}")
             rows = serve_variant(run_dir, prompts, settings)
             store.add_serving(study, entry["run_id"], entry["variant"], rows, environment)
             for row in rows:

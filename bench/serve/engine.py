@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.serve.metrics import ServingMetrics
+from models.config import prefix_positions
 from models.gpt import GPT, Cache
 
 Emit = Callable[[int | None], None]  # a sampled token id; None once the sequence is done
@@ -36,6 +37,7 @@ class Sequence:
     prompt: list[int]
     max_new_tokens: int
     emit: Emit
+    image: torch.Tensor | None = None  # (1, channels, H, W) in [0, 1]: what a vision-language model reads
     temperature: float = 0.0
     top_k: int | None = None
     seed: int | None = None
@@ -62,6 +64,7 @@ class Engine:
         self.metrics = metrics or ServingMetrics()
         self.batching = _batching(model)  # "continuous", or why sequences are served one at a time
         self.bytes_per_token = _kv_bytes_per_token(model)  # one token of one sequence, every layer
+        self.image_positions = prefix_positions(model.config) if model.config.vision is not None else 0
         if self.batching != "continuous":
             self.max_batch = 1
         self.waiting: queue.Queue[Sequence] = queue.Queue()
@@ -130,7 +133,7 @@ class Engine:
             self.metrics.queue_depth.set(self.waiting.qsize())
             cache = self.model.new_cache()
             idx = torch.tensor([sequence.prompt], device=self.device)
-            logits = self.model(idx, cache=cache).logits[:, -1]  # (1, vocab)
+            logits = self.model(idx, cache=cache, **self._image(sequence)).logits[:, -1]  # (1, vocab)
             self._emit(sequence, int(self._sample(logits, [sequence])[0]))
             if sequence.done:
                 self._finish(sequence)
@@ -148,12 +151,16 @@ class Engine:
         if self.kv_budget_bytes is None:
             return True
         rows = [*self.running, *joining, candidate]
-        longest = max(len(s.prompt) + s.max_new_tokens for s in rows)
+        longest = max(len(s.prompt) + s.max_new_tokens for s in rows) + self.image_positions
         return len(rows) * longest * self.bytes_per_token <= self.kv_budget_bytes
 
     def fits_alone(self, tokens: int) -> bool:
-        """Whether one sequence of this many tokens (prompt + new) fits the KV-cache budget."""
-        return self.kv_budget_bytes is None or tokens * self.bytes_per_token <= self.kv_budget_bytes
+        """Whether one sequence of this many tokens (prompt + new, and an image's prefix) fits the KV-cache budget."""
+        return self.kv_budget_bytes is None or (tokens + self.image_positions) * self.bytes_per_token <= self.kv_budget_bytes
+
+    def _image(self, sequence: Sequence) -> dict:
+        """What the model reads besides the tokens: a request's image, on the device."""
+        return {} if sequence.image is None else {"images": sequence.image.to(self.device)}
 
     def _step(self) -> None:
         """One decode step for every running sequence."""
@@ -161,7 +168,7 @@ class Engine:
         if self.cache is None:  # no KV cache: recompute the whole sequence (one at a time)
             (sequence,) = self.running
             full = torch.tensor([sequence.prompt + sequence.generated], device=self.device)
-            logits = self.model(full).logits[:, -1]
+            logits = self.model(full, **self._image(sequence)).logits[:, -1]
         else:
             logits = self.model(idx, cache=self.cache).logits[:, -1]  # (B, vocab)
         for sequence, token in zip(self.running, self._sample(logits, self.running).tolist()):

@@ -48,10 +48,14 @@ class Outcome:
         return list(np.diff(self.arrivals)) if len(self.arrivals) > 1 else []
 
 
-async def _one(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) -> Outcome:
+Prompt = list[int] | dict  # token ids, or a request's fields (a vision-language model's: tokens and image)
+
+
+async def _one(client: httpx.AsyncClient, prompt: Prompt, new_tokens: int) -> Outcome:
     start = time.perf_counter()
     outcome = Outcome(ok=False)
-    body = {"tokens": prompt, "max_new_tokens": new_tokens, "stream": True}
+    fields = prompt if isinstance(prompt, dict) else {"tokens": prompt}
+    body = {**fields, "max_new_tokens": new_tokens, "stream": True}
     try:
         async with client.stream("POST", "/generate", json=body) as response:
             if response.status_code != 200:
@@ -72,7 +76,7 @@ async def _one(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) ->
     return outcome
 
 
-async def drive(url: str, prompts: list[list[int]], *, concurrency: int, new_tokens: int,
+async def drive(url: str, prompts: list[Prompt], *, concurrency: int, new_tokens: int,
                 timeout: float = 120.0) -> tuple[list[Outcome], float]:
     """Send every prompt (one streamed request each) with at most `concurrency` in flight; return the
     outcomes and the wall time from the first request to the last answer."""

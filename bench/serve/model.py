@@ -26,6 +26,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
     if not (run_dir / CONFIG).exists():
         raise RunNotServable(f"{run_dir}: no {CONFIG} (a run folder is results/<study>/runs/<run id>)")
     run = read_config(run_dir)
+    if run.model.contrastive is not None:
+        raise RunNotServable(f"{run_dir}: a contrastive dual encoder embeds images and captions; it generates no "
+                             "text to serve")
     state = load_checkpoint(run_dir / "checkpoint.pt")
     if state is None:
         raise RunNotServable(f"{run_dir}: no checkpoint.pt (a post-training quantized variant keeps none; "
