@@ -144,10 +144,10 @@ class RunConfig(BaseModel):
         shape = self.data.image_shape() if hasattr(self.data, "image_shape") else None
         vision = self.model.vision
         if shape is not None and vision is None:
-            raise ValueError(f"data.source '{source}' gives images but model.vision is not set: the model "
-                             "would read the questions without the pictures; add model.vision (e.g. {name: vit})")
+            raise ValueError(f"model.vision=None but data.source '{source}' gives images: the model would read the "
+                             "questions without the pictures; add model.vision (e.g. {name: vit})")
         if shape is None and vision is not None:
-            raise ValueError(f"model.vision '{vision['name']}' reads images but data.source '{source}' gives none; "
+            raise ValueError(f"model.vision={vision['name']} reads images but data.source '{source}' gives none; "
                              "use an image source (source: images)")
         if shape is None:
             return self
@@ -159,11 +159,11 @@ class RunConfig(BaseModel):
                                  f"images: set model.vision.{key}: {want} (or leave it out: the data's is used)")
         if self.model.contrastive is not None:
             if getattr(self.data, "format", None) != "caption":
-                raise ValueError(f"model.contrastive '{self.model.contrastive['name']}' pairs images with captions: "
-                                 "set data.format: caption")
+                raise ValueError(f"data.format={getattr(self.data, 'format', None)} but model.contrastive "
+                                 f"'{self.model.contrastive['name']}' pairs images with captions: set data.format: caption")
             if self.train.micro_batch_size not in (None, self.train.batch_size) or self.train.distributed:
-                raise ValueError("a contrastive loss scores every pair of the batch against the others: it "
-                                 "cannot split the batch (train.micro_batch_size, train.distributed)")
+                raise ValueError(f"train.micro_batch_size={self.train.micro_batch_size} (or train.distributed) splits "
+                                 "the batch, but a contrastive loss scores every pair of the batch against the others")
         return self
 
 
@@ -194,9 +194,17 @@ def resolve_run(model: dict, data: dict, train: dict | None = None, seed: int = 
     if "block_size" not in model:
         length = (train or {}).get("seq_len") or getattr(data_config, "seq_len", None)
         if length:  # a vision-language model's prefix takes positions before the text
-            model["block_size"] = length + (prefix_positions(ModelConfig(**{**model, "block_size": length}))
-                                            if model.get("vision") else 0)
+            model["block_size"] = length + (_prefix(model, length) if model.get("vision") else 0)
     return RunConfig(model=model, data=data_config, train=train or {}, seed=seed, plugins=plugins or {})
+
+
+def _prefix(model: dict, length: int) -> int:
+    """The image's prefix positions of a model config (0 when the config is invalid: RunConfig then
+    refuses it, with the key)."""
+    try:
+        return prefix_positions(ModelConfig(**{**model, "block_size": length}))
+    except ValueError:
+        return 0
 
 
 def vocab_pending(model: dict, data: DataConfig) -> bool:

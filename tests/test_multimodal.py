@@ -173,13 +173,13 @@ DIGITS = {"source": "images", "scene": "digits", "grid": 2, "n_train": 64, "n_va
 
 
 @pytest.mark.parametrize("model, data, words", [
-    ({"n_layer": 1, "n_head": 2, "n_embd": 16}, DIGITS, ["data.source 'images'", "model.vision"]),
+    ({"n_layer": 1, "n_head": 2, "n_embd": 16}, DIGITS, ["data.source 'images'", "model.vision=None"]),
     ({"n_layer": 1, "n_head": 2, "n_embd": 16, "vision": "vit"}, {"source": "task", "task": "induction", "vocab_size": 16,
                                                                    "seq_len": 16, "n_train": 8},
-     ["model.vision 'vit'", "data.source 'task'"]),
+     ["model.vision=vit", "data.source 'task'"]),
     ({"n_layer": 1, "n_head": 2, "n_embd": 16, "vision": {"name": "vit", "image_size": 24, "patch_size": 4}}, DIGITS,
      ["model.vision.image_size=24", "1×16×16"]),
-    ({"n_layer": 1, "n_head": 2, "n_embd": 16, "vision": "vit", "contrastive": "clip"}, DIGITS, ["data.format: caption"]),
+    ({"n_layer": 1, "n_head": 2, "n_embd": 16, "vision": "vit", "contrastive": "clip"}, DIGITS, ["data.format=qa", "data.format: caption"]),
 ])
 def test_a_run_whose_data_and_model_disagree_is_refused_by_key(model, data, words):
     with pytest.raises(ValueError) as refused:
