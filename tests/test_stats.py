@@ -201,6 +201,9 @@ def test_a_verdict_reached_at_an_earlier_look_states_that_looks_numbers_and_the_
     sentence = c.sentence()
     assert f"by {first.delta:.3g} accuracy" in sentence and "over the first 3 seeds, the look that decided it" in sentence
     assert "over all 6 seeds Δ +0.104" in sentence
+    from bench.report.figures import forest  # the report's picture draws the look that decided it, too
+
+    assert "frozen − linear (its 3-seed look)" in str(forest([c], "val_accuracy", 0.0, True))
     (fixed,) = judge({"frozen": variant, "linear": reference}, [("frozen", "linear")], accuracy, Design(margin=0.0))
     assert fixed.decided_at is None and fixed.verdict == "inconclusive"  # one look, at all six seeds
 

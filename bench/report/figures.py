@@ -327,15 +327,20 @@ def forest(comparisons: list, metric: str, margin: float, higher_is_better: bool
     if margin > 0:
         ax.axvspan(-margin, margin, color="#d6e4ff", label=f"equivalence margin ±{margin:g}")
     ax.axvline(0, color="black", linewidth=0.8)
+    labels = []
     for i, c in enumerate(shown):
         colour = VERDICT_COLOURS.get(c.verdict, "grey")
-        if np.isfinite(c.ci_low) and np.isfinite(c.ci_high):
-            ax.errorbar(c.delta, i, xerr=[[c.delta - c.ci_low], [c.ci_high - c.delta]], fmt="none", ecolor=colour,
-                        capsize=5, linewidth=2)
-        ax.plot(c.delta, i, "o", color=colour, markersize=9)
+        # a verdict reached at an earlier look is drawn with that look's numbers, as its sentence states them
+        decided = getattr(c, "decided_at", None)
+        d = decided or {"delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high}
+        if np.isfinite(d["ci_low"]) and np.isfinite(d["ci_high"]):
+            ax.errorbar(d["delta"], i, xerr=[[d["delta"] - d["ci_low"]], [d["ci_high"] - d["delta"]]], fmt="none",
+                        ecolor=colour, capsize=5, linewidth=2)
+        ax.plot(d["delta"], i, "o", color=colour, markersize=9)
+        labels.append(f"{c.variant} − {c.reference}" + (f" (its {decided['n']}-seed look)" if decided else ""))
     for verdict in dict.fromkeys(c.verdict for c in shown):
         ax.plot([], [], "o", color=VERDICT_COLOURS.get(verdict, "grey"), label=verdict)
-    ax.set_yticks(range(len(shown)), [f"{c.variant} − {c.reference}" for c in shown])
+    ax.set_yticks(range(len(shown)), labels)
     ax.set_ylim(len(shown) - 0.5, -0.5)
     _humanise(ax.xaxis, plain)
     better = "right" if higher_is_better else "left"
