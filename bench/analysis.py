@@ -325,7 +325,7 @@ class Comparison:
         later = ""
         if self.decided_at and self.verdict in ("better", "worse", "equivalent"):
             d = self.decided_at  # the verdict's numbers are its deciding look's; the later seeds are stated too
-            later = (f" {self.n - d['n']} more seed(s) were trained for other comparisons after that look: over all "
+            later = (f" {self.n - d['n']} more seed(s) were trained after that look: over all "
                      f"{self.n} seeds Δ {significant(self.delta, sign=True)}{unit} ({ci}).")
             ci = (f"95% CI {significant(d['ci_low'], sign=True)} to {significant(d['ci_high'], sign=True)}")
             over = f"{self.test} over the first {d['n']} seeds, the look that decided it"
@@ -428,10 +428,14 @@ def _per_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
 
 def _sequential(tests: list[Test], looks: list[tuple[int, float]], alpha: float, which: str) -> tuple[float, Test | None]:
     """The smallest p_k·α/α_k over the looks that have a p-value (NaN if none has), and the test of
-    the look that gave it: a verdict reached at an earlier look stands on that look's seeds."""
+    the first look that crossed α (else of the smallest): a verdict reached at a look stands on that
+    look's seeds."""
     ps = [(min(1.0, getattr(t, which) * alpha / level), t) for t, (_, level) in zip(tests, looks)
           if not math.isnan(getattr(t, which))]
-    return min(ps, key=lambda pair: pair[0]) if ps else (math.nan, None)
+    if not ps:
+        return math.nan, None
+    smallest = min(p for p, _ in ps)
+    return smallest, next((t for p, t in ps if p < alpha), min(ps, key=lambda pair: pair[0])[1])
 
 
 def compare(variant: dict[int, float], reference: dict[int, float], design: Design,

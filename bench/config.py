@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(500, ge=1, description="steps between checkpoints a run resumes from; "
                                          "the last step's is always written")
     diverge_above: float | None = Field(None, description="loss bound; default 3·ln(vocab_size), "
-                                         "or 3× the first step's loss for a contrastive model")
+                                         "or 10× the first step's loss for a contrastive model")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="autocast dtype; auto: bf16 where supported on CUDA, on CPU only where measured ≥2× "
@@ -129,7 +129,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"train.seq_len={self.train.seq_len} differs from the task's seq_len={task_len} "
                              "(a task fixes its example length: leave train.seq_len out)")
         limit = shapes_only(self.model).positional.max_positions
-        prefix = prefix_positions(self.model)
+        prefix = prefix_positions(self.model) if hasattr(self.data, "image_shape") else 0  # else refused below
         if limit is not None and self.seq_len + prefix > limit:
             image = f" after the image's {prefix} prefix positions" if prefix else ""
             raise ValueError(f"train.seq_len={self.seq_len}{image} is longer than the {limit} positions "
@@ -157,6 +157,16 @@ class RunConfig(BaseModel):
                 raise ValueError(f"model.vision.{key}={vision.get(key)} but data (scene "
                                  f"'{getattr(self.data, 'scene', source)}') gives {channels}×{height}×{width} "
                                  f"images: set model.vision.{key}: {want} (or leave it out: the data's is used)")
+        if vision.get("lr") is not None and self.train.distributed is not None and \
+                self.train.distributed.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(f"model.vision.lr={vision['lr']} cannot be kept under train.distributed.strategy="
+                             f"{self.train.distributed.strategy}: it flattens the parameters the encoder's own "
+                             "learning rate is set on; use ddp, or leave vision.lr out")
+        quantizer = self.model.quantization
+        if quantizer is not None and getattr(get("quantization", quantizer["name"]).factory, "stage", "post") == "post":
+            raise ValueError(f"model.quantization={quantizer['name']} quantizes after training, but its calibration, "
+                             "latency and decode timings read text alone: post-training quantization of a model that "
+                             "reads images is not supported (training-time fake_quant is)")
         if self.model.contrastive is not None:
             if getattr(self.data, "format", None) != "caption":
                 raise ValueError(f"data.format={getattr(self.data, 'format', None)} but model.contrastive "

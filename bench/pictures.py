@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -41,16 +42,21 @@ def image_tensor(encoded: str, channels: int, size: int) -> torch.Tensor:
     if len(raw) > MAX_IMAGE_BYTES:
         raise ImageRefused(f"image: {len(raw):,} bytes, more than the {MAX_IMAGE_BYTES:,} accepted")
     try:
-        picture = Image.open(io.BytesIO(raw))
-        picture.load()
-    except (UnidentifiedImageError, OSError):
-        raise ImageRefused("image: not a decodable image (send a base64 PNG)") from None
+        with warnings.catch_warnings():  # a huge size is refused below, before any pixel is decoded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture = Image.open(io.BytesIO(raw))  # reads the header only: size and mode are checked first
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ImageRefused("image: not a decodable image of a sensible size (send a base64 PNG)") from None
     want = {1: "L", 3: "RGB"}[channels]
     if picture.size != (size, size):
         raise ImageRefused(f"image: {picture.size[0]}×{picture.size[1]} pixels, but this model reads {size}×{size}")
     if picture.mode != want:
         raise ImageRefused(f"image: mode {picture.mode} ({len(picture.getbands())} channels), but this model reads "
                            f"{channels} channel{'s' if channels > 1 else ''} ({want})")
+    try:
+        picture.load()
+    except (OSError, ValueError):
+        raise ImageRefused("image: its pixels do not decode (a truncated or corrupt PNG)") from None
     pixels = np.asarray(picture, dtype=np.uint8)
     pixels = pixels[None] if channels == 1 else np.transpose(pixels, (2, 0, 1))
     return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]

@@ -91,8 +91,9 @@ def evaluate(model, batches, device, dtype, token_bytes=None, from_position: int
 
 @torch.no_grad()
 def evaluate_pairs(model, batches, device, dtype) -> dict[str, float]:
-    """A contrastive model on image–caption pairs: the loss per batch (of the training batch's size,
-    as the loss depends on it) and recall@1 each way over the whole validation set. A retrieved
+    """A contrastive model on image–caption pairs: the loss in batches of the training batch's size (it
+    depends on it), averaged per pair, and recall@1 each way over the whole validation set (the
+    argmax: a tie goes to the first). A retrieved
     caption (image) counts as right when its caption's tokens are the true one's: scenes that share
     a caption are not told apart by any model."""
     was_training = model.training
@@ -102,7 +103,7 @@ def evaluate_pairs(model, batches, device, dtype) -> dict[str, float]:
         x, y, extra = model_inputs(batch, device)
         with _autocast(device, dtype):
             image, text = model.embed(x, y, **extra)
-            losses.append(model.pair_loss(image, text).item())
+            losses.append((model.pair_loss(image, text).item(), len(x)))
         images.append(image.float())
         texts.append(text.float())
         captions.append(torch.where(y >= 0, y, -1))
@@ -111,7 +112,7 @@ def evaluate_pairs(model, batches, device, dtype) -> dict[str, float]:
     caption = torch.cat(captions)
     same = (caption[:, None, :] == caption[None, :, :]).all(-1)  # (N, N): pair i and j share a caption
     rows = torch.arange(len(caption), device=scores.device)
-    return {"loss": statistics.fmean(losses),
+    return {"loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses),  # per pair
             "recall_i2t": same[rows, scores.argmax(1)].float().mean().item(),
             "recall_t2i": same[scores.argmax(0), rows].float().mean().item()}
 
@@ -181,7 +182,7 @@ class Trainer:
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
         self.flops_per_token = flops_per_token(run.model, causal=False, seq_len=self.seq_len)  # PaLM/nanoGPT MFU convention
         self.total_steps = budget_steps(run) or 10**12  # None: a time budget, the clock decides
-        # a contrastive loss is no next-token loss: its bound is 3× its first step's (set then, and checkpointed)
+        # a contrastive loss is no next-token loss: its bound is 10× its first step's (set then, and checkpointed)
         self.diverge_above = self.cfg.diverge_above or (3 * math.log(run.model.vocab_size)
                                                         if run.model.contrastive is None else None)
         self.min_lr = self.cfg.lr / 10 if self.cfg.min_lr is None else self.cfg.min_lr
@@ -386,7 +387,7 @@ class Trainer:
                       "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                       "peak_memory_bytes": _peak_memory(self.device), **routing}
             if self.diverge_above is None and math.isfinite(loss):
-                self.diverge_above = 3 * loss
+                self.diverge_above = 10 * loss
             if not math.isfinite(loss) or loss > self.diverge_above:
                 status, diverged_at = "diverged", step
                 self._write_metrics(record)

@@ -62,14 +62,18 @@ def _param_counts(key: str) -> tuple[tuple[str, int], ...]:
 
 
 def flops_per_token(config: ModelConfig, causal: bool = False, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward = 3 × forward) at seq_len (default block_size).
+    """Training FLOPs per token (forward + backward = 3 × forward; a frozen image encoder's forward
+    only) at seq_len (default block_size).
 
     Every matmul is counted, the LM head and attention's q·kᵀ and probs·v included. causal=False
     counts the full score matrix (the PaLM/nanoGPT convention, and what torch's FlopCounterMode
     sees); causal=True counts only the keys each query sees.
     """
     seq_len = seq_len or config.block_size
-    return 3 * sequence_flops(shapes_only(config), seq_len, causal) / seq_len
+    model = shapes_only(config)
+    vision = getattr(model, "vision", None)
+    frozen = vision.flops_per_image() if vision is not None and not vision.trainable else 0.0  # no backward through it
+    return (3 * sequence_flops(model, seq_len, causal) - 2 * frozen) / seq_len
 
 
 def sequence_flops(model: nn.Module, seq_len: int, causal: bool) -> float:

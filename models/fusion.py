@@ -40,6 +40,10 @@ class PrefixFusion(nn.Module):
     def text(self, x: Tensor, prefix: int) -> Tensor:
         return x[:, prefix:]
 
+    def image_cache_bytes(self, bytes_per_element: int) -> int:
+        """What a decoding cache holds for one row's image beside the KV cache: nothing (it is in it)."""
+        return 0
+
     def flops_per_token(self, seq_len: int, causal: bool) -> float:
         return 0.0  # no weights: the image tokens' cost is the blocks' own, over M more positions
 
@@ -142,6 +146,11 @@ class CrossAttentionFusion(nn.Module):
 
     def text(self, x: Tensor, prefix: int) -> Tensor:
         return x
+
+    def image_cache_bytes(self, bytes_per_element: int) -> int:
+        """What a decoding cache holds for one row's image: each layer's image keys and values."""
+        return sum(2 * layer.attn.n_image_tokens * layer.attn.kv.in_features * bytes_per_element
+                   for layer in self.layers.values())
 
     def flops_per_token(self, seq_len: int, causal: bool) -> float:
         """Per text token: each layer's q, output and MLP matmuls and its attention over the image

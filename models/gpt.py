@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention_backends import KernelChooser, use_kernels
-from models.config import ModelConfig, attention_features, backends_handling, image_tokens
+from models.config import ModelConfig, attention_features, backends_handling, image_tokens, prefix_positions
 from models.contract import FEATURES
 from models.registry import build_spec
 
@@ -339,10 +339,12 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 picks the most likely.
         images: what a vision-language model reads with idx (B, channels, H, W)."""
         limit = self.positional.max_positions
+        if limit is not None and images is not None:
+            limit -= prefix_positions(self.config)  # the text's share of the positions
         cache = self.new_cache() if use_cache else None
         fed = 0  # text tokens the cache holds (a prefix's image positions are not text)
         for _ in range(max_new_tokens):
-            if cache is not None and limit is not None and cache.length + idx.shape[1] - fed > limit:
+            if cache is not None and limit is not None and idx.shape[1] > limit:
                 cache = None  # past the position table: crop and recompute, as nanoGPT does
             if cache is None:
                 logits = self(idx if limit is None else idx[:, -limit:], images=images).logits

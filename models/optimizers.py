@@ -36,7 +36,7 @@ def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr
     groups = []
     for peak in dict.fromkeys(own(p) for _, p in params):  # in order of first appearance
         mine = [p for _, p in params if own(p) == peak]
-        group_scale = scale if peak is None else scale * peak / lr
+        group_scale = scale if peak is None else peak / lr  # its own peak, whatever the group's scale
         groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": group_scale, **extra},
                    {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": group_scale, **extra}]
     return [g for g in groups if g["params"]]

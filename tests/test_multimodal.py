@@ -343,3 +343,83 @@ def test_a_multimodal_study_runs_end_to_end_and_its_report_shows_images_and_answ
     page = (tmp_path / "clip" / "report.html").read_text()
     assert "Retrieval on the validation pairs" in page and "image → text recall@1" in page
     assert "<img" not in page  # a contrastive study keeps no answers to show
+
+
+# -- edges found in review ------------------------------------------------------------------------------
+
+
+def _png_claiming(width: int, height: int) -> str:
+    """A base64 PNG whose header claims width × height pixels (its data is one grey row)."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 17)) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+def test_an_image_claiming_a_huge_size_is_refused_before_any_pixel_is_decoded():
+    from bench.pictures import ImageRefused, image_tensor
+
+    with pytest.raises(ImageRefused, match="sensible size"):
+        image_tensor(_png_claiming(14000, 14000), 1, 16)  # PIL's decompression-bomb guard, as a refusal
+    with pytest.raises(ImageRefused, match="10000×10000 pixels"):
+        image_tensor(_png_claiming(10000, 10000), 1, 16)  # refused on its header: 100 M pixels never decoded
+
+
+def test_generating_past_the_positions_crops_the_text_to_what_the_prefix_leaves():
+    model = build_model({**TEXT, "block_size": 24, "vision": VIT}, seed=0).eval()  # 16 image + 8 text positions
+    idx, _, images = batch(rows=1, length=4)
+    out = model.generate(idx, 6, temperature=0, images=images)  # 10 text tokens: past the 8 left
+    assert out.shape == (1, 10)
+    assert torch.equal(out, model.generate(idx, 6, temperature=0, images=images, use_cache=False))
+
+
+def test_the_serving_budget_counts_cross_attentions_image_keys_and_values():
+    from bench.serve.engine import Engine
+
+    model = _served({"name": "cross_attention", "every": 1})
+    cache = model.new_cache()
+    model(torch.tensor([[1, 2]]), cache=cache, images=torch.rand(1, 1, 16, 16))
+    text_bytes = sum(layer.nbytes() for layer in cache.layers)
+    engine = Engine(model, kv_budget_bytes=cache.nbytes())
+    assert engine.image_bytes == cache.nbytes() - text_bytes == 2 * 2 * 16 * 32 * 4  # layers × (k, v) × M × C × fp32
+    assert engine.fits_alone(2) and not engine.fits_alone(3)
+
+
+def test_a_frozen_encoder_costs_its_forward_pass_only():
+    trained = ModelConfig(**{**TEXT, "vision": VIT})
+    frozen = ModelConfig(**{**TEXT, "vision": {**VIT, "trainable": False}})
+    per_image = shapes_only(trained).vision.flops_per_image()
+    assert flops_per_token(frozen, seq_len=8) == pytest.approx(flops_per_token(trained, seq_len=8) - 2 * per_image / 8)
+
+
+def test_the_encoders_own_learning_rate_is_its_own_under_muon_and_refused_where_it_cannot_hold():
+    from models.optimizers import muon
+
+    model = vlm(vision={**VIT, "lr": 1e-3})
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch ≥ 2.9")
+    groups = [g for opt in muon(model, _train(4e-3), adamw_lr=8e-3) for g in opt.param_groups]
+    vision = {id(p) for p in model.vision.parameters()}
+    assert {g["lr_scale"] for g in groups if {id(p) for p in g["params"]} <= vision} == {0.25}
+    with pytest.raises(ValueError, match="vision.lr=0.001 cannot be kept under train.distributed.strategy=fsdp"):
+        resolve_run({"n_layer": 1, "n_head": 2, "n_embd": 16, "vision": {"name": "vit", "patch_size": 8, "lr": 1e-3}},
+                    {**DIGITS, "scene": "shapes"}, {"batch_size": 4, "steps": 1, "distributed": {"strategy": "fsdp"}})
+    with pytest.raises(ValueError, match="post-training quantization of a model that reads images"):
+        resolve_run({"n_layer": 1, "n_head": 2, "n_embd": 16, "vision": {"name": "vit", "patch_size": 8},
+                     "quantization": "int8_weight_only"}, {**DIGITS, "scene": "shapes"}, {"batch_size": 4, "steps": 1})
+
+
+def test_the_images_section_is_for_runs_that_read_images():
+    import pandas as pd
+
+    from bench.report.multimodal import multimodal_section
+
+    quantized = pd.DataFrame({"variant": ["int8"], "seed": [0], "status": ["finished"], "val_accuracy": [0.9],
+                              "val_accuracy_float": [0.91], "val_accuracy_delta": [-0.01]})
+    assert multimodal_section(quantized, ["int8"]) is None

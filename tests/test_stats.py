@@ -187,7 +187,7 @@ def test_failed_and_diverged_seeds_count_against_the_comparison():
 
 
 def test_a_verdict_reached_at_an_earlier_look_states_that_looks_numbers_and_the_later_seeds():
-    # adaptive 3..6: three seeds agree (Δ ≈ +0.033); seeds 3..5, trained later for other comparisons,
+    # adaptive 3..6: three seeds agree (Δ ≈ +0.033); seeds 3..5, trained later (for other comparisons),
     # hold one where the reference failed to learn: over all six the CI includes 0
     accuracy = MetricSpec(name="val_accuracy")
     reference = {0: 0.780, 1: 0.784, 2: 0.752, 3: 0.354, 4: 0.786, 5: 0.752}

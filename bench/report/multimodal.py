@@ -50,7 +50,10 @@ def _samples(runs: pd.DataFrame, variants: list[str]) -> list[dict]:
 def multimodal_section(runs: pd.DataFrame, variants: list[str]) -> dict | None:
     """The section's content, or None when no run of the study read images."""
     finished = runs[runs["status"] == "finished"]
-    types = sorted(c for c in finished.columns if c.startswith("val_accuracy_") and finished[c].notna().any())
+    read_images = "val_samples" in finished and finished["val_samples"].map(lambda s: isinstance(s, list)).any()
+    # question types are accuracy columns of runs that read images (a quantized run's val_accuracy_float is none)
+    types = sorted(c for c in finished.columns if read_images and c.startswith("val_accuracy_")
+                   and c not in ("val_accuracy_float", "val_accuracy_delta") and finished[c].notna().any())
     accuracy = _by_variant(finished, {"val_accuracy": "all questions",
                                       **{c: c.removeprefix("val_accuracy_") for c in types}}, variants) if types else None
     recall = _by_variant(finished, RECALL, variants)

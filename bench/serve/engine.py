@@ -65,6 +65,9 @@ class Engine:
         self.batching = _batching(model)  # "continuous", or why sequences are served one at a time
         self.bytes_per_token = _kv_bytes_per_token(model)  # one token of one sequence, every layer
         self.image_positions = prefix_positions(model.config) if model.config.vision is not None else 0
+        fusion = getattr(model, "fusion", None)  # cross-attention keeps each row's image keys and values too
+        element = next(model.parameters()).element_size()
+        self.image_bytes = fusion.image_cache_bytes(element) if fusion is not None else 0
         if self.batching != "continuous":
             self.max_batch = 1
         self.waiting: queue.Queue[Sequence] = queue.Queue()
@@ -152,11 +155,12 @@ class Engine:
             return True
         rows = [*self.running, *joining, candidate]
         longest = max(len(s.prompt) + s.max_new_tokens for s in rows) + self.image_positions
-        return len(rows) * longest * self.bytes_per_token <= self.kv_budget_bytes
+        return len(rows) * (longest * self.bytes_per_token + self.image_bytes) <= self.kv_budget_bytes
 
     def fits_alone(self, tokens: int) -> bool:
         """Whether one sequence of this many tokens (prompt + new, and an image's prefix) fits the KV-cache budget."""
-        return self.kv_budget_bytes is None or (tokens + self.image_positions) * self.bytes_per_token <= self.kv_budget_bytes
+        return self.kv_budget_bytes is None or ((tokens + self.image_positions) * self.bytes_per_token
+                                                + self.image_bytes) <= self.kv_budget_bytes
 
     def _image(self, sequence: Sequence) -> dict:
         """What the model reads besides the tokens: a request's image, on the device."""
