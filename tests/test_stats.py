@@ -297,7 +297,7 @@ def test_the_calibration_would_catch_equivalence_decided_outside_the_budget(monk
         shared = sorted(set(variant) & set(reference))
         looks = [paired_t([variant[s] - reference[s] for s in shared[:k]], design.margin) for k in range(2, len(shared) + 1)]
         inside = any(-design.margin < t.ci_low and t.ci_high < design.margin for t in looks if not t.untestable)
-        return test, p, 0.0 if inside else 1.0, level
+        return test, p, (0.0 if inside else 1.0, None), level
 
     monkeypatch.setattr(analysis, "compare", per_look_ci)
     _, rate = false_rates(Design(alpha=ALPHA, margin=1.0, min_seeds=2, max_seeds=8), 600, 31, delta=1.0)
