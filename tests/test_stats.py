@@ -204,6 +204,12 @@ def test_a_verdict_reached_at_an_earlier_look_states_that_looks_numbers_and_the_
     from bench.report.figures import forest  # the report's picture draws the look that decided it, too
 
     assert "frozen − linear (its 3-seed look)" in str(forest([c], "val_accuracy", 0.0, True))
+    from bench.formatting import significant
+    from bench.report import _decided  # and its verdict table's row says which numbers are which
+
+    low, high = (significant(v, 3, sign=True) for v in (first.ci_low, first.ci_high))
+    assert _decided(c) == (f"decided at its 3-seed look: Δ {significant(first.delta, 3, sign=True)}, 95% CI {low} to "
+                           f"{high}; this row is all 6 seeds")
     (fixed,) = judge({"frozen": variant, "linear": reference}, [("frozen", "linear")], accuracy, Design(margin=0.0))
     assert fixed.decided_at is None and fixed.verdict == "inconclusive"  # one look, at all six seeds
 

@@ -300,8 +300,18 @@ def _comparison_rows(summary: StudySummary) -> list[dict]:
              "ci": f"{significant(c.ci_low, 3, sign=True)} to {significant(c.ci_high, 3, sign=True)}", "test": c.test,
              "n": c.n, "p": p_value(c.p), "p_adjusted": p_value(c.p_adjusted),
              "p_equivalent": p_value(c.p_equivalent_adjusted),
-             "mde": "–" if np.isnan(c.mde) else f"±{significant(c.mde, 3)}", "note": c.note}
+             "mde": "–" if np.isnan(c.mde) else f"±{significant(c.mde, 3)}", "note": c.note or _decided(c)}
             for c in summary.comparisons]
+
+
+def _decided(c) -> str:
+    """For a verdict reached at an earlier look: that look's numbers (the row's are all seeds')."""
+    d = c.decided_at
+    if not d:
+        return ""
+    return (f"decided at its {d['n']}-seed look: Δ {significant(d['delta'], 3, sign=True)}, 95% CI "
+            f"{significant(d['ci_low'], 3, sign=True)} to {significant(d['ci_high'], 3, sign=True)}; "
+            f"this row is all {c.n} seeds")
 
 
 def _headlines(summary: StudySummary, runs: pd.DataFrame, kernels: pd.DataFrame) -> list[dict]:
