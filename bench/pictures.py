@@ -32,6 +32,11 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
+def tensor_png(image: torch.Tensor) -> str:
+    """(C, H, W) float in [0, 1], as a model reads it -> a base64 PNG."""
+    return png_base64((image * 255).round().to(torch.uint8).numpy())
+
+
 def image_tensor(encoded: str, channels: int, size: int) -> torch.Tensor:
     """A base64 image (PNG) -> (1, channels, size, size) float in [0, 1], as the model reads it;
     refused (ImageRefused) when it is not base64, too large, not an image, or of another size or mode."""
@@ -76,9 +81,9 @@ def answer_samples(model, batches, types: np.ndarray, question_types: list[str],
             if len(samples) == n:
                 break
             labelled = y[row] >= 0
-            question = [t for t in x[row][: int(labelled.nonzero()[0])].tolist()]
+            question = x[row][: int(labelled.nonzero()[0])].tolist()
             samples.append({
-                "image": png_base64((images[row] * 255).round().to(torch.uint8).numpy()),
+                "image": tensor_png(images[row]),
                 "type": question_types[int(types[len(samples)])],
                 "question": decode(question[1:]),  # without <bos>
                 "truth": decode(y[row][labelled].tolist()[:-1]),  # without <eos>

@@ -106,7 +106,7 @@ def evaluate_pairs(model, batches, device, dtype) -> dict[str, float]:
             losses.append((model.pair_loss(image, text).item(), len(x)))
         images.append(image.float())
         texts.append(text.float())
-        captions.append(torch.where(y >= 0, y, -1))
+        captions.append(y)
     model.train(was_training)
     scores = model.pair_loss.logits(torch.cat(images), torch.cat(texts))  # (N, N): image i against caption j
     caption = torch.cat(captions)

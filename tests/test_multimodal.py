@@ -37,8 +37,7 @@ def test_prefix_puts_image_tokens_first_and_takes_the_loss_on_the_text_only():
     # the text reads the image: another image changes every text position's logits (causal: all follow it)
     other = model(idx, images=torch.rand(2, 1, 16, 16)).logits
     assert (other - out.logits).abs().amax(dim=(0, 2)).min() > 1e-4
-    # and the image positions are the first 16: a text token moved before them is no longer seen by them
-    assert model.fusion.prefix_tokens == 16
+    assert model.fusion.prefix_tokens == 16  # the 4×4 patches' tokens, before the text
 
 
 def test_cross_attention_starts_as_the_text_only_model_bitwise():

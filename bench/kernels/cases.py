@@ -663,8 +663,7 @@ def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row
             model(prompt, cache=model.new_cache())
 
         def decode():
-            cache = copy.copy(prefilled)  # layer caches are shallow-copied: appends make new tensors
-            cache.layers = [copy.copy(layer) for layer in prefilled.layers]
+            cache = _copy_cache(prefilled)
             for t in range(cfg.prompt, idx.shape[1]):
                 model(idx[:, t : t + 1], cache=cache)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.formatting import missing, significant
+from bench.formatting import significant
 
 RECALL = {"val_recall_i2t": "image → text recall@1", "val_recall_t2i": "text → image recall@1"}
 
@@ -51,14 +51,13 @@ def multimodal_section(runs: pd.DataFrame, variants: list[str]) -> dict | None:
     """The section's content, or None when no run of the study read images."""
     finished = runs[runs["status"] == "finished"]
     read_images = "val_samples" in finished and finished["val_samples"].map(lambda s: isinstance(s, list)).any()
-    # question types are accuracy columns of runs that read images (a quantized run's val_accuracy_float is none)
+    # question types are accuracy columns of runs that read images (not a quantized run's val_accuracy_float)
     types = sorted(c for c in finished.columns if read_images and c.startswith("val_accuracy_")
-                   and c not in ("val_accuracy_float", "val_accuracy_delta") and finished[c].notna().any())
+                   and finished[c].notna().any())
     accuracy = _by_variant(finished, {"val_accuracy": "all questions",
                                       **{c: c.removeprefix("val_accuracy_") for c in types}}, variants) if types else None
     recall = _by_variant(finished, RECALL, variants)
     samples = _samples(finished, variants)
     if not (accuracy or recall or samples):
         return None
-    return {"accuracy": accuracy, "recall": recall, "samples": samples,
-            "seed": None if not samples or missing(finished["seed"].min()) else int(finished["seed"].min())}
+    return {"accuracy": accuracy, "recall": recall, "samples": samples}

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import hardware
 from bench.config import RunConfig
 from bench.data import load_dataset
-from bench.pictures import png_base64
+from bench.pictures import tensor_png
 from bench.results import load
 from bench.serve.loadgen import drive, summarise
 from bench.store import Store
@@ -84,7 +83,7 @@ def prompts_for(run: RunConfig, n: int, prompt_len: int) -> list[list[int]] | li
         return windows[:, :prompt_len].tolist()
     asked = [int((row >= 0).nonzero()[0]) + 1 for row in targets]  # through the position that answers
     return [{"tokens": windows[i, :asked[i]].tolist(),
-             "image": png_base64((images[0][i] * 255).round().to(torch.uint8).numpy())} for i in range(n)]
+             "image": tensor_png(images[0][i])} for i in range(n)]
 
 
 def prompt_tokens(prompt: list[int] | dict) -> int:
