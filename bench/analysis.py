@@ -250,7 +250,7 @@ def variant_summary(runs: pd.DataFrame, baseline: str, references: Mapping[str, 
             row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.sd, f"{metric}_ci_low": ci.low,
                         f"{metric}_ci_high": ci.high})
         for column in ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_memory_bytes", "mfu",
-                       "kv_cache_bytes_per_token"):
+                       "kv_cache_bytes_per_token", "state_bytes"):
             row[column] = group[column].median() if column in group else float("nan")
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -838,6 +838,8 @@ def analyse(runs: pd.DataFrame, design: StudyDesign, curves: pd.DataFrame | None
     tuning = study_tuning(runs, design)
     out = []
     for machine, group in runs.groupby("machine", sort=False):
+        if not (group["status"] == "finished").any():  # planned or failed runs alone (an interrupted study)
+            continue
         summary = summarise(group, design, machine, curves)
         if summary.variants.empty:
             continue

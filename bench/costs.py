@@ -6,7 +6,9 @@ side-by-side timing of the two training steps (``bench.speed``: interleaved roun
 from runs timed at different moments on a shared machine; serving costs from the study's decode
 timings on the same machine, matched to the variant by its attention's name. Latencies timed one
 after the other (decode, a quantized model's forward) are stated as measured, without "faster" or
-"slower": on a shared machine their ratio carries no interval.
+"slower": on a shared machine their ratio carries no interval. A variant that decodes with a state of
+constant size (a recurrent mixer, or a hybrid with some) states that state per sequence beside its KV
+cache per token, never a KV cache of 0 as if decoding were free.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.formatting import count, duration, size
+from bench.formatting import count, duration, missing, size
 
 SAME = 0.05  # sizes within ±5% (KV cache, memory, model bytes) are not worth a word
 SAME_PARAMS = 0.005  # parameter counts are exact; below 0.5% a difference is not worth a word
@@ -64,15 +66,22 @@ SIZES = {"KV cache": ("cuts the KV cache", "grows the KV cache"), "model size": 
 
 
 def attention_name(config) -> str | None:
-    """The registry name of a run's attention (None where the config does not say)."""
-    attention = (config or {}).get("model", {}).get("attention") if isinstance(config, dict) else None
+    """The registry name of a run's attention (None where the config does not say, or a hybrid's layers
+    differ: the decode timings of one attention do not describe it)."""
+    model = (config or {}).get("model", {}) if isinstance(config, dict) else {}
+    if model.get("hybrid"):
+        return None
+    attention = model.get("attention")
     return attention.get("name") if isinstance(attention, dict) else attention
 
 
 def decode_costs(kernels: pd.DataFrame, machine: str) -> pd.DataFrame:
-    """Per attention name on `machine`: per-token decode latency, KV-cache bytes at the end of decoding and
-    the decode setting's length; names timed in more than one configuration are left out (ambiguous)."""
-    columns = ["name", "per_token_s", "kv_cache_bytes", "tokens"]
+    """Per attention name on `machine` and length decoded (a section timed at several ``contexts`` has
+    one per context): per-token decode latency, the bytes its cache holds at the end of decoding (a KV
+    cache's or a state's; after the prompt in rows that do not say), that length, and what the layers
+    declare (KV-cache bytes per token, state bytes per sequence, at the timed dtype; NaN where not
+    declared); names timed in more than one configuration are left out (ambiguous)."""
+    columns = ["name", "per_token_s", "kv_cache_bytes", "tokens", "kv_cache_bytes_per_token", "state_bytes"]
     if kernels.empty or not {"component", "phase"} <= set(kernels):  # no decode timings in this study
         return pd.DataFrame(columns=columns)
     rows = kernels[(kernels["component"] == "decode") & (kernels["status"] == "ok") & (kernels["machine"] == machine)
@@ -81,9 +90,14 @@ def decode_costs(kernels: pd.DataFrame, machine: str) -> pd.DataFrame:
     for name, group in rows.groupby("name"):
         if group["spec_hash"].nunique() > 1 or len(group.drop_duplicates(["n_kv_head", "window", "positional"])) > 1:
             continue
-        last = group.iloc[-1]
-        out.append({"name": name, "per_token_s": float(last["per_token_s"]), "kv_cache_bytes": float(last["kv_cache_bytes"]),
-                    "tokens": int(last["prompt"] + last["new_tokens"])})
+        group = group.assign(tokens=(group["prompt"] + group["new_tokens"]).astype(int))
+        for tokens, at in group.groupby("tokens"):
+            last = at.iloc[-1]
+            held = last.get("kv_cache_bytes_final")
+            out.append({"name": name, "per_token_s": float(last["per_token_s"]),
+                        "kv_cache_bytes": float(last["kv_cache_bytes"] if missing(held) else held), "tokens": int(tokens),
+                        **{k: float("nan") if missing(last.get(k)) else float(last[k])
+                           for k in ("kv_cache_bytes_per_token", "state_bytes")}})
     return pd.DataFrame(out, columns=columns)
 
 
@@ -113,12 +127,48 @@ def _finite(*values) -> bool:
     return all(v is not None and isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in values)
 
 
+@dataclass(frozen=True)
+class DecodeMemory:
+    """What decoding keeps, where a variant or its reference has a state of constant size: each one's
+    KV-cache bytes per token and state bytes per sequence (None: none declared), and where the study
+    timed both, the bytes each held at the end of one `tokens`-token sequence."""
+
+    variant: tuple[float | None, float | None]  # (KV cache per token, state per sequence)
+    reference: tuple[float | None, float | None]
+    held: tuple[float, float] | None = None
+    tokens: int | None = None
+    what: str = "decode memory"
+
+    @staticmethod
+    def _keeps(kv: float | None, state: float | None) -> str:
+        parts = [f"a {size(state)} state per sequence"] if state else []
+        if kv:
+            parts.append(f"{size(kv)} of KV cache per token")
+        elif state and kv is not None:
+            parts.append("no KV cache")
+        return " and ".join(parts) or "no declared cache"
+
+    def phrase(self) -> str | None:
+        same_held = self.held is None or abs(self.held[0] - self.held[1]) <= SAME * max(self.held)
+        if self.variant == self.reference and same_held:
+            return None  # the same cache: not worth a word
+        text = f"decodes with {self._keeps(*self.variant)} against {self._keeps(*self.reference)}"
+        if self.held is not None:
+            text += f" ({size(self.held[0])} against {size(self.held[1])} held per {self.tokens}-token sequence)"
+        return text
+
+
+def _declared(value) -> float | None:
+    return None if missing(value) else float(value)
+
+
 def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFrame, kernels: pd.DataFrame,
           machine: str) -> list[Cost | SpeedCost]:
     """The costs of `variant` against `reference` on `machine`: parameters and peak memory (medians over
     the runs ``variants`` summarises), training speed (timed side by side, where the study did), KV
-    cache and per-token decode latency (the study's decode timings of their attentions; else the
-    trained model's KV bytes per token)."""
+    cache and per-token decode latency (the study's decode timings of their attentions, at the longest
+    length both were timed at; else the trained model's KV bytes per token). Where either keeps a
+    state of constant size (``state_bytes``), the KV cache is stated with it (``DecodeMemory``)."""
     table = variants.set_index("variant")
     if variant not in table.index or reference not in table.index:
         return []
@@ -144,15 +194,32 @@ def costs(variant: str, reference: str, variants: pd.DataFrame, runs: pd.DataFra
     for name in (variant, reference):
         configs = runs.loc[runs["variant"] == name, "config"] if "config" in runs else []
         names[name] = next((attention_name(c) for c in configs if attention_name(c)), None)
-    decode = decode_costs(kernels, machine).set_index("name")
-    if names[variant] != names[reference] and {names[variant], names[reference]} <= set(decode.index):
-        a, b = decode.loc[names[variant]], decode.loc[names[reference]]
-        tokens = int(a["tokens"])
-        out.append(Cost("KV cache", a["kv_cache_bytes"], b["kv_cache_bytes"], f" per {tokens}-token sequence"))
+    decode = decode_costs(kernels, machine)
+    mine_timed, theirs_timed = (decode[decode["name"] == names[v]].set_index("tokens") for v in (variant, reference))
+    common = sorted(set(mine_timed.index) & set(theirs_timed.index)) if names[variant] != names[reference] else []
+    if common:  # the longest length both were timed at
+        a, b = mine_timed.loc[common[-1]], theirs_timed.loc[common[-1]]
+        tokens = int(common[-1])
+        if _declared(a["state_bytes"]) or _declared(b["state_bytes"]):
+            out.append(DecodeMemory((_declared(a["kv_cache_bytes_per_token"]), _declared(a["state_bytes"])),
+                                    (_declared(b["kv_cache_bytes_per_token"]), _declared(b["state_bytes"])),
+                                    (a["kv_cache_bytes"], b["kv_cache_bytes"]), tokens))
+        else:
+            out.append(Cost("KV cache", a["kv_cache_bytes"], b["kv_cache_bytes"], f" per {tokens}-token sequence"))
         out.append(Cost("decode latency", a["per_token_s"], b["per_token_s"], " per token"))
     else:
-        out += measured("kv_cache_bytes_per_token", "KV cache", " per token")
+        states = {name: _summarised(table, name, "state_bytes") for name in (variant, reference)}
+        if states[variant] or states[reference]:  # the trained models' own (bf16)
+            out.append(DecodeMemory((_summarised(table, variant, "kv_cache_bytes_per_token"), states[variant]),
+                                    (_summarised(table, reference, "kv_cache_bytes_per_token"), states[reference])))
+        else:
+            out += measured("kv_cache_bytes_per_token", "KV cache", " per token")
     return out + training
+
+
+def _summarised(table: pd.DataFrame, variant: str, column: str) -> float | None:
+    """A variant's `column` as the summary gives it (the median over its runs; None: not recorded)."""
+    return _declared(table.loc[variant, column]) if column in table else None
 
 
 def quantization_costs(runs: pd.DataFrame, reference: pd.DataFrame | None = None) -> list[Cost]:

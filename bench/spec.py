@@ -16,6 +16,9 @@
                                     # null: a reference itself, compared with nothing (another task)
     extrapolate_to: 1.0e21          # optional: compute multipliers also stated there (scaling studies)
     sweep: {model.n_embd: [64, 128]} # crossed with every variant, every point trained on the eval seeds
+    cells:                          # crossed; every variant trained in every cell and compared with its
+      model.n_embd: [32, 64, 128]   #   reference in the same cell: variants become variant@cell, e.g.
+      data.seq_len: [64, 128, 256]  #   gla@n_embd=64,seq_len=128 (Zoology's MQAR grid; not with ladder, sweep)
     tune: {train.lr: [1e-3, 3e-3], tune_seeds: 1}  # each variant's setting, chosen on held-out seeds
                                     # (1000, 1001, ...), then trained on the eval seeds for the verdict
     seeds: 2                        # a count (0..n-1), a list, or {min: 2, max: 8}: adaptive seeds
@@ -43,6 +46,8 @@ old one instead of inheriting its options.
 from __future__ import annotations
 
 import copy
+import itertools
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,6 +164,75 @@ def _find(node: yaml.Node, path: list[str]) -> yaml.Node | None:
     return None
 
 
+# -- cells: every variant in every cell of a grid --------------------------------------------------------
+
+CELL = "@"  # joins a variant and its cell: "gla@n_embd=64,seq_len=128" (safe in run tables, the store, --only)
+# what a cell may set: a key of base, or a whole section whose values are mappings (keys that move
+# together: data: [{seq_len: 64, num_kv_pairs: 4}, {seq_len: 128, num_kv_pairs: 8}])
+CELL_KEY = re.compile(r"(model|data|train)(\.[A-Za-z0-9_]+)*")
+_LABEL = re.compile(r"[A-Za-z0-9_.+-]+")  # a value as a cell's label shows it: no separator, no shell character
+
+
+def _value_label(value: Any) -> str:
+    """A cell value as its label shows it: 64, 0.001, true, window-window4 ({name: window, window: 4})."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, dict):
+        name = [str(value["name"])] if "name" in value else []
+        return "-".join(name + [f"{k}{_value_label(v)}" for k, v in value.items() if k != "name"])
+    if isinstance(value, list):
+        return "-".join(_value_label(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def cell_grid(cells: Mapping[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every cell of a ``cells:`` grid, the keys crossed (the first outermost), each with its label:
+    ``key=value`` per key, joined by commas, a key named by its last segment (``n_embd=64,seq_len=128``;
+    the whole dotted key where two keys end alike). A key whose values do not read as short distinct
+    labels (mappings with symbols, long floats alike) labels them by position: ``attention=v1``."""
+    short = [key.rsplit(".", 1)[-1] for key in cells]
+    per_key = []
+    for name, (key, values) in zip(short, cells.items()):
+        name = name if short.count(name) == 1 else key
+        labels = [_value_label(v) for v in values]
+        if len(set(labels)) < len(labels) or not all(_LABEL.fullmatch(label) for label in labels):
+            labels = [f"v{i}" for i in range(1, len(values) + 1)]
+        per_key.append([(f"{name}={label}", value) for label, value in zip(labels, values)])
+    return [(",".join(label for label, _ in combo), {key: copy.deepcopy(value) for key, (_, value) in zip(cells, combo)})
+            for combo in itertools.product(*per_key)]
+
+
+def cell_variants(variants: list[str], cells: Mapping[str, list[Any]]) -> dict[str, tuple[str, dict[str, Any]]] | None:
+    """Each expanded variant ("gla@n_embd=64,seq_len=128") -> (its variant, its cell), when `variants` are
+    exactly every variant in every cell of `cells` in the order ``Spec`` expands them; else None."""
+    grid = cell_grid(cells)
+    bases = list(dict.fromkeys(name.rpartition(CELL)[0] for name in variants))
+    expected = {f"{base}{CELL}{label}": (base, cell) for base in bases for label, cell in grid}
+    if not all(bases) or any(CELL in base for base in bases) or list(expected) != list(variants):
+        return None
+    return expected
+
+
+def _cells_problem(cells: Any) -> str | None:
+    """What is wrong with a ``cells:`` mapping's form (None: nothing), naming the key."""
+    if not isinstance(cells, dict):
+        return f"expected a mapping of dotted keys to lists of values, e.g. {{model.n_embd: [32, 64]}}, got {cells!r}"
+    for key, values in cells.items():
+        if not isinstance(key, str) or not CELL_KEY.fullmatch(key):
+            return (f"'{key}' is not a key of base (model.<key>, data.<key> or train.<key>, e.g. "
+                    "model.n_embd, data.seq_len; or a whole section, data, whose values are mappings)")
+        if key in ("model", "data", "train") and isinstance(values, list) and not all(isinstance(v, dict) for v in values):
+            return f"'{key}': a whole section's values are mappings of its keys, e.g. [{{seq_len: 64, num_kv_pairs: 4}}]"
+        if not isinstance(values, list):
+            return f"'{key}': expected a list of values, got {values!r}"
+        if not values:
+            return f"'{key}' has no values"
+        seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        if len(set(seen)) < len(seen):
+            return f"'{key}' repeats a value: {values!r}"
+    return None
+
+
 # -- the spec -----------------------------------------------------------------------------------------
 
 
@@ -240,6 +314,9 @@ class Spec(BaseModel):
                                          "compute multipliers; default 100× the largest trained budget")
     sweep: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values, crossed with every "
                                         "variant; every point trained on the eval seeds")
+    cells: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key of base -> values, crossed: "
+                                        "every variant trained in every cell (variant@key=value,...) and compared "
+                                        "with its reference in the same cell")
     tune: dict[str, Any] | None = Field(None, description="dotted key -> values, crossed, plus tune_seeds: each "
                                         "variant's setting is chosen on tuning seeds, then trained on the eval seeds")
     seeds: int | list[int] | SeedRange = Field(2, description="evaluation seeds: a count (0..n-1), a list, or "
@@ -290,6 +367,42 @@ class Spec(BaseModel):
         return {**data, "ladder": names, "variants": variants, "baseline": data.get("baseline") or names[0],
                 "compare": {**compare, **(data.get("compare") or {})}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_cells(cls, data: Any, info: ValidationInfo) -> Any:
+        """cells: {key: [values], ...}: every variant in every cell (the keys crossed), named
+        ``variant@key=value,...``, its overrides with the cell's values merged over them; each compared
+        with its reference (compare's entry, else the baseline) in the same cell, the baseline's other
+        cells with none; the baseline its first cell. A spec read back from the store (``STORED``)
+        holds this form already; a spec that cannot expand is left as written, for the validators
+        (``_cells_form``, the names of baseline and compare) to say why."""
+        if not isinstance(data, dict) or not data.get("cells") or (info.context or {}).get(STORED):
+            return data
+        cells, variants, compare = data["cells"], data.get("variants"), data.get("compare") or {}
+        if (_cells_problem(cells) or data.get("ladder") is not None or data.get("sweep") or not isinstance(variants, dict)
+                or not variants or not isinstance(compare, dict)
+                or not all(isinstance(o, dict | None) for o in variants.values())
+                or any(not isinstance(n, str) or CELL in n for n in variants)):
+            return data
+        baseline = data.get("baseline") or next(iter(variants))
+        if baseline not in variants or any(k not in variants or (v is not None and v not in variants)
+                                           for k, v in compare.items()):
+            return data
+        grid = cell_grid(cells)
+        expanded, references = {}, {}
+        for name, overrides in variants.items():
+            reference = None if name == baseline else compare.get(name, baseline)
+            for i, (label, cell) in enumerate(grid):
+                expanded[f"{name}{CELL}{label}"] = deep_merge(expand_dotted(overrides or {}), expand_dotted(cell))
+                if name != baseline or i:
+                    references[f"{name}{CELL}{label}"] = f"{reference}{CELL}{label}" if reference else None
+        tune = data.get("tune")
+        if isinstance(tune, dict):  # a grid per variant: each variant's grid in each of its cells
+            tune = {key: {f"{name}{CELL}{label}": copy.deepcopy(grids[name]) for name in variants for label, _ in grid}
+                    if isinstance(grids, dict) and set(grids) == set(variants) else grids for key, grids in tune.items()}
+        return {**data, "variants": expanded, "baseline": f"{baseline}{CELL}{grid[0][0]}", "compare": references,
+                **({"tune": tune} if tune is not None else {})}
+
     @field_validator("metric", mode="before")
     @classmethod
     def _metric_form(cls, value: Any) -> Any:
@@ -339,6 +452,27 @@ class Spec(BaseModel):
         for key, values in value.items():
             if not values:
                 raise ValueError(f"sweep '{key}' has no values")
+        return value
+
+    @field_validator("cells")
+    @classmethod
+    def _cells_form(cls, value: dict, info: ValidationInfo) -> dict:
+        if not value:
+            return value
+        problem = _cells_problem(value)
+        if problem:
+            raise ValueError(problem)
+        for other, why in (("ladder", "a ladder's steps are compared with each other, not cell by cell"),
+                           ("sweep", "a sweep trains every point and judges each variant at its best one; cells "
+                                     "judge every cell")):
+            if info.data.get(other):
+                raise ValueError(f"give cells: or {other}:, not both ({why})")
+        variants = list(info.data.get("variants") or {})
+        marked = [name for name in variants if CELL in name]
+        if marked and cell_variants(variants, value) is None:  # not the expanded form (as the store holds it)
+            example = f"{variants[0].partition(CELL)[0] or 'gla'}{CELL}{cell_grid(value)[0][0]}"
+            raise ValueError(f"variants.{marked[0]}: a variant's name cannot hold '{CELL}' in a study with cells: "
+                             f"it joins a variant and its cell ({example}); rename the variant")
         return value
 
     @field_validator("tune")
@@ -479,7 +613,8 @@ class Spec(BaseModel):
             tune={k: copy.deepcopy(v) for k, v in (self.tune or {}).items() if k != "tune_seeds"},
             grids={v: copy.deepcopy(self.tune_grid(v)) for v in self.variants} if self.tune else {},
             tune_seeds=tuple(self.tune_seed_list) if self.tune else (), extrapolate_to=self.extrapolate_to,
-            finding=self.finding)
+            finding=self.finding, cells=copy.deepcopy(self.cells),
+            cell_variants=(cell_variants(list(self.variants), self.cells) or {}) if self.cells else {})
 
 
 @dataclass(frozen=True)
@@ -509,6 +644,8 @@ class StudyDesign:
     tune_seeds: tuple[int, ...]
     extrapolate_to: float | None
     finding: FindingSpec | None
+    cells: Mapping[str, list[Any]] = field(default_factory=dict)  # cells: dotted key -> values, crossed (empty: none)
+    cell_variants: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # variant@cell -> both
 
     @property
     def tuned(self) -> bool:
@@ -528,6 +665,27 @@ class StudyDesign:
     def reference_of(self, variant: str) -> str | None:
         """The variant `variant` is compared with; None for the baseline and references of their own."""
         return self.references.get(variant)
+
+    def cell_of(self, variant: str) -> tuple[str, dict[str, Any]] | None:
+        """A study with cells: the variant as the spec names it and the cell's values ({dotted key: value})
+        of an expanded variant ("gla@n_embd=64,seq_len=128" -> ("gla", {"model.n_embd": 64, ...})); None for
+        any other name."""
+        found = self.cell_variants.get(variant)
+        return (found[0], dict(found[1])) if found else None
+
+    @property
+    def cell_grid(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every cell in order (the first key outermost), each with its label ("n_embd=64,seq_len=128")."""
+        return cell_grid(self.cells) if self.cells else []
+
+    @property
+    def cell_names(self) -> tuple[str, ...]:
+        """The variants as the spec names them, before cells expanded them (the variants where it has none)."""
+        return tuple(dict.fromkeys(self.cell_variants[v][0] for v in self.variants)) if self.cell_variants else self.variants
+
+    def in_cell(self, variant: str, label: str) -> str:
+        """The expanded name of the spec's `variant` in the cell labelled `label`."""
+        return f"{variant}{CELL}{label}"
 
     def tune_grid(self, variant: str) -> Mapping[str, list[Any]]:
         """The keys tuned for `variant` and their candidate values (empty where nothing is tuned)."""

@@ -442,6 +442,7 @@ class Trainer:
             "params": param_counts(self.run_config.model),
             "flops_per_token": self.flops_per_token,
             "kv_cache_bytes_per_token": _kv_cache_bytes_per_token(self.model),
+            "state_bytes": _state_bytes(self.model),  # a recurrent mixer's decoding state, per sequence
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
@@ -468,9 +469,20 @@ class Trainer:
 
 def _kv_cache_bytes_per_token(model: torch.nn.Module) -> int | None:
     """What serving this model caches per generated token, at 2 bytes per element (a bf16 or fp16
-    cache); None where an attention keeps no cache (or does not say)."""
-    sizes = [getattr(block.attn, "kv_cache_bytes_per_token", None) for block in model.blocks]
-    return sum(size(2) for size in sizes) if all(sizes) else None
+    cache): the sum over the layers that have a KV cache (a hybrid's others keep a state of constant
+    size, ``_state_bytes``), 0 where none has one; None where a layer says neither what it caches per
+    token nor what state it keeps."""
+    layers = [block.attn for block in model.blocks]
+    if not all(hasattr(a, "kv_cache_bytes_per_token") or hasattr(a, "state_bytes") for a in layers):
+        return None
+    return sum(a.kv_cache_bytes_per_token(2) for a in layers if hasattr(a, "kv_cache_bytes_per_token"))
+
+
+def _state_bytes(model: torch.nn.Module) -> int | None:
+    """What serving this model keeps per sequence whatever its length, at 2 bytes per element: the sum
+    of the layers' decoding states (recurrent mixers' ``state_bytes``); None where no layer has one."""
+    sizes = [block.attn.state_bytes(2) for block in model.blocks if hasattr(block.attn, "state_bytes")]
+    return sum(sizes) if sizes else None
 
 
 def train(run: RunConfig, out_dir: str | Path | None = None, *, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Importing ``models`` registers every built-in component; third-party ones regist
 from a module named in a spec's ``plugins:`` (see ``load_plugins``).
 """
 
-from models import attention, attention_backends, attention_modern, contract, contrastive, connector, fusion, mlp, moe, norm, optimizers, positional, quantization, quantization_calibrated, vision  # noqa: F401  (registers)
+from models import attention, attention_backends, attention_modern, contract, contrastive, connector, fusion, mixer_based, mixer_delta, mixer_h3, mixers, mlp, moe, norm, optimizers, positional, quantization, quantization_calibrated, vision  # noqa: F401  (registers)
 from models.accounting import check_flops, flops_per_token, param_counts, shapes_only
 from models.config import ModelConfig
 from models.build import build_model

@@ -21,7 +21,7 @@ COMPONENT_FIELDS = ("attention", "positional", "norm", "mlp", "moe", "quantizati
                     "vision", "connector", "fusion", "contrastive")
 OPTIONAL_FIELDS = ("moe", "quantization", "vision", "connector", "fusion", "contrastive")  # None: absent
 LATER_FIELDS = {"value_residual": False, "logit_softcap": None,  # field -> its default
-                "vision": None, "connector": None, "fusion": None, "contrastive": None}
+                "vision": None, "connector": None, "fusion": None, "contrastive": None, "hybrid": None}
 
 
 class ModelConfig(BaseModel):
@@ -50,6 +50,11 @@ class ModelConfig(BaseModel):
                                  "layer's, v = a·v + b·v₁ with learnable (a, b) per layer from (0.5, 0.5) (Zhou et al. 2024)")
     logit_softcap: float | None = Field(None, gt=0, description="cap the LM head's logits: c·tanh(logits / c) "
                                         "(Gemma 2; modded-nanoGPT uses 15–30)")
+
+    # a hybrid: another attention in some layers (Zoology's sparse attention hybrids, Jamba, Samba)
+    hybrid: Any = Field(None, description="{attention: spec, every: k} or {attention: spec, layers: [i, ...]}: "
+                        "that attention in every k-th layer (k−1, 2k−1, ...) or the listed layers (from 0), "
+                        "model.attention in the others")
 
     # vision-language models: an image encoder, then either a connector and a fusion into this GPT,
     # or (contrastive) a joint embedding space with this GPT as the text encoder
@@ -87,16 +92,45 @@ class ModelConfig(BaseModel):
             return None
         return resolve(info.field_name, value)
 
+    @field_validator("hybrid", mode="before")
+    @classmethod
+    def _hybrid_form(cls, value: Any) -> dict | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or "attention" not in value or len(set(value) & {"every", "layers"}) != 1 \
+                or set(value) - {"attention", "every", "layers"}:
+            raise ValueError(f"model.hybrid: expected {{attention: <spec>, every: k}} or {{attention: <spec>, layers: "
+                             f"[i, ...]}}, got {value!r}")
+        every, layers = value.get("every"), value.get("layers")
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"model.hybrid.every: expected a whole number ≥ 1, got {every!r}")
+        if layers is not None and (not isinstance(layers, list) or not layers
+                                   or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+            raise ValueError(f"model.hybrid.layers: expected a non-empty list of layer indices, got {layers!r}")
+        return {**value, "attention": resolve("attention", value["attention"])}
+
     @model_validator(mode="after")
     def _check_combination(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.hybrid is not None:
+            outside = [i for i in hybrid_layers(self) if not 0 <= i < self.n_layer]
+            if outside or not hybrid_layers(self):
+                raise ValueError(f"model.hybrid places attention '{self.hybrid['attention']['name']}' in layers "
+                                 f"{outside or 'none'}, but the model's layers are 0..{self.n_layer - 1}")
         for family in COMPONENT_FIELDS:
             found = _component(self, family)
             check = getattr(found[0], "check", None) if found else None
             reason = check(self, found[1]) if check else None
             if reason:
                 raise ValueError(f"{family} '{getattr(self, family)['name']}': {reason}")
+        if self.hybrid is not None:
+            spec = self.hybrid["attention"]
+            component = get("attention", spec["name"])
+            check = getattr(component.factory, "check", None)
+            reason = check(self, {**spec, **component.fixed}) if check else None
+            if reason:
+                raise ValueError(f"model.hybrid.attention '{spec['name']}': {reason}")
         _check_features(self)
         _check_vision(self)
         return self
@@ -122,6 +156,28 @@ class ModelConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+def hybrid_layers(config: ModelConfig) -> list[int]:
+    """The layers that take the hybrid's attention (none without a hybrid)."""
+    if config.hybrid is None:
+        return []
+    if config.hybrid.get("layers") is not None:
+        return sorted(set(config.hybrid["layers"]))
+    every = config.hybrid["every"]
+    return list(range(every - 1, config.n_layer, every))
+
+
+def layer_attention(config: ModelConfig, layer: int) -> dict:
+    """The attention spec of one layer: the hybrid's where it places it, else model.attention."""
+    return config.hybrid["attention"] if layer in hybrid_layers(config) else config.attention
+
+
+def _attentions(config: ModelConfig) -> list[tuple[Any, dict]]:
+    """The registered factory and options (fixed ones included) of every attention the layers use."""
+    specs = [config.attention] if len(hybrid_layers(config)) < config.n_layer else []
+    specs += [config.hybrid["attention"]] if config.hybrid is not None else []
+    return [(get("attention", s["name"]).factory, {**s, **get("attention", s["name"]).fixed}) for s in specs]
 
 
 def _component(config: ModelConfig, family: str) -> tuple[Any, dict] | None:
@@ -168,9 +224,9 @@ def _check_vision(config: ModelConfig) -> None:
 
 
 def attention_features(config: ModelConfig) -> frozenset[str]:
-    """The attention features (models.contract.FEATURES) the config's attention handles."""
-    factory, options = _component(config, "attention")
-    return frozenset(factory.handles(config, options))
+    """The attention features (models.contract.FEATURES) the config's attention handles (a hybrid's:
+    what every layer's attention handles)."""
+    return frozenset.intersection(*(frozenset(factory.handles(config, options)) for factory, options in _attentions(config)))
 
 
 def backends_handling(config: ModelConfig, features: set[str]) -> list[str]:
@@ -184,11 +240,12 @@ def needed_features(config: ModelConfig) -> dict[str, str]:
     """feature -> what in the config needs it of the attention (the first component that asks)."""
     needs: dict[str, str] = {}
     for family in COMPONENT_FIELDS:
-        found = _component(config, family)
-        requires = getattr(found[0], "requires", None) if found else None
-        for feature in requires(config, found[1]) if requires else ():
-            label = getattr(config, family)["name"]
-            needs.setdefault(feature, f"{family} '{label}'" + (" (its own options)" if family == "attention" else ""))
+        found = _attentions(config) if family == "attention" else [_component(config, family)]
+        for factory, options in filter(None, found):
+            requires = getattr(factory, "requires", None)
+            for feature in requires(config, options) if requires else ():
+                label = options["name"]
+                needs.setdefault(feature, f"{family} '{label}'" + (" (its own options)" if family == "attention" else ""))
     if config.dropout > 0:
         needs.setdefault("dropout", f"dropout={config.dropout}")
     if config.value_residual:
@@ -198,9 +255,13 @@ def needed_features(config: ModelConfig) -> dict[str, str]:
 
 def missing_features(config: ModelConfig) -> dict[str, str]:
     """feature -> what needs it, for each attention feature the config needs that its attention
-    (with its kernel backend) does not handle: the contract's requires against handles."""
+    (with its kernel backend) does not handle: the contract's requires against handles. An
+    attention's own needs (a window) are its own: in a hybrid they ask nothing of the other layers."""
     handles = attention_features(config)
-    return {feature: needed_by for feature, needed_by in needed_features(config).items() if feature not in handles}
+    own = {f"attention '{options['name']}' (its own options)": frozenset(factory.handles(config, options))
+           for factory, options in _attentions(config)}
+    return {feature: needed_by for feature, needed_by in needed_features(config).items()
+            if feature not in own.get(needed_by, handles)}
 
 
 def _check_features(config: ModelConfig) -> None:
@@ -210,19 +271,22 @@ def _check_features(config: ModelConfig) -> None:
     if not missing:
         return
     needs = needed_features(config)
-    feature, name = next(iter(missing)), config.attention["name"]
-    backend = config.attention.get("backend")
+    feature = next(iter(missing))
+    # the layers' attention that lacks it (a hybrid has two)
+    factory, options = next((f, o) for f, o in _attentions(config) if feature not in f.handles(config, o)
+                            and missing[feature] in (f"attention '{o['name']}' (its own options)", needs[feature]))
+    name, backend = options["name"], options.get("backend")
     if isinstance(backend, dict):  # the attention delegates to a kernel: say which kernels can do it all
         label = backend["name"] + "".join(f" {k}={v}" for k, v in backend.items() if k != "name")
-        factory, options = _component(config, "attention")
         can = [b for b in list_components("attention_backend")
                if set(needs) <= factory.handles(config, {**options, "backend": resolve("attention_backend", b)})]
         if can:  # else no kernel would do: the attention itself does not, said below
             raise ValueError(f"attention '{name}' with backend '{label}' cannot {FEATURES[feature]} ({feature}), "
                              f"needed by {needs[feature]}; backends that can do everything this config needs: "
                              f"{', '.join(can)}")
+    handled = factory.handles(config, options)
     raise ValueError(f"attention '{name}' does not {FEATURES[feature]} ({feature}), needed by {needs[feature]}: "
-                     f"'{name}' handles {', '.join(sorted(attention_features(config))) or 'none of the attention features'}; "
+                     f"'{name}' handles {', '.join(sorted(handled)) or 'none of the attention features'}; "
                      "choose a positional encoding or settings it handles, or another attention")
 
 

@@ -12,7 +12,8 @@ them as attributes. The other hooks are read from the built module.
 Attention features. What a config needs from its attention, and what an attention declares it
 handles (``handles``); a config that needs a feature its attention does not handle is refused::
 
-    rotate   let the positional encoding rotate q and k (positional.rotate; RoPE)
+    rotate   let the positional encoding rotate q and k (positional.rotate; RoPE); a recurrent mixer
+             may accept it and leave q and k unrotated (its ``rotates`` attribute says which)
     bias     add the positional encoding's score bias (positional.bias_slopes(); ALiBi)
     dropout  apply attention dropout (the model's dropout > 0)
     window   restrict each query to a sliding window of keys
@@ -117,6 +118,11 @@ class Attention(ModuleComponent, Protocol):
     The built-in attentions are project → attend → output (``models.attention.SelfAttention``): each
     only projects, and the cache, mask and kernel are the shared ``Attend``'s; a variant subclasses one
     and overrides a step (``output`` to gate the heads, ``project`` to change q, k, v).
+
+    Sub-quadratic mixers (``models.mixers``: linear attention, RetNet, GLA, Mamba-2, DeltaNet, Based,
+    H3) are members too: they decode with a state of constant size (``state_bytes``) instead of a
+    KV cache that grows per token. Such a mixer may accept a rotating encoding and leave q and k
+    unrotated, ordering tokens by its recurrence instead, as the recurrent layers of hybrid models do.
     """
 
     @factory_hook
@@ -136,6 +142,11 @@ class Attention(ModuleComponent, Protocol):
     @optional
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """KV-cache bytes one token costs in this layer."""
+
+    @optional
+    def state_bytes(self, bytes_per_element: int = 2) -> int:
+        """Bytes one sequence's decoding state costs in this layer whatever its length (a recurrent
+        mixer's state; a layer may have both this and kv_cache_bytes_per_token)."""
 
 
 class AttentionBackend(Protocol):

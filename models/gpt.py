@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention_backends import KernelChooser, use_kernels
-from models.config import ModelConfig, attention_features, backends_handling, image_tokens, prefix_positions
+from models.config import (ModelConfig, attention_features, backends_handling, image_tokens, layer_attention,
+                           prefix_positions)
 from models.contract import FEATURES
 from models.registry import build_spec
 
@@ -25,10 +26,10 @@ from models.registry import build_spec
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.norm_1 = build_spec("norm", config.norm, config.n_embd, config)
-        self.attn = build_spec("attention", config.attention, config)
+        self.attn = build_spec("attention", layer_attention(config, layer), config)  # a hybrid's differ by layer
         self.norm_2 = build_spec("norm", config.norm, config.n_embd, config)
         self.routed = config.moe is not None  # a MoE returns its auxiliary loss and stats with its output
         if self.routed:
@@ -189,7 +190,7 @@ class GPT(nn.Module):
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
             self.positional = build_spec("positional", config.positional, config)
             self.drop = nn.Dropout(config.dropout)
-            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
             self.norm_f = build_spec("norm", config.norm, config.n_embd, config)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
             # 1-D so that no optimizer decays it like a weight matrix; layer 0's values are v₁ itself

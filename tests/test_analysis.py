@@ -365,3 +365,14 @@ def test_a_ladder_climb_gives_each_steps_paired_change_and_the_cumulative_one_fr
     assert climb.loc["rmsnorm", "cumulative"] == pytest.approx(np.mean([-0.15, -0.15, -0.1]))
     assert climb.loc["rmsnorm", "cumulative_low"] < climb.loc["rmsnorm", "cumulative"] < climb.loc["rmsnorm", "cumulative_high"]
     assert climb.loc["gpt2", "cumulative"] == 0 and climb.loc["rope", "cumulative_n"] == 3
+
+
+def test_runs_planned_but_never_run_leave_no_machine_and_no_crash():
+    """An interrupted study (`--only` a subset): the other variants' tuning runs were planned, never run."""
+    from bench.analysis import analyse
+
+    runs = runs_frame({"a": [2.0, 2.05, 1.97], "b": [2.5, 2.56, 2.46]}, machine="laptop", kind="train", role="eval")
+    planned = runs_frame({"c": [float("nan")]}, machine=None, kind="train", role="tune").assign(status="pending")
+    spec = design({"name": "s", "baseline": "a", "variants": {"a": {}, "b": {}, "c": {}}})
+    (part,) = analyse(pd.concat([runs, planned], ignore_index=True), spec)
+    assert part.machine == "laptop" and [c.variant for c in part.summary.comparisons] == ["b"]

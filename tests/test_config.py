@@ -36,7 +36,7 @@ def test_round_trips_through_dict_and_yaml():
 def test_unknown_names_list_the_valid_ones_and_the_closest():
     message = error_of(attention="gqq")
     assert "unknown attention 'gqq'" in message and "did you mean 'gqa'" in message
-    assert "valid: diff, gqa, mha, mla, mqa, window" in message
+    assert "valid: based, deltanet, diff, gla, gqa, h3, linear, mamba2, mha, mla, mqa, retnet, window" in message
     assert "did you mean 'rope'" in error_of(positional="rop")
     assert "did you mean 'flash_attn'" in error_of(attention={"name": "mha", "backend": "flash_atn"})
 

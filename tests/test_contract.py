@@ -50,14 +50,14 @@ def refusal(**fields) -> str:
 
 
 def test_an_attention_that_does_not_rotate_is_refused_rope_and_alibi_and_dropout():
-    with registered("attention", "linear", LinearAttention):
-        assert tiny(attention="linear", positional="learned")  # positions added to the embeddings: fine
-        assert ("attention 'linear' does not rotate q and k by the positional encoding (rotate), needed by "
-                "positional 'rope'") in refusal(attention="linear", positional="rope")
-        assert "(bias), needed by positional 'alibi'" in refusal(attention="linear", positional="alibi")
-        message = refusal(attention="linear", positional="learned", dropout=0.1)
+    with registered("attention", "toy_linear", LinearAttention):
+        assert tiny(attention="toy_linear", positional="learned")  # positions added to the embeddings: fine
+        assert ("attention 'toy_linear' does not rotate q and k by the positional encoding (rotate), needed by "
+                "positional 'rope'") in refusal(attention="toy_linear", positional="rope")
+        assert "(bias), needed by positional 'alibi'" in refusal(attention="toy_linear", positional="alibi")
+        message = refusal(attention="toy_linear", positional="learned", dropout=0.1)
         assert "does not apply attention dropout (dropout), needed by dropout=0.1" in message
-        assert build_model(tiny(attention="linear")).new_cache() is None  # handles no 'cache'
+        assert build_model(tiny(attention="toy_linear")).new_cache() is None  # handles no 'cache'
 
 
 def test_built_in_attentions_declare_what_their_kernel_can_do():
@@ -128,8 +128,8 @@ def test_flop_accounting_of_every_registered_component_matches_torchs_counter(fa
 
 
 def test_a_component_that_hides_matmuls_from_the_accounting_is_caught():
-    with registered("attention", "linear", LinearAttention):
-        message = check_flops("attention", "linear")
+    with registered("attention", "toy_linear", LinearAttention):
+        message = check_flops("attention", "toy_linear")
         assert message and "declare extra_flops_per_token" in message  # its einsums are not nn.Linear
 
         def extra(self, seq_len, causal):  # q·(Σ k vᵀ): H·D·D multiply-adds; q·Σk: H·D (k vᵀ is no matmul)
@@ -138,7 +138,7 @@ def test_a_component_that_hides_matmuls_from_the_accounting_is_caught():
 
         LinearAttention.extra_flops_per_token = extra
         try:
-            assert check_flops("attention", "linear") is None
+            assert check_flops("attention", "toy_linear") is None
         finally:
             del LinearAttention.extra_flops_per_token
 

@@ -105,3 +105,47 @@ def test_a_moe_states_its_active_parameters_before_its_total():
     assert [c.phrase() for c in facts] == [
         "has the same active parameters per token (925.00k against 924.42k)",
         "has 172% more parameters (2.51M against 924.42k)"]
+
+
+def _decode_at(name: str, context: int, per_token_s: float, kv_per_token: float, state: float | None) -> dict:
+    held = context * kv_per_token + (state or 0)
+    return {"component": "decode", "status": "ok", "machine": MACHINE, "name": name, "spec_hash": "c", "n_kv_head": None,
+            "window": None, "positional": "rope", "prompt": context, "new_tokens": 32, "context": context,
+            "phase": "decode", "per_token_s": per_token_s, "kv_cache_bytes": held,
+            "kv_cache_bytes_final": held + 32 * kv_per_token, "kv_cache_bytes_per_token": kv_per_token,
+            "state_bytes": state}
+
+
+def test_a_variant_with_a_state_states_it_beside_the_kv_cache_at_the_longest_context_both_were_timed_at():
+    variants = pd.DataFrame([{"variant": "mha", "params": 1000.0, "kv_cache_bytes_per_token": 1024.0, "state_bytes": None},
+                             {"variant": "gla", "params": 1000.0, "kv_cache_bytes_per_token": 0.0, "state_bytes": 4096.0}])
+    runs = pd.DataFrame([{"variant": v, "device": "cpu", "config": {"model": {"attention": {"name": v}}}}
+                         for v in ("mha", "gla")])
+    kernels = pd.DataFrame([_decode_at("mha", c, 1e-3 * c / 256, 1024.0, None) for c in (256, 1024, 4096)]
+                           + [_decode_at("gla", c, 1e-3, 0.0, 4096.0) for c in (256, 1024)])  # gla: not at 4096
+    facts = {c.what: c for c in costs("gla", "mha", variants, runs, kernels, MACHINE)}
+    assert set(facts) == {"parameters", "decode memory", "decode latency"}  # no "KV cache" of 0 against 1 KiB
+    # the KV cache is never stated as 0 (free): the state per sequence is said beside it, at 1024 + 32 tokens
+    assert facts["decode memory"].phrase() == (
+        "decodes with a 4.00 KiB state per sequence and no KV cache against 1.00 KiB of KV cache per token "
+        "(4.00 KiB against 1.03 MiB held per 1056-token sequence)")
+    assert facts["decode latency"].phrase() == "decodes in 1.00 ms against 4.00 ms per token (timed one after the other)"
+    # without decode timings: what the trained models declare (bf16), as the summary has it
+    trained = costs("gla", "mha", variants, runs, kernels.iloc[:0], MACHINE)
+    assert [c.phrase() for c in trained] == [None, "decodes with a 4.00 KiB state per sequence and no KV cache "
+                                                   "against 1.00 KiB of KV cache per token"]
+    same = costs("gla", "gla", variants, runs, kernels.iloc[:0], MACHINE)
+    assert cost_sentence(same, MACHINE) == ""  # the same state: not worth a word
+
+
+def test_decode_costs_keep_one_row_per_length_and_prefer_the_bytes_held_after_decoding():
+    kernels = pd.DataFrame([_decode_at("mha", c, 1e-3, 1024.0, None) for c in (256, 1024)])
+    found = decode_costs(kernels, MACHINE)
+    assert list(found["tokens"]) == [288, 1056] and list(found["kv_cache_bytes"]) == [288 * 1024.0, 1056 * 1024.0]
+
+
+def test_a_hybrid_is_never_matched_to_the_decode_timings_of_its_main_attention():
+    from bench.costs import attention_name
+
+    assert attention_name({"model": {"attention": {"name": "gla", "conv": 0}}}) == "gla"
+    assert attention_name({"model": {"attention": "gla", "hybrid": {"attention": "mha", "every": 2}}}) is None

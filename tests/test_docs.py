@@ -278,8 +278,8 @@ def test_the_gated_attention_example_is_one_short_file_that_trains(tmp_path, mon
 
 def test_the_from_scratch_example_declares_its_flops_and_init_blocks(tmp_path, monkeypatch):
     load_example("my_attention", tmp_path, monkeypatch)
-    assert check_flops("attention", "linear") is None  # its einsums declared in extra_flops_per_token
-    linear = build_model(tiny(attention="linear"), seed=0)
+    assert check_flops("attention", "my_linear") is None  # its einsums declared in extra_flops_per_token
+    linear = build_model(tiny(attention="my_linear"), seed=0)
     mha = build_model(tiny(attention="mha"), seed=0)
     # init_blocks draws c_attn as MHA does: the same initial q, k and v weights with the same seed
     assert torch.equal(linear.blocks[0].attn.c_attn.weight, mha.blocks[0].attn.c_attn.weight)
@@ -290,5 +290,5 @@ def test_the_dry_run_has_no_warning_about_either_example(tmp_path, monkeypatch):
 
     load_example("my_attention", tmp_path, monkeypatch)
     load_example("my_gated_attention", tmp_path, monkeypatch)
-    assert plugin_warnings(tiny(attention="linear")) == []
+    assert plugin_warnings(tiny(attention="my_linear")) == []
     assert plugin_warnings(tiny(attention="gated")) == []

@@ -19,6 +19,7 @@ from bench.timing import time_interleaved, time_one
 from models import build
 from models.accounting import attention_flops, matmul_flops_per_token
 from models.attention_backends import Mask, MathAttention
+from models.registry import list_components
 from tests.conftest import registered, tiny
 
 
@@ -228,11 +229,17 @@ def test_decode_with_the_kv_cache_equals_full_recompute_for_every_variant_timed(
         assert r["status"] == "ok", (r.get("name"), r.get("reason"))  # the gate compared cached decode with a full forward
         assert r["max_error"] < 1e-4
         by_variant.setdefault(r["name"], {})[r["phase"]] = r
-    assert set(by_variant) == {"mha", "gqa", "mqa", "window", "mla", "diff"}
-    per_token = {v: phases["decode"]["kv_cache_bytes_per_token"] for v, phases in by_variant.items()}
+    softmax = {"mha", "gqa", "mqa", "window", "mla", "diff"}
+    mixers = set(by_variant) - softmax  # the recurrent mixers (models.mixers): a state of constant size, no KV cache
+    assert softmax <= set(by_variant) and {"linear", "retnet", "gla", "mamba2"} <= mixers
+    per_token = {v: by_variant[v]["decode"]["kv_cache_bytes_per_token"] for v in softmax}
     # layers × (k, v) × elements × fp32; mla: layers × (kv_rank 64 (the section's fill) + rope_dim 8/2) × fp32
     assert per_token == {"mha": 2 * 2 * 32 * 4, "gqa": 2 * 2 * 16 * 4, "mqa": 2 * 2 * 8 * 4, "window": 2 * 2 * 32 * 4,
                          "mla": 2 * (64 + 4) * 4, "diff": 2 * 2 * 32 * 4}
+    for v in mixers:  # what the state holds is what its layers declare (batch 1), before and after decoding
+        decode = by_variant[v]["decode"]
+        assert decode["kv_cache_bytes_per_token"] == 0 and decode["state_bytes"] > 0, v
+        assert decode["kv_cache_bytes"] == decode["kv_cache_bytes_final"] == decode["state_bytes"], v
     assert by_variant["window"]["prefill"]["kv_cache_bytes"] < by_variant["mha"]["prefill"]["kv_cache_bytes"]
 
 
@@ -328,7 +335,9 @@ def test_a_plugin_attention_is_timed_with_no_list_to_edit():
     plugin = attention[("test_plugin", "own")]  # timed as itself: it has no backend option
     assert plugin["status"] == "ok" and plugin["median_s"] > 0 and plugin["max_error"] < 1e-4, plugin
     assert plugin["flops"] == 3 * 16 * (2 * 16 * 48 + 2 * 16 * 16)  # its linear layers (models.accounting)
-    assert {name for name, _ in attention} == {"diff", "gqa", "mha", "mla", "mqa", "window", "test_plugin"}
+    # every registered attention (the recurrent mixers of models.mixers too, and any added since) and the plugin
+    assert {name for name, _ in attention} >= {"diff", "gqa", "mha", "mla", "mqa", "window", "linear", "retnet", "gla",
+                                               "mamba2", "test_plugin"}
     for name in ("diff", "gqa", "mha", "mla", "mqa", "window"):  # the built-ins, with the backend named
         assert attention[(name, "math")]["status"] == "ok"
 
@@ -401,7 +410,10 @@ def test_kernel_sections_name_components_the_registry_checks_when_planned():
     spec = KernelSpec(attention={"variants": ["mha", "alibi", {"name": "gqa", "n_kv_head": "two"}], "backends": ["flsh"]},
                       decode={"variants": [{"name": "mha", "positional": "rotary"}]}, norm={"names": ["rmsnrm"]})
     errors = dict(spec.component_errors())
-    assert errors[("kernels", "attention", "variants", 1)] == "unknown attention 'alibi'; valid: diff, gqa, mha, mla, mqa, window"
+    # the registry's message lists every registered attention (the recurrent mixers too, and any added since)
+    assert errors[("kernels", "attention", "variants", 1)] == \
+        f"unknown attention 'alibi'; valid: {', '.join(list_components('attention'))}"
+    assert {"diff", "gqa", "mha", "mla", "mqa", "window", "gla"} <= set(list_components("attention"))
     assert "expects int | None, got 'two'" in errors[("kernels", "attention", "variants", 2)]
     assert "unknown attention_backend 'flsh' (did you mean 'flash_attn'?)" in errors[("kernels", "attention", "backends", 0)]
     assert "unknown positional 'rotary'" in errors[("kernels", "decode", "variants", 0, "positional")]

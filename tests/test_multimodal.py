@@ -386,7 +386,7 @@ def test_the_serving_budget_counts_cross_attentions_image_keys_and_values():
     model(torch.tensor([[1, 2]]), cache=cache, images=torch.rand(1, 1, 16, 16))
     text_bytes = sum(layer.nbytes() for layer in cache.layers)
     engine = Engine(model, kv_budget_bytes=cache.nbytes())
-    assert engine.image_bytes == cache.nbytes() - text_bytes == 2 * 2 * 16 * 32 * 4  # layers × (k, v) × M × C × fp32
+    assert engine.sequence_bytes == cache.nbytes() - text_bytes == 2 * 2 * 16 * 32 * 4  # layers × (k, v) × M × C × fp32
     assert engine.fits_alone(2) and not engine.fits_alone(3)
 
 

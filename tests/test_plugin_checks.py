@@ -35,14 +35,14 @@ def declared(cls: type) -> type:
 
 
 def test_a_plugin_that_undercounts_its_flops_or_draws_a_fused_projection_whole_is_warned_about():
-    with registered("attention", "linear", LinearAttention):
-        warnings = plugin_warnings(tiny(attention="linear"))
+    with registered("attention", "toy_linear", LinearAttention):
+        warnings = plugin_warnings(tiny(attention="toy_linear"))
         assert len(warnings) == 2
         flops, fused = warnings
-        assert flops.startswith("attention 'linear': the accounting says") and "declare extra_flops_per_token" in flops
+        assert flops.startswith("attention 'toy_linear': the accounting says") and "declare extra_flops_per_token" in flops
         assert "its projection 'c_attn' (32 → 96 rows) fuses blocks but the module declares no init_blocks()" in fused
-    with registered("attention", "linear", declared(LinearAttention)):
-        assert plugin_warnings(tiny(attention="linear")) == []
+    with registered("attention", "toy_linear", declared(LinearAttention)):
+        assert plugin_warnings(tiny(attention="toy_linear")) == []
 
 
 def test_a_plugin_that_cannot_be_built_small_is_a_warning_not_a_crash():
@@ -52,9 +52,9 @@ def test_a_plugin_that_cannot_be_built_small_is_a_warning_not_a_crash():
                 raise ValueError("block_size must be at least 64\nsecond line")
             super().__init__(config)
 
-    with registered("attention", "linear", NeedsLongBlocks):
-        assert plugin_warnings(tiny(attention="linear", block_size=64)) == [
-            "attention 'linear': could not be checked at a small size (ValueError: block_size must be at least 64)"]
+    with registered("attention", "toy_linear", NeedsLongBlocks):
+        assert plugin_warnings(tiny(attention="toy_linear", block_size=64)) == [
+            "attention 'toy_linear': could not be checked at a small size (ValueError: block_size must be at least 64)"]
 
 
 def test_a_plugins_options_are_checked_at_the_models_own_heads():
@@ -64,8 +64,8 @@ def test_a_plugins_options_are_checked_at_the_models_own_heads():
                 raise ValueError(f"groups={groups} must divide n_head={config.n_head}")
             super().__init__(config)
 
-    with registered("attention", "linear", Grouped):
-        assert plugin_warnings(tiny(n_head=6, n_embd=48, attention={"name": "linear", "groups": 3})) == []
+    with registered("attention", "toy_linear", Grouped):
+        assert plugin_warnings(tiny(n_head=6, n_embd=48, attention={"name": "toy_linear", "groups": 3})) == []
 
 
 def test_flops_within_two_percent_pass_and_built_ins_are_not_checked():
@@ -73,8 +73,8 @@ def test_flops_within_two_percent_pass_and_built_ins_are_not_checked():
         def extra_flops_per_token(self, seq_len, causal):
             return super().extra_flops_per_token(seq_len, causal) * 1.01  # 1% of attention's, less of the total
 
-    with registered("attention", "linear", SlightlyOff):
-        assert plugin_warnings(tiny(attention="linear")) == []
+    with registered("attention", "toy_linear", SlightlyOff):
+        assert plugin_warnings(tiny(attention="toy_linear")) == []
     assert not is_plugin(get("attention", "mha")) and plugin_warnings(tiny(attention={"name": "gqa", "n_kv_head": 2})) == []
 
 

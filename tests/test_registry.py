@@ -19,7 +19,8 @@ PLUGINS = README.parent / "docs" / "plugins.md"  # the README's page on writing 
 
 
 def test_every_family_has_its_built_in_members():
-    assert list_components("attention") == ["diff", "gqa", "mha", "mla", "mqa", "window"]
+    assert list_components("attention") == ["based", "deltanet", "diff", "gla", "gqa", "h3", "linear", "mamba2", "mha", "mla",
+                                           "mqa", "retnet", "window"]
     assert list_components("attention_backend") == ["auto", "baddbmm", "flash_attn", "flex", "math", "sdpa", "xformers"]
     assert list_components("positional") == ["alibi", "learned", "none", "rope", "sinusoidal"]
     assert list_components("norm") == ["layernorm", "rmsnorm"]
@@ -29,7 +30,7 @@ def test_every_family_has_its_built_in_members():
 
 
 def test_wildcards_and_unknown_family():
-    assert list_components("attention", "m*") == ["mha", "mla", "mqa"]
+    assert list_components("attention", "m*") == ["mamba2", "mha", "mla", "mqa"]
     assert list_components("quantization", "int8_*") == ["int8_dynamic", "int8_weight_only"]
     with pytest.raises(ComponentError, match="unknown family 'mpl' \\(did you mean 'mlp'\\?\\)"):
         list_components("mpl")
@@ -100,7 +101,7 @@ def test_the_readme_plugin_example_registers_and_trains(tmp_path, monkeypatch):
 
     monkeypatch.setitem(_REGISTRY, "attention", dict(_REGISTRY["attention"]))  # the family as it was, after the test
     load_plugins(["my_attention"])
-    model = build_model(tiny(attention="linear"))
+    model = build_model(tiny(attention="my_linear"))
     idx = torch.randint(0, 50, (2, 16))
     logits, loss, _ = model(idx, idx)
     loss.backward()

@@ -42,8 +42,9 @@ def greedy(m, prompt: list[int], n: int) -> list[int]:
 # -- the engine: continuous batching equals decoding each request alone ------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention": {"name": "gqa", "n_kv_head": 2}}, {"positional": "learned"}],
-                         ids=["mha-rope", "gqa-rope", "mha-learned"])
+@pytest.mark.parametrize("overrides", [{}, {"attention": {"name": "gqa", "n_kv_head": 2}}, {"positional": "learned"},
+                                       {"attention": "gla", "hybrid": {"attention": "mha", "every": 2}}],
+                         ids=["mha-rope", "gqa-rope", "mha-learned", "gla-mha-hybrid"])
 def test_continuous_batching_generates_what_each_request_generates_alone(overrides):
     m = model(**overrides)
     prompts = [[1, 2, 3], [5, 8, 13, 21, 34, 5, 8], [7] * 12, [4, 9, 16, 25]]
@@ -249,13 +250,14 @@ def test_a_spec_with_serving_serves_each_variant_under_load_and_the_report_shows
         "data": {"source": "markov", "vocab_size": 16, "n_train_tokens": 20000, "n_val_tokens": 4096, "doc_len": 256},
         "train": {"batch_size": 4, "seq_len": 32, "eval_every": 10, "eval_batches": 2, "device": "cpu", "dtype": "float32"}},
         "budget": {"steps": 10}, "seeds": 1,
-        "variants": {"mha": {}, "mqa": {"model.attention": "mqa"}},
+        "variants": {"mha": {}, "mqa": {"model.attention": "mqa"}, "gla": {"model.attention": "gla"}},
         "serving": {"concurrency": [1, 3], "requests": 4, "prompt_len": 8, "new_tokens": 4}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main([str(path), "--out", str(tmp_path / "out")]) == 0
     serving = load(tmp_path / "out").serving
-    assert sorted(zip(serving["variant"], serving["concurrency"])) == [("mha", 1), ("mha", 3), ("mqa", 1), ("mqa", 3)]
+    assert sorted(zip(serving["variant"], serving["concurrency"])) == [
+        ("gla", 1), ("gla", 3), ("mha", 1), ("mha", 3), ("mqa", 1), ("mqa", 3)]
     for column in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_p50_s", "itl_p90_s",
                    "itl_p99_s", "kv_cache_bytes_peak", "max_batched", "errors"):
         assert serving[column].notna().all(), column
@@ -264,6 +266,10 @@ def test_a_spec_with_serving_serves_each_variant_under_load_and_the_report_shows
     # MQA holds a quarter of MHA's keys and values (1 kv head of 2): its peak is smaller at equal load
     peaks = serving[serving["concurrency"] == 1].set_index("variant")["kv_cache_bytes_peak"]
     assert peaks["mqa"] == peaks["mha"] / 2
+    # a recurrent mixer holds its state, whatever the length: 2 heads × 8 key × 16 value channels, fp32
+    assert peaks["gla"] == 2 * 8 * 16 * 4
+    batched = serving[(serving["variant"] == "gla") & (serving["concurrency"] == 3)].iloc[0]
+    assert batched["kv_cache_bytes_peak"] == batched["max_batched"] * peaks["gla"]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Serving under load" in html and "most batched" in html and "Not served under load" not in html
 
@@ -273,7 +279,7 @@ def test_a_spec_with_serving_serves_each_variant_under_load_and_the_report_shows
     assert serve(["bench", str(tmp_path / "out"), "--variants", "mqa", "--concurrency", "2", "--requests", "2",
                   "--prompt-len", "4", "--new-tokens", "2"]) == 0
     again = load(tmp_path / "out").serving
-    assert len(again) == 5 and again.iloc[-1][["variant", "concurrency", "requests", "new_tokens"]].tolist() == ["mqa", 2, 2, 2]
+    assert len(again) == 7 and again.iloc[-1][["variant", "concurrency", "requests", "new_tokens"]].tolist() == ["mqa", 2, 2, 2]
     assert serve(["bench", str(tmp_path / "out"), "--variants", "gqa"]) == 2
 
 
@@ -321,3 +327,11 @@ def _trained_run(tmp_path):
     (folder / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json")))
     save_checkpoint(folder / "checkpoint.pt", {"model": build_model(run.model, seed=0).state_dict(), "step": 1})
     return folder
+
+
+def test_a_recurrent_state_is_budgeted_per_sequence_not_per_token():
+    m = model(attention="mamba2")
+    engine = Engine(m)
+    state = sum(block.attn.state_bytes(4) for block in m.blocks)
+    assert (engine.bytes_per_token, engine.sequence_bytes) == (0, state)
+    assert Engine(m, kv_budget_bytes=state).fits_alone(60) and not Engine(m, kv_budget_bytes=state - 1).fits_alone(1)

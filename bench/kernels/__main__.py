@@ -8,6 +8,7 @@ YAML mapping of one with options, and may name its positional encoding (default:
     python -m bench.kernels --variants mha --backends math sdpa flex
     python -m bench.kernels --variants mha gqa window '{name: mha, positional: alibi}' --directions forward backward
     python -m bench.kernels --component decode mlp norm moe quantization
+    python -m bench.kernels --component decode --variants mha gla --contexts 256 1024 4096 8192 --n-layer 2
     python -m bench.kernels --component mlp norm --names swiglu rmsnorm
     python -m bench.kernels --component vision connector --image-size 64 --patch-size 8 --grid 16 16
     python -m bench.kernels --component image_decode --vision '{name: vit, n_embd: 128}' --connectors pixel_shuffle
@@ -53,7 +54,11 @@ def parse_args(argv):
     p.add_argument("--grid", nargs=2, type=int, metavar=("ROWS", "COLS"), help="connector: the patch grid")
     p.add_argument("--in-dim", type=int, help="connector: features per patch")
     p.add_argument("--n-embd", type=int, help="decode, connector and image_decode: the language model's width")
+    p.add_argument("--n-layer", type=int, help="decode and image_decode: the language model's layers")
     p.add_argument("--prompt", type=int, help="decode and image_decode: prompt tokens")
+    p.add_argument("--contexts", nargs="+", type=int,
+                   help="decode: prompt lengths to prefill before decoding, each timed (replaces --prompt); "
+                        "prints each variant's per-token latency and cache bytes against them")
     p.add_argument("--new-tokens", type=int, help="decode and image_decode: tokens decoded")
     p.add_argument("--seq-lens", nargs="+", type=int, help="attention sequence lengths")
     p.add_argument("--batch", type=int)
@@ -98,8 +103,9 @@ def spec_from_args(args) -> KernelSpec:
                 backends=args.backends, seq_lens=args.seq_lens, batch=args.batch, n_head=args.heads,
                 head_dim=args.head_dim, directions=args.directions)}
         elif component == "decode":
-            sections["decode"] = {**members, **_given(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
-                                                      n_embd=args.n_embd)}
+            sections["decode"] = {**members, **_given(batch=args.batch, prompt=args.prompt, contexts=args.contexts,
+                                                      new_tokens=args.new_tokens, n_embd=args.n_embd,
+                                                      n_layer=args.n_layer)}
         elif component == "vision":
             sections["vision"] = _given(variants=args.vision, batch=args.batch, image_size=args.image_size,
                                         channels=args.channels, patch_size=args.patch_size, directions=args.directions)
@@ -111,7 +117,7 @@ def spec_from_args(args) -> KernelSpec:
                 fusions=args.fusions, vision=args.vision[0] if args.vision else None,
                 connector=args.connectors[0] if args.connectors else None, batch=args.batch,
                 image_size=args.image_size, channels=args.channels, patch_size=args.patch_size, n_embd=args.n_embd,
-                prompt=args.prompt, new_tokens=args.new_tokens)
+                n_layer=args.n_layer, prompt=args.prompt, new_tokens=args.new_tokens)
         elif component in ("mlp", "norm"):
             sections[component] = _given(names=args.names, directions=args.directions)
         elif component == "moe":
@@ -129,7 +135,7 @@ def _shape(row: dict) -> str:
 
 
 def _cache_cell(row: dict) -> str:
-    """The KV cache a decode row holds after prefill, and after decoding where the row says (image_decode)."""
+    """The cache a decode row holds after prefill (a KV cache or a state), and after decoding where the row says."""
     if row.get("kv_cache_bytes") is None:
         return "-"
     held = f"{row['kv_cache_bytes'] / 2**10:.1f} KiB"
@@ -140,7 +146,7 @@ def _cache_cell(row: dict) -> str:
 def render(rows: list[dict]) -> Table:
     table = Table(title=f"kernels on {escape(hardware.machine_label())}", title_justify="left")
     for column in ("component", "name", "backend", "direction", "shape", "status", "median ms (IQR)",
-                   "TFLOP/s", "GB/s", "% peak", "peak mem", "ms/token", "KV cache"):
+                   "TFLOP/s", "GB/s", "% peak", "peak mem", "ms/token", "cache held"):
         table.add_column(column, overflow="fold")
     for r in rows:
         timed = "median_s" in r
@@ -158,6 +164,34 @@ def render(rows: list[dict]) -> Table:
     return table
 
 
+def render_contexts(rows: list[dict]) -> Table | None:
+    """Decode rows timed at several contexts (``--contexts``): per variant and context, ms per token and the
+    bytes its cache holds after the prompt — a KV cache grows with the context, a recurrent state does not.
+    None where no decode row names a context."""
+    timed = [r for r in rows if r["component"] == "decode" and r.get("context") is not None
+             and r.get("phase") == "decode" and r["status"] == "ok"]
+    if not timed:
+        return None
+    from bench.formatting import size
+
+    contexts = sorted({r["context"] for r in timed})
+    table = Table(title=f"decode against context (batch {timed[0]['batch']}): ms per token · bytes the cache holds "
+                        "after the prompt", title_justify="left")
+    for column in ("variant", *(f"{c} tokens" for c in contexts), "declared per sequence"):
+        table.add_column(column, overflow="fold")
+    by_name: dict[str, dict] = {}
+    for r in timed:
+        by_name.setdefault(r["name"], {})[r["context"]] = r
+    for name, at in by_name.items():
+        cells = [f"{1e3 * at[c]['per_token_s']:.3f} · {size(at[c]['kv_cache_bytes'])}" if c in at else "-"
+                 for c in contexts]
+        last = at[max(at)]
+        declared = [f"KV cache {size(last['kv_cache_bytes_per_token'])}/token" if last.get("kv_cache_bytes_per_token") else None,
+                    f"state {size(last['state_bytes'])}" if last.get("state_bytes") else None]
+        table.add_row(escape(name), *cells, ", ".join(d for d in declared if d) or "-")
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -170,6 +204,9 @@ def main(argv=None) -> int:
 
     rows = run_kernels(spec)
     console.print(render(rows))
+    contexts = render_contexts(rows)
+    if contexts is not None:
+        console.print(contexts)
     if args.out:
         from bench.store import Store
 

@@ -600,34 +600,79 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
     return rows + [ctx.finish(pending[n], timings[n], flops) for n in candidates]
 
 
-# -- inference: prefill and per-token decode with a KV cache ---------------------------------------------
+# -- inference: prefill and per-token decode with a KV cache or a state ----------------------------------
+
+
+def declared_cache_bytes(model: nn.Module, bytes_per_element: int) -> tuple[int | None, int | None]:
+    """What a model's layers declare their decoding cache costs, at `bytes_per_element`: (KV-cache bytes per
+    token, summed over the layers that have ``kv_cache_bytes_per_token``; a sequence's state bytes, summed
+    over the layers that have ``state_bytes``). Every layer is read (a hybrid's differ). The KV sum is 0 where
+    no layer has a KV cache but some have a state, None where a layer declares neither (it does not say what
+    it keeps); the state sum is None where no layer has one."""
+    layers = [block.attn for block in model.blocks]
+    kv = [a.kv_cache_bytes_per_token(bytes_per_element) for a in layers if hasattr(a, "kv_cache_bytes_per_token")]
+    state = [a.state_bytes(bytes_per_element) for a in layers if hasattr(a, "state_bytes")]
+    says = all(hasattr(a, "kv_cache_bytes_per_token") or hasattr(a, "state_bytes") for a in layers)
+    return (sum(kv) if says else None), (sum(state) if state else None)
+
+
+@dataclass
+class _DecodeCase:
+    """One variant's model, checked and ready to time at each prompt length."""
+
+    row: Row  # the fields its rows share
+    model: nn.Module
+    idx: torch.Tensor  # (batch, longest prompt + new_tokens) tokens: prompts are its prefixes
 
 
 def decode_rows(cfg: DecodeKernels, ctx: Context) -> list[Row]:
-    """Prefill and decode rows for every variant whose attention decodes with a KV cache (the
-    contract's 'cache' feature); an 'unsupported' row with the reason for the others."""
-    rows = []
+    """Per attention variant, a small GPT: prefill of a prompt, then per-token decoding with its cache (the
+    contract's 'cache' feature: a KV cache, or a recurrent mixer's state), at each prompt length of the
+    section (``contexts``, else the one ``prompt``); an 'unsupported' row with the reason for the others.
+
+    Each model is checked once, before anything is timed: cached decode after the *shortest* prompt must
+    give the full forward's logits, else it is a 'mismatch' row and is not timed. Only there: a full
+    forward at every length (8k tokens on a CPU) would cost more than the timings, and the cache's code
+    path does not change with the length. At each length, every variant's prefill and decode are timed
+    interleaved, so that their ratios at one length are side by side.
+
+    Rows carry, besides the latencies (decode: per token): the bytes the cache holds after the prefill
+    (``kv_cache_bytes``, cache.nbytes(): a KV cache's or a state's) and after decoding
+    (``kv_cache_bytes_final``); what the layers declare at the timed dtype, ``kv_cache_bytes_per_token``
+    and ``state_bytes`` (per sequence, whatever its length), each summed over the layers that have it
+    (``declared_cache_bytes``); the check's ``max_error`` and the prompt length it was made at
+    (``checked_at``); with ``contexts``, the row's ``context`` (its prompt length, also ``prompt``). A
+    variant that fails or runs out of memory at a length is a row with the reason at that length."""
+    lengths = cfg.lengths()
+    rows, cases = [], []
     for label, variant in _variants(cfg):
         backend = "-" if isinstance(variant, Exception) else \
             _spec_label("attention_backend", variant.attention["backend"]) if variant.takes_backend else "own"
         row = ctx.base(component="decode", name=label, backend=backend, direction="inference", batch=cfg.batch,
-                       prompt=cfg.prompt, new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       prompt=lengths[0], new_tokens=cfg.new_tokens, n_layer=cfg.n_layer, n_head=cfg.n_head,
                        n_embd=cfg.n_embd)
         if isinstance(variant, Exception):
             rows.append(_failure(row, variant))
             continue
         row["positional"] = variant.positional["name"]
         try:
-            rows += _decode_variant(cfg, variant, ctx, row)
+            found = _decode_case(cfg, variant, ctx, row)
         except Exception as e:  # noqa: BLE001 - an invalid shape or OOM: a row, and the sweep goes on
             rows.append(_failure(row, e))
+            continue
+        if isinstance(found, list):  # a row saying why it is not timed
+            rows += found
+        else:
+            cases.append(found)
+    for length in lengths:
+        rows += _decode_at(cfg, cases, length, ctx)
     return rows
 
 
-def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row) -> list[Row]:
-    """Prefill and decode rows of one attention variant (or a mismatch row when the cache is wrong)."""
+def _decode_case(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row) -> list[Row] | _DecodeCase:
+    """One attention variant's model, checked at the shortest prompt; or [a row saying why it is not timed]."""
     config = _unchecked_config(variant.attention, variant.positional, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                               n_embd=cfg.n_embd, vocab_size=256, block_size=cfg.prompt + cfg.new_tokens)
+                               n_embd=cfg.n_embd, vocab_size=256, block_size=cfg.block_size)
     missing = _missing(config)
     if missing:
         return [{**row, "status": "unsupported", "reason": f"attention '{variant.name}' {missing}"}]
@@ -638,40 +683,74 @@ def _decode_variant(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row
                            f"{', '.join(sorted(handles)) or 'none of the attention features'}"}]
     config = _checked(config)
     model = build_model(config, seed=0, kernels=ctx.kernels).to(ctx.device, ctx.dtype).eval()
-    idx = torch.randint(0, 256, (cfg.batch, cfg.prompt + cfg.new_tokens), device=ctx.device,
+    idx = torch.randint(0, 256, (cfg.batch, cfg.block_size), device=ctx.device,
                         generator=torch.Generator(device=ctx.device).manual_seed(0))
-    prompt = idx[:, : cfg.prompt]
     attn = model.blocks[0].attn
-    row = {**row, "n_kv_head": getattr(attn, "n_kv_head", None), "window": getattr(attn, "window", None)}
+    per_token, state = declared_cache_bytes(model, torch.finfo(ctx.dtype).bits // 8)
+    shortest = cfg.lengths()[0]
+    row = {**row, "n_kv_head": getattr(attn, "n_kv_head", None), "window": getattr(attn, "window", None),
+           "kv_cache_bytes_per_token": per_token, "state_bytes": state, "checked_at": shortest}
+    end = shortest + cfg.new_tokens
     with torch.no_grad():
-        full = model(idx).logits
+        full = model(idx[:, :end]).logits
         cache = model.new_cache()
-        steps = [model(prompt, cache=cache).logits]
-        steps += [model(idx[:, t : t + 1], cache=cache).logits for t in range(cfg.prompt, idx.shape[1])]
+        steps = [model(idx[:, :shortest], cache=cache).logits]
+        steps += [model(idx[:, t : t + 1], cache=cache).logits for t in range(shortest, end)]
         ok, error = agrees(torch.cat(steps, 1), full, ctx.dtype)
-        row["max_error"] = error
-        if not ok:  # decode with the cache must give the full forward's logits
-            return [{**row, "status": "mismatch", "reason": f"cached decode differs from full recompute by {significant(error)}"}]
-        prefilled = model.new_cache()
-        model(prompt, cache=prefilled)
-        row["kv_cache_bytes"] = prefilled.nbytes()
-        if hasattr(attn, "kv_cache_bytes_per_token"):
-            element = torch.finfo(ctx.dtype).bits // 8
-            row["kv_cache_bytes_per_token"] = sum(b.attn.kv_cache_bytes_per_token(element) for b in model.blocks)
+    row["max_error"] = error
+    if not ok:  # decode with the cache must give the full forward's logits
+        where = {"context": shortest} if cfg.contexts is not None else {}
+        return [{**row, **where, "status": "mismatch",
+                 "reason": f"cached decode differs from full recompute by {significant(error)} (after a "
+                           f"{shortest}-token prompt)"}]
+    return _DecodeCase(row, model, idx)
 
-        def prefill():
+
+def _decode_at(cfg: DecodeKernels, cases: list[_DecodeCase], length: int, ctx: Context) -> list[Row]:
+    """Every checked model's prefill and decode after a `length`-token prompt, timed interleaved."""
+    rows, candidates, pending = [], {}, {}
+    end = length + cfg.new_tokens
+    for i, case in enumerate(cases):
+        row = {**case.row, "prompt": length, **({"context": length} if cfg.contexts is not None else {})}
+        model, idx = case.model, case.idx
+        prompt = idx[:, :length]
+        try:  # once untimed: what the cache holds, and an OOM here is a row at this length
+            with torch.no_grad():
+                prefilled = model.new_cache()
+                model(prompt, cache=prefilled)
+                cache = _copy_cache(prefilled)
+                for t in range(length, end):
+                    model(idx[:, t : t + 1], cache=cache)
+            row.update(kv_cache_bytes=prefilled.nbytes(), kv_cache_bytes_final=cache.nbytes())
+        except Exception as e:  # noqa: BLE001 - out of memory at this length: a row, the other lengths go on
+            rows.append(_failure(row, e))
+            continue
+
+        def prefill(model=model, prompt=prompt):
             model(prompt, cache=model.new_cache())
 
-        def decode():
+        def decode(model=model, idx=idx, prefilled=prefilled):
             cache = _copy_cache(prefilled)
-            for t in range(cfg.prompt, idx.shape[1]):
+            for t in range(length, end):
                 model(idx[:, t : t + 1], cache=cache)
 
-        timings = ctx.time({"prefill": prefill, "decode": decode})
-    per_token = timings["decode"].median / cfg.new_tokens
-    decode_row = ctx.finish(dict(row), timings["decode"])
-    decode_row.update(phase="decode", per_token_s=per_token, tokens_per_s=cfg.batch / per_token)
-    return [{**ctx.finish(dict(row), timings["prefill"]), "phase": "prefill"}, decode_row]
+        key = f"{i} {row['name']}"
+        candidates[f"{key} prefill"], pending[f"{key} prefill"] = prefill, {**row, "phase": "prefill"}
+        candidates[f"{key} decode"], pending[f"{key} decode"] = decode, {**row, "phase": "decode"}
+    if not candidates:
+        return rows
+    try:
+        with torch.no_grad():
+            timings = ctx.time(candidates)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory mid-rounds: no timing of this length stands
+        return rows + [_failure(r, e) for r in pending.values()]
+    for key, r in pending.items():
+        r = ctx.finish(r, timings[key])
+        if r["phase"] == "decode":
+            per_token = r["median_s"] / cfg.new_tokens
+            r.update(per_token_s=per_token, tokens_per_s=cfg.batch / per_token)
+        rows.append(r)
+    return rows
 
 
 # -- vision-language: image encoders, connectors, decoding with an image ---------------------------------

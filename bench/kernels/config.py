@@ -91,15 +91,41 @@ class AttentionKernels(_AttentionMembers):
 
 
 class DecodeKernels(_AttentionMembers):
-    """Prefill and per-token decode with a KV cache, for a small GPT per attention variant."""
+    """Prefill and per-token decode with the model's cache (a KV cache, or a recurrent mixer's state of
+    constant size), for a small GPT per attention variant; at one prompt length, or at each of
+    ``contexts`` (the cost of a token against the context it decodes after)::
+
+        decode: {variants: [mha, gla], contexts: [256, 1024, 4096, 8192], new_tokens: 32}
+
+    The model's block_size covers the longest context plus the tokens decoded (``block_size``): a
+    variant's positional encoding must reach that far (a learned one has block_size positions)."""
 
     positional: ComponentSpec = Field("rope", description="the positional encoding of variants that name none")
-    prompt: int = 128
-    new_tokens: int = 32
+    prompt: int = Field(128, ge=1, description="tokens prefilled before decoding (when contexts is not given)")
+    contexts: list[int] | None = Field(
+        None, min_length=1, description="prompt lengths to prefill before decoding, each timed (replaces prompt); "
+                                        "e.g. [256, 1024, 4096, 8192]")
+    new_tokens: int = Field(32, ge=1, description="tokens decoded after the prompt, one at a time")
     batch: int = 1
     n_layer: int = 4
     n_head: int = 8
     n_embd: int = 256
+
+    @field_validator("contexts")
+    @classmethod
+    def _positive_contexts(cls, value):
+        if value is not None and min(value) < 1:
+            raise ValueError(f"contexts {value} must each be at least 1 token")
+        return sorted(set(value)) if value is not None else None
+
+    def lengths(self) -> list[int]:
+        """The prompt lengths timed, shortest first: ``contexts``, or the one ``prompt``."""
+        return list(self.contexts) if self.contexts is not None else [self.prompt]
+
+    @property
+    def block_size(self) -> int:
+        """Positions the model must reach: the longest prompt and the tokens decoded after it."""
+        return max(self.lengths()) + self.new_tokens
 
 
 class MLPKernels(_Members):

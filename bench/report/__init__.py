@@ -27,6 +27,7 @@ from bench.findings import delta_text, finding_row, suite_folders, summary_line
 from bench.formatting import count, duration, flop_rate, flops, missing, p_value, percent, significant, size
 from bench.report import figures
 from bench.report.multimodal import multimodal_section
+from bench.report.recall import recall_section
 from bench.spec import StudyDesign
 from bench.store import Results, load, read_spec
 from bench.speed import speed_phrase
@@ -172,25 +173,44 @@ def _kernel_tables(kernels: pd.DataFrame, spec: dict | None = None, commands: di
                                "throughput": _pivot(group, _throughput)
                                if "flops_per_s" in group and group["flops_per_s"].notna().any() else None})
         decode = ok[ok["component"] == "decode"] if "phase" in ok else ok.iloc[:0]
-        decode_rows = []
-        for name, group in decode.groupby("name", sort=False):
-            step = group[group["phase"] == "decode"]
-            prefill = group[group["phase"] == "prefill"]
-            if step.empty:
-                continue
-            r = step.iloc[-1]
-            decode_rows.append({"name": name, "prefill": _latency(prefill.iloc[-1]) if not prefill.empty else "–",
-                                "per_token": duration(r["per_token_s"]), "tokens_per_s": significant(r["tokens_per_s"]),
-                                "kv_cache": size(r["kv_cache_bytes"]), "kv_per_token": size(r["kv_cache_bytes_per_token"]),
-                                "length": int(r["prompt"] + r["new_tokens"])})
+        decode_rows = _decode_rows(decode)
         skipped = rows[rows["status"] != "ok"]
         not_run = [{"what": (r["backend"] if isinstance(r.get("backend"), str) else r["name"]),
                     "component": r["component"], "status": r["status"], "reason": r["reason"]}
                    for _, r in skipped.drop_duplicates(["component", "backend", "status", "reason"]).iterrows()]
         noisy = bool(ok["noisy"].eq(True).any()) if "noisy" in ok else False  # NaN where a row was not timed
         folder = rows["folder"].iloc[-1] if "folder" in rows else None
-        out.append({"machine": machine, "components": components, "decode": decode_rows, "not_run": not_run,
+        out.append({"machine": machine, "components": components, "decode": decode_rows,
+                    "decode_contexts": any(d["context"] is not None for d in decode_rows),
+                    "decode_state": any(d["state"] != "–" for d in decode_rows), "not_run": not_run,
                     "noisy": noisy, "rerun": _quiet_rerun((commands or {}).get(folder), spec or {}, ok) if noisy else None})
+    return out
+
+
+def _decode_rows(decode: pd.DataFrame) -> list[dict]:
+    """One machine's decode timings, per attention (and per context, where the section timed several): prefill
+    and per-token latency, the bytes its cache held at the end of decoding (a KV cache's or a recurrent state's),
+    and what its layers declare — KV cache per token ("none" where it keeps a state instead) and state per
+    sequence, whatever its length."""
+    out = []
+    contexts = "context" in decode and decode["context"].notna().any()
+    for name, group in decode.groupby("name", sort=False):
+        lengths = group.groupby("context", sort=True) if contexts else [(None, group)]
+        for context, at in lengths:
+            step, prefill = at[at["phase"] == "decode"], at[at["phase"] == "prefill"]
+            if step.empty:
+                continue
+            r = step.iloc[-1]
+            held = r.get("kv_cache_bytes_final")
+            state = r.get("state_bytes")
+            per_token = r.get("kv_cache_bytes_per_token")
+            out.append({"name": name, "context": None if context is None else int(context),
+                        "prefill": _latency(prefill.iloc[-1]) if not prefill.empty else "–",
+                        "per_token": duration(r["per_token_s"]), "tokens_per_s": significant(r["tokens_per_s"]),
+                        "kv_cache": size(r["kv_cache_bytes"] if missing(held) else held),
+                        "kv_per_token": "none" if per_token == 0 and not missing(state) else size(per_token),
+                        "state": size(state) if not missing(state) and state else "–",
+                        "length": int(r["prompt"] + r["new_tokens"])})
     return out
 
 
@@ -509,7 +529,9 @@ def build_report(folders: list[str | Path]) -> str:
     metric = summaries[0].metric if summaries else "val_loss"
     higher = summaries[0].higher_is_better if summaries else False
     # one colour per variant in every figure: the baseline first, the spec's order, then any other name shown
-    palette = figures.variant_palette([baseline, *design.variants, *all_runs["variant"],
+    # (a study with cells: its variants as the spec names them first, the lines of its cells figure)
+    palette = figures.variant_palette([*(design.cell_names if design.cells else ()), baseline, *design.variants,
+                                       *all_runs["variant"],
                                        *kernels.get("name", []), *serving.get("variant", [])])
     figs = {
         "curves": figures.loss_curves(metrics, runs, floor, palette),
@@ -562,6 +584,7 @@ def build_report(folders: list[str | Path]) -> str:
         "failed": failed,
         "tuning": _tuning_section(analyses[0].tuning if analyses else None, palette),  # the flags of the table's choices
         "ladder": _ladder_section(analyses[0] if analyses else None),
+        "recall": recall_section(analyses, design, palette),
         "multimodal": multimodal_section(runs, list(dict.fromkeys([baseline, *design.variants]))),
         "diffs": _config_differences(runs, baseline),
         "machines": [{"machine": r["machine"], "cpu": r["hardware"].get("cpu"), "cores": r["hardware"].get("cpu_cores"),

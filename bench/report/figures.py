@@ -374,7 +374,8 @@ COST_PANELS = (("tokens_per_s", "training tokens/s (higher is better)", True, sh
                ("peak_memory_bytes", "peak memory in training", False, short_size),
                ("params", "parameters", False, short),
                ("flops_per_token", "training FLOPs per token", False, short),
-               ("kv_cache_bytes_per_token", "KV cache per token (bf16)", False, short_size))
+               ("kv_cache_bytes_per_token", "KV cache per token (bf16)", False, short_size),
+               ("state_bytes", "decoding state per sequence (bf16)", False, short_size))
 
 
 def quality_vs_cost(summary: pd.DataFrame, metric: str = "val_loss", higher_is_better: bool = False,
@@ -408,12 +409,13 @@ def quality_vs_cost(summary: pd.DataFrame, metric: str = "val_loss", higher_is_b
     return to_svg(fig)
 
 
-KERNEL_KEYS = ("machine", "component", "name", "backend", "direction", "seq_len", "phase")
+KERNEL_KEYS = ("machine", "component", "name", "backend", "direction", "seq_len", "phase", "context")
 
 
 def kernel_figures(kernels: pd.DataFrame, palette: Palette | None = None) -> list[tuple[str, Markup]]:
     """Achieved FLOP/s of attention against sequence length (one panel per direction, one legend);
-    decode costs per attention; latency of the other kernels. Each kernel in its variant's colour, the
+    decode costs per attention (at one prompt length; timed at several contexts: against the context,
+    ``decode_context_figure``); latency of the other kernels. Each kernel in its variant's colour, the
     latest timing of each (a quieter rerun replaces a noisy one, as in the tables)."""
     figures = []
     ok = kernels[kernels["status"] == "ok"] if "status" in kernels else kernels.iloc[0:0]
@@ -439,17 +441,24 @@ def kernel_figures(kernels: pd.DataFrame, palette: Palette | None = None) -> lis
         grid.figure.subplots_adjust(wspace=0.35)
         figures.append(("attention: achieved FLOP/s", to_svg(grid.figure)))
     decode = ok[ok["component"] == "decode"] if not ok.empty else ok
+    against_context = decode_context_figure(decode, palette) if not decode.empty else None
+    if against_context is not None:
+        figures.append(("decode cost against context", against_context))
+    if "context" in decode:  # rows timed at several contexts are drawn against them, not as bars
+        decode = decode[decode["context"].isna()]
     if not decode.empty:
         machines = list(dict.fromkeys(decode["machine"]))
         fig, axes = plt.subplots(len(machines), 3, figsize=(12, 3.4 * len(machines)), squeeze=False)
         for row, machine in zip(axes, machines):
             mine = decode[decode["machine"] == machine]
             steps = mine[mine["phase"] == "decode"]
+            if "kv_cache_bytes_final" in steps:  # held at the end of decoding, where the row says (after the prompt else)
+                steps = steps.assign(kv_cache_bytes=steps["kv_cache_bytes_final"].fillna(steps["kv_cache_bytes"]))
             prefill = mine[mine["phase"] == "prefill"]
             for ax, data, column, title, units in (
                     (row[0], steps, "per_token_s", "per-token decode latency", TIME_UNITS),
                     (row[1], prefill, "median_s", "prefill latency", TIME_UNITS),
-                    (row[2], steps, "kv_cache_bytes", "KV cache after decoding", BYTE_UNITS)):
+                    (row[2], steps, "kv_cache_bytes", "cache held after decoding (KV or state)", BYTE_UNITS)):
                 if data.empty:
                     ax.set_axis_off()
                     continue
@@ -474,6 +483,69 @@ def kernel_figures(kernels: pd.DataFrame, palette: Palette | None = None) -> lis
         grid.set_axis_labels(f"latency ({unit}, median)", "")
         figures.append(("other kernels", to_svg(grid.figure)))
     return figures
+
+
+def _powers_of_two(values: pd.Series, most: int = 6) -> list[float]:
+    """Ticks for a log2 axis over `values`: powers of two, every k-th so that at most `most` are drawn."""
+    low, high = int(np.floor(np.log2(values.min()))), int(np.ceil(np.log2(values.max())))
+    step = max(1, -(-(high - low) // (most - 1)))
+    return [2.0 ** k for k in range(low, high + 1, step)]
+
+
+def decode_context_figure(kernels: pd.DataFrame, palette: Palette | None = None) -> Markup | None:
+    """Decoding against the context it follows (decode rows timed at several ``contexts``): per-token
+    latency, and the bytes the cache holds after the prompt (a KV cache grows with the context, a
+    recurrent state does not), one line per variant in its colour (one dash per machine); log2 x.
+    None where no timed decode row names a context."""
+    if kernels.empty or not {"component", "phase", "context"} <= set(kernels):
+        return None
+    rows = kernels[(kernels["component"] == "decode") & (kernels["phase"] == "decode") & kernels["context"].notna()]
+    if "status" in rows:
+        rows = rows[rows["status"] == "ok"]
+    if rows.empty:
+        return None
+    rows = rows.drop_duplicates([k for k in KERNEL_KEYS if k in rows], keep="last").sort_values("context")
+    machines = list(dict.fromkeys(rows["machine"])) if "machine" in rows else [None]
+    several = len(machines) > 1
+    colours = colours_for(rows["name"].astype(str), palette)
+    latency, time_unit = _in_unit(rows["per_token_s"].astype(float), TIME_UNITS)
+    rows = rows.assign(latency=latency, held=rows["kv_cache_bytes"].astype(float))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for name in colours:
+        for m, machine in enumerate(machines):
+            line = rows[(rows["name"] == name) & ((rows["machine"] == machine) if machine is not None else True)]
+            if line.empty:
+                continue
+            style = {"color": colours[name], "linestyle": MACHINE_STYLES[m % len(MACHINE_STYLES)], "marker": "o",
+                     "markersize": 4, "label": name + (f" · {machine}" if several else "")}
+            axes[0].plot(line["context"], line["latency"], **style)
+            axes[1].plot(line["context"], line["held"], **style)
+    contexts = sorted(rows["context"].unique())
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(ticker.FixedLocator(contexts))
+        ax.xaxis.set_major_formatter(TickLabels(lambda v, digits=3: f"{v:.0f}"))  # 1024, not 1.02k
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlabel("context (tokens prefilled before decoding)")
+    _humanise(axes[0].yaxis, plain)
+    axes[0].set_ylim(bottom=0)
+    axes[0].set(ylabel=f"per-token decode latency ({time_unit})", title="per-token latency against context")
+    held = rows["held"][rows["held"] > 0]
+    if not held.empty and held.max() / held.min() > 20:  # a KV cache beside a state: both readable on log2
+        axes[1].set_yscale("log", base=2)
+        axes[1].yaxis.set_major_locator(ticker.FixedLocator(_powers_of_two(held)))
+        axes[1].yaxis.set_minor_locator(ticker.NullLocator())
+        axes[1].yaxis.set_major_formatter(TickLabels(short_size))
+    else:
+        _humanise(axes[1].yaxis, short_size)
+        axes[1].set_ylim(bottom=0)
+    batch = rows["batch"].dropna().unique() if "batch" in rows else []
+    axes[1].set(ylabel="bytes (KV cache or state)", title="cache held after the prompt"
+                + (f" (batch {int(batch[0])})" if len(batch) == 1 else ""))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    return to_svg(fig)
 
 
 def scaling_figure(points: pd.DataFrame, fits: dict, palette: Palette | None = None) -> Markup | None:

@@ -85,7 +85,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
                              f"this model's {max_tokens} {'positions' if image else 'tokens'}")
         if not engine.fits_alone(len(ids) + body.max_new_tokens):
             raise BadRequest(f"prompt + max_new_tokens ({len(ids) + body.max_new_tokens} tokens) would need "
-                             f"{(len(ids) + body.max_new_tokens) * engine.bytes_per_token} bytes of KV cache, more than "
+                             f"{engine.bytes_for(len(ids) + body.max_new_tokens)} bytes of cache, more than "
                              f"this service's budget of {engine.kv_budget_bytes}")
         return ids
 

@@ -63,11 +63,13 @@ class Engine:
         self.kv_budget_bytes = kv_budget_bytes
         self.metrics = metrics or ServingMetrics()
         self.batching = _batching(model)  # "continuous", or why sequences are served one at a time
-        self.bytes_per_token = _kv_bytes_per_token(model)  # one token of one sequence, every layer
+        # one token of one sequence, every layer; and what a sequence holds whatever its length (a
+        # recurrent mixer's state)
+        self.bytes_per_token, state_bytes = _cache_bytes(model)
         self.image_positions = prefix_positions(model.config) if model.config.vision is not None else 0
         fusion = getattr(model, "fusion", None)  # cross-attention keeps each row's image keys and values too
         element = next(model.parameters()).element_size()
-        self.image_bytes = fusion.image_cache_bytes(element) if fusion is not None else 0
+        self.sequence_bytes = state_bytes + (fusion.image_cache_bytes(element) if fusion is not None else 0)
         if self.batching != "continuous":
             self.max_batch = 1
         self.waiting: queue.Queue[Sequence] = queue.Queue()
@@ -154,13 +156,16 @@ class Engine:
         if self.kv_budget_bytes is None:
             return True
         rows = [*self.running, *joining, candidate]
-        longest = max(len(s.prompt) + s.max_new_tokens for s in rows) + self.image_positions
-        return len(rows) * (longest * self.bytes_per_token + self.image_bytes) <= self.kv_budget_bytes
+        longest = max(len(s.prompt) + s.max_new_tokens for s in rows)
+        return len(rows) * self.bytes_for(longest) <= self.kv_budget_bytes
+
+    def bytes_for(self, tokens: int) -> int:
+        """What one sequence of this many text tokens holds in the cache (an image's prefix and keys included)."""
+        return (tokens + self.image_positions) * self.bytes_per_token + self.sequence_bytes
 
     def fits_alone(self, tokens: int) -> bool:
         """Whether one sequence of this many tokens (prompt + new, and an image's prefix) fits the KV-cache budget."""
-        return self.kv_budget_bytes is None or ((tokens + self.image_positions) * self.bytes_per_token
-                                                + self.image_bytes) <= self.kv_budget_bytes
+        return self.kv_budget_bytes is None or self.bytes_for(tokens) <= self.kv_budget_bytes
 
     def _image(self, sequence: Sequence) -> dict:
         """What the model reads besides the tokens: a request's image, on the device."""
@@ -225,13 +230,18 @@ class Engine:
 
 
 @torch.no_grad()
-def _kv_bytes_per_token(model: GPT) -> int:
-    """KV-cache bytes of one token of one sequence (all layers), as the model holds them (0: no cache)."""
+def _cache_bytes(model: GPT) -> tuple[int, int]:
+    """(cache bytes one more token of one sequence costs, bytes a sequence holds whatever its length),
+    over all layers, as the model holds them — measured at one and two tokens ((0, 0): no cache)."""
     cache = model.new_cache()
     if cache is None:
-        return 0
-    model(torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device), cache=cache)
-    return cache.nbytes() // 2
+        return 0, 0
+    held = []
+    for _ in range(2):
+        model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), cache=cache)
+        held.append(cache.nbytes())
+    per_token = held[1] - held[0]
+    return per_token, held[0] - per_token
 
 
 def _batching(model: GPT) -> str:
