@@ -25,6 +25,7 @@ from bench.config import RunConfig, budget_steps
 from bench.data import Dataset, load_dataset
 from bench.schedules import learning_rate
 from models import build_model, flops_per_token, param_counts
+from models.accounting import cache_bytes
 from models.attention_backends import use_kernels
 
 FINAL_TRAIN_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
@@ -441,8 +442,8 @@ class Trainer:
             "peak_memory_bytes": _peak_memory(self.device),
             "params": param_counts(self.run_config.model),
             "flops_per_token": self.flops_per_token,
-            "kv_cache_bytes_per_token": _kv_cache_bytes_per_token(self.model),
-            "state_bytes": _state_bytes(self.model),  # a recurrent mixer's decoding state, per sequence
+            # what serving it caches (bf16): per token, and a recurrent mixer's state per sequence
+            **dict(zip(("kv_cache_bytes_per_token", "state_bytes"), cache_bytes(self.model, 2))),
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
@@ -465,24 +466,6 @@ class Trainer:
         types = self.data.val_types(self.cfg.val_sequences)
         return {"val_samples": pictures.answer_samples(self.model, self.val, types, self.data.question_types,
                                                        self.data.decode, self.device)}
-
-
-def _kv_cache_bytes_per_token(model: torch.nn.Module) -> int | None:
-    """What serving this model caches per generated token, at 2 bytes per element (a bf16 or fp16
-    cache): the sum over the layers that have a KV cache (a hybrid's others keep a state of constant
-    size, ``_state_bytes``), 0 where none has one; None where a layer says neither what it caches per
-    token nor what state it keeps."""
-    layers = [block.attn for block in model.blocks]
-    if not all(hasattr(a, "kv_cache_bytes_per_token") or hasattr(a, "state_bytes") for a in layers):
-        return None
-    return sum(a.kv_cache_bytes_per_token(2) for a in layers if hasattr(a, "kv_cache_bytes_per_token"))
-
-
-def _state_bytes(model: torch.nn.Module) -> int | None:
-    """What serving this model keeps per sequence whatever its length, at 2 bytes per element: the sum
-    of the layers' decoding states (recurrent mixers' ``state_bytes``); None where no layer has one."""
-    sizes = [block.attn.state_bytes(2) for block in model.blocks if hasattr(block.attn, "state_bytes")]
-    return sum(sizes) if sizes else None
 
 
 def train(run: RunConfig, out_dir: str | Path | None = None, *, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:

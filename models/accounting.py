@@ -90,6 +90,22 @@ def sequence_flops(model: nn.Module, seq_len: int, causal: bool) -> float:
     return matmul_flops_per_token(model, positions, causal) * positions - head * prefix + per_image
 
 
+# -- decoding caches ------------------------------------------------------------------------------------
+
+
+def cache_bytes(model: nn.Module, bytes_per_element: int = 2) -> tuple[int | None, int | None]:
+    """What a model's layers declare their decoding cache costs: (KV-cache bytes per token, summed over
+    the layers with ``kv_cache_bytes_per_token``; state bytes per sequence whatever its length, summed
+    over the layers with ``state_bytes``). Every layer is read (a hybrid's differ). The KV sum is 0 where
+    only states are kept, None where a layer declares neither (it does not say what it keeps); the state
+    sum is None where no layer has one."""
+    layers = [block.attn for block in model.blocks]
+    kv = [a.kv_cache_bytes_per_token(bytes_per_element) for a in layers if hasattr(a, "kv_cache_bytes_per_token")]
+    state = [a.state_bytes(bytes_per_element) for a in layers if hasattr(a, "state_bytes")]
+    says = all(hasattr(a, "kv_cache_bytes_per_token") or hasattr(a, "state_bytes") for a in layers)
+    return (sum(kv) if says else None), (sum(state) if state else None)
+
+
 # -- checking the accounting against torch's FLOP counter ---------------------------------------------
 
 

@@ -10,11 +10,10 @@ from pydantic import ValidationError
 
 from bench.kernels import KernelSpec, run_kernels
 from bench.kernels.__main__ import main as kernels_main
-from bench.kernels.cases import declared_cache_bytes
 from bench.kernels.config import DecodeKernels
 from bench.report import _kernel_tables
 from bench.report.figures import decode_context_figure, kernel_figures
-from bench.train import _kv_cache_bytes_per_token, _state_bytes
+from models.accounting import cache_bytes
 from models import ModelConfig, build_model
 from models.mixers import GatedLinearAttention
 from models.registry import build_spec, resolve
@@ -110,15 +109,15 @@ def test_the_report_table_states_a_state_per_sequence_beside_the_kv_cache_per_to
 
 def test_what_a_model_declares_for_mha_gla_and_a_hybrid_of_both():
     mha, gla = _model("mha", 2), _model("gla", 2)
-    assert (_kv_cache_bytes_per_token(mha), _state_bytes(mha)) == (2 * 2 * 32 * 2, None)  # layers × (k, v) × C × bf16
+    assert cache_bytes(mha) == (2 * 2 * 32 * 2, None)  # layers × (k, v) × C × bf16
     # GLA: per layer n_head × key_dim (C/2/H) × head_dim × bf16, and no KV cache
-    assert (_kv_cache_bytes_per_token(gla), _state_bytes(gla)) == (0, 2 * 4 * 4 * 8 * 2)
+    assert cache_bytes(gla) == (0, 2 * 4 * 4 * 8 * 2)
     mix = _model("mha", 2)  # built by hand: layer 1 a GLA, whatever the config says
     mix.blocks[1].attn = build_spec("attention", resolve("attention", "gla"), mix.config)
-    assert (_kv_cache_bytes_per_token(mix), _state_bytes(mix)) == (2 * 32 * 2, 4 * 4 * 8 * 2)
-    assert declared_cache_bytes(mix, 4) == (2 * 32 * 4, 4 * 4 * 8 * 4)  # the decode rows' reading, at fp32
+    assert cache_bytes(mix) == (2 * 32 * 2, 4 * 4 * 8 * 2)
+    assert cache_bytes(mix, 4) == (2 * 32 * 4, 4 * 4 * 8 * 4)  # the decode rows' reading, at fp32
     mix.blocks[0].attn = PluginAttention(mix.config)  # says neither what it caches nor what state it keeps
-    assert _kv_cache_bytes_per_token(mix) is None and _state_bytes(mix) == 4 * 4 * 8 * 2
+    assert cache_bytes(mix) == (None, 4 * 4 * 8 * 2)
 
 
 def test_contexts_replace_the_prompt_and_size_the_model():

@@ -34,7 +34,7 @@ from bench.kernels.config import (
 )
 from bench.timing import agrees, max_error, time_interleaved
 from models import ModelConfig, build_model, quantize
-from models.accounting import ATTENTION_BACKWARD, matmul_flops_per_token, sequence_flops
+from models.accounting import ATTENTION_BACKWARD, cache_bytes, matmul_flops_per_token, sequence_flops
 from models.attention_backends import KernelChooser, sdpa_choice, use_kernels
 from models.config import attention_features, image_tokens, missing_features, prefix_positions
 from models.contract import FEATURES
@@ -603,19 +603,6 @@ def quantization_rows(cfg: QuantizationKernels, ctx: Context) -> list[Row]:
 # -- inference: prefill and per-token decode with a KV cache or a state ----------------------------------
 
 
-def declared_cache_bytes(model: nn.Module, bytes_per_element: int) -> tuple[int | None, int | None]:
-    """What a model's layers declare their decoding cache costs, at `bytes_per_element`: (KV-cache bytes per
-    token, summed over the layers that have ``kv_cache_bytes_per_token``; a sequence's state bytes, summed
-    over the layers that have ``state_bytes``). Every layer is read (a hybrid's differ). The KV sum is 0 where
-    no layer has a KV cache but some have a state, None where a layer declares neither (it does not say what
-    it keeps); the state sum is None where no layer has one."""
-    layers = [block.attn for block in model.blocks]
-    kv = [a.kv_cache_bytes_per_token(bytes_per_element) for a in layers if hasattr(a, "kv_cache_bytes_per_token")]
-    state = [a.state_bytes(bytes_per_element) for a in layers if hasattr(a, "state_bytes")]
-    says = all(hasattr(a, "kv_cache_bytes_per_token") or hasattr(a, "state_bytes") for a in layers)
-    return (sum(kv) if says else None), (sum(state) if state else None)
-
-
 @dataclass
 class _DecodeCase:
     """One variant's model, checked and ready to time at each prompt length."""
@@ -640,7 +627,7 @@ def decode_rows(cfg: DecodeKernels, ctx: Context) -> list[Row]:
     (``kv_cache_bytes``, cache.nbytes(): a KV cache's or a state's) and after decoding
     (``kv_cache_bytes_final``); what the layers declare at the timed dtype, ``kv_cache_bytes_per_token``
     and ``state_bytes`` (per sequence, whatever its length), each summed over the layers that have it
-    (``declared_cache_bytes``); the check's ``max_error`` and the prompt length it was made at
+    (``models.accounting.cache_bytes``); the check's ``max_error`` and the prompt length it was made at
     (``checked_at``); with ``contexts``, the row's ``context`` (its prompt length, also ``prompt``). A
     variant that fails or runs out of memory at a length is a row with the reason at that length."""
     lengths = cfg.lengths()
@@ -686,7 +673,7 @@ def _decode_case(cfg: DecodeKernels, variant: Variant, ctx: Context, row: Row) -
     idx = torch.randint(0, 256, (cfg.batch, cfg.block_size), device=ctx.device,
                         generator=torch.Generator(device=ctx.device).manual_seed(0))
     attn = model.blocks[0].attn
-    per_token, state = declared_cache_bytes(model, torch.finfo(ctx.dtype).bits // 8)
+    per_token, state = cache_bytes(model, torch.finfo(ctx.dtype).bits // 8)
     shortest = cfg.lengths()[0]
     row = {**row, "n_kv_head": getattr(attn, "n_kv_head", None), "window": getattr(attn, "window", None),
            "kv_cache_bytes_per_token": per_token, "state_bytes": state, "checked_at": shortest}

@@ -50,6 +50,17 @@ def _x_label(key: str, value) -> str:
     return f"{key}={_shown(value)}"
 
 
+def _panel(cell: dict, first: str) -> str:
+    """The cell's other keys as a panel's title: seq_len=64 (a whole section's keys each by name:
+    seq_len=64, num_kv_pairs=4)."""
+    parts = []
+    for key, value in cell.items():
+        if key != first:
+            named = value.items() if isinstance(value, dict) else [(key.rsplit(".", 1)[-1], value)]
+            parts += [f"{k}={_shown(v)}" for k, v in named]
+    return ", ".join(parts)
+
+
 def cell_frame(summary: StudySummary, design: StudyDesign) -> pd.DataFrame:
     """One row per variant and cell that has finished runs, in the grid's order: variant (as the spec
     names it), name (expanded), cell (its label), panel (the label of the cell's other keys, "" with
@@ -71,7 +82,7 @@ def cell_frame(summary: StudySummary, design: StudyDesign) -> pd.DataFrame:
                 continue
             r, c = table.loc[name], judged.get(name)
             reference = design.reference_of(name)
-            rows.append({"variant": variant, "name": name, "cell": label, "panel": label.partition(",")[2],
+            rows.append({"variant": variant, "name": name, "cell": label, "panel": _panel(cell, first),
                          "x": cell[first], "mean": r[f"{metric}_mean"], "low": r[f"{metric}_ci_low"],
                          "high": r[f"{metric}_ci_high"], "n": int(r["n"]),
                          "reference": design.cell_of(reference)[0] if reference else "",
