@@ -19,12 +19,11 @@ a GPU in this project so far.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from typing import Literal
 
 from models import fla_kernels
 from models.recurrent import CHANNEL_DECAY_FLOOR, StateCache, ShortConv, chunked, chunked_flops, recurrent
@@ -38,7 +37,8 @@ class RecurrentMixer(nn.Module):
     """What the recurrent mixers share: the cache, the choice of form, the features they handle.
 
     A member defines ``mix(x, positional, state) -> (y, new state)``, with state the dict of tensors
-    its cache held (empty at the start), and ``state_bytes``.
+    its cache held (empty at the start), and ``state_elements`` (its short convolution's, if any, is
+    counted here).
     """
 
     rotates = False  # whether it rotates q and k with a rotating encoding (else: order from its decays)
@@ -185,7 +185,9 @@ class Retention(RecurrentMixer):
         heads = torch.arange(config.n_head, dtype=torch.float32)
         self.register_buffer("log_decay", torch.log1p(-(2.0 ** (-5.0 - heads))), persistent=False)  # (H,)
 
-    check = staticmethod(lambda config, options: check_options(options))
+    @staticmethod
+    def check(config, options: dict) -> str | None:
+        return check_options(options)
 
     def mix(self, x: Tensor, positional, state: dict) -> tuple[Tensor, dict]:
         B, T, C = x.shape
