@@ -76,7 +76,6 @@ class Based(RecurrentMixer):
     """
 
     rotates = True  # the window branch rotates its q and k
-    eps = 1e-6
 
     def __init__(self, config, *, feature_dim: int = 16, window: int = 16,
                  backend: ref("attention_backend") = "auto", conv: int = 0):
@@ -125,9 +124,8 @@ class Based(RecurrentMixer):
         Hd = self.n_head * self.feature_dim
         q, k, v = (_heads(t, self.n_head) for t in qkv.split([Hd, Hd, x.shape[-1]], dim=-1))
         q, k = taylor_features(q), taylor_features(k)  # (B, H, T, 1 + d + d²)
-        ones = v.new_ones(*v.shape[:-1], 1)
-        o, new["S"] = self.scan(q, k, torch.cat([v, ones], -1), v.new_zeros(v.shape[:-1]), state.get("S"))
-        return o[..., :-1] / (o[..., -1:] + self.eps), new
+        o, new["S"] = self.normalised(q, k, v, state.get("S"))
+        return o, new
 
     def new_cache(self) -> BasedCache:
         return BasedCache(self.window)

@@ -44,6 +44,7 @@ class RecurrentMixer(nn.Module):
     rotates = False  # whether it rotates q and k with a rotating encoding (else: order from its decays)
     chunk = 64  # tokens per chunk of the parallel form
     kernel = "torch"  # the chunked form's implementation (a member with a `kernel` option sets it)
+    eps = 1e-6  # the normaliser's guard (``normalised``)
 
     @staticmethod
     def handles(config, options: dict) -> frozenset[str]:
@@ -65,6 +66,13 @@ class RecurrentMixer(nn.Module):
         if self.kernel == "fla":
             return FLA_DECAYED(q, k, v, log_decay, state)
         return chunked(q, k, v, log_decay, state, self.chunk)
+
+    def normalised(self, q: Tensor, k: Tensor, v: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Linear attention normalised by its features' sum, q·S_t / q·z_t with z_t = Σ k (no decay): the
+        normaliser carried as an extra value column of ones -> (o (B, H, T, Dv), the new state)."""
+        ones = v.new_ones(*v.shape[:-1], 1)
+        o, S = self.scan(q, k, torch.cat([v, ones], -1), v.new_zeros(v.shape[:-1]), state)
+        return o[..., :-1] / (o[..., -1:] + self.eps), S
 
     def new_cache(self) -> StateCache:
         return StateCache()
@@ -134,7 +142,6 @@ class LinearAttention(RecurrentMixer):
     conv > 0 adds a short causal convolution on q, k and v (as Zoology's baselines do)."""
 
     rotates = True
-    eps = 1e-6
 
     def __init__(self, config, *, conv: int = 0, kernel: Kernel = "torch"):
         super().__init__()
@@ -154,9 +161,7 @@ class LinearAttention(RecurrentMixer):
         q, k, v = (_heads(t, self.n_head) for t in qkv.chunk(3, dim=-1))  # (B, H, T, D) each
         # rotate before φ: φ's outputs stay positive, so the normaliser cannot reach zero
         q, k = F.elu(positional.rotate(q)) + 1, F.elu(positional.rotate(k)) + 1
-        ones = v.new_ones(*v.shape[:-1], 1)
-        o, new["S"] = self.scan(q, k, torch.cat([v, ones], -1), v.new_zeros(v.shape[:-1]), state.get("S"))
-        y = o[..., :-1] / (o[..., -1:] + self.eps)  # (B, H, T, D)
+        y, new["S"] = self.normalised(q, k, v, state.get("S"))  # (B, H, T, D)
         return self.c_proj(_merge_heads(y)), new
 
     def init_blocks(self) -> dict[str, list[tuple[str, int]]]:

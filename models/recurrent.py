@@ -144,9 +144,6 @@ class StateCache:
     def __init__(self):
         self.tensors: dict[str, Tensor] = {}
 
-    def get(self, name: str) -> Tensor | None:
-        return self.tensors.get(name)
-
     def set(self, **tensors: Tensor) -> None:
         self.tensors = {**self.tensors, **tensors}
 
