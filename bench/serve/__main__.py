@@ -16,7 +16,8 @@ import argparse
 import sys
 
 
-def serve_main(argv: list[str]) -> int:
+def serve_parser() -> argparse.ArgumentParser:
+    """The service's command line (the deployment manifests' arguments are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description="Serve a trained run over HTTP.")
     parser.add_argument("run_dir", help="a finished run's folder: results/<study>/runs/<run id>")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
@@ -25,6 +26,11 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--kv-budget-mb", type=float, default=None,
                         help="most MiB the batch's KV cache may hold at its longest (default: no limit)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = serve_parser()
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error(f"--max-batch must be at least 1, got {args.max_batch}")
@@ -43,39 +49,11 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
-def bench_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.serve bench",
-                                     description="Benchmark a study's runs as services under concurrent load.")
-    parser.add_argument("results_dir", help="a study's results folder (results/<name>)")
-    parser.add_argument("--variants", nargs="+", help="these variants only (default: every trained one)")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--max-batch", type=int, default=None, help="the service's --max-batch (default: the largest concurrency)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it counts as an error")
-    args = parser.parse_args(argv)
-    for name in ("requests", "prompt_len", "new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.concurrency) < 1:
-        parser.error("--concurrency levels must be at least 1")
-
-    from bench.serve.benchmark import LoadSettings, benchmark_study
-
-    settings = LoadSettings(concurrency=args.concurrency, requests=args.requests, prompt_len=args.prompt_len,
-                            new_tokens=args.new_tokens, timeout=args.timeout, max_batch=args.max_batch)
-    try:
-        benchmark_study(args.results_dir, settings, variants=args.variants)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
+        from bench.serve.benchmark import main as bench_main
+
         return bench_main(argv[1:])
     return serve_main(argv)
 

@@ -8,6 +8,7 @@ stopped. One row per (variant, concurrency) goes into the store's ``serving`` ta
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -195,3 +196,32 @@ def benchmark_study(results_dir: str | Path, settings: LoadSettings, variants: l
 
 def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{1e3 * seconds:.1f} ms"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench.serve bench ...`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.serve bench",
+                                     description="Benchmark a study's runs as services under concurrent load.")
+    parser.add_argument("results_dir", help="a study's results folder (results/<name>)")
+    parser.add_argument("--variants", nargs="+", help="these variants only (default: every trained one)")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--max-batch", type=int, default=None, help="the service's --max-batch (default: the largest concurrency)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it counts as an error")
+    args = parser.parse_args(argv)
+    for name in ("requests", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency levels must be at least 1")
+
+    settings = LoadSettings(concurrency=args.concurrency, requests=args.requests, prompt_len=args.prompt_len,
+                            new_tokens=args.new_tokens, timeout=args.timeout, max_batch=args.max_batch)
+    try:
+        benchmark_study(args.results_dir, settings, variants=args.variants)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
