@@ -31,6 +31,7 @@ from bench.data import DataUnavailable, load_dataset
 from bench.spec import SourceMap, Spec, SpecError, problems, set_dotted
 from models import ComponentError, load_plugins
 from models.config import COMPONENT_FIELDS
+from models.quantization import post_training
 from models.registry import components_of, get, resolve
 
 
@@ -135,11 +136,6 @@ def _key(config: RunConfig, kind: str = "train") -> str:
     return f"{kind}:{config.model_dump_json()}"
 
 
-def _post_training(model: dict) -> bool:
-    spec = model.get("quantization")
-    return spec is not None and get("quantization", spec["name"]).factory.stage == "post"
-
-
 def expand(spec: Spec, sources: SourceMap, only: list[str] | None = None, seeds: list[int] | None = None,
            device: str | None = None, prepare: bool = True, tuning: bool = False,
            tuned: dict[str, dict[str, Any]] | None = None) -> Plan:
@@ -195,10 +191,10 @@ def _assemble(spec: Spec, resolved: list[Resolved], role: Literal["tune", "eval"
         return run_id(run, kind) if prepare else None
 
     for variant, point, seed, run, pending in resolved:  # runs that train
-        if not _post_training(run.model.to_dict()):
+        if not post_training(run.model.to_dict()):
             add(_key(run), lambda: PlannedRun(identify(run), variant, point, seed, run, pending=pending, role=role))
     for variant, point, seed, run, pending in resolved:  # post-training quantization: evaluate a float run
-        if _post_training(run.model.to_dict()):
+        if post_training(run.model.to_dict()):
             float_run = run.model_copy(update={"model": run.model.model_copy(update={"quantization": None})})
             parent = add(_key(float_run), lambda: PlannedRun(  # usually the baseline's own run, trained once
                 identify(float_run), f"{variant} (float)", point, seed, float_run, pending=pending, role=role))

@@ -78,6 +78,16 @@ def _calibration(run: RunConfig, data, quantizer) -> dict[str, Any] | None:
     return {"tokens": data.calibration_batch(run.seed, sequences, seq_len), "sequences": sequences, "seq_len": seq_len}
 
 
+def quantize_as_evaluated(model: torch.nn.Module, run: RunConfig, device: torch.device, data=None):
+    """Quantize the float model in place as `run.model.quantization` says, with the calibration
+    windows its evaluation uses (fixed by the run's seed): (the quantizer, the calibration or None).
+    Serving a quantized variant quantizes this way too."""
+    data = data if data is not None else load_dataset(run.data)
+    calibration = _calibration(run, data, build_spec("quantization", run.model.quantization))
+    quantizer = quantize(model, run.model.quantization, calibration and calibration["tokens"].to(device))
+    return quantizer, calibration
+
+
 def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     """Quantize the float run's trained model as `run.model.quantization` says; compare with float."""
     state = load_checkpoint(Path(float_run_dir) / "checkpoint.pt")
@@ -99,9 +109,8 @@ def evaluate_quantized(run: RunConfig, float_run_dir: Path) -> dict[str, Any]:
     dtype = training_dtype(device, run.train.dtype)
     before = evaluate(float_model, val, device, dtype, data.token_bytes)
     quantized = copy.deepcopy(float_model)
-    calibration = _calibration(run, data, build_spec("quantization", run.model.quantization))
     start = time.perf_counter()
-    quantizer = quantize(quantized, run.model.quantization, calibration and calibration["tokens"].to(device))
+    quantizer, calibration = quantize_as_evaluated(quantized, run, device, data)
     quantize_seconds = time.perf_counter() - start
     after = evaluate(quantized, val, device, dtype, data.token_bytes)
     x = val[0][0].to(device)

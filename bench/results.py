@@ -4,7 +4,7 @@
     results.runs      # one row per run: run_id, variant, seed, status, val_loss, params, current, ...
     results.metrics   # one row per run and step: run_id, step, train_loss, val_loss, lr, mfu, ...
     results.kernels   # one row per kernel measurement, with the machine it ran on
-    results.serving   # one row per run served under load and concurrency level (bench.serve bench)
+    results.serving   # one row per run served under load and offered request rate (bench.serve bench)
 
 The reader lives beside the store's schema, in ``bench.store.reader``; this is its documented name.
 """

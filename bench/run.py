@@ -32,6 +32,7 @@ from bench.progress import Progress
 from bench.report import write_report
 from bench.spec import SourceMap, Spec, SpecError, StudyDesign, load_spec
 from bench.store import DONE, Results, Store, load
+from bench.tracking import TRACKERS, StudyTracking, TrackingUnavailable, require_trackers
 from models import flops_per_token, param_counts
 
 
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"{' | '.join(sorted(EXECUTORS))} | module:Class: local processes, or ray (a local Ray "
                         "instance, or a cluster with --ray-address), or an executor of your own (bench.executor)")
     p.add_argument("--ray-address", help="with --executor ray: auto (a running cluster) or HOST:PORT")
+    p.add_argument("--log", nargs="+", choices=sorted(TRACKERS), default=[], metavar="TRACKER",
+                   help="also stream each run's step metrics (as stored) to tensorboard and/or wandb: one tracker "
+                        "run per run, under the results folder (wandb offline unless WANDB_MODE is set); needs "
+                        "pip install 'archbench[tensorboard]' / 'archbench[wandb]'; the store is unaffected")
     return p.parse_args(argv)
 
 
@@ -309,14 +314,17 @@ def time_speed(spec: Spec, folder: Path, store: Store, console: Console) -> None
 
 def serve_under_load(spec, folder: Path, store: Store, console: Console) -> None:
     """The spec's serving section: each variant's run served under load (after training and kernels,
-    alone on the machine), once per machine and settings."""
+    alone on the machine), once per machine and settings: one row per variant and offered request rate,
+    with each variant's saturation point."""
     from bench.serve.benchmark import LoadSettings, benchmark_study
+    from bench.serve.sweep import rate_text
 
-    settings = LoadSettings(**spec.serving.model_dump())
+    settings = LoadSettings(**spec.serving.load_settings())
     if store.serving_measured(spec.name, hardware.machine_id(), settings.key()):
         console.print("serving measurements for this machine are already stored")
         return
-    console.print("serving each variant under load ...")
+    console.print(f"serving each variant under load at {', '.join(map(rate_text, settings.request_rate))} "
+                  f"requests/s offered ...")
     benchmark_study(folder, settings)
 
 
@@ -372,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if world.size > 1 and (args.workers != 1 or args.executor != "local"):
             raise SpecError("under torchrun the processes are one run's ranks: drop --workers and --executor")
+        require_trackers(args.log)  # a missing extra fails here, before anything is prepared or trained
         spec, sources = load_spec(args.spec, args.set)
         design = spec.design
         if args.dry_run:  # reads, downloads and tokenizes nothing
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         study = expand(spec, sources, seeds=args.seeds, device=args.device, tuning=design.tuned)
         plan = study.select(args.only) if args.only else study
         identity = study.identity
-    except SpecError as e:
+    except (SpecError, TrackingUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     folder = Path(args.out) if args.out else Path("results") / spec.name
@@ -399,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         store.record_study(spec.name, spec.model_dump(mode="json"), launcher + shlex.join(argv), identity)
     kernel_error = None
     planned: set[str] = set()
+    tracking = StudyTracking(args.log, spec.name, folder) if args.log and world.main else None
     try:
         executor = executor_class(args.executor)(workers=resolve_workers(args, plan, world, console),
                                                  address=args.ray_address)
@@ -413,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"→ {folder}")
             steps = sum(budget_steps(r.config) or 0 for r in todo if r.kind == "train") + sum(r.kind != "train" for r in todo)
             with Progress(len(todo), steps, console) as progress:
-                executor.execute(Plan(spec, todo), folder, progress if world.main else (lambda event: None))
+                events = tracking.follow(todo, progress) if tracking else progress
+                executor.execute(Plan(spec, todo), folder, events if world.main else (lambda event: None))
         if world.main and world.size == 1 and spec.speed is not None:  # under torchrun the ranks are one run
             try:
                 time_speed(spec, folder, store, console)
@@ -439,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        if tracking:
+            tracking.close()
         if store:
             store.close()
     if world.size > 1:

@@ -30,7 +30,7 @@
     paired_test: t                  # or permutation (exact sign-flip): how per-seed differences are tested
     budget: {steps: 300}            # shorthand for base.train's budget
     kernels: {attention: {...}}     # components to time as kernels here (bench.kernels.config)
-    serving: {concurrency: [1, 4]}  # serve each variant's run under load after training (bench.serve)
+    serving: {request_rate: [1, 4, inf]}  # serve each variant's run under load after training (bench.serve)
     speed: {rounds: 20}             # each comparison's training steps timed side by side (bench.speed;
                                     # the default; null: none, and no claim about training speed)
     finding:                        # a published direction this study tests (bench.findings)
@@ -257,15 +257,82 @@ class Base(BaseModel):
 
 
 class ServingSpec(BaseModel):
-    """Each variant's first finished run served under load after training (``python -m bench.serve bench``)."""
+    """Each variant's first finished run served under open-loop load after training, one row per offered
+    request rate (``python -m bench.serve bench``; vLLM's benchmark semantics)."""
 
     model_config = ConfigDict(extra="forbid")
-    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16], min_length=1,
-                                           description="concurrent requests, one load test per level")
-    requests: PositiveInt = Field(32, description="streamed requests per concurrency level")
+    request_rate: list[float] = Field(default_factory=lambda: [float("inf")], min_length=1,
+                                      description="offered requests/s, one load test each (inf: all at once); "
+                                      "several make a sweep whose goodput saturation point is reported")
+    burstiness: float = Field(1.0, gt=0, description="gamma shape of the gaps between arrivals (1: Poisson)")
+    max_concurrency: PositiveInt | None = Field(None, description="most requests in flight (null: no cap)")
+    num_prompts: PositiveInt = Field(100, description="measured streamed requests per rate (p99 needs 100)")
+    warmup: int = Field(4, ge=0, description="requests sent and awaited before each rate's, in no metric")
     prompt_len: PositiveInt = Field(32, description="prompt tokens (validation windows)")
-    new_tokens: PositiveInt = Field(32, description="tokens generated per request, greedy")
-    max_batch: PositiveInt | None = Field(None, description="the service's batch limit (default: the largest concurrency)")
+    new_tokens: PositiveInt = Field(32, description="tokens generated per request, greedy, ignore_eos")
+    goodput: dict[Literal["ttft", "tpot", "e2el"], float] = Field(
+        default_factory=dict, description="SLOs in ms a request must all meet to count in goodput "
+        "(default: none; goodput is then the completed requests/s)")
+    percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 99.0], min_length=1,
+                                     description="latency percentiles; pX needs ceil(100/(100-X)) samples")
+    seed: int = Field(0, description="the arrival schedule's seed")
+    timeout: float = Field(120.0, gt=0, description="seconds a request may take before it counts as failed")
+    max_batch: PositiveInt | None = Field(None, description="the service's batch limit (default: max_concurrency, "
+                                          "else the service's 8)")
+    max_queue: PositiveInt | None = Field(None, description="the service's waiting-queue limit: beyond it, 503s "
+                                          "(rejected) (default: no limit)")
+    concurrency: list[PositiveInt] | PositiveInt | None = Field(
+        None, description="old (closed-loop) key: one level is read as max_concurrency with request_rate [inf]; "
+        "several are refused (sweep request_rate instead)")
+    requests: PositiveInt | None = Field(None, description="old name of num_prompts")
+
+    @field_validator("request_rate")
+    @classmethod
+    def _rates(cls, value: list[float]) -> list[float]:
+        if any(not r > 0 for r in value):
+            raise ValueError(f"request rates are positive requests/s or inf, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"request rates repeat: {value}")
+        return sorted(value)
+
+    @field_validator("goodput")
+    @classmethod
+    def _slos(cls, value: dict) -> dict:
+        if any(not v >= 0 for v in value.values()):
+            raise ValueError(f"goodput SLOs are non-negative milliseconds, got {value}")
+        return value
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, value: list[float]) -> list[float]:
+        if any(not 0 < p < 100 for p in value):
+            raise ValueError(f"percentiles are in (0, 100), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _old_keys(self, info: ValidationInfo) -> ServingSpec:
+        """concurrency and requests, the closed-loop generator's keys, read in the new ones' terms."""
+        stored = (info.context or {}).get(STORED)
+        if self.requests is not None:
+            if "num_prompts" in self.model_fields_set and not stored:
+                raise ValueError("requests is the old name of num_prompts: give num_prompts alone")
+            self.num_prompts, self.requests = self.requests, None
+        if self.concurrency is not None:
+            levels = [self.concurrency] if isinstance(self.concurrency, int) else list(self.concurrency)
+            if not stored:
+                if len(levels) > 1:
+                    raise ValueError(f"concurrency {levels}: the load generator is open-loop now (vLLM's): sweep "
+                                     "request_rate (requests/s, e.g. [1, 4, inf]) and cap the requests in flight with "
+                                     "max_concurrency (one number)")
+                if {"max_concurrency", "request_rate"} & self.model_fields_set:
+                    raise ValueError("concurrency is the old key for max_concurrency at request_rate [inf]: give "
+                                     "max_concurrency and request_rate alone")
+            self.max_concurrency, self.request_rate, self.concurrency = max(levels), [float("inf")], None
+        return self
+
+    def load_settings(self) -> dict[str, Any]:
+        """The fields ``bench.serve.benchmark.LoadSettings`` takes."""
+        return self.model_dump(exclude={"concurrency", "requests"})
 
 
 VERDICT_NAMES = ("better", "worse", "equivalent")

@@ -253,6 +253,7 @@ class Trainer:
         extra = {"step": step, "torch_rng": torch.get_rng_state(), "record": record,
                  "train_losses": train_losses[-FINAL_TRAIN_LOSS_STEPS:], "elapsed": elapsed,
                  "kernels": self.kernels.records(),  # serving and quantization run what training ran
+                 "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),  # and serving, as trained
                  "diverge_above": self.diverge_above}
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state()

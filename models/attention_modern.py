@@ -8,7 +8,8 @@ arXiv 2410.05258).
 Both only project (``models.attention.SelfAttention``): the shared ``Attend`` runs the cache, the mask and a
 kernel of the ``attention_backend`` family, as for the built-in attention, so every
 backend, the KV cache, dropout, sliding windows, ALiBi's score bias and decoding rows at different
-positions (a merged, ragged cache) work as far as the kernel can.
+positions (a merged, ragged cache) work as far as the kernel can. MLA's decode steps keep that cache
+and mask but attend in the latent space with a kernel of their own (``LatentAttend``).
 Their q/k head dim differs from v's (MLA: head_dim + rope_dim against head_dim; diff: head_dim against
 2·head_dim): math, baddbmm, sdpa, flex and xformers take a separate value head dim; flash kernels
 (sdpa's ``flash``, flash-attn) need one head dim and get zero-padded inputs from their backend.
@@ -17,10 +18,12 @@ Their q/k head dim differs from v's (MLA: head_dim + rope_dim against head_dim; 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.flops import attention_flops
 from models.attention import Attend, Attention, KVCache, RowCache, SelfAttention, visible_keys
+from models.attention_backends import Mask
 from models.registry import build_spec, get, ref, register
 
 
@@ -45,8 +48,9 @@ def _check_window(options: dict) -> str | None:
 class LatentCache(RowCache):
     """MLA's per-layer cache: the normalised kv latent and the rotated shared rope key of each token.
 
-    Keys and values are up-projected from the latent at every step (no weight absorption): the cache
-    costs kv_rank + rope_dim elements per token, against 2·n_head·head_dim for multi-head attention.
+    The cache costs kv_rank + rope_dim elements per token, against 2·n_head·head_dim for multi-head
+    attention. A prefill up-projects keys and values from it; a decode step attends over it directly,
+    the up-projections absorbed into the query and the output (``MultiHeadLatentAttention.absorbs``).
     With a sliding window only the last window − 1 tokens are kept, as ``KVCache`` does; rows at
     different positions (``merge``) are right-aligned and left-padded, as ``KVCache``'s are.
     """
@@ -71,6 +75,52 @@ class LatentCache(RowCache):
         return c_kv, k_rope, pos
 
 
+def latent_attention(q: Tensor, c_kv: Tensor, k_rope: Tensor, mask: Mask, dropout_p: float = 0.0) -> Tensor:
+    """MLA's absorbed kernel: multi-query attention over its cache as it is held. q (B, H, T, kv_rank + R),
+    each head's query in the latent space, already scaled; every head shares the keys [c_kv, k_rope]
+    ((B, Tk, kv_rank), (B, Tk, R)) and the values c_kv -> (B, H, T, kv_rank).
+
+    A sequence's H·T queries are the rows of one matmul against its one latent "head": the cache is
+    read once per product, never copied per head (a grouped-query kernel repeats its kv head per query
+    head) nor concatenated into one key."""
+    B, H, T, _ = q.shape
+    L = c_kv.shape[-1]
+    q_latent, q_rope = q.reshape(B, H * T, -1).split([L, q.shape[-1] - L], dim=-1)  # (B, H·T, L), (B, H·T, R)
+    scores = torch.baddbmm(q_rope @ k_rope.transpose(1, 2), q_latent, c_kv.transpose(1, 2))  # (B, H·T, Tk)
+    scores = scores.view(B, H, T, -1)
+    if mask.kind != "none":  # causal among the step's tokens, the window, ALiBi, a ragged cache's padding
+        scores = scores + mask.bias(scores.dtype)  # (1 or H, T, Tk), or (B, 1 or H, T, Tk)
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p)
+    return (probs.view(B, H * T, -1) @ c_kv).view(B, H, T, L)
+
+
+class LatentAttend(Attend):
+    """MLA's ``Attend``: the shared cache → mask → kernel over each head's expanded keys and values
+    (training, prefill), or, for a decode step (``MultiHeadLatentAttention.absorbs``), the same cache
+    and mask over the cached latents themselves with the up-projections absorbed (DeepSeek-V2's
+    inference form): the queries enter the latent space before the kernel (``absorb_query``),
+    ``latent_attention`` attends there (``self.latent``'s kernel) and each head's output leaves it after
+    (``absorb_output``). No per-head key or value is made: a new token costs 2·H·(2·kv_rank + R) FLOPs
+    per cached token and one read of the cache as held, where up-projecting the cache again costs
+    4·H·D·kv_rank per cached token and writes 2·H·D elements of it.
+    """
+
+    def __init__(self, backend: dict | str, window: int | None, dropout: float, mla: MultiHeadLatentAttention):
+        super().__init__(backend, window, dropout)
+        self.latent = Attend("math", window, dropout)  # the absorbed step's cache → mask, with its own kernel:
+        self.latent.kernel = latent_attention  # a backend would repeat the one latent head per query head
+        # the attention it serves, kept out of the module tree: kv_up's weights are registered once, there
+        object.__setattr__(self, "mla", mla)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: LatentCache | None = None,
+                slopes: Tensor | None = None, expand=None) -> Tensor:
+        """q (B, H, T, D + R) at positions pos; k, v: this step's c_kv and k_rope -> (B, H, T, D)."""
+        if not self.mla.absorbs(q.shape[2], cache):
+            return super().forward(q, k, v, pos, cache, slopes, expand)
+        y = self.latent(self.mla.absorb_query(q), k, v, pos, cache, slopes)  # the cache as held: (B, H, T, kv_rank)
+        return self.mla.absorb_output(y)
+
+
 class MultiHeadLatentAttention(SelfAttention):
     """Multi-head latent attention (DeepSeek-V2): keys and values from a cached low-rank latent, plus a
     decoupled rotary key shared by every head.
@@ -80,6 +130,11 @@ class MultiHeadLatentAttention(SelfAttention):
     query is [q_nope (head_dim), rotate(q_rope) (rope_dim)], from x directly or through its own
     normalised latent (q_rank). Scores use the concatenated [nope, rope] dims, so the softmax scale is
     1/√(head_dim + rope_dim), as in DeepSeek-V2 (its 1/√192 for 128 + 64).
+
+    Two equal ways to attend (``LatentAttend``): training and prefill up-project every cached latent into
+    each head's keys and values (``expand``) for the ``attention_backend`` kernel; a decode step absorbs
+    the up-projections instead (``absorbs``: DeepSeek-V2's inference form) and attends over the cached
+    latents themselves, never making per-head keys or values.
     """
 
     def __init__(
@@ -109,7 +164,7 @@ class MultiHeadLatentAttention(SelfAttention):
         self.kv_norm = build_spec("norm", config.norm, kv_rank, config)
         self.kv_up = nn.Linear(kv_rank, H * 2 * D, bias=config.bias)  # each head's k_nope and v
         self.c_proj = nn.Linear(H * D, config.n_embd, bias=config.bias)
-        self.attend = Attend(backend, window, config.dropout)  # the kernel scales by 1/√(D + R), q's head dim
+        self.attend = LatentAttend(backend, window, config.dropout, self)  # kernels scale by 1/√(D + R): q's head dim
         self.resid_dropout = nn.Dropout(config.dropout)
         # where the rope slice sits in a head_dim-wide vector for the positional encoding to rotate it:
         # every (D/R)-th rotation pair, first halves then second halves (RoPE pairs i with i + D/2 at
@@ -154,9 +209,50 @@ class MultiHeadLatentAttention(SelfAttention):
         k_rope = self._rotate(positional, k_rope.unsqueeze(1), pos).squeeze(1)  # (B, T, R): one head for all
         return torch.cat([q_nope, q_rope], dim=-1), c_kv, k_rope
 
+    def absorbs(self, T: int, cache: LatentCache | None) -> bool:
+        """Whether a step of T new tokens attends with the up-projections absorbed (over the cached latents)
+        rather than expanded into each head's keys and values.
+
+        Only decode steps: at inference (training, whose autograd, attention dropout and FLOP accounting
+        follow the expanded path, keeps it), with a cache that already holds tokens (a prefill expands),
+        and while absorbing costs fewer FLOPs. Expanding k_nope and v costs 4·H·D·kv_rank per key;
+        absorbing costs that per query (W_UK in, W_UV out) and 4·H·(kv_rank − D) more per query·key pair
+        (scores and values over kv_rank dims per head instead of D). Over a cache longer than the step
+        that is cheaper while T·(kv_rank − D) < D·kv_rank: always for one token; for T < 170 at
+        DeepSeek-V2's kv_rank 512 and head_dim 128; for T < 64 at bench.kernels' decode (64 and 32).
+
+        And only while kv_up is the plain x·Wᵀ + b of the weight it holds, which absorbing reads: a
+        quantized kv_up (its weight a tensor subclass), a fake-quantized one (a Linear subclass) or one
+        that hooks run in another dtype (``models.quantization``) expands, as its forward defines it.
+        """
+        if self.training or cache is None or cache.c_kv is None:
+            return False
+        up = self.kv_up
+        wrapped = type(up) is not nn.Linear or type(up.weight) is not nn.Parameter  # (fake-)quantized
+        if wrapped or up._forward_pre_hooks or up._forward_hooks:
+            return False
+        return T * (self.kv_rank - self.head_dim) < self.head_dim * self.kv_rank
+
+    def absorb_query(self, q: Tensor) -> Tensor:
+        """Each head's query (B, H, T, D + R) -> its query in the latent space (B, H, T, kv_rank + R),
+        [q_nope·W_UK, q_rope], scaled by the expanded path's 1/√(D + R): q_nope·k_nopeᵀ = (q_nope·W_UK)·c_kvᵀ.
+        kv_up's bias drops out: q_nope·b_UK is the same for every key, which the softmax ignores."""
+        H, D, R, L = self.n_head, self.head_dim, self.rope_dim, self.kv_rank
+        w_uk = self.kv_up.weight.view(H, 2 * D, L)[:, :D]  # (H, D, L): the k_nope rows of each head
+        q_nope, q_rope = (q * (D + R) ** -0.5).split([D, R], dim=-1)  # the scale on H·T queries, not H·T·Tk scores
+        return torch.cat([q_nope @ w_uk, q_rope], dim=-1)
+
+    def absorb_output(self, y: Tensor) -> Tensor:
+        """Each head's output in the latent space (B, H, T, kv_rank), Σ p·c_kv -> its output (B, H, T, D),
+        W_UV·(Σ p·c_kv) = Σ p·v; kv_up's b_UV added once, as the probabilities sum to 1."""
+        H, D, L = self.n_head, self.head_dim, self.kv_rank
+        w_uv = self.kv_up.weight.view(H, 2 * D, L)[:, D:]  # (H, D, L): the v rows of each head
+        y = y @ w_uv.transpose(1, 2)
+        return y if self.kv_up.bias is None else y + self.kv_up.bias.view(H, 2 * D)[:, None, D:].to(y.dtype)
+
     def expand(self, c_kv: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
         """The cached latents (B, Tk, kv_rank) and rope keys (B, Tk, R) -> each head's keys
-        (B, H, Tk, D + R) and values (B, H, Tk, D), up-projected at every step (no weight absorption)."""
+        (B, H, Tk, D + R) and values (B, H, Tk, D): the prefill's and training's path (decode absorbs)."""
         B, Tk, _ = c_kv.shape
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         kv = self.kv_up(c_kv).view(B, Tk, H, 2 * D).transpose(1, 2)  # (B, H, Tk, 2D)

@@ -261,6 +261,15 @@ class FakeQuant(Quantizer):
         return model
 
 
+def post_training(model: dict) -> bool:
+    """Whether a model config (as a dict) names a post-training quantization: its runs quantize a float
+    run's checkpoint rather than train (a training-time one, QAT, trains)."""
+    from models.registry import get
+
+    spec = model.get("quantization")
+    return spec is not None and get("quantization", spec["name"]).factory.stage == "post"
+
+
 def quantize(model: nn.Module, spec, calibration: Tensor | None = None) -> Quantizer:
     """Apply a post-training quantization spec (a name or mapping) to a trained model in place;
     `calibration`: training-split token windows for the methods that need them (GPTQ, AWQ)."""

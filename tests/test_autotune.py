@@ -211,7 +211,7 @@ def test_recorded_choices_are_replayed_and_new_calls_measured():
 
 def test_serving_and_quantization_run_the_kernels_the_run_recorded(tmp_path):
     from bench.posttrain import evaluate_quantized
-    from bench.serve.model import load_run
+    from bench.serve.model import ServingKernels, load_run
 
     run = resolve_run(dict(n_layer=1, n_head=2, n_embd=16, attention={"name": "mha", "backend": "auto"}),
                       dict(source="task", task="induction", vocab_size=16, seq_len=16, n_train=200),
@@ -220,15 +220,21 @@ def test_serving_and_quantization_run_the_kernels_the_run_recorded(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json")))
     recorded = {r["call"]: r for r in metrics["attention_choices"]}
     evaluation = next(r for r in recorded.values() if r["direction"] == "forward")
-    model, _, _ = load_run(tmp_path)
+    served = load_run(tmp_path)
+    model = served.model
     kernel = model.blocks[0].attn.attend.kernel
-    assert isinstance(kernel.chooser, autotune.KernelChoices)
+    assert isinstance(kernel.chooser, ServingKernels)
     with torch.no_grad():
         model(torch.randint(0, 16, (4, 16)))  # the evaluation's call: replayed from the run's record
         assert list(kernel.choices.values()) == [evaluation]
-        model(torch.randint(0, 16, (3, 16)))  # a batch the run never ran: sdpa, nothing timed under load
-    unrecorded = list(kernel.choices.values())[1]
-    assert unrecorded["backend"] == "sdpa" and "the trained run never made" in unrecorded["reason"]
+        model(torch.randint(0, 16, (3, 16)))  # a batch the run never ran: measured once for its kind
+        model(torch.randint(0, 16, (2, 11)))  # another prefill shape: that choice, replayed
+    unrecorded, replayed = list(kernel.choices.values())[1:]
+    assert "measured for every prefill call" in unrecorded["reason"] and replayed["backend"] == unrecorded["backend"]
+    assert len(served.kernels.kinds) == 1
+    backends = "/".join(sorted({evaluation["backend"], unrecorded["backend"]}))
+    assert served.describe() == {"device": "cpu", "dtype": "float32", "kernel": f"auto: {backends} (prefill)",
+                                 "quantization": None}
     quantized = run.model_copy(update={"model": run.model.model_copy(update={"quantization": "int8_dynamic"})})
     choices = evaluate_quantized(quantized, tmp_path)["attention_choices"]
     assert evaluation in choices and all("no kernel chooser" not in r["reason"] for r in choices)

@@ -96,7 +96,7 @@ def test_a_section_the_spec_asked_for_says_why_it_is_empty(tmp_path):
     spec = {"name": "small-grid", "base": {"data": {"source": "markov"}}, "baseline": "gelu",
             "variants": {"gelu": {}, "swiglu": {}},
             "sweep": {"model.n_embd": [32, 64], "train.tokens": [1000, 2000]},
-            "serving": {"concurrency": [1]}, "kernels": {"mlp": {}, "noisy_threshold": 0.1}}
+            "serving": {"request_rate": [1, 4]}, "kernels": {"mlp": {}, "noisy_threshold": 0.1}}
     store.record_study("small-grid", spec, "python -m bench.run small-grid.yaml")
     for i, (variant, n, d) in enumerate((v, n, d) for v in ("gelu", "swiglu") for n in (1e4, 2e4) for d in (1e3, 2e3)):
         metrics = {"status": "finished", "val_loss": 3 + 1e3 / n + 1e2 / d, "tokens": d,
@@ -372,8 +372,9 @@ def test_text_tables_sort_by_verdict_then_size_of_the_difference():
 
 ATTENTION_SMALL = ["--set", "budget.steps=20", "--set", "base.data.n_train=512", "--set", "kernels.min_time=0.002",
                    "--set", "kernels.attention.seq_lens=[32,64]", "--set", "kernels.decode.prompt=16",
-                   "--set", "kernels.decode.new_tokens=4", "--set", "serving.concurrency=[2]",
-                   "--set", "serving.requests=4", "--set", "serving.new_tokens=4", "--seeds", "0", "1",
+                   "--set", "kernels.decode.new_tokens=4", "--set", "serving.max_concurrency=2",
+                   "--set", "serving.request_rate=[inf]", "--set", "serving.num_prompts=4", "--set", "serving.warmup=1",
+                   "--set", "serving.new_tokens=4", "--seeds", "0", "1",
                    "--set", "metric=val_loss"]  # 20 steps reach no loss target: every run censored alike
 
 
@@ -513,16 +514,76 @@ def test_the_same_palette_colours_serving_and_the_loss_curves_alike():
                          "flops_per_token": 1e5})
     metrics = pd.DataFrame([{"run_id": r, "step": s, "tokens": 1000 * s, "val_loss": 3 - s / 10 - i / 20,
                              "train_loss": 3.1 - s / 10} for i, r in enumerate("abc") for s in range(1, 6)])
-    serving = pd.DataFrame([{"variant": v, "concurrency": c, "tokens_per_s": 100 * c + j, "itl_p99_s": 0.01 * c}
-                            for j, v in enumerate(["gqa", "mha"]) for c in (1, 2, 4, 8)])
+    serving = pd.DataFrame([{"variant": v, "request_rate": r, "request_throughput": min(r, 4) + j / 10,
+                             "request_goodput": None, "goodput_slos": {}, "median_ttft_ms": 10 * j + min(r, 10),
+                             "saturation_rate": 4.0} for j, v in enumerate(["gqa", "mha"]) for r in (1, 2, 4, 8, np.inf)])
     curves = _legend_colours(ET.fromstring(figures.loss_curves(metrics, runs, None, palette)))
     served = _legend_colours(ET.fromstring(figures.serving_figure(serving, palette)))
     assert curves["gqa"] == served["gqa"] == palette["gqa"] == "#ff7f0e"
     assert curves["mha"] == served["mha"] == "#1f77b4" and curves["mqa"] == "#2ca02c"
     # serving's legend lists the baseline first, as the palette does
     assert [k for k in served if k in palette] == ["mha", "gqa"]
-    # and its log axis of concurrencies reads 1, 2, 4, 8: not 10⁰ with 2×10⁰, 3×10⁰ … between
-    assert _tick_labels(ET.fromstring(figures.serving_figure(serving, palette)))[0] == ["1", "2", "4", "8"]
+    # its log axis of offered rates reads 1, 2, 4, 8 and inf (every request at once) as the last tick: not 10⁰
+    # with 2×10⁰, 3×10⁰ … between
+    ticks = _tick_labels(ET.fromstring(figures.serving_figure(serving, palette)))
+    assert ticks[0] == ticks[2] == ["1", "2", "4", "8", "inf"]
+
+
+def test_the_serving_section_states_each_variants_saturation_point_and_reads_old_closed_loop_rows(tmp_path):
+    """Rows of two sweeps (the report shows the last), a variant that never saturates, and a variant
+    benchmarked by the closed-loop generator before open-loop sweeps (its rows read as rate inf, a cap)."""
+    from bench.results import load
+    from bench.serve.sweep import annotate
+    from bench.store import Store
+
+    store = Store(tmp_path)
+    store.record_study("served", {"name": "served", "base": {"data": {"source": "markov"}},
+                                  "variants": {"mha": {}, "gqa": {}, "old": {}}, "serving": {"request_rate": [1, 2]}},
+                       "python -m bench.run served.yaml")
+    store.db.execute("INSERT INTO runs (run_id, study, variant, sweep, seed, kind, config, status, metrics, hardware, "
+                     "libraries) VALUES ('r0', 'served', 'mha', '{}', 0, 'train', '{}', 'finished', ?, ?, '{}')",
+                     (json.dumps({"status": "finished", "val_loss": 2.0}),
+                      json.dumps({"cpu": "test cpu", "torch_threads": 2})))
+
+    def sweep(goodputs, sweep_id, slos=None):
+        rows = [{"request_rate": r, "request_throughput": g, "request_goodput": g if slos else None,
+                 "goodput_slos": slos or {}, "num_prompts": 100, "warmup": 4, "completed": 100, "failed": 0,
+                 "rejected": 0, "max_concurrency": None, "burstiness": 1.0, "prompt_len": 32, "new_tokens": 16,
+                 "max_batch": 8, "batching": "continuous", "output_throughput": 16 * g, "median_ttft_ms": 5.0,
+                 "p99_ttft_ms": 9.0, "median_tpot_ms": 1.0, "p99_tpot_ms": 2.0, "median_itl_ms": 1.0,
+                 "p99_itl_ms": 2.0, "kv_cache_bytes_peak": 4096, "max_batched": 4, "sweep_id": sweep_id,
+                 "percentile_notes": [], "device": "cpu", "dtype": "float32", "kernel": "sdpa", "quantization": None}
+                for r, g in zip((1.0, 2.0, 4.0, float("inf")), goodputs)]
+        annotate(rows)
+        return rows
+
+    environment = {"machine_id": "m", "hardware": {"cpu": "test cpu", "torch_threads": 2}}
+    store.add_serving("served", "r0", "mha", sweep([1, 1, 1, 1], "first"), environment)  # replaced by the next
+    store.add_serving("served", "r0", "mha", sweep([1, 2, 3.9, 4.0], "second", {"ttft": 100}), environment)
+    store.add_serving("served", "r1", "gqa", sweep([1, 2, 4, 9], "third"), environment)
+    old = {"settings_key": "k", "requests": 16, "prompt_len": 32, "new_tokens": 16, "max_batch": 4,
+           "batching": "continuous", "seconds": 2.0, "requests_per_s": 8.0, "tokens_per_s": 128.0, "errors": 1,
+           "ttft_p50_s": 0.004, "ttft_p90_s": 0.006, "ttft_p99_s": 0.008, "itl_p50_s": 0.001, "itl_p90_s": 0.002,
+           "itl_p99_s": 0.003, "kv_cache_bytes_peak": 2048, "max_batched": 2, "error_examples": ["boom"]}
+    store.add_serving("served", "r2", "old", [{**old, "concurrency": 1}, {**old, "concurrency": 4}], environment)
+    store.close()
+
+    rows = load(tmp_path).serving
+    legacy = rows[rows["variant"] == "old"].iloc[0]
+    assert (legacy["request_rate"], legacy["max_concurrency"], legacy["request_throughput"]) == (np.inf, 1, 8.0)
+    assert (legacy["completed"], legacy["failed"], legacy["errors"]) == (15, 1, 1) and legacy["p99_ttft_ms"] == 8.0
+    html = build_report([tmp_path])
+    start = html.index("<h2>Serving under load")
+    section = html[start:html.index("</table>", start)]
+    assert "Saturation point (the lowest offered rate after which goodput rises by less than 5%)" in section
+    assert "<strong>mha</strong>: 4 requests/s" in section
+    assert "<strong>gqa</strong>: none (not saturated: goodput still rises by 5% or more up to inf" in section
+    assert section.count(">4 (saturation)<") == 1  # mha's row at its saturation point
+    table = section[section.index("<table>"):]
+    assert table.count("<tr><td>mha") == 4 and table.count("<tr><td>gqa") == 4 and table.count("<tr><td>old") == 2
+    assert "100 / 0 / 0" in table and "15 / 1 / 0" in table
+    assert "TTFT ≤ 100 ms" in section and "served with device cpu; dtype float32; kernel sdpa" in section
+    assert "goodput against offered load" in section
 
 
 def test_log_axes_read_in_plain_numbers():

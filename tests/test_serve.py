@@ -1,8 +1,7 @@
-"""The serving engine, its HTTP service, the load generator and the serving benchmark."""
+"""The serving engine and its HTTP service (the load generator and the serving benchmark: test_loadgen.py)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -11,7 +10,6 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.serve.engine import Engine, Sequence
-from bench.serve.loadgen import check_loopback, summarise, Outcome
 from models import build_model
 from tests.conftest import tiny
 
@@ -187,6 +185,8 @@ def test_metrics_parse_as_prometheus_text_and_move(service):
     before = _metrics(client)
     client.post("/generate", json={"tokens": [1, 2], "max_new_tokens": 5})
     client.post("/generate", json={"tokens": []})
+    # an answer is sent after its rows left the cache; wait on the engine's state, never on time
+    assert client.app.state.engine.wait_until(lambda e: e.idle)
     after = _metrics(client)
     ok, bad = "archbench_requests_total[('status', 'ok')]", "archbench_requests_total[('status', 'bad_request')]"
     assert after[ok] == before.get(ok, 0) + 1 and after[bad] == before.get(bad, 0) + 1
@@ -195,7 +195,8 @@ def test_metrics_parse_as_prometheus_text_and_move(service):
     assert after["archbench_inter_token_latency_seconds_count"] == before["archbench_inter_token_latency_seconds_count"] + 4
     assert after["archbench_kv_cache_bytes_peak"] > 0 and after["archbench_kv_cache_bytes"] == 0  # nothing held when idle
     assert client.get("/health").json() | {"running": 0} == {"status": "ok", "model": "tiny", "batching": "continuous",
-                                                             "max_batch": 4, "running": 0, "waiting": 0}
+                                                             "max_batch": 4, "max_queue": None, "running": 0,
+                                                             "waiting": 0}
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -218,115 +219,6 @@ def test_a_bad_request_gets_a_4xx_json_error_and_the_service_keeps_serving(servi
     response = client.post("/generate", content=body) if isinstance(body, str) else client.post("/generate", json=body)
     assert response.status_code == status and message in response.json()["error"]
     assert client.post("/generate", json={"tokens": [1, 2], "max_new_tokens": 3}).json()["tokens"] == greedy(m, [1, 2], 3)
-
-
-# -- the load generator and the benchmark -------------------------------------------------------------------
-
-
-def test_the_load_generator_targets_only_the_loopback_interface():
-    for url in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:8000"):
-        check_loopback(url)
-    for url in ("http://10.0.0.2:8000", "http://example.com", "http://0.0.0.0:8000"):
-        with pytest.raises(ValueError, match="loopback"):
-            check_loopback(url)
-
-
-def test_summaries_are_percentiles_over_the_requests_that_succeeded():
-    outcomes = [Outcome(True, [0.1, 0.2, 0.4]), Outcome(True, [0.3, 0.4, 0.5]), Outcome(False, [], "boom")]
-    row = summarise(outcomes, 2.0)
-    assert row["errors"] == 1 and row["requests_per_s"] == 1.0 and row["tokens_per_s"] == 3.0
-    # gaps 0.1, 0.2, 0.1, 0.1: numpy's linear p99 is 0.1 + 0.97·0.1
-    assert row["ttft_p50_s"] == pytest.approx(0.2) and row["itl_p99_s"] == pytest.approx(0.197)
-
-
-def test_a_spec_with_serving_serves_each_variant_under_load_and_the_report_shows_it(tmp_path):
-    import yaml
-
-    from bench.results import load
-    from bench.run import main
-
-    spec = {"name": "tiny-serving", "base": {
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "positional": "rope"},
-        "data": {"source": "markov", "vocab_size": 16, "n_train_tokens": 20000, "n_val_tokens": 4096, "doc_len": 256},
-        "train": {"batch_size": 4, "seq_len": 32, "eval_every": 10, "eval_batches": 2, "device": "cpu", "dtype": "float32"}},
-        "budget": {"steps": 10}, "seeds": 1,
-        "variants": {"mha": {}, "mqa": {"model.attention": "mqa"}, "gla": {"model.attention": "gla"}},
-        "serving": {"concurrency": [1, 3], "requests": 4, "prompt_len": 8, "new_tokens": 4}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    assert main([str(path), "--out", str(tmp_path / "out")]) == 0
-    serving = load(tmp_path / "out").serving
-    assert sorted(zip(serving["variant"], serving["concurrency"])) == [
-        ("gla", 1), ("gla", 3), ("mha", 1), ("mha", 3), ("mqa", 1), ("mqa", 3)]
-    for column in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_p50_s", "itl_p90_s",
-                   "itl_p99_s", "kv_cache_bytes_peak", "max_batched", "errors"):
-        assert serving[column].notna().all(), column
-    assert (serving["errors"] == 0).all() and (serving["tokens_per_s"] > 0).all()
-    assert serving.loc[serving["concurrency"] == 3, "max_batched"].min() >= 2
-    # MQA holds a quarter of MHA's keys and values (1 kv head of 2): its peak is smaller at equal load
-    peaks = serving[serving["concurrency"] == 1].set_index("variant")["kv_cache_bytes_peak"]
-    assert peaks["mqa"] == peaks["mha"] / 2
-    # a recurrent mixer holds its state, whatever the length: 2 heads × 8 key × 16 value channels, fp32
-    assert peaks["gla"] == 2 * 8 * 16 * 4
-    batched = serving[(serving["variant"] == "gla") & (serving["concurrency"] == 3)].iloc[0]
-    assert batched["kv_cache_bytes_peak"] == batched["max_batched"] * peaks["gla"]
-    html = (tmp_path / "out" / "report.html").read_text()
-    assert "Serving under load" in html and "most batched" in html and "Not served under load" not in html
-
-    # the same from the command line, for one variant; a variant with no trained run is refused by name
-    from bench.serve.__main__ import main as serve
-
-    assert serve(["bench", str(tmp_path / "out"), "--variants", "mqa", "--concurrency", "2", "--requests", "2",
-                  "--prompt-len", "4", "--new-tokens", "2"]) == 0
-    again = load(tmp_path / "out").serving
-    assert len(again) == 7 and again.iloc[-1][["variant", "concurrency", "requests", "new_tokens"]].tolist() == ["mqa", 2, 2, 2]
-    assert serve(["bench", str(tmp_path / "out"), "--variants", "gqa"]) == 2
-
-
-def test_a_stopped_service_leaves_no_process_behind(tmp_path):
-    from bench.serve.benchmark import running_service
-
-    run_dir = _trained_run(tmp_path)
-    before = _children()  # earlier tests may have left helpers of their own (a resource tracker)
-    with running_service(run_dir, max_batch=2) as url:
-        import httpx
-
-        assert httpx.get(f"{url}/health", trust_env=False).json()["status"] == "ok"
-        service = _children() - before
-        assert service
-    time.sleep(0.2)
-    assert not (_children() & service)
-
-
-def _children() -> set[int]:
-    """Live child processes of this one (from /proc)."""
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == me and stat[0] != "Z":
-                found.add(int(entry))
-    return found
-
-
-def _trained_run(tmp_path):
-    """A finished run's folder: config.yaml and checkpoint.pt of a tiny model."""
-    import yaml
-
-    from bench.checkpoint import save_checkpoint
-    from bench.config import resolve_run
-
-    run = resolve_run(dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
-                      dict(source="markov", vocab_size=16, n_train_tokens=20000, n_val_tokens=4096, doc_len=256),
-                      dict(batch_size=4, seq_len=32, device="cpu", dtype="float32"))
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json")))
-    save_checkpoint(folder / "checkpoint.pt", {"model": build_model(run.model, seed=0).state_dict(), "step": 1})
-    return folder
 
 
 def test_a_recurrent_state_is_budgeted_per_sequence_not_per_token():

@@ -28,6 +28,7 @@ from bench.formatting import count, duration, flop_rate, flops, missing, p_value
 from bench.report import figures
 from bench.report.multimodal import multimodal_section
 from bench.report.recall import recall_section
+from bench.serve.sweep import RISE, rate_text
 from bench.spec import StudyDesign
 from bench.store import Results, load, read_spec
 from bench.speed import speed_phrase
@@ -88,27 +89,112 @@ def _config_differences(runs: pd.DataFrame, baseline: str) -> list[dict]:
 
 
 def latest_serving(serving: pd.DataFrame) -> pd.DataFrame:
-    """The serving rows of the last benchmark of each variant, concurrency and machine (a rerun appends)."""
+    """The rows of each variant's last serving sweep on each machine (a rerun appends a sweep), one per
+    offered rate (and cap on requests in flight: rows of the closed-loop generator before sweeps differ
+    in that alone), by variant and rate."""
     if serving.empty:
         return serving
-    return (serving.drop_duplicates(["variant", "concurrency", "machine"], keep="last")
-            .sort_values(["variant", "concurrency"]).reset_index(drop=True))
+    frame = serving.copy()
+    for column in ("sweep_id", "settings_key", "max_concurrency"):
+        if column not in frame:
+            frame[column] = None
+    frame["sweep_id"] = frame["sweep_id"].fillna(frame["settings_key"]).fillna("")
+    frame["machine"] = frame["machine"].fillna("")
+    last = frame.groupby(["variant", "machine"], sort=False)["sweep_id"].transform("last")
+    frame = frame[frame["sweep_id"] == last].drop_duplicates(["variant", "machine", "request_rate", "max_concurrency"],
+                                                             keep="last")
+    return frame.sort_values(["variant", "request_rate", "max_concurrency"]).reset_index(drop=True)
 
 
 def _serving_settings(serving: pd.DataFrame) -> str:
+    """How the variants were driven, in words (the first row's settings; every sweep of a report shares them
+    unless rerun otherwise)."""
     if serving.empty:
         return ""
     r = serving.iloc[0]
     batching = ", ".join(f"{v}: {b}" for v, b in serving.drop_duplicates("variant")[["variant", "batching"]].values
-                         if b != "continuous")
-    return (f"{int(r['requests'])} streamed requests per level, prompts of {int(r['prompt_len'])} tokens "
-            f"(validation windows), {int(r['new_tokens'])} new tokens each, greedy; the service batches up to "
-            f"{int(r['max_batch'])} sequences (continuous batching{'; ' + batching if batching else ''}); a fresh "
-            f"service per level, on the loopback interface.")
+                         if isinstance(b, str) and b != "continuous")
+    cap = (f"at most {int(r['max_concurrency'])} in flight" if not missing(r.get("max_concurrency"))
+           else "no cap on requests in flight")
+    burstiness = r.get("burstiness")
+    arrivals = ("Poisson arrivals" if missing(burstiness) or burstiness == 1 else
+                f"gamma arrivals of burstiness {significant(burstiness, 2)}")
+    by_variant = serving.drop_duplicates("variant", keep="last").set_index("variant")
+    slos = {v: _slo_text(x) for v, x in by_variant.get("goodput_slos", pd.Series(dtype=object)).items()}
+    if len(set(slos.values())) <= 1:
+        phrase = next(iter(slos.values()), "")
+        goodput = (f"goodput counts the requests that met every SLO ({phrase})" if phrase
+                   else "no SLOs were given, so goodput is the completed requests/s")
+    else:
+        goodput = ("goodput counts the requests that met every SLO (" + "; ".join(
+            f"{v}: {t or 'none given: the completed requests/s'}" for v, t in slos.items()) + ")")
+    served = "; ".join(phrase for k in ("device", "dtype", "kernel", "quantization")
+                       if (phrase := _served_with(by_variant, k)))
+    notes = r.get("percentile_notes") if isinstance(r.get("percentile_notes"), list) else []
+    external = serving[serving["engine"] == "external"] if "engine" in serving else serving.iloc[:0]
+    text = (f"Open-loop load: {int(r['num_prompts'])} streamed requests per offered rate, sent at their scheduled "
+            f"times ({arrivals}, seeded) whether or not earlier ones had finished, {cap}, after "
+            f"{int(r['warmup']) if not missing(r.get('warmup')) else 0} warm-up requests that count nowhere; prompts of "
+            f"{int(r['prompt_len'])} tokens (validation windows), {int(r['new_tokens'])} new tokens each, greedy; "
+            f"{goodput}. TTFT, TPOT, ITL and E2EL as vLLM's benchmark defines them; a percentile is shown only "
+            f"with enough samples (p99 needs 100{'; here ' + '; '.join(notes) if notes else ''}). ")
+    if not missing(r.get("max_batch")):
+        text += (f"The service batches up to {int(r['max_batch'])} sequences (continuous batching"
+                 f"{'; ' + batching if batching else ''}){'; served with ' + served if served else ''}; a fresh "
+                 f"service per rate, on the loopback interface.")
+    if not external.empty:
+        text += " External servers: " + ", ".join(f"{v} at {t}" for v, t in
+                                                  external[["variant", "target"]].drop_duplicates().values) + "."
+    return text
 
 
-def _seconds(value) -> str:
-    return "–" if missing(value) else duration(value)
+def _slo_text(slos) -> str:
+    return ", ".join(f"{name.upper()} ≤ {bound:g} ms" for name, bound in slos.items()) \
+        if isinstance(slos, dict) else ""
+
+
+def _served_with(by_variant: pd.DataFrame, key: str) -> str:
+    """What served the variants, from their /health: "dtype float32", or per variant where they differ."""
+    if key not in by_variant:
+        return ""
+    values = {v: x for v, x in by_variant[key].items() if isinstance(x, str) and x}
+    if len(set(values.values())) == 1:
+        return f"{key} {next(iter(values.values()))}"
+    return f"{key} " + ", ".join(f"{x} ({v})" for v, x in values.items()) if values else ""
+
+
+def _serving_saturation(serving: pd.DataFrame) -> list[dict]:
+    """Each variant's saturation point (``bench.serve.sweep``): the offered rate, or why there is none."""
+    if serving.empty or "saturation_note" not in serving:
+        return []
+    out = []
+    for (variant, machine), rows in serving.groupby(["variant", "machine"], sort=False):
+        rate, note = rows["saturation_rate"].iloc[-1], rows["saturation_note"].iloc[-1]
+        if not isinstance(note, str):  # the closed-loop generator's rows: no sweep of rates
+            continue
+        out.append({"variant": variant, "machine": machine, "machine_note": serving["machine"].nunique() > 1,
+                    "rate": None if missing(rate) else rate_text(rate), "note": note})
+    return out
+
+
+def _serving_row(r, machine_note: bool) -> dict:
+    def pair(name):
+        p99 = r.get(f"p99_{name}_ms")
+        return f"{_ms(r.get(f'median_{name}_ms'))} / {_ms(p99)}"
+
+    def rate(value):
+        return "–" if missing(value) else significant(value, 3)
+
+    cap = r.get("max_concurrency")
+    return {"variant": r["variant"], "machine": r["machine"], "machine_note": machine_note,
+            "rate": rate_text(r["request_rate"]), "cap": "–" if missing(cap) else int(cap),
+            "outcomes": f"{int(r['completed'])} / {int(r['failed'])} / {int(r['rejected'])}",
+            "requests_per_s": rate(r.get("request_throughput")), "goodput": rate(r.get("request_goodput")),
+            "tokens_per_s": "–" if missing(r.get("output_throughput")) else count(r["output_throughput"]),
+            "ttft": pair("ttft"), "tpot": pair("tpot"), "itl": pair("itl"),
+            "kv_peak": "–" if missing(r.get("kv_cache_bytes_peak")) else size(r["kv_cache_bytes_peak"]),
+            "batched": "–" if missing(r.get("max_batched")) else int(r["max_batched"]),
+            "saturation": not missing(r.get("saturation_rate")) and r["saturation_rate"] == r["request_rate"]}
 
 
 def _ms(value) -> str:
@@ -572,14 +658,9 @@ def build_report(folders: list[str | Path]) -> str:
                        "seconds": "–" if missing(r.get("quantize_seconds")) else duration(r["quantize_seconds"]),
                        "format": r["quantization_format"]}
                       for _, r in quantized.sort_values(["variant", "seed"]).iterrows()],
-        "serving": [{"variant": r["variant"], "machine": r["machine"], "concurrency": int(r["concurrency"]),
-                     "requests_per_s": significant(r["requests_per_s"], 3), "tokens_per_s": count(r["tokens_per_s"]),
-                     "ttft_p50": _seconds(r["ttft_p50_s"]), "ttft_p99": _seconds(r["ttft_p99_s"]),
-                     "itl_p50": _seconds(r["itl_p50_s"]), "itl_p99": _seconds(r["itl_p99_s"]),
-                     "kv_peak": "–" if missing(r["kv_cache_bytes_peak"]) else size(r["kv_cache_bytes_peak"]),
-                     "batched": "–" if missing(r["max_batched"]) else int(r["max_batched"]),
-                     "errors": int(r["errors"]), "machine_note": serving["machine"].nunique() > 1}
-                    for _, r in serving.iterrows()],
+        "serving": [_serving_row(r, serving["machine"].nunique() > 1) for _, r in serving.iterrows()],
+        "serving_saturation": _serving_saturation(serving),
+        "serving_rule": f"the lowest offered rate after which goodput rises by less than {RISE:.0%}",
         "serving_settings": _serving_settings(serving),
         "failed": failed,
         "tuning": _tuning_section(analyses[0].tuning if analyses else None, palette),  # the flags of the table's choices

@@ -695,26 +695,52 @@ def ladder_figure(climb: pd.DataFrame, metric: str, higher_is_better: bool = Fal
 
 
 def serving_figure(serving: pd.DataFrame, palette: Palette | None = None) -> Markup | None:
-    """Each variant served under load: generated tokens/s against concurrency, and p99 inter-token
-    latency against tokens/s (lower right is better: more throughput at the same tail latency)."""
-    if serving.empty:
+    """Each variant served under open-loop load: goodput against the offered request rate (its
+    saturation point ringed; inf, every request at once, the labelled last tick), and the median time to
+    first token against the offered rate (queueing shows there first). Goodput is the requests/s that met
+    every SLO, or without SLOs the completed requests/s."""
+    if serving.empty or "request_rate" not in serving:
         return None
-    colours = colours_for(serving["variant"], palette)
+    frame = serving.copy()
+    slos = frame["goodput_slos"].map(lambda v: bool(v) if isinstance(v, dict) else False) \
+        if "goodput_slos" in frame else pd.Series(False, index=frame.index)
+    goodput = frame["request_goodput"] if "request_goodput" in frame else pd.Series(np.nan, index=frame.index)
+    frame["goodput"] = np.where(slos, goodput, frame["request_throughput"]).astype(float)
+    rates = sorted(frame["request_rate"].astype(float).unique())
+    finite = [r for r in rates if np.isfinite(r)]
+    log = len(finite) > 1 and finite[-1] / finite[0] > 4
+    # inf sits one step beyond the highest finite rate: twice it on a log axis, one mean gap (at least half
+    # of it) on a linear one
+    step = max((finite[-1] - finite[0]) / max(len(finite) - 1, 1), finite[-1] / 2) if finite else 0.0
+    at_inf = (2 * finite[-1] if log else finite[-1] + step) if finite else 1.0
+    frame["x"] = frame["request_rate"].astype(float).map(lambda r: at_inf if np.isinf(r) else r)
+    colours = colours_for(frame["variant"], palette)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    sns.lineplot(data=serving, x="concurrency", y="tokens_per_s", hue="variant", hue_order=list(colours),
-                 palette=colours, marker="o", ax=axes[0])
-    axes[0].set(xscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
-                title="throughput against concurrency")
-    # the levels measured, as plain numbers (matplotlib's log axis printed 2×10⁰, 3×10⁰ between them)
-    axes[0].xaxis.set_major_locator(ticker.FixedLocator(sorted(serving["concurrency"].unique())))
-    axes[0].xaxis.set_major_formatter(TickLabels(short))
-    axes[0].xaxis.set_minor_locator(ticker.NullLocator())
-    _humanise(axes[0].yaxis, short)
-    latency, unit = _in_unit(serving["itl_p99_s"], TIME_UNITS)
-    sns.lineplot(data=serving.assign(latency=latency), x="tokens_per_s", y="latency", hue="variant",
-                 hue_order=list(colours), palette=colours, marker="o", sort=False, ax=axes[1], legend=False)
-    _humanise(axes[1].xaxis, short)
-    _humanise(axes[1].yaxis, plain)
-    axes[1].set(xlabel="generated tokens/s", ylabel=f"p99 inter-token latency ({unit})",
-                title="tail latency against throughput")
+    ttft = frame["median_ttft_ms"].astype(float) / 1e3
+    latency, unit = _in_unit(ttft, TIME_UNITS) if ttft.notna().any() else (ttft, "ms")
+    frame["latency"] = latency
+    for variant, colour in colours.items():
+        rows = frame[frame["variant"] == variant].sort_values("x")
+        axes[0].plot(rows["x"], rows["goodput"], marker="o", color=colour, label=variant)
+        axes[1].plot(rows["x"], rows["latency"], marker="o", color=colour, label=variant)
+        saturated = rows[rows["saturation_rate"].astype(float) == rows["request_rate"].astype(float)] \
+            if "saturation_rate" in rows else rows.iloc[:0]
+        axes[0].scatter(saturated["x"], saturated["goodput"], s=180, facecolors="none", edgecolors=colour,
+                        linewidths=2, zorder=3)
+    label = "goodput (requests/s meeting every SLO)" if slos.any() else "goodput (completed requests/s)"
+    axes[0].set(ylabel=label, title="goodput against offered load (ringed: saturation point)")
+    axes[1].set(ylabel=f"median time to first token ({unit})", title="time to first token against offered load")
+    positions = [at_inf if np.isinf(r) else r for r in rates]
+    names = ["inf" if np.isinf(r) else short(r) for r in rates]
+    for ax in axes:
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("offered request rate (requests/s; inf: all at once)")
+        ax.xaxis.set_major_locator(ticker.FixedLocator(positions))
+        ax.xaxis.set_major_formatter(ticker.FixedFormatter(names))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylim(bottom=0)
+        _humanise(ax.yaxis, plain)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
     return to_svg(fig)

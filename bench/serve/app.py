@@ -1,29 +1,29 @@
-"""The HTTP service over an engine: ``POST /generate``, ``GET /health``, ``GET /metrics`` (FastAPI).
+"""The HTTP service over an engine (FastAPI): OpenAI's ``POST /v1/completions`` and ``GET /v1/models``
+(bench.serve.openai_api), archbench's own ``POST /generate``, ``GET /health``, ``GET /metrics``.
 
 A request gives a prompt as text (encoded with the run's tokenizer) or as token ids (and, for a
 vision-language model, an image as a base64 PNG of the model's size and channels), and gets the
 generated tokens (and text) back whole, or as server-sent events token by token (``stream``). A
-request the model cannot serve gets a 4xx JSON ``{"error": ...}`` naming what is wrong; the service
-keeps serving.
+request the model cannot serve gets a 4xx JSON error naming what is wrong; past the engine's queue
+bound, a 503 with Retry-After; the service keeps serving. A caller that disconnects frees its place
+in the batch and its cache.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pydantic
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bench.data.tokenizers import Tokenizer
-from bench.pictures import ImageRefused, image_tensor
 from bench.serve.engine import Engine, Sequence
+from bench.serve.openai_api import openai_routes
+from bench.serve.served import Refused, Served, sse
 
 
 class GenerateRequest(pydantic.BaseModel):
@@ -40,14 +40,12 @@ class GenerateRequest(pydantic.BaseModel):
     image: str | None = None  # a base64 PNG, for a vision-language model (its size and channels)
 
 
-class BadRequest(ValueError):
-    """A request the service refuses (400), with the reason."""
-
-
-def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, name: str = "") -> FastAPI:
-    """The service: `engine` (started and stopped with the app), `tokenizer` for text prompts (None:
-    token ids only), `max_tokens` the longest prompt + generation a request may ask for."""
-
+def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, name: str = "",
+               describe: Callable[[], dict] | None = None) -> FastAPI:
+    """The service: `engine` (warmed up, started and stopped with the app), `tokenizer` for text prompts
+    (None: token ids only), `max_tokens` the longest prompt + generation a request may ask for, `name`
+    the served model's id, `describe` what /health states about how it runs (device, dtype, kernel,
+    quantization: ``bench.serve.model.ServedRun.describe``)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -55,88 +53,48 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
         engine.stop()
 
     app = FastAPI(title="archbench serve", lifespan=lifespan)
+    app.state.engine = engine
     metrics = engine.metrics
-    vocab = engine.model.config.vocab_size
+    served = Served(engine, tokenizer, max_tokens, name)
+    app.include_router(openai_routes(served))
 
-    def refuse(status: int, message: str) -> JSONResponse:
-        metrics.requests.labels(status="bad_request").inc()
-        return JSONResponse({"error": message}, status_code=status)
-
-    def prompt_ids(body: GenerateRequest) -> list[int]:
-        if (body.prompt is None) == (body.tokens is None):
-            raise BadRequest("give the prompt as 'prompt' (text) or 'tokens' (ids), one of the two")
-        if body.tokens is not None:
-            ids = body.tokens
-            unknown = [t for t in ids if not 0 <= t < vocab]
-            if unknown:
-                raise BadRequest(f"token ids must be in [0, {vocab}): {unknown[:5]} are not")
-        elif tokenizer is None:
-            raise BadRequest("this run's data has no text tokenizer: give the prompt as 'tokens'")
-        else:
-            try:
-                ids = [int(t) for t in tokenizer.encode(body.prompt)]
-            except ValueError as e:  # a character outside a char tokenizer's alphabet
-                raise BadRequest(f"prompt: {e}") from None
-        if not ids:
-            raise BadRequest("the prompt is empty")
-        if len(ids) + body.max_new_tokens + engine.image_positions > max_tokens:
-            image = f" + the image's {engine.image_positions} positions" if engine.image_positions else ""
-            raise BadRequest(f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}){image} exceeds "
-                             f"this model's {max_tokens} {'positions' if image else 'tokens'}")
-        if not engine.fits_alone(len(ids) + body.max_new_tokens):
-            raise BadRequest(f"prompt + max_new_tokens ({len(ids) + body.max_new_tokens} tokens) would need "
-                             f"{engine.bytes_for(len(ids) + body.max_new_tokens)} bytes of cache, more than "
-                             f"this service's budget of {engine.kv_budget_bytes}")
-        return ids
-
-    def image_of(body: GenerateRequest) -> torch.Tensor | None:
-        """The request's image as the model reads it; refused unless the model reads images and it fits."""
-        vision = engine.model.config.vision
-        if vision is None:
-            if body.image is not None:
-                raise BadRequest("image: this model reads no images (it was trained on text alone)")
-            return None
-        if body.image is None:
-            raise BadRequest(f"image: this model reads an image with its prompt: give 'image', a base64 PNG of "
-                             f"{vision['image_size']}×{vision['image_size']} pixels, {vision['channels']} channel(s)")
-        try:
-            return image_tensor(body.image, vision["channels"], vision["image_size"])
-        except ImageRefused as e:
-            raise BadRequest(str(e)) from None
+    def refuse(e: Refused) -> JSONResponse:
+        served.count(e)
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        if engine.error is not None:
-            return JSONResponse({"error": f"the engine stopped: {engine.error!r}"}, status_code=503)
         try:  # the body is read as JSON whatever its content type says (curl -d sends a form's)
             body = GenerateRequest.model_validate_json(await request.body())
         except pydantic.ValidationError as e:
-            return refuse(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()))
+            return refuse(Refused(422, validation_message(e)))
         try:
-            ids, image = prompt_ids(body), image_of(body)
-        except BadRequest as e:
-            return refuse(400, str(e))
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        sequence = Sequence(ids, body.max_new_tokens, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t),
-                            image=image, temperature=body.temperature, top_k=body.top_k, seed=body.seed)
+            if (body.prompt is None) == (body.tokens is None):
+                raise Refused(400, "give the prompt as 'prompt' (text) or 'tokens' (ids), one of the two")
+            ids = served.prompt_ids(body.prompt, body.tokens, body.max_new_tokens)
+            image = served.image(body.image)
+            sequence, tokens = served.submit(ids, body.max_new_tokens, image=image, temperature=body.temperature,
+                                             top_k=body.top_k, seed=body.seed)
+        except Refused as e:
+            return refuse(e)
         start = time.perf_counter()
-        engine.submit(sequence)
         if body.stream:
-            return StreamingResponse(_events(sequence, tokens, tokenizer, engine), media_type="text/event-stream")
+            return StreamingResponse(_events(sequence, tokens, served), media_type="text/event-stream")
         generated = []
-        while (token := await tokens.get()) is not None:
-            generated.append(token)
+        async with served.watching(request, sequence):
+            while (token := await tokens.get()) is not None:
+                generated.append(token)
         if engine.error is not None:
-            return JSONResponse({"error": f"the engine stopped: {engine.error!r}"}, status_code=503)
+            return refuse(Refused(503, f"the engine stopped: {engine.error!r}"))
         metrics.requests.labels(status="ok").inc()
-        return JSONResponse({"tokens": generated, "text": _text(tokenizer, generated), "prompt_tokens": len(ids),
+        return JSONResponse({"tokens": generated, "text": served.text(generated), "prompt_tokens": len(ids),
                              "seconds": time.perf_counter() - start})
 
     @app.get("/health")
     async def health() -> JSONResponse:
         status = {"status": "ok" if engine.error is None else "error", "model": name, "batching": engine.batching,
-                  "max_batch": engine.max_batch, "running": len(engine.running), "waiting": engine.waiting.qsize()}
+                  "max_batch": engine.max_batch, "max_queue": engine.max_queue, "running": len(engine.running),
+                  "waiting": engine.waiting.qsize(), **(describe() if describe is not None else {})}
         return JSONResponse(status, status_code=200 if engine.error is None else 503)
 
     @app.get("/metrics")
@@ -146,26 +104,22 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, *, max_tokens: int, 
     return app
 
 
-async def _events(sequence: Sequence, tokens: asyncio.Queue, tokenizer: Tokenizer | None,
-                  engine: Engine) -> AsyncIterator[str]:
+def validation_message(e: pydantic.ValidationError) -> str:
+    """A body's validation errors in one line: "max_new_tokens: Input should be a valid integer; ..."."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+
+
+async def _events(sequence: Sequence, tokens: asyncio.Queue, served: Served) -> AsyncIterator[str]:
     """Server-sent events: one per token, then one with done: true (or an error)."""
     generated: list[int] = []
     try:
         while (token := await tokens.get()) is not None:
             generated.append(token)
-            yield _event({"token": token, "text": _text(tokenizer, [token])})
-        if engine.error is not None:
-            yield _event({"error": f"the engine stopped: {engine.error!r}"})
+            yield sse({"token": token, "text": served.text([token])})
+        if served.engine.error is not None:
+            yield sse({"error": f"the engine stopped: {served.engine.error!r}"})
             return
-        engine.metrics.requests.labels(status="ok").inc()
-        yield _event({"done": True, "tokens": generated, "text": _text(tokenizer, generated)})
+        served.engine.metrics.requests.labels(status="ok").inc()
+        yield sse({"done": True, "tokens": generated, "text": served.text(generated)})
     finally:
         sequence.cancelled = True  # a client that went away frees its place in the batch
-
-
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"
-
-
-def _text(tokenizer: Tokenizer | None, ids: list[int]) -> str | None:
-    return tokenizer.decode(ids) if tokenizer is not None else None

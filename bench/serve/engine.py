@@ -10,10 +10,18 @@ others. Tokens go back to the caller through a callback as they are sampled.
 
 A model whose attention cannot decode rows at different positions, or has no KV cache, is served
 one sequence at a time (``batching`` says why).
+
+The engine runs the model as the run trained it: on its device, under autocast to its dtype (weights
+stay as trained). The waiting queue is bounded (``max_queue``): past it ``submit`` raises
+``Overloaded`` and the service answers 503 instead of letting latency grow without bound. A sequence
+whose caller went away (``cancelled``) leaves the batch at the next step, or the queue before its
+prefill, and its cache rows with it. A finished sequence's rows leave the cache before its caller hears
+it is done, so that whoever sees an answer sees the engine without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -40,35 +48,50 @@ class Sequence:
     image: torch.Tensor | None = None  # (1, channels, H, W) in [0, 1]: what a vision-language model reads
     temperature: float = 0.0
     top_k: int | None = None
+    top_p: float = 1.0  # nucleus sampling: the most likely tokens whose probabilities sum to top_p
     seed: int | None = None
     generated: list[int] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
     generator: torch.Generator | None = None
     cancelled: bool = False  # the caller went away: the sequence leaves at the next step
+    stopped: bool = False  # the caller has what it asked for (a stop string): the sequence leaves too
 
     @property
     def done(self) -> bool:
-        return self.cancelled or len(self.generated) >= self.max_new_tokens
+        return self.cancelled or self.stopped or len(self.generated) >= self.max_new_tokens
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: the request is refused (503) rather than queued without bound."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the service is overloaded: {waiting} requests are waiting (its --max-queue); "
+                         f"retry in {retry_after} s")
+        self.retry_after = retry_after
 
 
 class Engine:
     """Serves sequences from a model with continuous batching (see the module docstring)."""
 
     def __init__(self, model: GPT, *, max_batch: int = 8, kv_budget_bytes: int | None = None,
+                 max_queue: int | None = None, dtype: torch.dtype = torch.float32,
                  metrics: ServingMetrics | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.dtype = dtype  # the autocast dtype the model runs under (the run's)
         self.max_batch = max_batch
         self.kv_budget_bytes = kv_budget_bytes
+        self.max_queue = max_queue  # most requests waiting to join the batch (None: no bound)
         self.metrics = metrics or ServingMetrics()
         self.batching = _batching(model)  # "continuous", or why sequences are served one at a time
         # one token of one sequence, every layer; and what a sequence holds whatever its length (a
-        # recurrent mixer's state)
-        self.bytes_per_token, state_bytes = _cache_bytes(model)
+        # recurrent mixer's state): as the model holds them under its dtype
+        with self.autocast():
+            self.bytes_per_token, state_bytes = _cache_bytes(model)
         self.image_positions = prefix_positions(model.config) if model.config.vision is not None else 0
         fusion = getattr(model, "fusion", None)  # cross-attention keeps each row's image keys and values too
-        element = next(model.parameters()).element_size()
+        element = (next(model.parameters()).dtype if dtype == torch.float32 else dtype).itemsize
         self.sequence_bytes = state_bytes + (fusion.image_cache_bytes(element) if fusion is not None else 0)
         if self.batching != "continuous":
             self.max_batch = 1
@@ -80,14 +103,60 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()  # notified whenever the batch or the queue changes
         self.error: BaseException | None = None
+        self.seconds_per_request = 1.0  # a running mean of request durations: the Retry-After estimate
+
+    def autocast(self):
+        """The context the model runs in: autocast to the run's dtype (nothing for float32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, nothing waiting, no cache held."""
+        return not self.running and self.waiting.empty() and self.cache is None
+
+    def wait_until(self, condition: Callable[[Engine], bool], timeout: float = 60.0) -> bool:
+        """Block until condition(engine) holds (checked at every change of the batch or queue), or the
+        timeout; whether it holds. Tests and the service wait on state this way, not on time."""
+        with self._changed:
+            return self._changed.wait_for(lambda: condition(self), timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Warm up, then serve from the engine thread."""
+        self.warm_up()
         self._thread = threading.Thread(target=self._loop, name="archbench-engine", daemon=True)
         self._thread.start()
         return self
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Make each kind of call the engine makes once before the first request: a prefill, a decode
+        step, a merged batch's step. Kernels are chosen and first-call costs paid here, not inside a
+        request's latency; the metrics are untouched."""
+        vision = self.model.config.vision
+        images = {} if vision is None else {
+            "images": torch.zeros(1, vision["channels"], vision["image_size"], vision["image_size"], device=self.device)}
+        with self.autocast():
+            caches = []
+            for prompt in ([0, 0], [0]) if self.batching == "continuous" else ([0],):
+                cache = self.model.new_cache()
+                self.model(torch.tensor([prompt], device=self.device), cache=cache, **images)
+                caches.append(cache)
+            if caches[0] is None:
+                return
+            one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.model(one, cache=caches[0])  # a step of one sequence
+            if len(caches) > 1:  # a step of rows at their own positions
+                self.model(one.expand(len(caches), 1), cache=Cache.merge(caches))
 
     def stop(self) -> None:
         self._stop.set()
@@ -96,19 +165,29 @@ class Engine:
             self._thread.join()
 
     def submit(self, sequence: Sequence) -> None:
-        """Queue a sequence (thread-safe); its tokens come back through sequence.emit."""
+        """Queue a sequence (thread-safe); its tokens come back through sequence.emit. Raises
+        ``Overloaded`` when ``max_queue`` requests are already waiting."""
+        if self.max_queue is not None and self.waiting.qsize() >= self.max_queue:
+            self.metrics.requests.labels(status="overloaded").inc()
+            raise Overloaded(self.waiting.qsize(), self.retry_after())
         if sequence.temperature > 0:
             sequence.generator = torch.Generator(device=self.device)
             sequence.generator.manual_seed(sequence.seed if sequence.seed is not None else int(time.time_ns()))
         self.waiting.put(sequence)
         self.metrics.queue_depth.set(self.waiting.qsize())
         self._wake.set()
+        self._notify()
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained by one batch: what a refused client should wait."""
+        batches = (self.waiting.qsize() + self.max_batch - 1) // self.max_batch
+        return max(1, round(batches * self.seconds_per_request))
 
     # -- the engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 while not self._stop.is_set():
                     self._admit()
                     if self.running:
@@ -120,6 +199,7 @@ class Engine:
             self.error = e
             for sequence in [*self.running, *self._drain()]:
                 sequence.emit(None)
+            self._notify()
 
     def _drain(self) -> list[Sequence]:
         out = []
@@ -136,6 +216,11 @@ class Engine:
                 break
             sequence = self.waiting.get_nowait()
             self.metrics.queue_depth.set(self.waiting.qsize())
+            if sequence.cancelled:  # its caller went away while it waited
+                self.metrics.requests.labels(status="cancelled").inc()
+                sequence.emit(None)
+                self._notify()
+                continue
             cache = self.model.new_cache()
             idx = torch.tensor([sequence.prompt], device=self.device)
             logits = self.model(idx, cache=cache, **self._image(sequence)).logits[:, -1]  # (1, vocab)
@@ -149,6 +234,7 @@ class Engine:
             self.cache = Cache.merge(caches) if self.batching == "continuous" else joining[0][1]
             self.running += [s for s, _ in joining]
             self._observe_batch()
+        self._notify()
 
     def _fits(self, joining: list[Sequence], candidate: Sequence) -> bool:
         """Whether the batch's KV cache, with `candidate` in, stays within the budget at its longest:
@@ -181,16 +267,19 @@ class Engine:
         else:
             logits = self.model(idx, cache=self.cache).logits[:, -1]  # (B, vocab)
         for sequence, token in zip(self.running, self._sample(logits, self.running).tolist()):
-            self._emit(sequence, token)
+            if not (sequence.cancelled or sequence.stopped):
+                self._emit(sequence, token)
         keep = [i for i, s in enumerate(self.running) if not s.done]
-        for sequence in [s for s in self.running if s.done]:
-            self._finish(sequence)
+        finished = [s for s in self.running if s.done]
         if not keep:
             self.running, self.cache = [], None
         elif len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
             self.cache.select(keep)
         self._observe_batch()
+        for sequence in finished:  # after their rows left the cache: a caller that hears "done" sees them gone
+            self._finish(sequence)
+        self._notify()
 
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         """(B,) next tokens: the most likely where temperature is 0, else sampled (top_k, temperature)."""
@@ -201,7 +290,10 @@ class Engine:
                 if s.top_k is not None:
                     kth = torch.topk(row, min(s.top_k, row.numel())).values[-1]
                     row = row.masked_fill(row < kth, float("-inf"))
-                tokens[i] = torch.multinomial(F.softmax(row, dim=-1), 1, generator=s.generator)[0]
+                probs = F.softmax(row, dim=-1)
+                if s.top_p < 1.0:
+                    probs = nucleus(probs, s.top_p)
+                tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
         return tokens
 
     def _emit(self, sequence: Sequence, token: int) -> None:
@@ -216,7 +308,11 @@ class Engine:
         sequence.emit(token)
 
     def _finish(self, sequence: Sequence) -> None:
-        self.metrics.request_duration.observe(time.perf_counter() - sequence.submitted_at)
+        seconds = time.perf_counter() - sequence.submitted_at
+        if sequence.cancelled:
+            self.metrics.requests.labels(status="cancelled").inc()
+        self.metrics.request_duration.observe(seconds)
+        self.seconds_per_request += 0.2 * (seconds - self.seconds_per_request)
         sequence.emit(None)
 
     def _observe_batch(self) -> None:
@@ -227,6 +323,16 @@ class Engine:
         self.peak_kv_bytes = max(self.peak_kv_bytes, held)
         self.metrics.kv_cache_bytes.set(held)
         self.metrics.kv_cache_bytes_peak.set(self.peak_kv_bytes)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs (vocab,) kept on the smallest set of most likely tokens whose mass reaches top_p
+    (Holtzman et al.'s nucleus; the most likely token always stays), renormalised."""
+    ordered, order = probs.sort(descending=True)
+    before = ordered.cumsum(0) - ordered  # the mass of the tokens more likely than each
+    ordered = ordered.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(0, order, ordered)
+    return kept / kept.sum()
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ as stored, validated again into the typed ``Spec`` (``read_spec``).
     results.runs      # one row per run: run_id, variant, seed, status, val_loss, params, current, ...
     results.metrics   # one row per run and step: run_id, step, train_loss, val_loss, lr, mfu, ...
     results.kernels   # one row per kernel measurement, with the machine it ran on
-    results.serving   # one row per run served under load and concurrency level (bench.serve bench)
+    results.serving   # one row per variant served under load and offered request rate (bench.serve bench)
     results.study_spec().design   # the study's design (bench.spec.StudyDesign)
 """
 
@@ -142,11 +142,40 @@ def _kernels_frame(kernels: pd.DataFrame) -> pd.DataFrame:
 
 
 def _serving_frame(serving: pd.DataFrame) -> pd.DataFrame:
+    """One row per served variant and offered rate: the load generator's keys (vLLM's names), with the
+    rows of the closed-loop generator before it read in those terms (``_open_loop``), and ``errors``
+    (failed + rejected) as before."""
     if serving.empty:
         return pd.DataFrame(columns=["study", "run_id", "variant", "machine"])
-    rows = pd.DataFrame([_json(d) for d in serving["data"]])
+    rows = pd.DataFrame([_open_loop(_json(d) or {}) for d in serving["data"]])
     for column in ("variant", "run_id", "study", "machine_id"):
         rows.insert(0, column, serving[column].values)
     rows["hardware"] = serving["hardware"].map(_json).values
     rows["machine"] = rows["hardware"].map(lambda fp: machine_label(fp) if fp else None)
+    zero = pd.Series(0, index=rows.index)
+    rows["errors"] = (rows.get("failed", zero).fillna(0) + rows.get("rejected", zero).fillna(0)).astype(int)
     return rows
+
+
+# a closed-loop row's keys (seconds) -> the open-loop row's (milliseconds), by vLLM's names
+_CLOSED_LOOP = {"requests_per_s": "request_throughput", "tokens_per_s": "output_throughput", "seconds": "duration",
+                "requests": "num_prompts", "concurrency": "max_concurrency"}
+
+
+def _open_loop(row: dict) -> dict:
+    """A serving row as the open-loop load generator writes it. A row of the closed-loop generator (at most
+    `concurrency` requests in flight, all sent at once: request rate inf with max_concurrency) is renamed;
+    its percentiles are kept, its means and TPOT were never measured; its sweep is its settings key."""
+    if "request_rate" in row or "concurrency" not in row:
+        return row
+    out = {_CLOSED_LOOP.get(k, k): v for k, v in row.items() if not k.endswith("_s") or k in _CLOSED_LOOP}
+    for name in ("ttft", "itl"):
+        for q in (50, 90, 99):
+            value = row.get(f"{name}_p{q}_s")
+            out[f"p{q}_{name}_ms"] = None if value is None else 1e3 * value
+        out[f"median_{name}_ms"] = out[f"p50_{name}_ms"]
+    errors = row.get("errors") or 0
+    out.update(request_rate=float("inf"), burstiness=1.0, warmup=0, completed=row.get("requests", 0) - errors,
+               failed=errors, rejected=0, engine="archbench", request_goodput=None, goodput_slos={},
+               percentiles=[50.0, 90.0, 99.0], sweep_id=row.get("settings_key"), percentile_notes=[])
+    return out

@@ -6,7 +6,9 @@ seeds, ``eval`` for those that enter verdicts — status, final metrics, hardwar
 commit, library versions. ``planned``: which runs each plan of a study holds (runs of an edited
 spec's old plan stay in the store but are not compared with the new ones). ``metrics``: one row per
 run and step. ``kernels``: kernel timings. ``serving``: a run served under load, one row per
-concurrency level (``python -m bench.serve bench``).
+offered request rate (``python -m bench.serve bench``), its measurements as JSON in ``data`` (new keys
+need no column; ``bench.store.reader`` reads rows of the closed-loop generator before it in the new
+keys' terms).
 """
 
 from __future__ import annotations

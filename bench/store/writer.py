@@ -195,7 +195,9 @@ class Store:
         return any(json.loads(row["data"]).get("settings_key") == key for row in rows)
 
     def add_serving(self, study: str, run_id: str, variant: str, rows: Iterable[dict], environment: dict[str, Any]) -> None:
-        """One row per concurrency level of a run served under load."""
+        """One row per offered request rate of a run (or, with ``bench.serve bench --target``, an external
+        server: `run_id` None) served under load; each row's JSON holds the load generator's keys, its
+        sweep's id and saturation point (``bench.serve.sweep``)."""
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO serving (study, run_id, variant, machine_id, hardware, data, recorded_at) "
