@@ -346,8 +346,8 @@ def test_the_saturation_point_is_where_goodput_stops_rising():
     # never saturating: rising at the last rate swept
     found = saturation_point([1, 2, 4, 8], [1, 2, 4, 8])
     assert found.rate is None and "not saturated" in found.note and "up to 8 requests/s" in found.note
-    found = saturation_point(rates, [0, 0, 0, 0, 3])
-    assert found.rate is None and "up to inf" in found.note
+    found = saturation_point(rates, [0, 0, 0, 0, 3])  # only every request at once gives more: above 8
+    assert found.rate is None and "saturates above 8 requests/s" in found.note and "in between" in found.note
     # every request failed (or missed an SLO): no goodput at all
     found = saturation_point(rates, [0, 0, 0, None, 0])
     assert found.rate is None and "no goodput at any rate" in found.note
@@ -360,7 +360,7 @@ def test_a_sweeps_rows_carry_its_saturation_point_from_goodput_or_throughput():
     assert annotate(rows).rate == 1 and {r["saturation_rate"] for r in rows} == {1}  # goodput, not throughput
     for r in rows:
         r["goodput_slos"] = {}
-    assert annotate(rows).rate is None and rows[0]["saturation_note"].startswith("not saturated")
+    assert annotate(rows).rate is None and rows[0]["saturation_note"].startswith("saturates above 2 requests/s")
 
 
 # -- end to end: a tiny trained study served under load ---------------------------------------------------
@@ -444,7 +444,7 @@ def test_the_command_line_sweeps_rates_for_one_variant_and_stops_every_service(s
            "warm-up, excluded): 4 completed, 0 failed, 0 rejected" in out
     assert "at inf requests/s offered (all at once, at most 3 in flight" in out
     assert "p99 of ttft, e2el needs ≥100 requests; 4 completed" in out
-    assert "gla: saturation at 50 requests/s offered" in out or "gla: not saturated" in out
+    assert "gla: saturation at 50 requests/s offered" in out or "gla: saturates above 50 requests/s" in out
     rows = load(study).serving.iloc[count:]
     assert rows["request_rate"].tolist() == [50.0, math.inf] and rows["sweep_id"].nunique() == 1
     assert (rows["variant"] == "gla").all() and (rows["max_concurrency"] == 3).all() and (rows["new_tokens"] == 4).all()

@@ -9,7 +9,8 @@ The saturation point is the lowest swept rate r_i after which goodput rises by l
 The highest rate swept has no rate after it, so it is never the saturation point:
 
 - the curve still rises at the last rate (the rule holds nowhere before it): not saturated within the
-  sweep (``rate`` None, and the note says up to which rate it rose);
+  sweep (``rate`` None, and the note says up to which rate it rose; where that last rate is ``inf``,
+  that it saturates somewhere above the last finite rate);
 - no goodput at any rate (every request failed, was rejected or missed an SLO): ``rate`` None;
 - one rate swept: no curve, ``rate`` None.
 
@@ -57,6 +58,9 @@ def saturation_point(rates: Sequence[float], goodputs: Sequence[float], rise: fl
     for i, (rate, goodput) in enumerate(points[:-1]):
         if goodput > 0 and max(g for _, g in points[i + 1:]) < (1 + rise) * goodput:
             return Saturation(rate, f"goodput rises by less than {rise:.0%} beyond {rate_text(rate)} requests/s")
+    if math.isinf(points[-1][0]):  # every request at once still gives more: the knee lies between the last two
+        return Saturation(None, f"saturates above {rate_text(points[-2][0])} requests/s: goodput still rises by "
+                                f"{rise:.0%} or more from there to every request at once (sweep rates in between)")
     return Saturation(None, f"not saturated: goodput still rises by {rise:.0%} or more up to "
                             f"{rate_text(points[-1][0])} requests/s, the highest rate swept")
 
