@@ -305,3 +305,10 @@ def test_a_run_is_served_in_its_dtype_with_its_kernel_choices_and_its_quantizati
         health = client.get("/health").json()
         answer = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 6, "temperature": 0})
     assert (health["dtype"], health["quantization"]) == ("float32", "int8_dynamic") and answer.status_code == 200
+
+
+def test_max_tokens_null_generates_what_the_models_positions_leave(server):
+    url, m, _, _ = server
+    body = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": None, "temperature": 0},
+                      trust_env=False).json()
+    assert body["usage"]["completion_tokens"] == 64 - 3 and body["choices"][0]["token_ids"] == greedy(m, [1, 2, 3], 61)

@@ -42,7 +42,7 @@ class CompletionRequest(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = pydantic.Field(16, ge=1)
+    max_tokens: int | None = pydantic.Field(16, ge=1)  # null: as many as the model's positions leave (vLLM's)
     temperature: float = pydantic.Field(1.0, ge=0, le=2)
     top_p: float = pydantic.Field(1.0, gt=0, le=1)
     top_k: int | None = None  # -1 or None: no top-k
@@ -111,12 +111,11 @@ def openai_routes(served: Served) -> APIRouter:
     """The OpenAI-compatible routes over `served`."""
     router = APIRouter()
     engine, metrics = served.engine, served.engine.metrics
+    created = int(time.time())
 
     def model_card() -> dict[str, Any]:
         return {"id": served.name, "object": "model", "created": created, "owned_by": OWNER,
                 "max_model_len": served.max_tokens}
-
-    created = int(time.time())
 
     def refuse(e: Refused) -> JSONResponse:
         served.count(e)
@@ -183,6 +182,9 @@ def checked(body: CompletionRequest, served: Served) -> tuple[list[int], list[st
     if stop and served.tokenizer is None:
         raise Refused(400, "stop: this run's data has no text tokenizer, so no text to match stop strings in", "stop")
     text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+    if body.max_tokens is None:  # what the model's positions leave after the prompt (and an image's prefix)
+        ids = served.prompt_ids(text, ids, 1, "prompt")
+        body.max_tokens = served.max_tokens - len(ids) - served.engine.image_positions
     return served.prompt_ids(text, ids, body.max_tokens, "prompt"), stop
 
 
